@@ -80,3 +80,23 @@ class RecordSink(Protocol):
     """Anything that accepts finished records. Called on pipeline threads: must not block."""
 
     def __call__(self, record: RequestRecord) -> None: ...
+
+
+@dataclass(slots=True)
+class Sample:
+    """One telemetry reading: ``values`` holds only the metrics actually read (see docs/CONTRACTS.md)."""
+
+    ts_ns: int
+    source: str  # "gpu0", "gpu1", ..., or "cpu"
+    values: dict[str, float]
+
+
+@dataclass(slots=True)
+class Event:
+    """A discrete hardware or runtime event: an Xid, a GPU lost, a sampler recovery, a config change."""
+
+    ts_ns: int
+    source: str
+    kind: str  # "xid", "gpu_lost", "sampler_error", ...
+    value: float = 0.0
+    detail: str = ""
