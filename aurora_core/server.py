@@ -1,0 +1,324 @@
+"""``aurora serve``: the reference HTTP server (FastAPI app from ``server_app``, run by uvicorn).
+
+Install with ``pip install aurora_core[serve]``. Lifecycle:
+
+- start: build the Pipeline (it warms every bucket up), bind, then serve; /readyz turns 200 once the
+  pipeline reports ready.
+- SIGTERM / SIGINT: /readyz turns 503, the listening socket closes, admitted requests finish, the
+  pipeline drains and closes, and the process exits 0.
+- device fault: /readyz turns 503. With ``--cpu-fallback`` the pipeline moves to the CPU and the
+  server keeps serving; without it the server shuts down gracefully and exits with
+  ``EXIT_DEVICE_FAULT`` so that a supervisor restarts it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import socket
+import sys
+import threading
+
+log = logging.getLogger("aurora_core.server")
+
+EXIT_OK = 0
+EXIT_STARTUP = 2        # bad arguments, missing [serve] extra, model that does not load, port in use
+EXIT_DEVICE_FAULT = 3   # the device failed and there is no CPU fallback: restart me
+
+_WATCH_PERIOD_S = 0.1
+
+
+def bind_socket(host: str = "127.0.0.1", port: int = 0, backlog: int = 2048) -> socket.socket:
+    """A listening TCP socket; port 0 picks a free port (read it back with ``getsockname()``)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(backlog)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+class Server:
+    """One pipeline behind HTTP. ``run()`` blocks until shutdown and returns the exit code.
+
+    pipeline: an ``aurora_core.Pipeline`` (owned by the caller unless ``close_pipeline=True``).
+    config: ``server_app.ServerConfig``.
+    cpu_fallback: whether the pipeline was built with ``cpu_fallback=True``; decides whether a device
+        fault ends the process.
+    max_connections: uvicorn's socket-level cap (connections, keep-alive ones included). Past it
+        uvicorn answers a plain 503; the JSON 503 ``too_many_requests`` comes earlier, from
+        ``config.max_concurrent_requests``.
+    """
+
+    def __init__(self, pipeline, config=None, *, host: str = "127.0.0.1", port: int = 0,
+                 cpu_fallback: bool = False, registry=None, max_connections: int | None = None,
+                 keepalive_s: int = 5, shutdown_timeout_s: float = 30.0, log_level: str = "warning",
+                 access_log: bool = False, close_pipeline: bool = False, model_name: str = ""):
+        import uvicorn
+
+        from aurora_core.server_app import ServerConfig, create_app
+
+        self.pipeline = pipeline
+        self.config = config or ServerConfig()
+        self.cpu_fallback = cpu_fallback
+        self.close_pipeline = close_pipeline
+        self.app = create_app(pipeline, self.config, registry=registry, model_name=model_name)
+        self.state = self.app.state.server
+        self.sock = bind_socket(host, port)
+        self.host, self.port = self.sock.getsockname()[:2]
+        self.exit_code = EXIT_OK
+        self._thread: threading.Thread | None = None
+        self._started = threading.Event()
+        limit = max_connections or self.config.max_concurrent_requests + 64
+        uv_config = uvicorn.Config(
+            self.app, lifespan="off", log_level=log_level, access_log=access_log, limit_concurrency=limit,
+            timeout_keep_alive=keepalive_s, timeout_graceful_shutdown=int(max(1, shutdown_timeout_s)),
+            server_header=False,
+        )
+        self._uv = _Uvicorn(uv_config, self.state)
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def run(self) -> int:
+        """Serve until SIGTERM/SIGINT (when on the main thread), ``stop()`` or a fatal device fault."""
+        on_main = threading.current_thread() is threading.main_thread()
+        # uvicorn re-raises the captured signal after a graceful exit; with the default SIGTERM
+        # handler that would kill the process (exit 143) after we finished cleanly.
+        saved = {}
+        if on_main:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                saved[sig] = signal.signal(sig, _ignore_signal)
+        try:
+            asyncio.run(self._serve())
+        finally:
+            for sig, handler in saved.items():
+                signal.signal(sig, handler)
+            self.sock.close()
+            if self.close_pipeline:
+                self.pipeline.close()
+        return self.exit_code
+
+    async def _serve(self):
+        watch = asyncio.create_task(self._watch())
+        try:
+            await self._uv.serve(sockets=[self.sock])
+        finally:
+            watch.cancel()
+            self._started.set()
+
+    async def _watch(self):
+        """Device watchdog: without CPU fallback a pipeline that stops being ready ends the server."""
+        while not self._uv.started:
+            await asyncio.sleep(_WATCH_PERIOD_S)
+        self._started.set()
+        was_ready = False
+        while not self._uv.should_exit:
+            ready = _pipeline_ready(self.pipeline)
+            fault = _device_fault(self.pipeline)
+            if fault and not self.state.fault:
+                log.error("device fault: %s", fault)
+            self.state.fault = fault
+            if not self.cpu_fallback and not self.state.draining and (fault or (was_ready and not ready)):
+                log.error("device fault without CPU fallback: shutting down (exit %d) for a restart",
+                          EXIT_DEVICE_FAULT)
+                self.state.fault = fault or "pipeline stopped being ready"
+                self.exit_code = EXIT_DEVICE_FAULT
+                self.state.draining = True
+                self._uv.should_exit = True
+                return
+            was_ready = was_ready or ready
+            await asyncio.sleep(_WATCH_PERIOD_S)
+
+    # -- in a thread (tests, embedding) -------------------------------------------------------------
+    def start(self, timeout: float = 30.0) -> Server:
+        """Serve on a background thread; returns once the socket accepts connections."""
+        self._thread = threading.Thread(target=self._run_thread, name="aurora-http", daemon=True)
+        self._thread.start()
+        if not self._started.wait(timeout) or not self._uv.started:
+            raise RuntimeError(f"aurora server did not start within {timeout} s")
+        return self
+
+    def _run_thread(self):
+        try:
+            self.run()
+        except Exception:
+            log.exception("aurora server thread failed")
+            self.exit_code = self.exit_code or 1
+
+    def stop(self, timeout: float = 60.0) -> int:
+        """Graceful stop, as on SIGTERM; returns the exit code."""
+        self.state.draining = True
+        self._uv.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                raise RuntimeError(f"aurora server did not stop within {timeout} s")
+        return self.exit_code
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """Wait for the thread to end by itself (e.g. after a device fault); None if still running."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                return None
+        return self.exit_code
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def _ignore_signal(signum, frame):
+    pass
+
+
+def _Uvicorn(config, state):
+    """A uvicorn.Server that flips /readyz to 503 the moment a stop signal arrives (built lazily:
+    uvicorn is an optional dependency)."""
+    import uvicorn
+
+    class _UvicornServer(uvicorn.Server):
+        def __init__(self, config, state):
+            super().__init__(config)
+            self._aurora_state = state
+
+        def handle_exit(self, sig, frame):
+            self._aurora_state.draining = True
+            super().handle_exit(sig, frame)
+
+    return _UvicornServer(config, state)
+
+
+def _pipeline_ready(pipeline) -> bool:
+    try:
+        return bool(pipeline.ready)
+    except Exception:
+        return False
+
+
+def _device_fault(pipeline) -> str | None:
+    """A short description of a device fault the pipeline reports, or None."""
+    try:
+        fault = getattr(pipeline, "device_fault", None)
+        return str(fault) if fault else None
+    except Exception:
+        return None
+
+
+# -- the ``aurora serve`` command ----------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    m = parser.add_argument_group("model")
+    m.add_argument("--model", default=None,
+                   help="torchvision architecture name, or a TorchScript / torch.export file "
+                        "(default: the pipeline's default for the device)")
+    m.add_argument("--weights", default=None, help="local state_dict file for an architecture name")
+    m.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    m.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"])
+    m.add_argument("--cpu-fallback", action="store_true",
+                   help="on a device fault keep serving on the CPU instead of exiting for a restart")
+    m.add_argument("--resize", type=int, default=256)
+    m.add_argument("--crop", type=int, default=224)
+    m.add_argument("--top-k", type=int, default=5, help="classes returned by default (clients may pass k)")
+    b = parser.add_argument_group("batching")
+    b.add_argument("--max-batch-size", type=int, default=16)
+    b.add_argument("--max-queue-delay-us", type=int, default=2000)
+    b.add_argument("--bucket-sizes", default=None, help="comma-separated padded batch sizes, e.g. 1,4,16")
+    b.add_argument("--max-queue-size", type=int, default=256,
+                   help="waiting requests past which new ones get 503 + Retry-After")
+    s = parser.add_argument_group("http")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--max-body-bytes", type=int, default=16 << 20)
+    s.add_argument("--timeout-s", type=float, default=5.0, help="default deadline of one request (504 after)")
+    s.add_argument("--max-timeout-s", type=float, default=30.0, help="cap on a client's timeout_ms")
+    s.add_argument("--body-timeout-s", type=float, default=10.0, help="time to receive a whole body (408 after)")
+    s.add_argument("--max-concurrent-requests", type=int, default=256,
+                   help="classify requests in flight (JSON 503 past it); probes are exempt")
+    s.add_argument("--max-connections", type=int, default=None,
+                   help="open connections, idle keep-alive ones included (default: concurrent requests + 64)")
+    s.add_argument("--keepalive-s", type=int, default=5)
+    s.add_argument("--shutdown-timeout-s", type=float, default=30.0,
+                   help="on SIGTERM, how long admitted requests may take to finish")
+    s.add_argument("--retry-after-s", type=int, default=1)
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    s.add_argument("--access-log", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        print(f"aurora serve: {e.name} is missing; install the server with: pip install 'aurora_core[serve]'",
+              file=sys.stderr)
+        return EXIT_STARTUP
+    from aurora_core.server_app import ServerConfig
+
+    try:
+        config = ServerConfig(
+            max_body_bytes=args.max_body_bytes, request_timeout_s=args.timeout_s,
+            max_request_timeout_s=args.max_timeout_s, body_timeout_s=args.body_timeout_s,
+            max_concurrent_requests=args.max_concurrent_requests, retry_after_s=args.retry_after_s,
+            top_k=args.top_k,
+        )
+        pipeline, registry = _build_pipeline(args)
+    except Exception as e:  # a startup failure is one line for the operator, not a trace
+        print(f"aurora serve: cannot start: {e}", file=sys.stderr)
+        return EXIT_STARTUP
+    try:
+        server = Server(pipeline, config, host=args.host, port=args.port, cpu_fallback=args.cpu_fallback,
+                        registry=registry, max_connections=args.max_connections, keepalive_s=args.keepalive_s,
+                        shutdown_timeout_s=args.shutdown_timeout_s, log_level=args.log_level,
+                        access_log=args.access_log, close_pipeline=True, model_name=args.model or "")
+    except OSError as e:
+        pipeline.close()
+        print(f"aurora serve: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
+        return EXIT_STARTUP
+    log.info("aurora serve: listening on %s (model %s)", server.url, args.model or "default")
+    code = server.run()
+    log.info("aurora serve: stopped (exit %d)", code)
+    return code
+
+
+def _build_pipeline(args):
+    """The Pipeline and the Prometheus registry its exporter fills."""
+    from aurora_core.batching import BatchingConfig
+    from aurora_core.ops.preprocess import PreprocessSpec
+    from aurora_core.pipeline import Pipeline
+
+    buckets = tuple(int(b) for b in args.bucket_sizes.split(",")) if args.bucket_sizes else None
+    batching = BatchingConfig(max_batch_size=args.max_batch_size, max_queue_delay_us=args.max_queue_delay_us,
+                              bucket_sizes=buckets, max_queue_size=args.max_queue_size)
+    spec = PreprocessSpec(resize=args.resize, crop=args.crop)
+    registry, sink = _prometheus_sink()
+    kwargs = {"spec": spec, "batching": batching, "device": args.device, "cpu_fallback": args.cpu_fallback}
+    if args.dtype:
+        kwargs["dtype"] = args.dtype
+    if args.weights:
+        kwargs["weights"] = args.weights
+    if sink is not None:
+        kwargs["sink"] = sink
+    return Pipeline(model=args.model, **kwargs), registry
+
+
+def _prometheus_sink():
+    """(registry, sink) from the Prometheus exporter; (None, None) when it is not available."""
+    try:
+        from aurora_core.export.prometheus import PrometheusExporter
+    except ImportError:
+        return None, None
+    exporter = PrometheusExporter()
+    return exporter.registry, exporter
