@@ -1,0 +1,216 @@
+"""The dynamic batcher: admission, priority queues, and the rule that closes a batch.
+
+A batch closes when it holds ``max_batch_size`` requests, or when ``max_queue_delay_us`` has passed
+since the oldest waiting request was enqueued (the timer starts when the first request of a batch
+arrives), or at once while the batcher drains on close. Requests whose deadline has passed or whose
+future was cancelled are taken out when a batch forms and handed to ``on_drop``: they are never
+computed. Higher ``priority`` values are served first; FIFO within a level.
+
+The batcher knows nothing about models or images; ``Request`` only carries what the policy needs
+plus opaque fields that the pipeline fills in.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+from aurora_core.errors import Overloaded, PipelineClosed
+from aurora_core.records import RequestRecord, now_ns
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    """Queue policy of a Pipeline.
+
+    max_batch_size: most requests in one model call.
+    max_queue_delay_us: how long the first request of a batch may wait for company.
+    bucket_sizes: padded batch shapes (ascending); a batch of n runs at the smallest bucket >= n.
+        None means powers of two up to max_batch_size. max_batch_size is always a bucket.
+    max_queue_size: waiting requests past which a new one is rejected with Overloaded.
+    priority_levels: priorities are 0 (default, lowest) .. priority_levels - 1 (served first).
+    """
+
+    max_batch_size: int = 16
+    max_queue_delay_us: int = 2000
+    bucket_sizes: tuple[int, ...] | None = None
+    max_queue_size: int = 256
+    priority_levels: int = 2
+
+    def __post_init__(self):
+        def _int(name, lo):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"BatchingConfig: {name} must be an int >= {lo}, got {v!r}")
+
+        _int("max_batch_size", 1)
+        _int("max_queue_delay_us", 0)
+        _int("max_queue_size", 1)
+        _int("priority_levels", 2)
+        if self.bucket_sizes is None:
+            b, buckets = 1, []
+            while b < self.max_batch_size:
+                buckets.append(b)
+                b *= 2
+            buckets.append(self.max_batch_size)
+        else:
+            buckets = list(self.bucket_sizes)
+            if not buckets or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in buckets):
+                raise ValueError(f"BatchingConfig: bucket_sizes must be positive ints, got {self.bucket_sizes!r}")
+            if buckets != sorted(set(buckets)):
+                raise ValueError(f"BatchingConfig: bucket_sizes must be strictly ascending, got {self.bucket_sizes!r}")
+            if buckets[-1] > self.max_batch_size:
+                raise ValueError(
+                    f"BatchingConfig: bucket {buckets[-1]} exceeds max_batch_size={self.max_batch_size}; "
+                    "raise max_batch_size or drop the bucket"
+                )
+            if buckets[-1] != self.max_batch_size:
+                buckets.append(self.max_batch_size)
+        object.__setattr__(self, "bucket_sizes", tuple(buckets))
+
+    def bucket_for(self, n: int) -> int:
+        """The smallest bucket that holds n requests (1 <= n <= max_batch_size)."""
+        for b in self.bucket_sizes:
+            if b >= n:
+                return b
+        raise ValueError(f"BatchingConfig.bucket_for: n={n} exceeds max_batch_size={self.max_batch_size}")
+
+
+class Request:
+    """One admitted request. ``data`` is bytes or a uint8 [H, W, 3] array; ``deadline_ns`` 0 = none."""
+
+    __slots__ = ("data", "priority", "deadline_ns", "future", "record", "image", "orig_size", "scale", "slot")
+
+    def __init__(self, data, priority: int, deadline_ns: int, future: Future, record: RequestRecord):
+        self.data = data
+        self.priority = priority
+        self.deadline_ns = deadline_ns
+        self.future = future
+        self.record = record
+        self.image = None      # decoded uint8 [H, W, 3], filled by the pipeline's workers
+        self.orig_size = None
+        self.scale = 1
+        self.slot = -1         # row of the batch buffer, -1 until preprocessed
+
+
+#: reasons given to on_drop
+DEADLINE = "deadline_exceeded"
+CANCELLED = "cancelled"
+
+
+class Batcher:
+    """Thread-safe priority queue that hands out closed batches.
+
+    clock: ns clock (injectable for tests of the delay rule through ``poll``).
+    on_drop(request, reason): called outside the lock for requests dropped at batch formation.
+    """
+
+    def __init__(self, config: BatchingConfig, *, clock: Callable[[], int] = now_ns,
+                 on_drop: Callable[[Request, str], None] | None = None):
+        self.config = config
+        self._clock = clock
+        self._on_drop = on_drop or (lambda r, why: None)
+        self._queues = [deque() for _ in range(config.priority_levels)]
+        self._size = 0
+        self._closed = False
+        self._cond = threading.Condition(threading.Lock())
+        self._delay_ns = config.max_queue_delay_us * 1000
+
+    def __len__(self) -> int:
+        return self._size
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def put(self, req: Request) -> None:
+        """Admit ``req`` (stamps enqueue_ns and queue_depth) or raise Overloaded / PipelineClosed."""
+        with self._cond:
+            if self._closed:
+                raise PipelineClosed("Pipeline: closed; no new requests are admitted")
+            depth = self._size
+            req.record.queue_depth = depth
+            if depth >= self.config.max_queue_size:
+                raise Overloaded(f"Pipeline: queue full ({depth} waiting, max_queue_size={self.config.max_queue_size})")
+            req.record.enqueue_ns = self._clock()
+            self._queues[req.priority].append(req)
+            self._size = depth + 1
+            # Wake the former only when it has something new to do: start a timer, or close a full batch.
+            if depth == 0 or depth + 1 >= self.config.max_batch_size:
+                self._cond.notify()
+
+    def close(self) -> None:
+        """Stop admitting; waiting requests still form batches, without waiting for the delay."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def drain_all(self) -> list[Request]:
+        """Remove and return every waiting request (used when the device is gone)."""
+        with self._cond:
+            out = [r for q in self._queues for r in q]
+            for q in self._queues:
+                q.clear()
+            self._size = 0
+            return out
+
+    def poll(self, now: int | None = None) -> list[Request] | None:
+        """Non-blocking: a closed batch if one is due at ``now``, else None. May return [] when every
+        candidate was dropped."""
+        now = self._clock() if now is None else now
+        with self._cond:
+            batch, dropped, _ = self._take_locked(now)
+        self._report(dropped)
+        return batch
+
+    def next_batch(self, timeout: float | None = None) -> list[Request] | None:
+        """Block until a batch is due; None once closed and empty, or when ``timeout`` (s) passes."""
+        give_up = None if timeout is None else now_ns() + int(timeout * 1e9)
+        while True:
+            with self._cond:
+                while True:
+                    batch, dropped, wait_ns = self._take_locked(self._clock())
+                    if batch is not None or dropped:
+                        break
+                    if self._closed and self._size == 0:
+                        return None
+                    if give_up is not None:
+                        left = give_up - now_ns()
+                        if left <= 0:
+                            return None
+                        wait_ns = left if wait_ns is None else min(wait_ns, left)
+                    self._cond.wait(None if wait_ns is None else wait_ns / 1e9)
+            self._report(dropped)
+            if batch:
+                return batch
+
+    def _take_locked(self, now: int):
+        """(batch or None, dropped, ns until due or None)."""
+        if self._size == 0:
+            return None, [], None
+        cfg = self.config
+        if self._size < cfg.max_batch_size and not self._closed:
+            oldest = min(q[0].record.enqueue_ns for q in self._queues if q)
+            due = oldest + self._delay_ns
+            if now < due:
+                return None, [], due - now
+        batch, dropped = [], []
+        for q in reversed(self._queues):
+            while q and len(batch) < cfg.max_batch_size:
+                r = q.popleft()
+                self._size -= 1
+                if r.deadline_ns and now >= r.deadline_ns:
+                    dropped.append((r, DEADLINE))
+                elif not r.future.set_running_or_notify_cancel():
+                    dropped.append((r, CANCELLED))
+                else:
+                    r.record.batch_closed_ns = now
+                    batch.append(r)
+        return batch, dropped, None
+
+    def _report(self, dropped) -> None:
+        for r, why in dropped:
+            self._on_drop(r, why)

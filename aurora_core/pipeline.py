@@ -1,0 +1,468 @@
+"""``Pipeline``: the serving object. Wires decode, preprocess, the batcher and the runner.
+
+Threads (all daemon, all joined by ``close``):
+  callers        submit(): stamp arrival, admit to the Batcher (or fail at once: Overloaded, closed).
+  aurora-former  takes a free batch slab, waits for the batcher to close a batch, then decodes and
+                 preprocesses every request straight into its row of the slab (itself plus a worker
+                 pool), starts the H2D copy, and hands the slab to the compute thread.
+  aurora-compute runs the model on a slab, completes the futures, sends the records to the sinks.
+There are two slabs, so batch N+1 is decoded and preprocessed while batch N computes; the records'
+preprocess spans show it.
+
+Every admitted request ends in exactly one result or one typed error, and one RequestRecord reaches
+the sinks for every request, including rejected and failed ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import itertools
+import logging
+import os
+import queue
+import threading
+from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from aurora_core.batching import Batcher, BatchingConfig, Request
+from aurora_core.errors import AuroraError, DeviceLost, ImageError, ResourceExhausted
+from aurora_core.records import RequestRecord, now_ns
+from aurora_core.runner import Runner, load_model
+
+log = logging.getLogger(__name__)
+
+_STOP = object()
+
+
+@dataclass(slots=True)
+class Prediction:
+    """top_k: [(class_index, probability)], most probable first. timings: this request's record."""
+
+    top_k: list
+    timings: RequestRecord
+
+
+def _status(exc: BaseException) -> str:
+    return getattr(exc, "reason", None) or "internal_error"
+
+
+class Pipeline:
+    """Dynamic-batching image classifier.
+
+    model: torchvision architecture name (random init with ``seed`` unless ``weights`` names a local
+        state_dict), an nn.Module, or a TorchScript / torch.export file. None: resnet50 on CUDA,
+        mobilenet_v3_small on the CPU.
+    spec: PreprocessSpec (default: ImageNet 256/224). batching: BatchingConfig.
+    device: "auto" (CUDA when present), "cpu", "cuda", "cuda:1". dtype: fp32 (default), fp16, bf16.
+    top_k: classes per Prediction. sink: a callable taking RequestRecord, or a list of them.
+    cpu_fallback: after a sticky device error, continue on the CPU instead of shutting down.
+    num_workers: threads that decode and preprocess a batch (default: CPU count, at most 8).
+    fast_decode: decode JPEGs at the smallest DCT scale that still covers the resize (fast_min_size).
+    decode_limits: max_pixels / max_bytes passed to decode. cuda_graphs / channels_last: runner options.
+    device_preprocess: on CUDA, preprocess with the Triton kernel on the device (None: when available).
+    """
+
+    def __init__(self, model=None, spec=None, batching: BatchingConfig | None = None, device="auto", dtype=None, *,
+                 weights=None, top_k: int = 5, sink=None, cpu_fallback: bool = False, num_workers: int | None = None,
+                 fast_decode: bool = True, decode_limits: dict | None = None, cuda_graphs: bool = True,
+                 channels_last: bool | None = None, device_preprocess: bool | None = None, seed: int = 0):
+        from aurora_core.ops.preprocess import PreprocessSpec
+
+        self.spec = spec if spec is not None else PreprocessSpec()
+        self.config = batching if batching is not None else BatchingConfig()
+        if not isinstance(self.config, BatchingConfig):
+            raise TypeError(f"Pipeline: batching must be a BatchingConfig, got {type(self.config).__name__}")
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = torch.device(device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("Pipeline: device='cuda' but torch.cuda.is_available() is False; use device='cpu'")
+        if model is None:
+            model = "resnet50" if device.type == "cuda" else "mobilenet_v3_small"
+        self.model_name = model if isinstance(model, str) else type(model).__name__
+        self._sinks = list(sink) if isinstance(sink, list | tuple) else ([sink] if sink is not None else [])
+        self._fast = fast_decode
+        self._limits = dict(decode_limits or {})
+        self._cpu_fallback = cpu_fallback
+        self._runner_kw = dict(dtype=dtype, buckets=self.config.bucket_sizes,
+                               input_shape=(3, self.spec.crop, self.spec.crop), input_dtype=self.spec.dtype,
+                               top_k=top_k, channels_last=channels_last, cuda_graphs=cuda_graphs)
+        net = load_model(model, weights=weights, seed=seed)
+        # The runner moves and casts the module in place; keep a CPU copy to rebuild from after a device loss.
+        self._fallback_net = copy.deepcopy(net).cpu() if cpu_fallback else None
+        self._runner = Runner(net, device=device, **self._runner_kw)
+        self._device_preprocess = self._runner.is_cuda and (
+            device_preprocess if device_preprocess is not None else _triton_available())
+
+        self._ids = itertools.count()
+        self._batch_ids = itertools.count()
+        self._stats_lock = threading.Lock()
+        self._counts: Counter = Counter()
+        self._sink_failed = False
+        self._failure: BaseException | None = None
+        self._retired: Counter = Counter()  # counters of runners replaced after a device loss
+        self._state_lock = threading.Lock()
+        self.batcher = Batcher(self.config, on_drop=self._on_drop)
+
+        nw = num_workers if num_workers is not None else min(8, os.cpu_count() or 1)
+        if nw < 1:
+            raise ValueError(f"Pipeline: num_workers must be >= 1, got {nw}")
+        self._pool = ThreadPoolExecutor(nw - 1, thread_name_prefix="aurora-prep") if nw > 1 else None
+        self._nw = nw
+        self._free: queue.Queue = queue.Queue()
+        for i in range(2):
+            self._free.put(self._runner.new_slab(i))
+        self._ready_q: queue.Queue = queue.Queue()
+        self._ready = True
+        self._former = threading.Thread(target=self._form_loop, name="aurora-former", daemon=True)
+        self._computer = threading.Thread(target=self._compute_loop, name="aurora-compute", daemon=True)
+        self._former.start()
+        self._computer.start()
+
+    # ---- public API ----------------------------------------------------------------------------
+    @property
+    def device(self) -> str:
+        return str(self._runner.device)
+
+    @property
+    def runner(self) -> Runner:
+        """The current runner (replaced by a CPU one after a device loss with cpu_fallback)."""
+        return self._runner
+
+    @property
+    def ready(self) -> bool:
+        """Warmed up, device healthy, admitting requests."""
+        return self._ready and not self.batcher.closed
+
+    def queue_depth(self) -> int:
+        return len(self.batcher)
+
+    def stats(self) -> dict:
+        """Counters: admitted, completed, rejected, cancelled, errors (by reason), batches, batches_prepared,
+        graph_replays, eager_runs, oom_splits, plus device and ready."""
+        with self._stats_lock:
+            c = dict(self._counts)
+        errors = {k: v for k, v in c.items() if k not in ("ok", "overloaded", "pipeline_closed", "cancelled",
+                                                          "admitted", "batches_prepared", "submitted")}
+        rc = self._runner.counters
+        return {
+            "submitted": c.get("submitted", 0),
+            "admitted": c.get("admitted", 0),
+            "completed": c.get("ok", 0),
+            "rejected": c.get("overloaded", 0) + c.get("pipeline_closed", 0),
+            "cancelled": c.get("cancelled", 0),
+            "errors": errors,
+            "batches_prepared": c.get("batches_prepared", 0),
+            **{k: rc[k] + self._retired[k] for k in ("batches", "graph_replays", "eager_runs", "oom_splits")},
+            "queue_depth": len(self.batcher),
+            "device": self.device,
+            "ready": self.ready,
+        }
+
+    def submit(self, data, timeout: float | None = None, priority: int = 0) -> Future:
+        """Queue one request. data: encoded bytes, or a decoded uint8 [H, W, 3] array.
+        timeout (s): the request is dropped with DeadlineExceeded if its batch has not closed by then.
+        priority: 0 (default, lowest) .. priority_levels - 1. Returns a Future of Prediction."""
+        arrival = now_ns()
+        if not isinstance(priority, int) or not 0 <= priority < self.config.priority_levels:
+            raise ValueError(f"Pipeline.submit: priority must be an int in [0, {self.config.priority_levels}), got {priority!r}")
+        if isinstance(data, bytearray | memoryview):
+            data = bytes(data)
+        elif isinstance(data, torch.Tensor):
+            data = data.numpy()
+        if isinstance(data, np.ndarray):
+            if data.dtype != np.uint8 or data.ndim != 3 or data.shape[2] != 3 or data.shape[0] < 1 or data.shape[1] < 1:
+                raise ValueError(f"Pipeline.submit: expected a uint8 array [H, W, 3], got {data.dtype} {list(data.shape)}. "
+                                 "Pass encoded bytes or decode with aurora_core.decode() first.")
+        elif not isinstance(data, bytes):
+            raise TypeError(f"Pipeline.submit: expected bytes or a uint8 [H, W, 3] array, got {type(data).__name__}")
+        if timeout is not None and timeout < 0:
+            raise ValueError(f"Pipeline.submit: timeout must be >= 0 seconds, got {timeout}")
+        rec = RequestRecord(request_id=next(self._ids), arrival_ns=arrival, priority=priority, device=self.device)
+        fut: Future = Future()
+        req = Request(data, priority, arrival + int(timeout * 1e9) if timeout is not None else 0, fut, rec)
+        self._count("submitted")
+        try:
+            if self._failure is not None:
+                raise DeviceLost(f"Pipeline: down after a sticky device error ({self._failure}); create a new Pipeline")
+            self.batcher.put(req)
+        except AuroraError as e:
+            self._finish(req, exc=e)
+            return fut
+        self._count("admitted")
+        return fut
+
+    def infer(self, data, timeout: float | None = None, priority: int = 0) -> Prediction:
+        """Blocking submit(...).result(); raises the request's typed error."""
+        return self.submit(data, timeout, priority).result()
+
+    async def infer_async(self, data, timeout: float | None = None, priority: int = 0) -> Prediction:
+        """Await one prediction; cancelling the awaiting task cancels the request if it still waits."""
+        return await asyncio.wrap_future(self.submit(data, timeout, priority))
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop admitting, finish every admitted request, stop the threads. Idempotent."""
+        self.batcher.close()
+        self._former.join(timeout)
+        self._computer.join(timeout)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ---- completion -----------------------------------------------------------------------------
+    def _count(self, key: str, n: int = 1) -> None:
+        with self._stats_lock:
+            self._counts[key] += n
+
+    def _finish(self, req: Request, result=None, exc: BaseException | None = None, status: str | None = None) -> None:
+        rec = req.record
+        rec.completion_ns = now_ns()
+        rec.status = status or ("ok" if exc is None else _status(exc))
+        self._count(rec.status)
+        for s in self._sinks:
+            try:
+                s(rec)
+            except Exception:  # a broken sink must not take requests down with it
+                if not self._sink_failed:
+                    self._sink_failed = True
+                    log.exception("Pipeline: a record sink raised; further sink errors are not logged")
+        if status == "cancelled":
+            return
+        if exc is not None:
+            req.future.set_exception(exc)
+        else:
+            req.future.set_result(Prediction(result, rec))
+
+    def _on_drop(self, req: Request, why: str) -> None:
+        from aurora_core.errors import DeadlineExceeded
+
+        if why == "cancelled":
+            self._finish(req, status="cancelled")
+        else:
+            self._finish(req, exc=DeadlineExceeded("Pipeline: the deadline passed while the request was queued"))
+
+    # ---- batch formation (aurora-former) ---------------------------------------------------------
+    def _form_loop(self) -> None:
+        try:
+            while True:
+                slab = self._free.get()
+                batch = self.batcher.next_batch()
+                if batch is None:
+                    return
+                self._count("batches_prepared")
+                live = self._prepare(batch, slab)
+                if live:
+                    self._ready_q.put((live, slab))
+                else:
+                    self._free.put(slab)
+        finally:
+            self._ready_q.put(_STOP)
+
+    def _prepare(self, batch: list[Request], slab) -> list[Request]:
+        """Decode + preprocess every request into its row of ``slab``; returns the rows to compute
+        (ordered by row). Requests that fail here are finished at once."""
+        bid = next(self._batch_ids)
+        for r in batch:
+            r.record.batch_id = bid
+            r.slot = -1
+        slab.n, slab.on_device, slab.events = 0, False, {}
+        runner = self._runner
+        on_device = self._device_preprocess and runner.is_cuda
+        rows = itertools.count()  # next() is atomic under the GIL: each decoded request takes the next row
+        failures: list = []
+
+        def work(chunk):
+            for r in chunk:
+                try:
+                    self._decode(r)
+                    if on_device:
+                        r.slot = next(rows)
+                        continue
+                    slot = next(rows)
+                    self._preprocess(r, slab.host[slot])
+                    r.slot = slot
+                except Exception as e:  # noqa: BLE001 - every request must end, whatever broke
+                    r.slot = -1
+                    r.image = None
+                    failures.append((r, e))
+
+        chunks = [batch[i::self._nw] for i in range(min(self._nw, len(batch)))]
+        futs = [self._pool.submit(work, c) for c in chunks[1:]] if self._pool is not None else []
+        work(chunks[0])
+        for f in futs:
+            f.result()
+        # A failed request never disturbs its batch-mates: the rows are compacted below.
+        live = sorted((r for r in batch if r.slot >= 0), key=lambda r: r.slot)
+        for r, e in failures:
+            if not isinstance(e, ImageError):
+                log.error("Pipeline: preprocessing request %d failed: %r", r.record.request_id, e)
+            r.record.batch_size = len(batch)
+            self._finish(r, exc=e)
+        if failures and live:
+            live = self._compact(live, slab, on_device)
+        slab.n = len(live)
+        if not live:
+            return live
+        for r in live:
+            r.record.batch_size = len(live)
+        try:
+            if on_device:
+                self._stage_on_device(live, slab, runner)
+            else:
+                runner.stage(slab)
+        except Exception as e:  # noqa: BLE001
+            self._fail_batch(live, e, runner)
+            self._free.put(slab)
+            return []
+        for r in live:
+            r.image = None  # the decoded pixels are no longer needed
+        return live
+
+    def _compact(self, live, slab, on_device):
+        """Rows were taken in decode order; a failed request leaves a hole only if it took a row."""
+        for new, r in enumerate(live):
+            if r.slot != new:
+                if not on_device:
+                    slab.host[new].copy_(slab.host[r.slot])
+                r.slot = new
+        return live
+
+    def _stage_on_device(self, live, slab, runner) -> None:
+        images = [r.image for r in live]
+        try:
+            t0 = now_ns()
+            runner.stage_images(slab, images, self.spec, [r.orig_size for r in live], [r.scale for r in live])
+        except Exception as e:  # noqa: BLE001
+            from aurora_core.runner import is_sticky
+
+            if is_sticky(e):
+                raise
+            log.warning("Pipeline: device preprocessing failed (%r); preprocessing on the CPU from now on", e)
+            self._device_preprocess = False
+            for r in live:
+                self._preprocess(r, slab.host[r.slot])
+            slab.on_device = False
+            runner.stage(slab)
+            return
+        t1 = now_ns()
+        for r in live:
+            r.record.preprocess_start_ns, r.record.preprocess_end_ns = t0, t1
+
+    def _decode(self, r: Request) -> None:
+        rec = r.record
+        if isinstance(r.data, np.ndarray):
+            r.image, r.orig_size, r.scale = np.ascontiguousarray(r.data), None, 1
+            return
+        from aurora_core.decode import decode_ex
+
+        rec.decode_start_ns = now_ns()
+        min_size = None
+        if self._fast:
+            from aurora_core.decode import probe
+            from aurora_core.ops.preprocess import fast_min_size
+
+            info = probe(r.data)
+            min_size = fast_min_size((info.height, info.width), self.spec)
+        d = decode_ex(r.data, min_size=min_size, **self._limits)
+        r.image, r.orig_size, r.scale = d.image, d.orig_size, d.scale
+        rec.decode_end_ns = now_ns()
+
+    def _preprocess(self, r: Request, out) -> None:
+        from aurora_core.ops.preprocess import preprocess
+
+        r.record.preprocess_start_ns = now_ns()
+        preprocess(r.image, self.spec, out=out, orig_size=r.orig_size, scale=r.scale)
+        r.record.preprocess_end_ns = now_ns()
+
+    # ---- compute (aurora-compute) -----------------------------------------------------------------
+    def _compute_loop(self) -> None:
+        while True:
+            item = self._ready_q.get()
+            if item is _STOP:
+                return
+            live, slab = item
+            runner = self._runner
+            try:
+                if self._failure is not None:
+                    raise DeviceLost(f"Pipeline: down after a sticky device error ({self._failure})")
+                if slab.on_device and not runner.is_cuda:
+                    raise DeviceLost("Pipeline: this batch was preprocessed on the lost device")
+                out = runner.run(slab)
+            except Exception as e:  # noqa: BLE001
+                self._fail_batch(live, e, runner)
+                self._free.put(slab)
+                continue
+            self._free.put(slab)
+            self._complete(live, out, runner)
+
+    def _complete(self, live, out, runner) -> None:
+        dev = str(runner.device)
+        for r in live:
+            rec = r.record
+            rec.bucket = out.bucket
+            rec.device = dev
+            rec.h2d_start_ns, rec.h2d_end_ns = out.h2d_start_ns, out.h2d_end_ns
+            rec.compute_start_ns, rec.compute_end_ns, rec.d2h_end_ns = (
+                out.compute_start_ns, out.compute_end_ns, out.d2h_end_ns)
+            if r.slot in out.failed:
+                self._finish(r, exc=ResourceExhausted("Pipeline: out of device memory even at batch size 1"))
+            else:
+                self._finish(r, result=list(zip(out.indices[r.slot], out.probs[r.slot], strict=True)))
+
+    def _fail_batch(self, live, exc: BaseException, runner: Runner) -> None:
+        from aurora_core.runner import is_sticky
+
+        sticky = is_sticky(exc)
+        if sticky and not isinstance(exc, DeviceLost):
+            exc = DeviceLost(f"Pipeline: sticky device error: {exc}")
+        if not sticky:
+            log.error("Pipeline: batch failed: %r", exc)
+        for r in live:
+            self._finish(r, exc=exc)
+        if sticky:
+            self._on_device_lost(exc, runner)
+
+    def _on_device_lost(self, exc: BaseException, old: Runner) -> None:
+        """Fall back to the CPU when allowed; otherwise shut down so that health checks see it."""
+        with self._state_lock:
+            if self._failure is not None or old is not self._runner:
+                return  # already handled: the runner that failed has been replaced or the pipeline is down
+            self._ready = False
+            if self._cpu_fallback and self._fallback_net is not None:
+                log.error("Pipeline: device %s lost (%s); continuing on the CPU", old.device, exc)
+                kw = dict(self._runner_kw)
+                if kw["dtype"] not in (None, "bf16", "bfloat16", torch.bfloat16):
+                    kw["dtype"] = None  # fp16 on the CPU is slower than fp32, when it runs at all
+                net, self._fallback_net = self._fallback_net, None
+                self._retired.update(old.counters)
+                self._runner = Runner(net, device="cpu", **kw)
+                self._device_preprocess = False
+                self._ready = True
+                return
+            log.error("Pipeline: device %s lost (%s); shutting down", old.device, exc)
+            self._failure = exc
+        self.batcher.close()
+        for r in self.batcher.drain_all():
+            if r.future.set_running_or_notify_cancel():
+                self._finish(r, exc=DeviceLost(f"Pipeline: device lost before this request ran: {exc}"))
+            else:
+                self._finish(r, status="cancelled")
+
+
+def _triton_available() -> bool:
+    try:
+        from aurora_core import _dispatch
+
+        return _dispatch.backend_for(torch.device("cuda")) == "triton"
+    except Exception:  # noqa: BLE001 - no Triton, or no dispatch module yet: preprocess on the CPU
+        return False

@@ -1,0 +1,395 @@
+"""Model loading and execution: device, dtype, channels_last, bucket warm-up, CUDA graphs, OOM split.
+
+The runner owns the model and the device side of the batch buffers. The pipeline fills a host batch
+buffer (``Slab.host``, pinned on CUDA), calls ``stage`` (on CUDA: an async H2D copy on a side stream,
+so it overlaps the previous batch's compute), then ``run`` on the compute thread, which returns the
+top-k of every real row.
+
+On CUDA every bucket gets one CUDA graph (captured after warm-up; eager when capture fails). An
+out-of-memory error splits the rows in halves down to single rows; a row that still fails is reported
+as failed, its batch-mates are served. A sticky device error (illegal address, device lost) raises
+``DeviceLost``: the device is unusable and the pipeline decides what happens next.
+
+Fault injection (tests, drills): ``runner.inject_fault("oom" | "sticky", count=1, min_rows=1)`` makes
+the next ``count`` model executions with at least ``min_rows`` rows raise an injected
+``torch.cuda.OutOfMemoryError`` or a sticky "illegal memory access" error, on any device.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from aurora_core.errors import DeviceLost
+from aurora_core.records import now_ns
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+# Messages of CUDA errors after which the context is unusable (cudaErrorIllegalAddress and friends).
+_STICKY_MARKERS = (
+    "illegal memory access", "illegal address", "device-side assert", "unspecified launch failure",
+    "misaligned address", "illegal instruction", "device lost", "fallen off the bus",
+    "uncorrectable ecc", "hardware stop", "launch timed out", "cuda-capable device(s) is/are busy or unavailable",
+)
+
+_OOM_TYPES: tuple[type[BaseException], ...] = tuple(
+    t for t in (getattr(torch.cuda, "OutOfMemoryError", None), getattr(torch, "OutOfMemoryError", None)) if t
+)
+
+
+class InjectedStickyError(RuntimeError):
+    """Raised by fault injection; reads like cudaErrorIllegalAddress."""
+
+
+def is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, _OOM_TYPES) or "out of memory" in str(exc).lower()
+
+
+def is_sticky(exc: BaseException) -> bool:
+    if isinstance(exc, InjectedStickyError | DeviceLost):
+        return True
+    msg = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(m in msg for m in _STICKY_MARKERS)
+
+
+def resolve_dtype(dtype) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype) and dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in DTYPES:
+        return DTYPES[dtype.lower()]
+    raise ValueError(f"Runner: dtype must be fp32, fp16 or bf16 (or the torch dtype), got {dtype!r}")
+
+
+def load_model(model, *, weights: str | None = None, seed: int = 0) -> nn.Module:
+    """A torchvision architecture name (random init under ``seed`` unless ``weights`` names a local
+    state_dict file), an nn.Module (used as is), or a path to a TorchScript or torch.export (.pt2) file."""
+    if isinstance(model, nn.Module):
+        if weights is not None:
+            model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        return model
+    if not isinstance(model, str | os.PathLike):
+        raise TypeError(f"Pipeline: model must be a torchvision name, an nn.Module or a file path, got {type(model).__name__}")
+    path = os.fspath(model)
+    if os.path.isfile(path):
+        if path.endswith(".pt2"):
+            return torch.export.load(path).module()
+        try:
+            return torch.jit.load(path, map_location="cpu")
+        except RuntimeError:
+            return torch.export.load(path).module()
+    import torchvision
+
+    if path not in torchvision.models.list_models():
+        raise ValueError(f"Pipeline: {path!r} is neither a file nor a torchvision model name "
+                         f"(e.g. 'resnet50', 'mobilenet_v3_small')")
+    # Fork the RNG so a fixed-seed init does not disturb the caller's random state.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = torchvision.models.get_model(path, weights=None)
+    if weights is not None:
+        net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    return net
+
+
+class _TopK(nn.Module):
+    """model -> (probs [B, k] float32, indices [B, k] int64): softmax and top-k fused into the graph
+    so that only B*k numbers cross back to the host."""
+
+    def __init__(self, model: nn.Module, k: int, dtype: torch.dtype, channels_last: bool):
+        super().__init__()
+        self.model, self.k, self.dtype, self.channels_last = model, k, dtype, channels_last
+
+    def forward(self, x):
+        x = x.to(self.dtype)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        logits = self.model(x)
+        if isinstance(logits, tuple | list):  # e.g. inception aux outputs
+            logits = logits[0]
+        return torch.topk(torch.softmax(logits.float(), dim=1), self.k, dim=1)
+
+
+@dataclass
+class Slab:
+    """One batch buffer: host rows (pinned on CUDA) and, on CUDA, the device rows they are copied to.
+    host / dev: Tensor[max_bucket, 3, crop, crop] of the spec dtype."""
+
+    index: int
+    host: torch.Tensor
+    dev: torch.Tensor | None = None
+    n: int = 0
+    on_device: bool = False         # True when dev was written directly (Triton preprocess)
+    events: dict = field(default_factory=dict)
+    h2d_start_ns: int = 0
+    h2d_end_ns: int = 0
+
+
+@dataclass
+class BatchOutput:
+    """top-k per row (probs[i], indices[i] for rows 0..n-1) and which rows hit OOM even alone."""
+
+    probs: list
+    indices: list
+    failed: set
+    bucket: int
+    h2d_start_ns: int = 0
+    h2d_end_ns: int = 0
+    compute_start_ns: int = 0
+    compute_end_ns: int = 0
+    d2h_end_ns: int = 0
+
+
+class Runner:
+    """Runs a model over batch slabs on one device.
+
+    model: nn.Module (moved to ``device``/``dtype``, set to eval). input_shape: (3, crop, crop).
+    input_dtype: dtype of the slabs (the preprocess spec's). buckets: ascending batch shapes.
+    """
+
+    def __init__(self, model: nn.Module, *, device="cpu", dtype=None, buckets=(1,), input_shape=(3, 224, 224),
+                 input_dtype=torch.float32, top_k=5, channels_last=None, cuda_graphs=True, warmup=True):
+        self.device = torch.device(device)
+        self.is_cuda = self.device.type == "cuda"
+        if self.is_cuda and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.dtype = resolve_dtype(dtype)
+        self.buckets = tuple(buckets)
+        self.input_shape = tuple(input_shape)
+        self.input_dtype = input_dtype
+        # channels_last pays off for convnets on tensor cores; on the CPU it cost more than it saved here.
+        self.channels_last = self.is_cuda if channels_last is None else bool(channels_last)
+        try:
+            model.eval()
+        except (NotImplementedError, RuntimeError):  # torch.export modules refuse eval(); they are inference graphs
+            pass
+        model = model.to(device=self.device, dtype=self.dtype)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        self._lock = threading.Lock()
+        self._faults: list[tuple[str, int]] = []   # (kind, min_rows), consumed in order
+        self.counters = {"graph_replays": 0, "eager_runs": 0, "oom_splits": 0, "batches": 0}
+        self._graphs: dict[int, tuple] = {}
+        self._static_in: torch.Tensor | None = None
+        if self.is_cuda:
+            self._side = torch.cuda.Stream(self.device)
+            self._compute = torch.cuda.Stream(self.device)
+        k = max(1, int(top_k))
+        with torch.inference_mode():
+            probe = torch.zeros((1, *self.input_shape), dtype=self.input_dtype, device=self.device)
+            n_classes = self._out_features(probe)
+        self.k = min(k, n_classes)
+        self.head = _TopK(self.model, self.k, self.dtype, self.channels_last)
+        if warmup:
+            self.warmup(cuda_graphs=cuda_graphs)
+
+    # ---- set-up -------------------------------------------------------------------------------
+    def _out_features(self, x) -> int:
+        out = self.model(x.to(self.dtype))
+        if isinstance(out, tuple | list):
+            out = out[0]
+        if out.dim() != 2:
+            raise ValueError(f"Runner: the model must return logits [B, classes], got shape {tuple(out.shape)}")
+        return int(out.shape[1])
+
+    def new_slab(self, index: int) -> Slab:
+        """A batch buffer sized for the largest bucket; pinned host memory on CUDA."""
+        shape = (self.buckets[-1], *self.input_shape)
+        host = torch.zeros(shape, dtype=self.input_dtype, pin_memory=self.is_cuda)
+        dev = torch.zeros(shape, dtype=self.input_dtype, device=self.device) if self.is_cuda else None
+        return Slab(index, host, dev)
+
+    def warmup(self, cuda_graphs: bool = True) -> None:
+        """Run every bucket once (allocator, cuDNN/oneDNN plans); on CUDA capture one graph per bucket."""
+        with torch.inference_mode():
+            if not self.is_cuda:
+                for b in self.buckets:
+                    self.head(torch.zeros((b, *self.input_shape), dtype=self.input_dtype))
+                return
+            self._static_in = torch.zeros((self.buckets[-1], *self.input_shape), dtype=self.input_dtype,
+                                          device=self.device)
+            # Warm-up on a side stream, as torch.cuda.graphs recommends before capture.
+            with torch.cuda.stream(self._compute):
+                for b in self.buckets:
+                    for _ in range(3):
+                        self.head(self._static_in[:b])
+            torch.cuda.synchronize(self.device)
+            if not cuda_graphs:
+                return
+            pool = None
+            for b in reversed(self.buckets):  # largest first so smaller graphs share its memory pool
+                try:
+                    g = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(g, pool=pool, stream=self._compute):
+                        out = self.head(self._static_in[:b])
+                    pool = g.pool()
+                    self._graphs[b] = (g, out)
+                except Exception as e:  # capture is an optimisation: eager still serves the bucket
+                    log.warning("Runner: CUDA graph capture failed for bucket %d, running eager: %s", b, e)
+                    torch.cuda.synchronize(self.device)
+            torch.cuda.synchronize(self.device)
+
+    @property
+    def graph_buckets(self) -> tuple[int, ...]:
+        return tuple(sorted(self._graphs))
+
+    # ---- fault injection --------------------------------------------------------------------
+    def inject_fault(self, kind: str, count: int = 1, min_rows: int = 1) -> None:
+        """Make the next ``count`` model executions of >= ``min_rows`` rows fail with ``kind``:
+        "oom" (torch.cuda.OutOfMemoryError) or "sticky" (an illegal-memory-access error)."""
+        if kind not in ("oom", "sticky"):
+            raise ValueError(f"Runner.inject_fault: kind must be 'oom' or 'sticky', got {kind!r}")
+        with self._lock:
+            self._faults.extend([(kind, int(min_rows))] * int(count))
+
+    def _maybe_fault(self, rows: int) -> None:
+        with self._lock:
+            fault = next((f for f in self._faults if rows >= f[1]), None)
+            if fault is None:
+                return
+            self._faults.remove(fault)
+        if fault[0] == "oom":
+            raise _OOM_TYPES[0]("CUDA out of memory (injected by Runner.inject_fault)")
+        raise InjectedStickyError("CUDA error: an illegal memory access was encountered (injected)")
+
+    # ---- execution --------------------------------------------------------------------------
+    def stage(self, slab: Slab) -> None:
+        """Start moving slab.host[:n] to the device (CUDA: async on the side stream). Called on the
+        preprocessing thread so the copy overlaps the previous batch's compute."""
+        if not self.is_cuda or slab.on_device:
+            return
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with torch.cuda.device(self.device), torch.cuda.stream(self._side):
+            start.record()
+            slab.dev[: slab.n].copy_(slab.host[: slab.n], non_blocking=True)
+            end.record()
+        slab.events = {"h2d_start": start, "h2d_end": end, "ready": end}
+
+    def stage_images(self, slab: Slab, images, spec, orig_sizes, scales) -> None:
+        """CUDA: upload the decoded uint8 images (list of [H_i, W_i, 3]) and preprocess them on the device
+        (Triton kernel) straight into slab.dev[:n], on the side stream. Raises when that backend fails;
+        the caller then preprocesses on the CPU."""
+        from aurora_core.ops.preprocess import preprocess_batch
+
+        n = len(images)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with torch.cuda.device(self.device), torch.cuda.stream(self._side):
+            start.record()
+            preprocess_batch(images, spec, out=slab.dev[:n], orig_sizes=orig_sizes, scales=scales, backend="triton")
+            end.record()
+        slab.n, slab.on_device = n, True
+        slab.events = {"h2d_start": start, "h2d_end": end, "ready": end}
+
+    def run(self, slab: Slab) -> BatchOutput:
+        """Top-k of rows 0..slab.n-1. OOM splits the rows; raises DeviceLost on a sticky error."""
+        n = slab.n
+        out = BatchOutput([None] * n, [None] * n, set(), self.bucket_for(n))
+        try:
+            with torch.inference_mode():
+                if self.is_cuda:
+                    with torch.cuda.device(self.device):
+                        # The compute stream must not read slab.dev before the side stream wrote it. An event
+                        # rather than wait_stream: the side stream may already hold the next batch's copy.
+                        self._compute.wait_event(slab.events["ready"])
+                        self._run_rows(slab, 0, n, out, top=True)
+                else:
+                    self._run_rows(slab, 0, n, out, top=True)
+        except Exception as e:
+            if is_sticky(e):
+                raise DeviceLost(f"Runner: sticky device error on {self.device}: {e}") from e
+            raise
+        self.counters["batches"] += 1
+        return out
+
+    def bucket_for(self, n: int) -> int:
+        for b in self.buckets:
+            if b >= n:
+                return b
+        return n
+
+    def _run_rows(self, slab: Slab, lo: int, hi: int, out: BatchOutput, top: bool = False) -> None:
+        try:
+            probs, idx = self._execute(slab, lo, hi, out, pad=top)
+        except Exception as e:
+            if not is_oom(e) or is_sticky(e):
+                raise
+            del e  # the traceback holds the failed call's activations
+            self._free()
+            if hi - lo == 1:
+                out.failed.add(lo)
+                return
+            self.counters["oom_splits"] += 1
+            mid = (lo + hi) // 2
+            self._run_rows(slab, lo, mid, out)
+            self._run_rows(slab, mid, hi, out)
+            return
+        out.probs[lo:hi] = probs
+        out.indices[lo:hi] = idx
+
+    def _free(self) -> None:
+        if self.is_cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+
+    def _execute(self, slab: Slab, lo: int, hi: int, out: BatchOutput, pad: bool):
+        rows = hi - lo
+        self._maybe_fault(rows)
+        if not self.is_cuda:
+            # Pad the whole batch up to its warmed-up bucket; split retries run their rows as they are.
+            b = self.bucket_for(rows) if pad and lo == 0 and self.bucket_for(rows) <= slab.host.shape[0] else rows
+            x = slab.host[lo: lo + b]
+            t0 = now_ns()
+            p, i = self.head(x)
+            p, i = p[:rows].tolist(), i[:rows].tolist()
+            t1 = now_ns()
+            self.counters["eager_runs"] += 1
+            if not out.compute_start_ns:
+                out.compute_start_ns = t0
+            out.compute_end_ns = t1
+            return p, i
+        return self._execute_cuda(slab, lo, hi, out)
+
+    def _execute_cuda(self, slab: Slab, lo: int, hi: int, out: BatchOutput):
+        rows = hi - lo
+        b = self.bucket_for(rows)
+        ev = {k: torch.cuda.Event(enable_timing=True) for k in ("c0", "c1", "d1")}
+        with torch.cuda.stream(self._compute):
+            ev["c0"].record()
+            graph = self._graphs.get(b)
+            if graph is not None:
+                self._static_in[:rows].copy_(slab.dev[lo:hi], non_blocking=True)
+                graph[0].replay()
+                p_dev, i_dev = graph[1]
+                self.counters["graph_replays"] += 1
+            else:
+                p_dev, i_dev = self.head(slab.dev[lo:hi])
+                self.counters["eager_runs"] += 1
+            ev["c1"].record()
+            p_host = p_dev[:rows].to("cpu", non_blocking=True)
+            i_host = i_dev[:rows].to("cpu", non_blocking=True)
+            ev["d1"].record()
+        ev["d1"].synchronize()
+        t_sync = now_ns()
+
+        # Map GPU events onto the monotonic clock: the last event completed just before t_sync.
+        def at(e):
+            return t_sync - int(e.elapsed_time(ev["d1"]) * 1e6)
+
+        if not out.compute_start_ns:
+            out.compute_start_ns = at(ev["c0"])
+            h = slab.events
+            if "h2d_start" in h:
+                out.h2d_start_ns, out.h2d_end_ns = at(h["h2d_start"]), at(h["h2d_end"])
+        out.compute_end_ns = at(ev["c1"])
+        out.d2h_end_ns = t_sync
+        return p_host.tolist(), i_host.tolist()
