@@ -1,0 +1,448 @@
+"""Bytes to uint8 RGB for untrusted input: format sniffing, header limits, DCT-scaled JPEG, PNG, EXIF.
+
+Policy (what a caller can rely on):
+
+* Input is ``bytes``, ``bytearray`` or ``memoryview``; the format is chosen by magic bytes only. JPEG
+  (baseline, progressive, arithmetic; grey, YCbCr, RGB, CMYK, YCCK) and PNG (every colour type and bit
+  depth, interlaced) are accepted; anything else raises ``UnsupportedFormat`` without being parsed.
+* Order of checks, all before any pixel memory exists: ``max_bytes``; magic bytes; our own header walk
+  (JPEG markers up to the first SOS, PNG chunks with their CRCs); zero width or height; ``max_pixels``
+  (Python ints, so no overflow); for JPEG, libjpeg-turbo's own view of the header must agree with ours,
+  so the size we checked is the size it allocates.
+* Corrupt data raises ``CorruptImage``, never a grey-padded image: libjpeg-turbo runs with
+  ``strict=True`` (warnings such as "premature end of data" are errors), every PNG chunk CRC is checked,
+  and Pillow's ``LOAD_TRUNCATED_IMAGES`` is left off. Progressive JPEGs with more than ``MAX_SCANS``
+  scans are rejected before decoding.
+* Alpha is dropped, as ``PIL.Image.convert("RGB")`` and torchvision's ``ImageReadMode.RGB`` do: the
+  colour channels are returned as stored, not composited over a background.
+* 16-bit PNG samples become 8 bits by keeping the high byte (``v >> 8``), for every colour type (Pillow
+  does this for RGB/RGBA/LA but clips 16-bit grey at 255, which we do not copy).
+* CMYK/YCCK JPEGs are decoded to CMYK by libjpeg-turbo and converted as Pillow does: Adobe polarity
+  (stored values inverted) is assumed, then ``R = (255 - C) * (255 - K) / 255`` with Pillow's rounding.
+  No ICC colour management is applied to any image.
+* EXIF orientation 1..8 is read from the first APP1 ``Exif`` segment (JPEG) or the ``eXIf`` chunk (PNG)
+  with a small bounds-checked TIFF parser and applied as ``PIL.ImageOps.exif_transpose`` does. Malformed
+  EXIF is ignored (orientation 1). XMP orientation is not used.
+
+Stable ``reason`` strings: ``UnsupportedFormat``: unsupported_format, unsupported_jpeg (lossless,
+hierarchical, 12-bit or 2-component JPEG). ``ImageTooLarge``: too_many_bytes, too_many_pixels.
+``CorruptImage``: truncated, bad_header, bad_checksum, zero_size, too_many_scans, too_many_markers,
+decode_failed.
+"""
+
+from __future__ import annotations
+
+import io
+import operator
+import re
+import struct
+import zlib
+from typing import NamedTuple
+
+import numpy as np
+import simplejpeg
+from PIL import Image
+
+from aurora_core.errors import CorruptImage, ImageTooLarge, UnsupportedFormat
+
+__all__ = ["decode", "decode_ex", "probe", "Decoded", "ImageInfo", "MAX_SCANS"]
+
+#: Progressive JPEG scan cap. Encoders write 1-4 (baseline) or about 10 (libjpeg's default
+#: progression, mozjpeg's optimized ones); every scan is a pass over the whole coefficient buffer,
+#: so a file with thousands of tiny scans is a CPU bomb (libjpeg-turbo documents the same guard as
+#: TJPARAM_SCANLIMIT).
+MAX_SCANS = 100
+#: Marker segments before the first scan (APPn, DQT, DHT, COM...). Real files have fewer than 30;
+#: the cap bounds our Python header walk on a 32 MB file of empty segments.
+MAX_JPEG_SEGMENTS = 1024
+
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# SOF markers libjpeg-turbo decodes through the 8-bit DCT path: baseline, extended, progressive,
+# and their arithmetic-coded forms. Lossless (C3, CB) and hierarchical (C5-C7, CD-CF) are refused.
+_SOF_DCT = {0xC0, 0xC1, 0xC2, 0xC9, 0xCA}
+_SOF_OTHER = {0xC3, 0xC5, 0xC6, 0xC7, 0xCB, 0xCD, 0xCE, 0xCF}
+# A marker inside entropy-coded data: 0xFF followed by anything but a stuffed 0x00, a restart
+# marker (D0-D7) or another fill byte.
+_MARKER_RE = re.compile(rb"\xff[\x01-\xcf\xd8-\xfe]")
+_SOS_RE = re.compile(rb"\xff\xda")
+# tjGetScalingFactors() below 1/1, smallest first: the order simplejpeg searches for min_height/width.
+_TJ_FACTORS = ((1, 8), (1, 4), (3, 8), (1, 2), (5, 8), (3, 4), (7, 8))
+# PNG colour type -> allowed bit depths.
+_PNG_DEPTHS = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}
+
+
+class Decoded(NamedTuple):
+    """image: uint8 [ceil(H0/scale), ceil(W0/scale), 3] RGB; orig_size: (H0, W0) after orientation."""
+
+    image: np.ndarray
+    orig_size: tuple[int, int]
+    scale: int
+    format: str  # "jpeg" or "png"
+
+
+class ImageInfo(NamedTuple):
+    """Header facts; height and width are after EXIF orientation (the size ``decode`` returns)."""
+
+    format: str
+    height: int
+    width: int
+
+
+class _Header(NamedTuple):
+    format: str
+    height: int  # as stored, before orientation
+    width: int
+    orientation: int  # 1..8
+    cmyk: bool
+
+
+def decode(data, max_pixels: int = 50_000_000, max_bytes: int = 32 << 20, min_size=None) -> np.ndarray:
+    """Decode JPEG or PNG bytes to a C-contiguous uint8 [H, W, 3] RGB array, EXIF orientation applied.
+
+    min_size=(h, w), in oriented pixels, lets a JPEG decode at the largest DCT scale 1/2, 1/4 or 1/8
+    whose result is still at least (h, w); use ``decode_ex`` to learn the scale and full size.
+    """
+    return decode_ex(data, max_pixels=max_pixels, max_bytes=max_bytes, min_size=min_size).image
+
+
+def decode_ex(data, max_pixels: int = 50_000_000, max_bytes: int = 32 << 20, min_size=None) -> Decoded:
+    """``decode`` plus what the resampler needs: Decoded(image, orig_size=(H0, W0), scale, format).
+
+    image.shape[:2] == (ceil(H0 / scale), ceil(W0 / scale)); scale is 1, 2, 4 or 8 (always 1 for PNG).
+    """
+    buf = _as_buffer("decode", data)
+    min_hw = _check_min_size(min_size)
+    hdr = _inspect("decode", buf, max_pixels, max_bytes)
+    swap = hdr.orientation >= 5  # orientations 5..8 transpose the image
+    if hdr.format == "jpeg":
+        want = None if min_hw is None else (min_hw[::-1] if swap else min_hw)
+        scale = _pick_scale(hdr.height, hdr.width, want)
+        img = _decode_jpeg(buf, hdr, scale)
+    else:
+        scale = 1
+        img = _decode_png(buf, hdr)
+    img = _orient(img, hdr.orientation)
+    orig = (hdr.width, hdr.height) if swap else (hdr.height, hdr.width)
+    return Decoded(img, orig, scale, hdr.format)
+
+
+def probe(data, max_pixels: int = 50_000_000, max_bytes: int = 32 << 20) -> ImageInfo:
+    """Format and oriented (height, width) from the headers alone, after the same checks as decode.
+
+    Allocates no pixel memory; a PNG's chunk CRCs and a JPEG's scan count are checked too.
+    """
+    hdr = _inspect("probe", _as_buffer("probe", data), max_pixels, max_bytes)
+    if hdr.orientation >= 5:
+        return ImageInfo(hdr.format, hdr.width, hdr.height)
+    return ImageInfo(hdr.format, hdr.height, hdr.width)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Argument checks
+
+
+def _as_buffer(op: str, data) -> memoryview:
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"{op}: expected bytes, bytearray or memoryview, got {type(data).__name__}")
+    mv = memoryview(data)
+    if not mv.c_contiguous:
+        mv = memoryview(mv.tobytes())
+    return mv if (mv.format == "B" and mv.ndim == 1) else mv.cast("B")
+
+
+def _check_min_size(min_size) -> tuple[int, int] | None:
+    if min_size is None:
+        return None
+    try:
+        h, w = (operator.index(v) for v in min_size)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"decode: min_size must be None or a pair of ints (h, w), got {min_size!r}") from e
+    if h < 1 or w < 1:
+        raise ValueError(f"decode: min_size must be positive, got {(h, w)}")
+    return h, w
+
+
+def _check_limit(op: str, name: str, value) -> int:
+    try:
+        v = operator.index(value)
+    except TypeError as e:
+        raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__}") from e
+    if v < 1:
+        raise ValueError(f"{op}: {name} must be positive, got {v}")
+    return v
+
+
+def _inspect(op: str, buf: memoryview, max_pixels, max_bytes) -> _Header:
+    max_pixels = _check_limit(op, "max_pixels", max_pixels)
+    max_bytes = _check_limit(op, "max_bytes", max_bytes)
+    if buf.nbytes > max_bytes:
+        raise ImageTooLarge(f"{op}: {buf.nbytes} bytes exceed max_bytes={max_bytes}", reason="too_many_bytes")
+    if buf[:3] == _JPEG_MAGIC:
+        hdr = _jpeg_header(op, buf, max_pixels)
+    elif buf[:8] == _PNG_MAGIC:
+        hdr = _png_header(op, buf, max_pixels)
+    else:
+        head = bytes(buf[:8]).hex(" ") or "nothing"
+        raise UnsupportedFormat(f"{op}: not a JPEG or PNG (first bytes: {head}); convert it to JPEG or PNG")
+    return hdr
+
+
+def _check_size(op: str, fmt: str, h: int, w: int, max_pixels: int) -> None:
+    if h == 0 or w == 0:
+        raise CorruptImage(f"{op}: {fmt} header declares a {h}x{w} image", reason="zero_size")
+    if h * w > max_pixels:
+        raise ImageTooLarge(
+            f"{op}: {fmt} header declares {w}x{h} = {h * w} pixels, more than max_pixels={max_pixels}",
+            reason="too_many_pixels",
+        )
+
+
+# ---------------------------------------------------------------------------------------------------
+# JPEG
+
+
+def _jpeg_header(op: str, buf: memoryview, max_pixels: int) -> _Header:
+    n = len(buf)
+    pos = 2
+    sof = None
+    orientation = None
+    for _ in range(MAX_JPEG_SEGMENTS):
+        if pos >= n:
+            raise CorruptImage(f"{op}: JPEG ends before its first scan", reason="truncated")
+        if buf[pos] != 0xFF:
+            raise CorruptImage(f"{op}: JPEG: no marker at byte {pos} (0x{buf[pos]:02x})", reason="bad_header")
+        while pos < n and buf[pos] == 0xFF:  # fill bytes may precede any marker
+            pos += 1
+        if pos + 3 > n:
+            raise CorruptImage(f"{op}: JPEG ends before its first scan", reason="truncated")
+        marker = buf[pos]
+        if marker == 0x01:  # TEM: no length field
+            pos += 1
+            continue
+        if marker == 0x00 or 0xD0 <= marker <= 0xD9:
+            raise CorruptImage(f"{op}: JPEG: unexpected marker 0xff{marker:02x} before the first scan",
+                               reason="bad_header")
+        length = (buf[pos + 1] << 8) | buf[pos + 2]
+        seg, end = pos + 3, pos + 1 + length
+        if length < 2:
+            raise CorruptImage(f"{op}: JPEG: marker 0xff{marker:02x} has length {length}", reason="bad_header")
+        if end > n:
+            raise CorruptImage(f"{op}: JPEG ends inside marker 0xff{marker:02x}", reason="truncated")
+        if marker in _SOF_DCT or marker in _SOF_OTHER:
+            if sof is not None or length < 8 or length < 8 + 3 * buf[seg + 5]:
+                raise CorruptImage(f"{op}: JPEG: malformed or repeated SOF marker", reason="bad_header")
+            sof = (marker, buf[seg], (buf[seg + 1] << 8) | buf[seg + 2], (buf[seg + 3] << 8) | buf[seg + 4],
+                   buf[seg + 5])
+        elif marker == 0xE1 and orientation is None and buf[seg:seg + 6] == b"Exif\0\0":
+            orientation = _exif_orientation(buf, seg + 6, end)
+        elif marker == 0xDA:
+            if sof is None:
+                raise CorruptImage(f"{op}: JPEG: scan before any SOF marker", reason="bad_header")
+            return _jpeg_finish(op, buf, sof, orientation or 1, pos - 1, max_pixels)
+        pos = end
+    raise CorruptImage(f"{op}: JPEG has more than {MAX_JPEG_SEGMENTS} marker segments before its first scan",
+                       reason="too_many_markers")
+
+
+def _jpeg_finish(op, buf, sof, orientation, sos, max_pixels) -> _Header:
+    kind, precision, h, w, ncomp = sof
+    if kind not in _SOF_DCT or precision != 8 or ncomp not in (1, 3, 4):
+        raise UnsupportedFormat(
+            f"{op}: JPEG variant not supported (SOF 0x{kind:02x}, {precision}-bit, {ncomp} components); "
+            "only 8-bit DCT JPEGs with 1, 3 or 4 components are", reason="unsupported_jpeg")
+    _check_size(op, "JPEG", h, w, max_pixels)
+    try:
+        lh, lw, colorspace, _ = simplejpeg.decode_jpeg_header(buf, strict=True)
+    except ValueError as e:
+        raise CorruptImage(f"{op}: JPEG header rejected by libjpeg-turbo: {e}", reason="bad_header") from e
+    if (lh, lw) != (h, w):
+        # Never let the decoder allocate a size other than the one the limits were checked on.
+        raise CorruptImage(f"{op}: JPEG: SOF says {w}x{h}, libjpeg-turbo reads {lw}x{lh}", reason="bad_header")
+    _check_scans(op, buf, sos)
+    return _Header("jpeg", h, w, orientation, colorspace in ("CMYK", "YCCK"))
+
+
+def _check_scans(op: str, buf: memoryview, sos: int) -> None:
+    # Fast path: every real SOS is a 0xFF 0xDA pair (0xFF in entropy data is stuffed), so the pair count
+    # from the first scan on is an upper bound. It can overcount on trailers after EOI (a Motion Photo's
+    # MP4 holds ~150 random pairs per 10 MB), so above the cap walk the markers properly.
+    for count, _ in enumerate(_SOS_RE.finditer(buf, sos), 1):
+        if count > MAX_SCANS:
+            break
+    else:
+        return
+    n = len(buf)
+    pos, scans = sos, 0
+    for _ in range(8 * MAX_SCANS):  # a real scan brings at most a few DHT/DQT/DRI/COM segments
+        m = _MARKER_RE.search(buf, pos)
+        if m is None:
+            return  # no EOI: the strict decoder reports the truncation
+        marker = buf[m.start() + 1]
+        if marker == 0xD9:
+            return
+        if marker == 0xDA:
+            scans += 1
+            if scans > MAX_SCANS:
+                raise CorruptImage(f"{op}: progressive JPEG has more than {MAX_SCANS} scans",
+                                   reason="too_many_scans")
+        if marker in (0x01, 0xD8):  # TEM and SOI carry no length
+            pos = m.end()
+            continue
+        if m.end() + 2 > n:
+            return
+        pos = m.end() + ((buf[m.end()] << 8) | buf[m.end() + 1])  # skip the segment, entropy data follows
+    raise CorruptImage(f"{op}: JPEG has more than {8 * MAX_SCANS} markers after its first scan",
+                       reason="too_many_markers")
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pick_scale(h: int, w: int, want: tuple[int, int] | None) -> int:
+    """Largest s in (8, 4, 2) with ceil(h/s) >= want[0] and ceil(w/s) >= want[1], else 1 (stored coords)."""
+    if want is None:
+        return 1
+    for s in (8, 4, 2):
+        th, tw = _ceil_div(h, s), _ceil_div(w, s)
+        if th >= want[0] and tw >= want[1]:
+            # simplejpeg takes the first factor, smallest first, reaching (th, tw). For images of a few
+            # pixels 3/8 can round to the same size as 1/2; decode those at full size rather than at 3/8.
+            num, den = next(f for f in _TJ_FACTORS
+                            if _ceil_div(h * f[0], f[1]) >= th and _ceil_div(w * f[0], f[1]) >= tw)
+            return s if (num, den) == (1, s) else 1
+    return 1
+
+
+def _decode_jpeg(buf: memoryview, hdr: _Header, scale: int) -> np.ndarray:
+    h, w = _ceil_div(hdr.height, scale), _ceil_div(hdr.width, scale)
+    kwargs = {} if scale == 1 else {"min_height": h, "min_width": w}
+    try:
+        img = simplejpeg.decode_jpeg(buf, colorspace="CMYK" if hdr.cmyk else "RGB", strict=True, **kwargs)
+    except ValueError as e:
+        raise CorruptImage(f"decode: JPEG data is corrupt: {e}", reason="decode_failed") from e
+    if img.shape[:2] != (h, w):
+        raise RuntimeError(f"decode: internal error: libjpeg-turbo returned {img.shape} for a "
+                           f"{hdr.width}x{hdr.height} JPEG at scale 1/{scale}, expected ({h}, {w})")
+    return _cmyk_to_rgb(img) if hdr.cmyk else img
+
+
+def _cmyk_to_rgb(stored: np.ndarray) -> np.ndarray:
+    """stored: uint8 [H, W, 4] as in the file. Pillow's rule: Adobe polarity (inverted) is assumed,
+    then R = nk - muldiv255(C, nk) with nk = 255 - K, rounded as Pillow's Convert.c does."""
+    nk = stored[..., 3:].astype(np.uint16)  # 255 - K, since the stored K is inverted
+    t = (255 - stored[..., :3]).astype(np.uint16) * nk + 128  # at most 65153: fits uint16
+    return (nk - ((t + (t >> 8)) >> 8)).astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------------
+# PNG
+
+
+def _png_header(op: str, buf: memoryview, max_pixels: int) -> _Header:
+    n = len(buf)
+    pos = 8
+    size = None
+    orientation = None
+    palette = idat = False
+    # Bounds our Python chunk loop; encoders write IDAT chunks of 8 KiB or more.
+    max_chunks = max(4096, n // 1024)
+    for _ in range(max_chunks):
+        if pos + 12 > n:
+            raise CorruptImage(f"{op}: PNG ends before its IEND chunk", reason="truncated")
+        length, ctype = struct.unpack_from(">I4s", buf, pos)
+        end = pos + 8 + length
+        if length > 0x7FFFFFFF:
+            raise CorruptImage(f"{op}: PNG chunk length {length} out of range", reason="bad_header")
+        if end + 4 > n:
+            raise CorruptImage(f"{op}: PNG ends inside its {ctype!r} chunk", reason="truncated")
+        if zlib.crc32(buf[pos + 4:end]) != struct.unpack_from(">I", buf, end)[0]:
+            raise CorruptImage(f"{op}: PNG {ctype!r} chunk fails its CRC", reason="bad_checksum")
+        if size is None:
+            if ctype != b"IHDR" or length != 13:
+                raise CorruptImage(f"{op}: PNG does not start with an IHDR chunk", reason="bad_header")
+            w, h, depth, color, comp, filt, interlace = struct.unpack_from(">IIBBBBB", buf, pos + 8)
+            if depth not in _PNG_DEPTHS.get(color, ()) or comp or filt or interlace > 1 or max(w, h) > 2**31 - 1:
+                raise CorruptImage(f"{op}: PNG IHDR is invalid (colour type {color}, depth {depth})",
+                                   reason="bad_header")
+            _check_size(op, "PNG", h, w, max_pixels)  # before walking the rest of a possibly huge file
+            size = (h, w)
+        elif ctype == b"PLTE":
+            palette = True
+        elif ctype == b"IDAT":
+            if color == 3 and not palette:
+                raise CorruptImage(f"{op}: palette PNG without a PLTE chunk", reason="bad_header")
+            idat = True
+        elif ctype == b"eXIf" and orientation is None:
+            skip = 6 if buf[pos + 8:pos + 14] == b"Exif\0\0" else 0
+            orientation = _exif_orientation(buf, pos + 8 + skip, end)
+        elif ctype == b"IEND":
+            if not idat:
+                raise CorruptImage(f"{op}: PNG has no IDAT chunk", reason="bad_header")
+            return _Header("png", size[0], size[1], orientation or 1, False)
+        pos = end + 4
+    raise CorruptImage(f"{op}: PNG has more than {max_chunks} chunks", reason="too_many_markers")
+
+
+def _decode_png(buf: memoryview, hdr: _Header) -> np.ndarray:
+    try:
+        with Image.open(io.BytesIO(buf), formats=["PNG"]) as im:
+            im.load()
+            if im.size != (hdr.width, hdr.height):
+                raise CorruptImage(f"decode: PNG: Pillow reads {im.size}, IHDR says {(hdr.width, hdr.height)}",
+                                   reason="bad_header")
+            if im.mode.startswith("I"):  # 16-bit grey ("I;16", "I;16B", "I"): keep the high byte
+                grey = (np.asarray(im).astype(np.int64).clip(0, 65535) >> 8).astype(np.uint8)
+                return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
+            rgb = im if im.mode == "RGB" else im.convert("RGB")
+            return np.array(rgb)  # a writable copy (np.asarray of a PIL image is read-only)
+    except Image.DecompressionBombError as e:
+        raise ImageTooLarge(f"decode: PNG exceeds Pillow's MAX_IMAGE_PIXELS: {e}", reason="too_many_pixels") from e
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error) as e:
+        raise CorruptImage(f"decode: PNG data is corrupt: {e}", reason="decode_failed") from e
+
+
+# ---------------------------------------------------------------------------------------------------
+# EXIF orientation
+
+
+def _exif_orientation(buf: memoryview, start: int, end: int) -> int:
+    """Orientation tag (0x0112) of IFD0 in the TIFF stream buf[start:end]; 1 when absent or malformed."""
+    if end - start < 8:
+        return 1
+    order = bytes(buf[start:start + 2])
+    if order not in (b"II", b"MM"):
+        return 1
+    e = "<" if order == b"II" else ">"
+    magic, ifd = struct.unpack_from(e + "HI", buf, start + 2)
+    p = start + ifd
+    if magic != 42 or ifd < 8 or p + 2 > end:
+        return 1
+    (count,) = struct.unpack_from(e + "H", buf, p)
+    for q in range(p + 2, min(p + 2 + 12 * count, end - 11), 12):
+        tag, typ, n = struct.unpack_from(e + "HHI", buf, q)
+        if tag != 0x0112:
+            continue
+        if n != 1 or typ not in (3, 4):  # SHORT (the standard) or LONG, one value
+            return 1
+        value = struct.unpack_from(e + ("H" if typ == 3 else "I"), buf, q + 8)[0]
+        return value if 1 <= value <= 8 else 1
+    return 1
+
+
+def _orient(img: np.ndarray, orientation: int) -> np.ndarray:
+    """Apply EXIF orientation like PIL.ImageOps.exif_transpose; returns a C-contiguous array."""
+    if orientation == 1:
+        return img
+    t = img.transpose(1, 0, 2)
+    view = {
+        2: img[:, ::-1],  # FLIP_LEFT_RIGHT
+        3: img[::-1, ::-1],  # ROTATE_180
+        4: img[::-1],  # FLIP_TOP_BOTTOM
+        5: t,  # TRANSPOSE
+        6: t[:, ::-1],  # ROTATE_270 (90 degrees clockwise)
+        7: t[::-1, ::-1],  # TRANSVERSE
+        8: t[::-1],  # ROTATE_90 (counter-clockwise)
+    }[orientation]
+    return np.ascontiguousarray(view)
