@@ -252,9 +252,10 @@ class HttpTarget:
         except ValueError:
             doc = {}
         if resp.status >= 300:
-            reason = doc.get("reason") if isinstance(doc, dict) else None
-            if not reason and isinstance(doc, dict) and isinstance(doc.get("error"), dict):
-                reason = doc["error"].get("reason")
+            # the reference server's error model: {"error": {"code": "overloaded", ...}}
+            err = doc.get("error") if isinstance(doc, dict) else None
+            reason = (err.get("code") or err.get("reason")) if isinstance(err, dict) else None
+            reason = reason or (doc.get("reason") if isinstance(doc, dict) else None)
             raise HttpError(resp.status, reason or f"http_{resp.status}", body)
         return _HttpResult(doc, _record_from_json(doc))
 
@@ -271,13 +272,28 @@ class _HttpResult:
     timings: RequestRecord | None
 
 
-def _record_from_json(doc) -> RequestRecord | None:
-    """The server may return its RequestRecord fields under "timings"; CLOCK_MONOTONIC is system-wide
-    on Linux, so a loopback server's stamps are on our clock."""
+def _record_from_json(doc):
+    """The reference server returns per-stage durations as "timings": {"queue_ms": ..., "batch_size": ...}.
+    Full RequestRecord fields (``*_ns`` stamps) are accepted too: CLOCK_MONOTONIC is system-wide on
+    Linux, so a loopback server's stamps are on our clock."""
     t = doc.get("timings") if isinstance(doc, dict) else None
     if not isinstance(t, dict):
         return None
-    return RequestRecord(**{k: v for k, v in t.items() if k in FIELD_NAMES})
+    if any(k.endswith("_ns") for k in t):
+        return RequestRecord(**{k: v for k, v in t.items() if k in FIELD_NAMES})
+    return StageDurations({st: int(t[f"{st}_ms"] * 1e6) for st in STAGES if isinstance(t.get(f"{st}_ms"), int | float)},
+                          int(t.get("batch_size") or 0))
+
+
+@dataclass
+class StageDurations:
+    """Per-stage durations reported by a remote target; quacks like RequestRecord for the statistics."""
+
+    durations_ns: dict[str, int]
+    batch_size: int = 0
+
+    def stage_ns(self, stage: str) -> int:
+        return self.durations_ns.get(stage, -1)
 
 
 def error_reason(exc: BaseException) -> str:
@@ -300,7 +316,7 @@ class RunResult:
     sent_ns: np.ndarray
     done_ns: np.ndarray
     status: list[str]
-    records: list[RequestRecord | None]
+    records: list  # RequestRecord, StageDurations (HTTP) or None
 
     @property
     def latency_ns(self) -> np.ndarray:
@@ -438,7 +454,7 @@ class LoadGenerator:
         else:
             res = fut.result()
             rec = getattr(res, "timings", None)
-            self._finish(st, i, scheduled, None, rec if isinstance(rec, RequestRecord) else None)
+            self._finish(st, i, scheduled, None, rec if hasattr(rec, "stage_ns") else None)
 
     def _finish(self, st: _State, i: int, scheduled: int, status: str | None, rec) -> None:
         t = now_ns()

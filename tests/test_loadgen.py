@@ -221,9 +221,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def do_POST(self):
         body = self.rfile.read(int(self.headers["Content-Length"]))
         if body == b"bad":
-            code, doc = 422, {"error": {"reason": "corrupt_image", "message": "no"}}
+            code, doc = 422, {"error": {"code": "corrupt_image", "status": 422, "message": "no"}}
         else:
-            code, doc = 200, {"top_k": [[1, 0.5]], "timings": {"arrival_ns": now_ns(), "completion_ns": now_ns()}}
+            code, doc = 200, {"top_k": [], "timings": {"queue_ms": 1.5, "compute_ms": 2.0, "batch_size": 3}}
         data = json.dumps(doc).encode()
         self.send_response(code)
         self.send_header("Content-Type", "application/json")
@@ -246,7 +246,8 @@ def test_http_target_over_loopback():
         srv.shutdown()
     s = lg.summarize(res)
     assert s["errors"] == {"corrupt_image": len(res.status) // 4 + (len(res.status) % 4 > 3)}
-    assert s["completed_ok"] > 0 and "total" in s["stages_ms"]
+    assert s["completed_ok"] > 0 and set(s["stages_ms"]) == {"queue", "compute"}
+    assert s["stages_ms"]["compute"]["p50"] == pytest.approx(2.0) and s["batch_size_mean"] == 3
 
 
 # --- verdict rules -----------------------------------------------------------------------------
