@@ -1,0 +1,191 @@
+"""The batcher's queue policy, driven by an injected clock (no sleeps, no timing assertions)."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future
+
+import pytest
+
+from aurora_core.batching import CANCELLED, DEADLINE, Batcher, BatchingConfig, Request
+from aurora_core.errors import Overloaded, PipelineClosed
+from aurora_core.records import RequestRecord
+
+US = 1000
+
+
+class FakeClock:
+    def __init__(self):
+        self.t = 1_000_000
+
+    def __call__(self):
+        return self.t
+
+
+def make(priority=0, deadline_ns=0, rid=0):
+    return Request(b"x", priority, deadline_ns, Future(), RequestRecord(request_id=rid, priority=priority))
+
+
+def ids(batch):
+    return [r.record.request_id for r in batch]
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"max_batch_size": 0}, {"max_batch_size": 2.5}, {"max_queue_delay_us": -1}, {"max_queue_size": 0},
+    {"priority_levels": 1}, {"bucket_sizes": ()}, {"bucket_sizes": (4, 2)}, {"bucket_sizes": (1, 1)},
+    {"bucket_sizes": (0, 4)}, {"max_batch_size": 4, "bucket_sizes": (2, 8)}, {"max_batch_size": True},
+])
+def test_config_rejects_bad_values(kwargs):
+    with pytest.raises(ValueError, match="BatchingConfig"):
+        BatchingConfig(**kwargs)
+
+
+def test_config_buckets():
+    assert BatchingConfig(max_batch_size=16).bucket_sizes == (1, 2, 4, 8, 16)
+    assert BatchingConfig(max_batch_size=12).bucket_sizes == (1, 2, 4, 8, 12)
+    assert BatchingConfig(max_batch_size=1).bucket_sizes == (1,)
+    c = BatchingConfig(max_batch_size=8, bucket_sizes=(2, 6))
+    assert c.bucket_sizes == (2, 6, 8)
+    assert [c.bucket_for(n) for n in range(1, 9)] == [2, 2, 6, 6, 6, 6, 8, 8]
+    with pytest.raises(ValueError):
+        c.bucket_for(9)
+
+
+def test_delay_timer_starts_at_first_request():
+    clk = FakeClock()
+    b = Batcher(BatchingConfig(max_batch_size=8, max_queue_delay_us=1000), clock=clk)
+    t0 = clk.t
+    b.put(make(rid=1))
+    clk.t = t0 + 600 * US
+    b.put(make(rid=2))
+    clk.t = t0 + 999 * US
+    assert b.poll() is None
+    clk.t = t0 + 1000 * US
+    batch = b.poll()
+    assert ids(batch) == [1, 2]
+    assert all(r.record.batch_closed_ns == clk.t for r in batch)
+    assert len(b) == 0 and b.poll() is None
+
+
+def test_full_batch_closes_without_waiting_and_leftover_keeps_its_timer():
+    clk = FakeClock()
+    b = Batcher(BatchingConfig(max_batch_size=4, max_queue_delay_us=1000), clock=clk)
+    t0 = clk.t
+    for i in range(6):
+        b.put(make(rid=i))
+    assert ids(b.poll()) == [0, 1, 2, 3]
+    # The two left over arrived at t0: their batch is due at t0 + delay, not later.
+    assert b.poll() is None
+    clk.t = t0 + 1000 * US
+    assert ids(b.poll()) == [4, 5]
+
+
+def test_zero_delay_closes_at_once():
+    clk = FakeClock()
+    b = Batcher(BatchingConfig(max_batch_size=4, max_queue_delay_us=0), clock=clk)
+    b.put(make(rid=7))
+    assert ids(b.poll()) == [7]
+
+
+def test_priorities_higher_first_fifo_within_level():
+    clk = FakeClock()
+    b = Batcher(BatchingConfig(max_batch_size=4, max_queue_delay_us=0, priority_levels=3), clock=clk)
+    for rid, prio in [(0, 0), (1, 0), (2, 1), (3, 0), (4, 2), (5, 1), (6, 2)]:
+        b.put(make(prio, rid=rid))
+    assert ids(b.poll()) == [4, 6, 2, 5]
+    assert ids(b.poll()) == [0, 1, 3]
+
+
+def test_deadline_and_cancellation_drop_at_formation():
+    clk = FakeClock()
+    dropped = []
+    b = Batcher(BatchingConfig(max_batch_size=8, max_queue_delay_us=100), clock=clk,
+                on_drop=lambda r, why: dropped.append((r.record.request_id, why)))
+    t0 = clk.t
+    b.put(make(rid=0, deadline_ns=t0 + 50 * US))
+    b.put(make(rid=1, deadline_ns=t0 + 500 * US))
+    cancelled = make(rid=2)
+    b.put(cancelled)
+    b.put(make(rid=3))
+    assert cancelled.future.cancel()
+    clk.t = t0 + 100 * US
+    batch = b.poll()
+    assert ids(batch) == [1, 3]
+    assert sorted(dropped) == [(0, DEADLINE), (2, CANCELLED)]
+    assert all(r.future.running() for r in batch)  # no longer cancellable: it will be computed
+
+
+def test_all_dropped_gives_empty_batch():
+    clk = FakeClock()
+    b = Batcher(BatchingConfig(max_batch_size=2, max_queue_delay_us=0), clock=clk)
+    r = make()
+    b.put(r)
+    r.future.cancel()
+    assert b.poll() == []
+
+
+def test_overload_and_queue_depth():
+    clk = FakeClock()
+    b = Batcher(BatchingConfig(max_batch_size=8, max_queue_size=3), clock=clk)
+    reqs = [make(rid=i) for i in range(5)]
+    admitted = rejected = 0
+    for r in reqs:
+        try:
+            b.put(r)
+            admitted += 1
+        except Overloaded:
+            rejected += 1
+    assert (admitted, rejected) == (3, 2)
+    assert [r.record.queue_depth for r in reqs] == [0, 1, 2, 3, 3]
+    assert [r.record.enqueue_ns != 0 for r in reqs] == [True] * 3 + [False] * 2
+    assert len(b) == 3
+
+
+def test_close_rejects_and_flushes_without_delay():
+    clk = FakeClock()
+    b = Batcher(BatchingConfig(max_batch_size=8, max_queue_delay_us=10**9), clock=clk)
+    b.put(make(rid=1))
+    assert b.poll() is None
+    b.close()
+    with pytest.raises(PipelineClosed):
+        b.put(make(rid=2))
+    assert ids(b.next_batch(timeout=5)) == [1]
+    assert b.next_batch(timeout=5) is None
+
+
+def test_next_batch_timeout_on_empty_queue():
+    b = Batcher(BatchingConfig())
+    assert b.next_batch(timeout=0.01) is None
+
+
+def test_many_producers_one_consumer_nothing_lost_or_duplicated():
+    cfg = BatchingConfig(max_batch_size=7, max_queue_delay_us=50, max_queue_size=10_000)
+    b = Batcher(cfg)
+    n_threads, per = 8, 250
+    got: list[int] = []
+    sizes: list[int] = []
+
+    def produce(t):
+        for i in range(per):
+            b.put(make(priority=i % 2, rid=t * per + i))
+
+    def consume():
+        while True:
+            batch = b.next_batch(timeout=10)
+            if batch is None:
+                return
+            sizes.append(len(batch))
+            got.extend(ids(batch))
+
+    c = threading.Thread(target=consume)
+    c.start()
+    ps = [threading.Thread(target=produce, args=(t,)) for t in range(n_threads)]
+    for p in ps:
+        p.start()
+    for p in ps:
+        p.join(10)
+    b.close()
+    c.join(10)
+    assert not c.is_alive()
+    assert sorted(got) == list(range(n_threads * per))
+    assert max(sizes) <= cfg.max_batch_size
