@@ -1,0 +1,642 @@
+"""NVML backend: per-GPU hardware readings as ``Sample``s with the metric names of docs/CONTRACTS.md.
+
+The backend talks to an "nvml API" object, never to ``pynvml`` directly. The live API is the ``pynvml``
+module itself; ``aurora_core.telemetry.replay`` provides a recording wrapper and a replay object with the
+same functions, so a replayed trace runs through exactly this code.
+
+Per device, ``probe()`` runs once (and again after a recovery): every candidate field and call is tried
+once; what fails with NotSupported / FunctionNotFound / NoPermission is recorded in ``missing`` with the
+reason and never called again. Each ``tick()`` then reads as many fields as possible with ONE
+``nvmlDeviceGetFieldValues`` call, plus the calls the fields API lacks (utilization, memory, clocks,
+temperature, clocks-event reasons, PCIe link, GPM).
+
+Any other NVML error during a tick (GPU lost, unknown error, driver gone, ...) marks the backend
+unhealthy: the tick returns stale samples (only ``stale_age_s``, the age of the newest good reading) and
+the backend re-initialises NVML with exponential backoff on later ticks. Nothing here is ever called on
+a request path; the sampler runs it on its own thread (``aurora_core.telemetry.sampler``).
+
+Units: clocks MHz, temperature °C, power W (NVML gives mW), energy mJ, memory and PCIe bytes,
+throttle fractions 0..1 of the interval between two ticks.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pynvml
+
+from aurora_core.records import Event, Sample, now_ns
+
+# Errors that mean "this device or driver cannot give this reading", as opposed to a failure.
+_UNSUPPORTED = (
+    pynvml.NVML_ERROR_NOT_SUPPORTED,
+    pynvml.NVML_ERROR_FUNCTION_NOT_FOUND,
+    pynvml.NVML_ERROR_NO_PERMISSION,
+    pynvml.NVML_ERROR_INVALID_ARGUMENT,
+    pynvml.NVML_ERROR_NOT_FOUND,
+)
+
+# fieldValue.valueType -> attribute of the c_nvmlValue_t union that holds it.
+_VALUE_ATTR = {
+    pynvml.NVML_VALUE_TYPE_DOUBLE: "dVal",
+    pynvml.NVML_VALUE_TYPE_UNSIGNED_INT: "uiVal",
+    pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG: "ulVal",
+    pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG: "ullVal",
+    pynvml.NVML_VALUE_TYPE_SIGNED_LONG_LONG: "sllVal",
+    pynvml.NVML_VALUE_TYPE_SIGNED_INT: "siVal",
+    pynvml.NVML_VALUE_TYPE_UNSIGNED_SHORT: "usVal",
+}
+
+#: Throttle causes: (metric suffix, cumulative-time field ids in order of preference,
+#: nvmlDeviceGetViolationStatus policy for the fallback or None, clocks-event reason bit).
+#: Counters are nanoseconds of throttled time; they cannot miss a short episode the way the bitmask
+#: snapshot can, so the bitmask is only the last resort (and the only source for hw_slowdown).
+THROTTLE_CAUSES: tuple[tuple[str, tuple[int, ...], int | None, int], ...] = (
+    ("power", (pynvml.NVML_FI_DEV_CLOCKS_EVENT_REASON_SW_POWER_CAP,), pynvml.NVML_PERF_POLICY_POWER,
+     pynvml.nvmlClocksEventReasonSwPowerCap),
+    ("thermal", (pynvml.NVML_FI_DEV_CLOCKS_EVENT_REASON_SW_THERM_SLOWDOWN, pynvml.NVML_FI_DEV_PERF_POLICY_THERMAL),
+     pynvml.NVML_PERF_POLICY_THERMAL, pynvml.nvmlClocksEventReasonSwThermalSlowdown),
+    ("sync_boost", (pynvml.NVML_FI_DEV_CLOCKS_EVENT_REASON_SYNC_BOOST,), pynvml.NVML_PERF_POLICY_SYNC_BOOST,
+     pynvml.nvmlClocksEventReasonSyncBoost),
+    ("board_limit", (pynvml.NVML_FI_DEV_PERF_POLICY_BOARD_LIMIT,), pynvml.NVML_PERF_POLICY_BOARD_LIMIT,
+     pynvml.nvmlClocksThrottleReasonBoardLimit),
+    ("low_util", (pynvml.NVML_FI_DEV_PERF_POLICY_LOW_UTILIZATION,), pynvml.NVML_PERF_POLICY_LOW_UTILIZATION,
+     pynvml.nvmlClocksEventReasonGpuIdle),
+    ("reliability", (pynvml.NVML_FI_DEV_PERF_POLICY_RELIABILITY,), pynvml.NVML_PERF_POLICY_RELIABILITY,
+     pynvml.nvmlClocksThrottleReasonReliability),
+    ("hw_slowdown", (), None, pynvml.nvmlClocksEventReasonHwSlowdown),
+    ("hw_thermal", (pynvml.NVML_FI_DEV_CLOCKS_EVENT_REASON_HW_THERM_SLOWDOWN,), None,
+     pynvml.nvmlClocksEventReasonHwThermalSlowdown),
+    ("power_brake", (pynvml.NVML_FI_DEV_CLOCKS_EVENT_REASON_HW_POWER_BRAKE_SLOWDOWN,), None,
+     pynvml.nvmlClocksEventReasonHwPowerBrakeSlowdown),
+)
+
+#: Gauge fields: field id -> (metric, scale). Read in the one batched call when supported.
+GAUGE_FIELDS: dict[int, tuple[str, float]] = {
+    pynvml.NVML_FI_DEV_POWER_INSTANT: ("power_w", 1e-3),
+    pynvml.NVML_FI_DEV_POWER_CURRENT_LIMIT: ("power_limit_w", 1e-3),
+    pynvml.NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION: ("energy_mj", 1.0),
+    pynvml.NVML_FI_DEV_PCIE_REPLAY_COUNTER: ("pcie_replay_count", 1.0),
+    pynvml.NVML_FI_DEV_ECC_SBE_VOL_TOTAL: ("ecc_sbe", 1.0),
+    pynvml.NVML_FI_DEV_ECC_DBE_VOL_TOTAL: ("ecc_dbe", 1.0),
+    pynvml.NVML_FI_DEV_REMAPPED_PENDING: ("remapped_rows_pending", 1.0),
+}
+
+#: Cumulative byte counters -> rate metric (bytes/s over the interval).
+RATE_FIELDS: dict[int, str] = {
+    pynvml.NVML_FI_DEV_PCIE_COUNT_TX_BYTES: "pcie_tx_bytes_s",
+    pynvml.NVML_FI_DEV_PCIE_COUNT_RX_BYTES: "pcie_rx_bytes_s",
+}
+
+#: GPM metric id -> metric name (Hopper and newer).
+GPM_METRICS: dict[int, str] = {
+    pynvml.NVML_GPM_METRIC_SM_UTIL: "gpm_sm_util_pct",
+    pynvml.NVML_GPM_METRIC_SM_OCCUPANCY: "gpm_sm_occupancy_pct",
+    pynvml.NVML_GPM_METRIC_ANY_TENSOR_UTIL: "gpm_tensor_active_pct",
+    pynvml.NVML_GPM_METRIC_DRAM_BW_UTIL: "gpm_dram_bw_util_pct",
+}
+
+#: Event-set types worth an Event (critical or clock-affecting), name used as Event.kind.
+EVENT_KINDS: dict[int, str] = {
+    pynvml.nvmlEventTypeXidCriticalError: "xid",
+    pynvml.nvmlEventTypeDoubleBitEccError: "ecc_dbe",
+    pynvml.nvmlEventTypeSingleBitEccErrorStorm: "ecc_sbe_storm",
+    pynvml.nvmlEventTypeDramRetirementEvent: "dram_retirement",
+    pynvml.nvmlEventTypeDramRetirementFailure: "dram_retirement_failure",
+    pynvml.nvmlEventTypeFatalPoisonError: "fatal_poison",
+    pynvml.nvmlEventTypeGpuUnavailableError: "gpu_unavailable",
+    pynvml.nvmlEventTypeGpuRecoveryAction: "gpu_recovery_action",
+    pynvml.nvmlEventTypePowerSourceChange: "power_source_change",
+}
+
+GPU_METRICS: tuple[str, ...] = (
+    "util_gpu_busy_pct", "util_mem_busy_pct", "mem_used_bytes", "mem_total_bytes",
+    "sm_clock_mhz", "sm_clock_max_mhz", "sm_clock_app_mhz", "mem_clock_mhz", "mem_clock_max_mhz",
+    "temp_c", "temp_slowdown_c", "temp_margin_c", "power_w", "power_limit_w", "energy_mj",
+    "clocks_event_reasons", *(f"throttle_frac_{c[0]}" for c in THROTTLE_CAUSES), "idle_clocks",
+    "pcie_tx_bytes_s", "pcie_rx_bytes_s", "pcie_gen", "pcie_gen_max", "pcie_width", "pcie_width_max",
+    "pcie_replay_count", "ecc_sbe", "ecc_dbe", "remapped_rows_pending", *GPM_METRICS.values(),
+)
+
+BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)  # re-init delays after a failure, then stays at the last
+
+
+def nvml_error_text(exc: BaseException) -> str:
+    """Short, stable text for an error: the NVML name (``Not Supported``) or the exception type."""
+    if isinstance(exc, pynvml.NVMLError):
+        try:
+            return str(exc)
+        except Exception:  # str() may call into a library that is not there
+            return f"NVML error {getattr(exc, 'value', '?')}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _unsupported(exc: BaseException) -> bool:
+    return isinstance(exc, pynvml.NVMLError) and getattr(exc, "value", None) in _UNSUPPORTED
+
+
+# A reader returns a dict of metric -> value. Each entry: (name for reasons, metrics it can give, fn).
+_Reader = tuple[str, tuple[str, ...], Callable[[object, object], dict[str, float]]]
+
+
+def _call_readers() -> list[_Reader]:
+    """Per-tick calls, in order of preference; a later reader only runs for metrics not yet covered."""
+    P = pynvml
+
+    def util(api, h):
+        u = api.nvmlDeviceGetUtilizationRates(h)
+        return {"util_gpu_busy_pct": float(u.gpu), "util_mem_busy_pct": float(u.memory)}
+
+    def mem(api, h):
+        m = api.nvmlDeviceGetMemoryInfo(h)
+        return {"mem_used_bytes": float(m.used), "mem_total_bytes": float(m.total)}
+
+    def reasons(api, h):
+        return {"clocks_event_reasons": float(api.nvmlDeviceGetCurrentClocksEventReasons(h))}
+
+    def reasons_old(api, h):  # drivers before the clocks-event rename
+        return {"clocks_event_reasons": float(api.nvmlDeviceGetCurrentClocksThrottleReasons(h))}
+
+    def ecc(api, h):
+        return {
+            "ecc_sbe": float(api.nvmlDeviceGetTotalEccErrors(h, P.NVML_MEMORY_ERROR_TYPE_CORRECTED, P.NVML_VOLATILE_ECC)),
+            "ecc_dbe": float(api.nvmlDeviceGetTotalEccErrors(h, P.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, P.NVML_VOLATILE_ECC)),
+        }
+
+    def pcie_tp(api, h):  # KB/s over NVML's own 20 ms window: a coarse fallback for the byte counters
+        return {
+            "pcie_tx_bytes_s": 1024.0 * api.nvmlDeviceGetPcieThroughput(h, P.NVML_PCIE_UTIL_TX_BYTES),
+            "pcie_rx_bytes_s": 1024.0 * api.nvmlDeviceGetPcieThroughput(h, P.NVML_PCIE_UTIL_RX_BYTES),
+        }
+
+    return [
+        ("nvmlDeviceGetUtilizationRates", ("util_gpu_busy_pct", "util_mem_busy_pct"), util),
+        ("nvmlDeviceGetMemoryInfo", ("mem_used_bytes", "mem_total_bytes"), mem),
+        ("nvmlDeviceGetClockInfo(SM)", ("sm_clock_mhz",),
+         lambda api, h: {"sm_clock_mhz": float(api.nvmlDeviceGetClockInfo(h, P.NVML_CLOCK_SM))}),
+        ("nvmlDeviceGetClockInfo(MEM)", ("mem_clock_mhz",),
+         lambda api, h: {"mem_clock_mhz": float(api.nvmlDeviceGetClockInfo(h, P.NVML_CLOCK_MEM))}),
+        ("nvmlDeviceGetApplicationsClock(SM)", ("sm_clock_app_mhz",),
+         lambda api, h: {"sm_clock_app_mhz": float(api.nvmlDeviceGetApplicationsClock(h, P.NVML_CLOCK_SM))}),
+        ("nvmlDeviceGetTemperature", ("temp_c",),
+         lambda api, h: {"temp_c": float(api.nvmlDeviceGetTemperature(h, P.NVML_TEMPERATURE_GPU))}),
+        ("nvmlDeviceGetCurrentClocksEventReasons", ("clocks_event_reasons",), reasons),
+        ("nvmlDeviceGetCurrentClocksThrottleReasons", ("clocks_event_reasons",), reasons_old),
+        ("nvmlDeviceGetCurrPcieLinkGeneration", ("pcie_gen",),
+         lambda api, h: {"pcie_gen": float(api.nvmlDeviceGetCurrPcieLinkGeneration(h))}),
+        ("nvmlDeviceGetCurrPcieLinkWidth", ("pcie_width",),
+         lambda api, h: {"pcie_width": float(api.nvmlDeviceGetCurrPcieLinkWidth(h))}),
+        # Fallbacks for metrics the fields batch normally gives.
+        ("nvmlDeviceGetPowerUsage", ("power_w",),
+         lambda api, h: {"power_w": api.nvmlDeviceGetPowerUsage(h) / 1000.0}),
+        ("nvmlDeviceGetEnforcedPowerLimit", ("power_limit_w",),
+         lambda api, h: {"power_limit_w": api.nvmlDeviceGetEnforcedPowerLimit(h) / 1000.0}),
+        ("nvmlDeviceGetTotalEnergyConsumption", ("energy_mj",),
+         lambda api, h: {"energy_mj": float(api.nvmlDeviceGetTotalEnergyConsumption(h))}),
+        ("nvmlDeviceGetPcieReplayCounter", ("pcie_replay_count",),
+         lambda api, h: {"pcie_replay_count": float(api.nvmlDeviceGetPcieReplayCounter(h))}),
+        ("nvmlDeviceGetTotalEccErrors", ("ecc_sbe", "ecc_dbe"), ecc),
+        ("nvmlDeviceGetRemappedRows", ("remapped_rows_pending",),
+         lambda api, h: {"remapped_rows_pending": float(api.nvmlDeviceGetRemappedRows(h)[2])}),
+        ("nvmlDeviceGetPcieThroughput", ("pcie_tx_bytes_s", "pcie_rx_bytes_s"), pcie_tp),
+    ]
+
+
+def _static_readers() -> list[_Reader]:
+    """Values that do not change while the driver is loaded: read at probe time only."""
+    P = pynvml
+    return [
+        ("nvmlDeviceGetMaxClockInfo(SM)", ("sm_clock_max_mhz",),
+         lambda api, h: {"sm_clock_max_mhz": float(api.nvmlDeviceGetMaxClockInfo(h, P.NVML_CLOCK_SM))}),
+        ("nvmlDeviceGetMaxClockInfo(MEM)", ("mem_clock_max_mhz",),
+         lambda api, h: {"mem_clock_max_mhz": float(api.nvmlDeviceGetMaxClockInfo(h, P.NVML_CLOCK_MEM))}),
+        ("nvmlDeviceGetTemperatureThreshold(SLOWDOWN)", ("temp_slowdown_c",),
+         lambda api, h: {"temp_slowdown_c": float(
+             api.nvmlDeviceGetTemperatureThreshold(h, P.NVML_TEMPERATURE_THRESHOLD_SLOWDOWN))}),
+        ("nvmlDeviceGetMaxPcieLinkGeneration", ("pcie_gen_max",),
+         lambda api, h: {"pcie_gen_max": float(api.nvmlDeviceGetMaxPcieLinkGeneration(h))}),
+        ("nvmlDeviceGetMaxPcieLinkWidth", ("pcie_width_max",),
+         lambda api, h: {"pcie_width_max": float(api.nvmlDeviceGetMaxPcieLinkWidth(h))}),
+    ]
+
+
+@dataclass
+class _Device:
+    """What the probe found for one GPU, plus the previous counter readings for the deltas."""
+
+    index: int
+    handle: object
+    info: dict[str, str] = field(default_factory=dict)
+    fields: list[int] = field(default_factory=list)          # ids read by the batched call
+    counter_field: dict[str, int] = field(default_factory=dict)  # cause -> chosen counter field id
+    violation: dict[str, int] = field(default_factory=dict)   # cause -> policy read by ViolationStatus
+    readers: list[_Reader] = field(default_factory=list)
+    static: dict[str, float] = field(default_factory=dict)
+    gpm_samples: list = field(default_factory=list)           # [previous, current] when GPM works
+    gpm_have_prev: bool = False
+    prev_counter: dict[str, tuple[float, float]] = field(default_factory=dict)  # key -> (value, time s)
+    supported: dict[str, str] = field(default_factory=dict)   # metric -> where it comes from
+    missing: dict[str, str] = field(default_factory=dict)     # metric -> why not
+
+
+class NvmlBackend:
+    """Samples every GPU NVML sees. Not thread-safe: one thread calls ``tick()``.
+
+    api: the nvml API object (the ``pynvml`` module, or a recording/replay object with its functions).
+    clock: monotonic ns; defaults to ``api.clock`` when the API has one (replay), else ``now_ns``.
+    """
+
+    def __init__(self, api=pynvml, clock: Callable[[], int] | None = None):
+        self.api = api
+        self.clock = clock or getattr(api, "clock", None) or now_ns
+        self._mark_tick = getattr(api, "mark_tick", None)  # recording/replay hook; absent on pynvml
+        self.devices: list[_Device] = []
+        self.healthy = False
+        self.failures = 0            # consecutive failed ticks or inits
+        self.next_retry_ns = 0
+        self.last_good_ns: int | None = None
+        self.started_ns = self.clock()
+        self.error: str | None = None
+        self.events: list[Event] = []  # produced by tick(): errors, recoveries; drained by the caller
+        self.n_sources = 0           # sources seen at the last good probe, for stale samples
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def init(self) -> None:
+        """nvmlInit and probe every device. Raises the NVML error when the driver is not usable."""
+        self.api.nvmlInit()
+        n = self.api.nvmlDeviceGetCount()
+        devices = [self._probe(i) for i in range(n)]
+        self.devices = devices
+        self.n_sources = n
+        self.healthy = True
+
+    def shutdown(self) -> None:
+        self._free_gpm()
+        try:
+            self.api.nvmlShutdown()
+        except Exception:  # already gone, or never initialised: nothing left to release
+            pass
+        self.healthy = False
+
+    def capabilities(self) -> dict:
+        """{source: {"info": {...}, "supported": {metric: via}, "missing": {metric: reason}}}."""
+        return {f"gpu{d.index}": {"info": d.info, "supported": dict(d.supported), "missing": dict(d.missing)}
+                for d in self.devices}
+
+    def missing(self) -> dict[str, str]:
+        """Flat ``{"gpu0.metric": reason}``; a backend that never initialised reports why."""
+        if not self.devices and self.error:
+            return {"gpu": self.error}
+        return {f"gpu{d.index}.{m}": r for d in self.devices for m, r in d.missing.items()}
+
+    # -- probing ---------------------------------------------------------------------------------
+    def _probe(self, index: int) -> _Device:
+        api = self.api
+        h = api.nvmlDeviceGetHandleByIndex(index)
+        dev = _Device(index=index, handle=h)
+        for key, fn in (("name", api.nvmlDeviceGetName), ("uuid", api.nvmlDeviceGetUUID)):
+            try:
+                v = fn(h)
+                dev.info[key] = v.decode() if isinstance(v, bytes) else str(v)
+            except pynvml.NVMLError as exc:
+                if not _unsupported(exc):
+                    raise
+        try:
+            v = api.nvmlSystemGetDriverVersion()
+            dev.info["driver"] = v.decode() if isinstance(v, bytes) else str(v)
+        except pynvml.NVMLError as exc:
+            if not _unsupported(exc):
+                raise
+
+        covered: dict[str, str] = {}
+        reasons: dict[str, str] = {}
+
+        # 1. One batched call over every candidate field; keep the ids that answered.
+        candidates = list(GAUGE_FIELDS) + list(RATE_FIELDS)
+        for _, ids, _, _ in THROTTLE_CAUSES:
+            candidates += [i for i in ids if i not in candidates]
+        ok_ids: set[int] = set()
+        try:
+            for fv in api.nvmlDeviceGetFieldValues(h, candidates):
+                if fv.nvmlReturn == pynvml.NVML_SUCCESS:
+                    ok_ids.add(int(fv.fieldId))
+                elif fv.nvmlReturn == pynvml.NVML_ERROR_GPU_IS_LOST:
+                    raise pynvml.NVMLError(fv.nvmlReturn)
+                else:
+                    reasons[f"field{int(fv.fieldId)}"] = nvml_error_text(pynvml.NVMLError(fv.nvmlReturn))
+        except pynvml.NVMLError as exc:
+            if not _unsupported(exc):
+                raise
+            for fid in candidates:
+                reasons[f"field{fid}"] = "nvmlDeviceGetFieldValues: " + nvml_error_text(exc)
+        for fid, (metric, _) in GAUGE_FIELDS.items():
+            if fid in ok_ids:
+                dev.fields.append(fid)
+                covered[metric] = f"field {fid}"
+            else:
+                reasons[metric] = f"field {fid}: {reasons.get(f'field{fid}', '?')}"
+        for fid, metric in RATE_FIELDS.items():
+            if fid in ok_ids:
+                dev.fields.append(fid)
+                covered[metric] = f"field {fid} (counter)"
+            else:
+                reasons[metric] = f"field {fid}: {reasons.get(f'field{fid}', '?')}"
+
+        # 2. Throttle-time counters: field, else nvmlDeviceGetViolationStatus, else (later) the bitmask.
+        for cause, ids, policy, _ in THROTTLE_CAUSES:
+            metric = f"throttle_frac_{cause}"
+            chosen = next((i for i in ids if i in ok_ids), None)
+            if chosen is not None:
+                dev.counter_field[cause] = chosen
+                if chosen not in dev.fields:
+                    dev.fields.append(chosen)
+                covered[metric] = f"field {chosen} (counter)"
+                continue
+            why = "; ".join(f"field {i}: {reasons.get(f'field{i}', '?')}" for i in ids) or "no counter in NVML"
+            if policy is not None:
+                try:
+                    api.nvmlDeviceGetViolationStatus(h, policy)
+                    dev.violation[cause] = policy
+                    covered[metric] = "nvmlDeviceGetViolationStatus (counter)"
+                    continue
+                except pynvml.NVMLError as exc:
+                    if not _unsupported(exc):
+                        raise
+                    why += f"; nvmlDeviceGetViolationStatus: {nvml_error_text(exc)}"
+            reasons[metric] = why
+
+        # 3. Per-tick calls (with fallbacks) and static values.
+        readers = [(r, False) for r in _call_readers()] + [(r, True) for r in _static_readers()]
+        for (name, metrics, fn), static in readers:
+            if all(m in covered for m in metrics):
+                continue
+            try:
+                values = fn(api, h)
+            except pynvml.NVMLError as exc:
+                if not _unsupported(exc):
+                    raise
+                for m in metrics:
+                    reasons.setdefault(m, "")
+                    reasons[m] = (reasons[m] + "; " if reasons[m] else "") + f"{name}: {nvml_error_text(exc)}"
+                continue
+            for m in metrics:
+                covered[m] = name
+            if static:
+                dev.static.update(values)
+            else:
+                dev.readers.append((name, metrics, fn))
+
+        # 4. Throttle causes without any counter fall back to the clocks-event bitmask snapshot.
+        for cause, *_ in THROTTLE_CAUSES:
+            metric = f"throttle_frac_{cause}"
+            if metric not in covered and "clocks_event_reasons" in covered:
+                covered[metric] = "clocks_event_reasons bit (snapshot; can miss short episodes)"
+        if "clocks_event_reasons" in covered:
+            covered["idle_clocks"] = "clocks_event_reasons GpuIdle bit"
+        else:
+            reasons["idle_clocks"] = "needs clocks_event_reasons: " + reasons.get("clocks_event_reasons", "?")
+        if "temp_c" in covered and "temp_slowdown_c" in covered:
+            covered["temp_margin_c"] = "temp_slowdown_c - temp_c"
+        else:
+            reasons["temp_margin_c"] = "needs temp_c and temp_slowdown_c"
+
+        # 5. GPM (Hopper+): device support, then two sample buffers that alternate.
+        try:
+            if api.nvmlGpmQueryDeviceSupport(h).isSupportedDevice:
+                dev.gpm_samples = [api.nvmlGpmSampleAlloc(), api.nvmlGpmSampleAlloc()]
+                for m in GPM_METRICS.values():
+                    covered[m] = "nvmlGpmMetricsGet"
+            else:
+                for m in GPM_METRICS.values():
+                    reasons[m] = "nvmlGpmQueryDeviceSupport: device not supported (needs Hopper or newer)"
+        except pynvml.NVMLError as exc:
+            if not _unsupported(exc):
+                raise
+            for m in GPM_METRICS.values():
+                reasons[m] = f"nvmlGpmQueryDeviceSupport: {nvml_error_text(exc)}"
+
+        dev.supported = {m: covered[m] for m in GPU_METRICS if m in covered}
+        dev.missing = {m: reasons.get(m, "not probed") for m in GPU_METRICS if m not in covered}
+        return dev
+
+    def _free_gpm(self) -> None:
+        for d in self.devices:
+            for s in d.gpm_samples:
+                try:
+                    self.api.nvmlGpmSampleFree(s)
+                except Exception:  # the driver may be gone; the buffer goes with it
+                    pass
+            d.gpm_samples = []
+
+    # -- sampling --------------------------------------------------------------------------------
+    def tick(self) -> list[Sample]:
+        """One reading per GPU (or stale markers). Never raises an NVML error."""
+        if self._mark_tick is not None:
+            self._mark_tick()
+        now = self.clock()
+        if not self.healthy:
+            if now < self.next_retry_ns:
+                return self._stale(now)
+            try:
+                if self.devices or self.error:  # a re-init after a failure: release what is left first
+                    self.shutdown()
+                self.init()
+            except Exception as exc:
+                self._fail(now, exc, during="init")
+                return self._stale(now)
+            if self.failures:
+                self.events.append(Event(now, "gpu", "sampler_recovered", float(self.failures), "nvml re-initialised"))
+            self.failures = 0
+            self.error = None
+        try:
+            raw = [self._read(d) for d in self.devices]
+        except Exception as exc:  # lost GPU, unknown error, a replay that ended: never past this point
+            self._fail(self.clock(), exc, during="tick")
+            return self._stale(self.clock())
+        ts = self.clock()
+        self.last_good_ns = ts
+        out = []
+        for d, values in zip(self.devices, raw, strict=True):
+            values["stale_age_s"] = 0.0
+            out.append(Sample(ts, f"gpu{d.index}", values))
+        return out
+
+    def _fail(self, now: int, exc: BaseException, during: str) -> None:
+        self.healthy = False
+        self.error = f"{during}: {nvml_error_text(exc)}"
+        delay = BACKOFF_S[min(self.failures, len(BACKOFF_S) - 1)]
+        self.failures += 1
+        self.next_retry_ns = now + int(delay * 1e9)
+        lost = isinstance(exc, pynvml.NVMLError) and getattr(exc, "value", None) == pynvml.NVML_ERROR_GPU_IS_LOST
+        self.events.append(Event(now, "gpu", "gpu_lost" if lost else "sampler_error", float(self.failures),
+                                 f"{self.error}; retry in {delay:g} s"))
+
+    def _stale(self, now: int) -> list[Sample]:
+        since = self.last_good_ns if self.last_good_ns is not None else self.started_ns
+        age = max(0.0, (now - since) / 1e9)
+        return [Sample(now, f"gpu{i}", {"stale_age_s": age}) for i in range(self.n_sources)]
+
+    def _read(self, d: _Device) -> dict[str, float]:
+        api, h = self.api, d.handle
+        v: dict[str, float] = dict(d.static)
+        t_s = self.clock() / 1e9
+        counters: dict[str, float] = {}
+        if d.fields:
+            for fv in api.nvmlDeviceGetFieldValues(h, d.fields):
+                fid = int(fv.fieldId)
+                if fv.nvmlReturn != pynvml.NVML_SUCCESS:
+                    if fv.nvmlReturn == pynvml.NVML_ERROR_GPU_IS_LOST:
+                        raise pynvml.NVMLError(fv.nvmlReturn)
+                    continue  # missing this tick, never a fake value
+                x = float(getattr(fv.value, _VALUE_ATTR.get(fv.valueType, "ullVal")))
+                if fid in GAUGE_FIELDS:
+                    name, scale = GAUGE_FIELDS[fid]
+                    v[name] = x * scale
+                if fid in RATE_FIELDS:
+                    counters[RATE_FIELDS[fid]] = x
+                for cause, cfid in d.counter_field.items():
+                    if cfid == fid:
+                        counters[f"throttle_frac_{cause}"] = x
+        for cause, policy in d.violation.items():
+            counters[f"throttle_frac_{cause}"] = float(api.nvmlDeviceGetViolationStatus(h, policy).violationTime)
+        for _, _, fn in d.readers:
+            for m, x in fn(api, h).items():
+                v.setdefault(m, x)
+
+        # Counter deltas: throttle counters are ns of throttled time, byte counters are bytes.
+        for metric, x in counters.items():
+            prev = d.prev_counter.get(metric)
+            d.prev_counter[metric] = (x, t_s)
+            if prev is None or t_s <= prev[1] or x < prev[0]:
+                continue  # first reading, or a counter reset: no interval to report
+            dt = t_s - prev[1]
+            if metric.startswith("throttle_frac_"):
+                v[metric] = min(1.0, max(0.0, (x - prev[0]) / 1e9 / dt))
+            else:
+                v[metric] = (x - prev[0]) / dt
+
+        bits = v.get("clocks_event_reasons")
+        if bits is not None:
+            b = int(bits)
+            v["idle_clocks"] = 1.0 if b & pynvml.nvmlClocksEventReasonGpuIdle else 0.0
+            for cause, *_, bit in THROTTLE_CAUSES:
+                m = f"throttle_frac_{cause}"
+                if m in d.supported and "bit" in d.supported[m]:
+                    v[m] = 1.0 if b & bit else 0.0
+        if "temp_c" in v and "temp_slowdown_c" in v:
+            v["temp_margin_c"] = v["temp_slowdown_c"] - v["temp_c"]
+        if d.gpm_samples:
+            v.update(self._read_gpm(d))
+        return v
+
+    def _read_gpm(self, d: _Device) -> dict[str, float]:
+        prev, cur = d.gpm_samples
+        self.api.nvmlGpmSampleGet(d.handle, cur)
+        out: dict[str, float] = {}
+        if d.gpm_have_prev:
+            mg = pynvml.c_nvmlGpmMetricsGet_t()
+            mg.version = pynvml.NVML_GPM_METRICS_GET_VERSION
+            mg.numMetrics = len(GPM_METRICS)
+            mg.sample1, mg.sample2 = prev, cur
+            for i, mid in enumerate(GPM_METRICS):
+                mg.metrics[i].metricId = mid
+            mg = self.api.nvmlGpmMetricsGet(mg)
+            for i in range(len(GPM_METRICS)):
+                m = mg.metrics[i]
+                if m.nvmlReturn == pynvml.NVML_SUCCESS and int(m.metricId) in GPM_METRICS:
+                    out[GPM_METRICS[int(m.metricId)]] = float(m.value)
+        d.gpm_samples = [cur, prev]
+        d.gpm_have_prev = True
+        return out
+
+    def drain_events(self) -> list[Event]:
+        ev, self.events = self.events, []
+        return ev
+
+
+class NvmlEventWatcher:
+    """Xid and other critical NVML events through event sets, one per GPU, waited on with a timeout.
+
+    ``poll(timeout_ms)`` waits on each device's set in turn and returns the events seen; the sampler
+    calls it in a loop on its own daemon thread. Errors other than the timeout are returned as a
+    ``sampler_error`` Event and make the next poll re-create the sets.
+    """
+
+    def __init__(self, api=pynvml, clock: Callable[[], int] | None = None):
+        self.api = api
+        self.clock = clock or getattr(api, "clock", None) or now_ns
+        self.sets: list[tuple[int, object]] = []
+        self.missing: dict[str, str] = {}
+        self.ready = False
+
+    def setup(self) -> None:
+        api = self.api
+        api.nvmlInit()  # reference-counted by NVML: pairs with the nvmlShutdown in close()
+        self.ready = True
+        for i in range(api.nvmlDeviceGetCount()):
+            h = api.nvmlDeviceGetHandleByIndex(i)
+            try:
+                mask = api.nvmlDeviceGetSupportedEventTypes(h)
+                wanted = 0
+                for bit in EVENT_KINDS:
+                    wanted |= bit
+                mask &= wanted
+                if not mask:
+                    self.missing[f"gpu{i}.events"] = "no critical event type supported"
+                    continue
+                es = api.nvmlEventSetCreate()
+                api.nvmlDeviceRegisterEvents(h, mask, es)
+                self.sets.append((i, es))
+            except pynvml.NVMLError as exc:
+                if not _unsupported(exc):
+                    raise
+                self.missing[f"gpu{i}.events"] = nvml_error_text(exc)
+
+    def close(self) -> None:
+        for _, es in self.sets:
+            try:
+                self.api.nvmlEventSetFree(es)
+            except Exception:  # the driver may be gone already
+                pass
+        self.sets = []
+        if self.ready:
+            try:
+                self.api.nvmlShutdown()
+            except Exception:
+                pass
+        self.ready = False
+
+    def poll(self, timeout_ms: int = 500) -> list[Event]:
+        if not self.ready:
+            self.setup()
+        if not self.sets:
+            return []
+        out = []
+        per_set = max(1, timeout_ms // len(self.sets))
+        for i, es in self.sets:
+            try:
+                data = self.api.nvmlEventSetWait_v2(es, per_set)
+            except pynvml.NVMLError as exc:
+                if getattr(exc, "value", None) == pynvml.NVML_ERROR_TIMEOUT:
+                    continue
+                raise
+            etype = int(data.eventType)
+            kind = next((k for bit, k in EVENT_KINDS.items() if etype & bit), f"event_0x{etype:x}")
+            out.append(Event(self.clock(), f"gpu{i}", kind, float(data.eventData), f"eventType=0x{etype:x}"))
+        return out
+
+
+def thread_cpu_s() -> float:
+    """CPU seconds used by the calling thread (user + system)."""
+    return time.thread_time()
+
+
+def handle_key(handle) -> int | None:
+    """Address behind a ctypes device handle, used to name handles in traces; None for non-ctypes."""
+    try:
+        return ctypes.cast(handle, ctypes.c_void_p).value
+    except (TypeError, ctypes.ArgumentError):
+        return None
