@@ -1,0 +1,1 @@
+"""Triton kernels, installed as ``aurora_core.kernels`` (see pyproject's package-dir)."""

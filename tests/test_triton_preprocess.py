@@ -1,0 +1,252 @@
+"""The Triton preprocessing kernel against the torchvision/PIL eval transform, within one uint8 level.
+
+Runs on the CPU under TRITON_INTERPRET=1 (set by conftest) with a small spec so the interpreter stays
+fast; the CUDA tests use the real 256/224 spec.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import has_cuda, requires_cuda
+
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+
+def _import_kernel():
+    try:
+        return importlib.import_module("aurora_core.kernels.preprocess")
+    except ImportError:
+        # Source checkout without `pip install -e .`: map kernels/ to aurora_core.kernels as setup does.
+        import aurora_core
+
+        root = os.path.dirname(os.path.dirname(os.path.abspath(aurora_core.__file__)))
+        for name, path in (
+            ("aurora_core.kernels", os.path.join(root, "kernels", "__init__.py")),
+            ("aurora_core.kernels.preprocess", os.path.join(root, "kernels", "preprocess.py")),
+        ):
+            spec = importlib.util.spec_from_file_location(name, path)
+            mod = importlib.util.module_from_spec(spec)
+            sys.modules[name] = mod
+            spec.loader.exec_module(mod)
+        return sys.modules["aurora_core.kernels.preprocess"]
+
+
+K = _import_kernel()
+pytestmark = pytest.mark.skipif(
+    not has_cuda and os.environ.get("TRITON_INTERPRET") != "1", reason="needs CUDA or TRITON_INTERPRET=1"
+)
+
+
+class Spec:
+    """Duck-typed PreprocessSpec so these tests do not depend on aurora_core.ops landing first."""
+
+    def __init__(self, resize=16, crop=12, dtype=torch.float32):
+        self.resize, self.crop, self.mean, self.std, self.dtype = resize, crop, MEAN, STD, dtype
+
+
+def _spec(resize=16, crop=12, dtype=torch.float32):
+    try:
+        from aurora_core.ops.preprocess import PreprocessSpec
+
+        return PreprocessSpec(resize=resize, crop=crop, mean=MEAN, std=STD, dtype=dtype)
+    except Exception:
+        return Spec(resize, crop, dtype)
+
+
+def _local_oracle(img, spec, orig_size=None, scale=1):
+    """uint8 [crop, crop, 3]: torchvision's Resize+CenterCrop on PIL; PIL's box for scaled extents."""
+    import torchvision.transforms as T
+
+    pil = Image.fromarray(img)
+    if scale == 1 and orig_size is None:
+        return np.asarray(T.CenterCrop(spec.crop)(T.Resize(spec.resize)(pil)))
+    h0, w0 = orig_size
+    rh, rw = K.resized_size(h0, w0, spec.resize)
+    pil = pil.resize((rw, rh), Image.BILINEAR, box=(0, 0, w0 / scale, h0 / scale))
+    return np.asarray(T.CenterCrop(spec.crop)(pil))
+
+
+def _oracle_u8(img, spec, orig_size=None, scale=1):
+    """Reference as unnormalized float [crop, crop, 3] (0..255): preprocess_ref when it exists."""
+    try:
+        from aurora_core.ops.preprocess import preprocess_ref
+    except ImportError:
+        return _local_oracle(img, spec, orig_size, scale).astype(np.float64)
+    kw = {} if orig_size is None else {"orig_size": orig_size, "scale": scale}
+    ref = preprocess_ref(img, spec, **kw).double().numpy().transpose(1, 2, 0)
+    return ref * (np.array(spec.std) * 255) + np.array(spec.mean) * 255
+
+
+def _unnormalize(t, spec):
+    return (
+        t.detach().double().cpu().numpy().transpose(1, 2, 0) * (np.array(spec.std) * 255)
+        + np.array(spec.mean) * 255
+    )
+
+
+def _rand_images(shapes, seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for h, w in shapes:
+        # Smooth gradient plus noise: like a photo, with edges for the filter to get wrong.
+        yy, xx = np.mgrid[0:h, 0:w]
+        base = (yy * 7 + xx * 3)[..., None] + np.array([0, 80, 160])
+        out.append(((base + rng.integers(0, 60, (h, w, 3))) % 256).astype(np.uint8))
+    return out
+
+
+def _device():
+    return "cuda" if has_cuda else "cpu"
+
+
+AWKWARD = [(1, 1), (3, 5), (1, 40), (40, 1), (17, 23), (64, 48), (100, 37), (7, 9), (12, 12), (33, 200)]
+
+
+def test_mixed_awkward_batch_within_one_level():
+    spec = _spec()
+    imgs = _rand_images(AWKWARD)
+    out = K.preprocess_batch_triton(imgs, spec, device=_device())
+    assert out.shape == (len(imgs), 3, 12, 12) and out.dtype == torch.float32
+    for i, img in enumerate(imgs):
+        got = _unnormalize(out[i], spec)
+        ref = _oracle_u8(img, spec)
+        err = np.abs(got - ref)
+        assert err.max() <= 1.0 + 1e-3, f"{img.shape}: max error {err.max():.3f} levels"
+        # Mostly exact: the only difference allowed is PIL's pass order/fixed-point rounding.
+        assert (err > 0.5).mean() < 0.25, f"{img.shape}: {(err > 0.5).mean():.2%} pixels off by one"
+
+
+def test_local_oracle_is_torchvision():
+    # The oracle of the other tests must itself be the transform, or they prove nothing.
+    spec = _spec()
+    img = _rand_images([(30, 41)])[0]
+    ref = _local_oracle(img, spec)
+    assert ref.shape == (12, 12, 3)
+    assert not np.array_equal(ref, _local_oracle(img[::-1].copy(), spec))
+
+
+def test_upscaling_and_crop_larger_than_resize():
+    # crop > resize: torchvision pads with zeros around the resized image.
+    spec = _spec(resize=8, crop=12)
+    imgs = _rand_images([(5, 3), (4, 4), (9, 2)], seed=3)
+    out = K.preprocess_batch_triton(imgs, spec, device=_device())
+    for i, img in enumerate(imgs):
+        err = np.abs(_unnormalize(out[i], spec) - _local_oracle(img, spec))
+        assert err.max() <= 1.0 + 1e-3, f"{img.shape}: {err.max()}"
+
+
+@pytest.mark.parametrize("orig,scale", [((63, 50), 2), ((101, 77), 4), ((37, 130), 8), ((300, 41), 2)])
+def test_scaled_extent(orig, scale):
+    spec = _spec()
+    h, w = math.ceil(orig[0] / scale), math.ceil(orig[1] / scale)
+    img = _rand_images([(h, w)], seed=5)[0]
+    out = K.preprocess_batch_triton([img], spec, orig_sizes=[orig], scales=[scale], device=_device())
+    ref = _oracle_u8(img, spec, orig_size=orig, scale=scale)
+    err = np.abs(_unnormalize(out[0], spec) - ref)
+    assert err.max() <= 1.0 + 1e-3
+    # Rounding the extent instead would shift the picture: the test must be able to see that.
+    wrong = K.preprocess_batch_triton([img], spec, device=_device())
+    assert np.abs(_unnormalize(wrong[0], spec) - ref).max() > 1.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_dtypes_are_the_fp32_result_cast(dtype):
+    imgs = _rand_images([(20, 31), (9, 9)], seed=7)
+    ref = K.preprocess_batch_triton(imgs, _spec(), device=_device())
+    got = K.preprocess_batch_triton(imgs, _spec(dtype=dtype), device=_device())
+    assert got.dtype == dtype
+    # fp16: the same rounding as torch. bf16: Triton's interpreter truncates instead of rounding to
+    # nearest, so allow one bf16 ulp (2^-7 relative) there.
+    rtol = 2.0**-7 if dtype == torch.bfloat16 else 0.0
+    torch.testing.assert_close(got.float(), ref.to(dtype).float(), rtol=rtol, atol=0)
+
+
+def test_writes_into_a_slot_of_a_bigger_batch_and_nothing_else():
+    spec = _spec()
+    imgs = _rand_images([(20, 31), (15, 15)], seed=9)
+    big = torch.full((5, 3, 12, 12), float("nan"), device=_device())
+    ret = K.preprocess_batch_triton(imgs, spec, out=big[2:4])
+    assert ret.data_ptr() == big[2].data_ptr()
+    assert torch.isnan(big[[0, 1, 4]]).all()
+    assert not torch.isnan(big[2:4]).any()
+    torch.testing.assert_close(big[2:4], K.preprocess_batch_triton(imgs, spec, device=_device()))
+
+
+def test_chw_tensor_viewed_as_hwc_reads_without_copy():
+    spec = _spec()
+    img = _rand_images([(26, 19)], seed=11)[0]
+    chw = torch.from_numpy(img).permute(2, 0, 1).contiguous()
+    flat, strides = K._layout(chw.permute(1, 2, 0))
+    assert strides == (19, 1, 26 * 19) and flat.data_ptr() == chw.data_ptr()
+    a = K.preprocess_batch_triton([img], spec, device=_device())
+    b = K.preprocess_batch_triton([chw.permute(1, 2, 0).to(_device())], spec, device=_device())
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_geometry_matches_torchvision_rules():
+    assert K.resized_size(480, 640, 256) == (256, 341)
+    assert K.resized_size(640, 480, 256) == (341, 256)
+    assert K.resized_size(1, 40, 16) == (16, 640)
+    # CenterCrop uses Python's round (half to even) on (size - crop) / 2.
+    assert K.crop_origin(257, 256, 224) == (16, 16)
+    assert K.crop_origin(259, 256, 224) == (18, 16)
+    assert K.crop_origin(8, 8, 12) == (-2, -2)
+
+
+@pytest.mark.parametrize(
+    "imgs,kw,exc,needle",
+    [
+        ([np.zeros((4, 4, 3), np.float32)], {}, ValueError, "uint8"),
+        ([np.zeros((4, 4), np.uint8)], {}, ValueError, "[H, W, 3]"),
+        ([np.zeros((4, 4, 4), np.uint8)], {}, ValueError, "[H, W, 3]"),
+        ([np.zeros((0, 4, 3), np.uint8)], {}, ValueError, "[H, W, 3]"),
+        ([], {}, ValueError, "at least one image"),
+        (["not an image"], {}, TypeError, "str"),
+        ([np.zeros((4, 4, 3), np.uint8)], {"orig_sizes": [(9, 9)], "scales": [2]}, ValueError, "ceil"),
+        ([np.zeros((4, 4, 3), np.uint8)], {"orig_sizes": [(4, 4), (4, 4)]}, ValueError, "orig_sizes"),
+    ],
+)
+def test_bad_arguments_name_the_op(imgs, kw, exc, needle):
+    with pytest.raises(exc) as e:
+        K.preprocess_batch_triton(imgs, _spec(), device=_device(), **kw)
+    assert "preprocess_batch_triton" in str(e.value) and needle in str(e.value)
+
+
+def test_out_of_wrong_shape_or_dtype_is_rejected():
+    img = np.zeros((4, 4, 3), np.uint8)
+    with pytest.raises(ValueError, match="out must be"):
+        K.preprocess_batch_triton([img], _spec(), out=torch.empty(1, 3, 11, 11, device=_device()))
+    with pytest.raises(ValueError, match="out must be"):
+        K.preprocess_batch_triton(
+            [img], _spec(), out=torch.empty(1, 3, 12, 12, dtype=torch.float16, device=_device())
+        )
+
+
+@requires_cuda
+def test_cuda_full_spec_photo_sizes_within_one_level():
+    spec = _spec(resize=256, crop=224)
+    imgs = _rand_images([(480, 640), (1280, 1920), (300, 200), (97, 1003)], seed=13)
+    out = K.preprocess_batch_triton(imgs, spec, device="cuda")
+    for i, img in enumerate(imgs):
+        err = np.abs(_unnormalize(out[i], spec) - _oracle_u8(img, spec))
+        assert err.max() <= 1.0 + 1e-3, f"{img.shape}: {err.max()}"
+
+
+@requires_cuda
+def test_cuda_inputs_on_device_match_host_inputs():
+    spec = _spec(resize=256, crop=224, dtype=torch.float16)
+    imgs = _rand_images([(480, 640), (333, 500)], seed=17)
+    host = K.preprocess_batch_triton(imgs, spec)
+    dev = K.preprocess_batch_triton([torch.from_numpy(i).cuda() for i in imgs], spec)
+    torch.testing.assert_close(host, dev, rtol=0, atol=0)
