@@ -395,6 +395,7 @@ def _decode_png(buf: memoryview, hdr: _Header) -> np.ndarray:
             if im.mode.startswith("I"):  # 16-bit grey ("I;16", "I;16B", "I"): keep the high byte
                 grey = (np.asarray(im).astype(np.int64).clip(0, 65535) >> 8).astype(np.uint8)
                 return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
+            im.info.pop("transparency", None)  # alpha is dropped anyway; avoids Pillow's palette warning
             rgb = im if im.mode == "RGB" else im.convert("RGB")
             return np.array(rgb)  # a writable copy (np.asarray of a PIL image is read-only)
     except Image.DecompressionBombError as e:
