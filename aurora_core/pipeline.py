@@ -32,7 +32,7 @@ import torch
 from aurora_core.batching import Batcher, BatchingConfig, Request
 from aurora_core.errors import AuroraError, DeviceLost, ImageError, ResourceExhausted
 from aurora_core.records import RequestRecord, now_ns
-from aurora_core.runner import Runner, load_model
+from aurora_core.runner import Runner, load_model, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,6 @@ class Pipeline:
                  channels_last: bool | None = None, device_preprocess: bool | None = None, seed: int = 0):
         from aurora_core.ops.preprocess import PreprocessSpec
 
-        self.spec = spec if spec is not None else PreprocessSpec()
         self.config = batching if batching is not None else BatchingConfig()
         if not isinstance(self.config, BatchingConfig):
             raise TypeError(f"Pipeline: batching must be a BatchingConfig, got {type(self.config).__name__}")
@@ -82,6 +81,10 @@ class Pipeline:
         device = torch.device(device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("Pipeline: device='cuda' but torch.cuda.is_available() is False; use device='cpu'")
+        if spec is None:
+            # On CUDA, preprocess straight into the model's dtype: half the bytes over PCIe for fp16/bf16.
+            spec = PreprocessSpec(dtype=resolve_dtype(dtype)) if device.type == "cuda" else PreprocessSpec()
+        self.spec = spec
         if model is None:
             model = "resnet50" if device.type == "cuda" else "mobilenet_v3_small"
         self.model_name = model if isinstance(model, str) else type(model).__name__

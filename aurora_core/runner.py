@@ -285,7 +285,8 @@ class Runner:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         with torch.cuda.device(self.device), torch.cuda.stream(self._side):
             start.record()
-            preprocess_batch(images, spec, out=slab.dev[:n], orig_sizes=orig_sizes, scales=scales, backend="triton")
+            preprocess_batch(images, spec, out=slab.dev[:n], orig_sizes=orig_sizes, scales=scales,
+                             backend="triton", device=self.device)
             end.record()
         slab.n, slab.on_device = n, True
         slab.events = {"h2d_start": start, "h2d_end": end, "ready": end}

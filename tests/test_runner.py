@@ -1,0 +1,188 @@
+"""Runner: model loading, top-k against the plain model, bucket padding, dtypes, OOM split, sticky errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from aurora_core.errors import DeviceLost
+from aurora_core.runner import Runner, is_oom, is_sticky, load_model, resolve_dtype
+from tests.conftest import devices, requires_cuda
+
+SHAPE = (3, 16, 16)
+
+
+class Tiny(nn.Module):
+    """conv -> pool -> linear: a 10-class classifier small enough for every test."""
+
+    def __init__(self, classes=10):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.conv = nn.Conv2d(3, 8, 3, stride=2)
+        self.fc = nn.Linear(8, classes)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g))
+        self.rows_seen: list[int] = []
+
+    def forward(self, x):
+        self.rows_seen.append(x.shape[0])
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+def fill(runner, n, seed=1):
+    slab = runner.new_slab(0)
+    g = torch.Generator().manual_seed(seed)
+    slab.host[:n].copy_(torch.randn((n, *SHAPE), generator=g))
+    slab.n = n
+    runner.stage(slab)
+    return slab
+
+
+def expected(model, x, k):
+    with torch.inference_mode():
+        return torch.topk(torch.softmax(model(x).float(), 1), k, 1)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_topk_matches_plain_model_and_padding_is_invisible(device):
+    ref = Tiny()
+    r = Runner(Tiny(), device=device, buckets=(1, 4, 8), input_shape=SHAPE, top_k=3)
+    slab = fill(r, 5)
+    out = r.run(slab)
+    assert out.bucket == 8 and out.failed == set()
+    p, i = expected(ref, slab.host[:5], 3)
+    assert out.indices == i.tolist()
+    torch.testing.assert_close(torch.tensor(out.probs), p, rtol=1e-4, atol=1e-5)
+    assert out.compute_start_ns <= out.compute_end_ns
+
+
+def test_warmup_runs_every_bucket_and_k_is_clamped():
+    m = Tiny(classes=3)
+    r = Runner(m, buckets=(1, 2, 6), input_shape=SHAPE, top_k=5)
+    assert {1, 2, 6} <= set(m.rows_seen)
+    assert r.k == 3
+
+
+def test_bf16_on_cpu():
+    r = Runner(Tiny(), dtype="bf16", buckets=(2,), input_shape=SHAPE, top_k=2)
+    out = r.run(fill(r, 2))
+    assert len(out.probs) == 2 and all(abs(sum(p) - 1) < 1 for p in out.probs)
+    assert next(r.model.parameters()).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("bad", ["fp8", torch.int8, 3])
+def test_bad_dtype(bad):
+    with pytest.raises(ValueError, match="fp32, fp16 or bf16"):
+        resolve_dtype(bad)
+
+
+def test_oom_splits_down_to_one_row_and_only_that_row_fails():
+    r = Runner(Tiny(), buckets=(1, 2, 4), input_shape=SHAPE, top_k=2)
+    slab = fill(r, 4)
+    full = r.run(slab)
+    # 4 -> OOM, split (2, 2); rows 0-1 -> OOM, split (1, 1); row 0 alone -> OOM: failed. Then all fine.
+    r.inject_fault("oom", count=3)
+    out = r.run(slab)
+    assert out.failed == {0}
+    assert r.counters["oom_splits"] == 2
+    assert out.indices[1:] == full.indices[1:]
+    torch.testing.assert_close(torch.tensor(out.probs[1:]), torch.tensor(full.probs[1:]), rtol=1e-4, atol=1e-5)
+
+
+def test_oom_above_a_size_serves_everyone_in_smaller_pieces():
+    r = Runner(Tiny(), buckets=(1, 2, 4, 8), input_shape=SHAPE, top_k=2)
+    slab = fill(r, 8)
+    r.inject_fault("oom", count=100, min_rows=3)  # anything of 3+ rows fails
+    out = r.run(slab)
+    assert out.failed == set() and None not in out.probs
+    assert r.counters["oom_splits"] == 1 + 2  # 8 -> 4+4, each 4 -> 2+2
+
+
+def test_sticky_error_raises_device_lost():
+    r = Runner(Tiny(), buckets=(2,), input_shape=SHAPE)
+    r.inject_fault("sticky")
+    with pytest.raises(DeviceLost):
+        r.run(fill(r, 2))
+    assert r.run(fill(r, 2)).failed == set()  # the injection is consumed
+
+
+def test_inject_fault_validates_kind():
+    r = Runner(Tiny(), buckets=(1,), input_shape=SHAPE)
+    with pytest.raises(ValueError, match="oom"):
+        r.inject_fault("meteor")
+
+
+def test_error_classification():
+    assert is_oom(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert is_sticky(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    assert not is_sticky(RuntimeError("shape mismatch"))
+    assert not is_sticky(ValueError("illegal memory access"))
+
+
+def test_load_model_name_is_seeded_and_leaves_global_rng_alone():
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    a = load_model("squeezenet1_1", seed=0)
+    after = torch.rand(1)
+    b = load_model("squeezenet1_1", seed=0)
+    assert torch.equal(before, after)
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(pa, pb)
+
+
+def test_load_model_files(tmp_path):
+    m = Tiny().eval()
+    x = torch.randn(2, *SHAPE)
+    ts = tmp_path / "tiny.pt"
+    torch.jit.trace(m, x).save(str(ts))
+    sd = tmp_path / "sd.pt"
+    torch.save(m.state_dict(), sd)
+    fresh = Tiny()
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.zero_()
+    with torch.inference_mode():
+        torch.testing.assert_close(load_model(str(ts))(x), m(x))
+        torch.testing.assert_close(load_model(fresh, weights=str(sd))(x), m(x))
+    with pytest.raises(ValueError, match="torchvision"):
+        load_model("no_such_net")
+    with pytest.raises(TypeError):
+        load_model(42)
+
+
+def test_load_model_torch_export(tmp_path):
+    m = Tiny().eval()
+    x = torch.randn(2, *SHAPE)
+    path = tmp_path / "tiny.pt2"
+    batch = torch.export.Dim("batch", min=1, max=64)
+    torch.export.save(torch.export.export(m, (x,), dynamic_shapes=({0: batch},)), str(path))
+    r = Runner(load_model(str(path)), buckets=(1, 2), input_shape=SHAPE, top_k=2)
+    slab = fill(r, 2)
+    out = r.run(slab)
+    assert out.indices == expected(m, slab.host[:2], 2)[1].tolist()
+
+
+@requires_cuda
+def test_cuda_graphs_per_bucket_and_events():
+    r = Runner(Tiny(), device="cuda", buckets=(1, 2, 4), input_shape=SHAPE, top_k=3)
+    assert r.graph_buckets == (1, 2, 4)
+    slab = fill(r, 3)
+    assert slab.host.is_pinned()
+    out = r.run(slab)
+    assert r.counters["graph_replays"] == 1 and r.counters["eager_runs"] == 0
+    assert 0 < out.h2d_start_ns <= out.h2d_end_ns <= out.compute_start_ns <= out.compute_end_ns <= out.d2h_end_ns
+    p, i = expected(Tiny(), slab.host[:3], 3)
+    assert out.indices == i.tolist()
+
+
+@requires_cuda
+def test_cuda_eager_when_graphs_off_and_real_oom_split():
+    r = Runner(Tiny(), device="cuda", buckets=(1, 2), input_shape=SHAPE, cuda_graphs=False)
+    out = r.run(fill(r, 2))
+    assert r.counters["eager_runs"] == 1 and out.failed == set()
+    r.inject_fault("oom", count=1, min_rows=2)
+    out = r.run(fill(r, 2))
+    assert out.failed == set() and r.counters["oom_splits"] == 1
