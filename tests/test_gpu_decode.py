@@ -1,0 +1,176 @@
+"""GPU decode: routing, limits, typed errors and fallback run on the CPU; nvJPEG itself needs CUDA.
+
+The CPU tests replace torchvision's nvJPEG call with a PIL decoder that, like nvJPEG, ignores EXIF:
+they test the routing, orientation and fallback logic around the decoder, not nvJPEG.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from aurora_core import decode as cpu_decode
+from aurora_core.errors import CorruptImage, ImageTooLarge, UnsupportedFormat
+from aurora_core.gpu_decode import GpuDecoder, nvjpeg_available, route
+from tests.conftest import requires_cuda
+
+
+def _photo(h=48, w=64, seed=0):
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([yy * 4, xx * 3, (yy + xx) * 2], -1) + rng.integers(0, 20, (h, w, 3))
+    return (base % 256).astype(np.uint8)
+
+
+def _jpeg(arr=None, *, mode="RGB", orientation=None, **save):
+    im = Image.fromarray(_photo() if arr is None else arr)
+    if mode != "RGB":
+        im = im.convert(mode)
+    kw = dict(format="JPEG", quality=92, **save)
+    if orientation is not None:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        kw["exif"] = exif.tobytes()
+    b = io.BytesIO()
+    im.save(b, **kw)
+    return b.getvalue()
+
+
+def _png():
+    b = io.BytesIO()
+    Image.fromarray(_photo()).save(b, format="PNG")
+    return b.getvalue()
+
+
+def _fake_nvjpeg(fail_on=()):
+    """PIL decode to [3, H, W] (no EXIF, like nvJPEG); raises for inputs whose bytes are in fail_on."""
+
+    def run(tensors, device):
+        out = []
+        for t in tensors:
+            data = t.numpy().tobytes()
+            if data in fail_on:
+                raise RuntimeError("nvjpeg: unsupported (fake)")
+            arr = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+            out.append(torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous())
+        return out
+
+    return run
+
+
+def test_route_sends_plain_jpegs_to_gpu_and_the_rest_to_cpu():
+    assert route(_jpeg())[0] == "gpu"
+    assert route(_jpeg(progressive=True))[0] == "gpu"
+    assert route(_jpeg(mode="L"))[0] == "gpu"
+    assert route(_jpeg(mode="CMYK"))[0] == "cpu"
+    assert route(_png())[0] == "cpu"
+    data = _jpeg()
+    assert route(data[: len(data) // 2])[0] == "cpu"  # no EOI: the strict CPU decoder judges it
+    assert route(data + b"\0" * 100)[0] == "gpu"  # padding after EOI is fine
+
+
+def test_route_applies_decode_limits_and_typed_errors():
+    with pytest.raises(ImageTooLarge) as e:
+        route(_jpeg(), max_pixels=100)
+    assert e.value.reason == "too_many_pixels"
+    with pytest.raises(ImageTooLarge):
+        route(_jpeg(), max_bytes=10)
+    with pytest.raises(UnsupportedFormat):
+        route(b"GIF89a" + b"\0" * 64)
+    with pytest.raises(CorruptImage):
+        route(b"\xff\xd8\xff" + b"\0" * 10)
+
+
+def test_batch_matches_cpu_decode_with_orientation_and_fallbacks():
+    datas = [_jpeg(), _jpeg(orientation=6), _jpeg(mode="CMYK"), _png(), _jpeg(orientation=3), _jpeg(mode="L")]
+    dec = GpuDecoder("cpu", nvjpeg=_fake_nvjpeg())
+    res = dec.decode_batch(datas)
+    assert [r.backend for r in res] == ["gpu", "gpu", "cpu", "cpu", "gpu", "gpu"]
+    for data, r in zip(datas, res, strict=True):
+        ref = cpu_decode.decode_ex(data)
+        assert r.orig_size == tuple(ref.orig_size) and r.scale == 1
+        got = r.image.numpy()
+        assert got.shape == ref.image.shape
+        # Same libjpeg underneath; a rotation bug would show as a large error.
+        assert np.abs(got.astype(int) - ref.image.astype(int)).mean() < 1.0
+    assert res[1].image.shape[:2] == (64, 48)  # orientation 6 swaps the sides
+    assert dec.stats == {"gpu": 4, "cpu": 2, "gpu_rejected": 0}
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_orientation_matches_cpu_decode(orientation):
+    data = _jpeg(orientation=orientation)
+    got = GpuDecoder("cpu", nvjpeg=_fake_nvjpeg()).decode_batch([data])[0].image.numpy()
+    ref = cpu_decode.decode(data)
+    assert got.shape == ref.shape
+    assert np.abs(got.astype(int) - ref.astype(int)).mean() < 1.0
+
+
+def test_an_image_nvjpeg_rejects_falls_back_without_failing_the_batch():
+    bad = _jpeg(_photo(seed=3))
+    datas = [_jpeg(), bad, _jpeg(orientation=8)]
+    dec = GpuDecoder("cpu", nvjpeg=_fake_nvjpeg(fail_on={bad}))
+    res = dec.decode_batch(datas)
+    assert [r.backend for r in res] == ["gpu", "cpu", "gpu"]
+    np.testing.assert_array_equal(res[1].image.numpy(), cpu_decode.decode(bad))
+    assert dec.stats["gpu_rejected"] == 1
+
+
+def test_corrupt_data_nvjpeg_rejects_raises_the_cpu_decoders_error():
+    good = _jpeg()
+    # Corrupt the entropy data but keep the header and the EOI: routed to the GPU, rejected there.
+    sos = good.index(b"\xff\xda")
+    corrupt = good[: sos + 20] + bytes([0xFF, 0xD0]) * 50 + good[-2:]
+    assert route(corrupt)[0] == "gpu"
+    with pytest.raises(CorruptImage):
+        GpuDecoder("cpu", nvjpeg=_fake_nvjpeg(fail_on={corrupt})).decode_batch([corrupt])
+
+
+def test_wrong_size_from_the_gpu_decoder_is_not_trusted():
+    def lying(tensors, device):
+        return [torch.zeros(3, 7, 7, dtype=torch.uint8) for _ in tensors]
+
+    data = _jpeg()
+    res = GpuDecoder("cpu", nvjpeg=lying).decode_batch([data])
+    assert res[0].backend == "cpu"
+    np.testing.assert_array_equal(res[0].image.numpy(), cpu_decode.decode(data))
+
+
+def test_limits_are_checked_before_any_decoding():
+    calls = []
+
+    def spy(tensors, device):
+        calls.append(len(tensors))
+        return _fake_nvjpeg()(tensors, device)
+
+    with pytest.raises(ImageTooLarge):
+        GpuDecoder("cpu", nvjpeg=spy, max_pixels=1000).decode_batch([_jpeg(_photo(10, 10)), _jpeg()])
+    assert calls == []
+
+
+def test_cpu_device_without_a_decoder_is_refused():
+    with pytest.raises(ValueError, match="CUDA"):
+        GpuDecoder("cpu")
+
+
+@requires_cuda
+def test_cuda_nvjpeg_matches_cpu_decode_on_sample_photos():
+    from aurora_core.samples import SAMPLES, sample_bytes
+
+    assert nvjpeg_available("cuda")
+    datas = [sample_bytes(k) for k in SAMPLES] + [_jpeg(orientation=6), _jpeg(progressive=True)]
+    dec = GpuDecoder("cuda")
+    side = torch.cuda.Stream()
+    res = dec.decode_batch(datas, consumer_stream=side)
+    side.synchronize()
+    assert dec.stats["gpu"] >= len(SAMPLES) - 1
+    for data, r in zip(datas, res, strict=True):
+        ref = cpu_decode.decode(data)
+        got = r.image.cpu().numpy()
+        assert r.image.is_cuda and got.shape == ref.shape
+        # nvJPEG's IDCT and chroma upsampling differ from libjpeg-turbo's by a level or two.
+        assert np.abs(got.astype(int) - ref.astype(int)).mean() < 2.0, data[:4]
