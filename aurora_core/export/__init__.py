@@ -1,0 +1,1 @@
+"""Exporters: Prometheus metrics (``prometheus``) and Chrome-trace / Perfetto JSON (``perfetto``)."""
