@@ -1,0 +1,176 @@
+"""Chrome Trace Event Format JSON (opens in ui.perfetto.dev and chrome://tracing) from a run.
+
+Layout, one "process" per kind of track:
+
+* ``requests``: one slice per request (arrival to completion) with its stages nested inside
+  (queue, decode, preprocess, h2d, compute, d2h). Requests overlap, so they are spread over lanes
+  (threads), each request on the first free lane.
+* ``batches``: one slice per batch over its compute and D2H (size and bucket in args).
+* ``spans``: user spans (``recorder.span("feature_store")``).
+* ``telemetry``: counter tracks (``"ph": "C"``) for SM clock, temperature, power, utilization, every
+  throttled fraction, staleness, CPU load/steal, and the queue depth seen by arriving requests;
+  hardware and sampler events (Xid, GPU lost) as global instant events.
+
+Timestamps are µs (floats, ns precision) since the earliest timestamp in the run; the event list is
+sorted by time. Stage times that overlap the previous stage are clipped to keep slices nested (the
+true times stay in args).
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+from collections.abc import Iterable
+
+from aurora_core.records import FIELD_NAMES, STAGES, Event, RequestRecord, Sample, Span
+
+COUNTER_METRICS = (
+    "sm_clock_mhz", "mem_clock_mhz", "temp_c", "temp_margin_c", "power_w", "util_gpu_busy_pct", "stale_age_s",
+    "cpu_util_pct", "steal_pct", "cgroup_throttled_frac", "psi_cpu_some_avg10", "load1",
+)
+PID_REQUESTS, PID_BATCHES, PID_SPANS, PID_TELEMETRY = 1, 2, 3, 4
+
+
+class _Lanes:
+    """Greedy interval partitioning: the first lane free at ``start`` (lanes numbered from 1)."""
+
+    def __init__(self):
+        self._free: list[tuple[int, int]] = []  # (end_ns, lane)
+        self.n = 0
+
+    def take(self, start: int, end: int) -> int:
+        if self._free and self._free[0][0] <= start:
+            _, lane = heapq.heappop(self._free)
+        else:
+            self.n += 1
+            lane = self.n
+        heapq.heappush(self._free, (end, lane))
+        return lane
+
+
+def _request_bounds(r: RequestRecord) -> tuple[int, int] | None:
+    stamps = [getattr(r, f) for f in FIELD_NAMES if f.endswith("_ns") and getattr(r, f) > 0]
+    if not stamps:
+        return None
+    return (r.arrival_ns or min(stamps)), (r.completion_ns or max(stamps))
+
+
+def trace_events(records: Iterable[RequestRecord] = (), samples: Iterable[Sample] = (),
+                 events: Iterable[Event] = (), spans: Iterable[Span] = (), max_requests: int | None = None) -> list[dict]:
+    """The ``traceEvents`` list, sorted by ts (µs since the earliest timestamp)."""
+    records = [r for r in records if _request_bounds(r) is not None]
+    if max_requests is not None:
+        records = records[:max_requests]
+    samples, events, spans = list(samples), list(events), list(spans)
+    starts = [_request_bounds(r)[0] for r in records] + [s.ts_ns for s in samples] + \
+             [e.ts_ns for e in events] + [s.start_ns for s in spans]
+    t0 = min(starts) if starts else 0
+
+    def us(ns: int) -> float:
+        return round((ns - t0) / 1000.0, 3)
+
+    out: list[dict] = []
+    req_lanes, batch_lanes, span_lanes = _Lanes(), _Lanes(), _Lanes()
+
+    # Requests with nested stages; batches from the same records.
+    batches: dict[int, list[RequestRecord]] = {}
+    for r in sorted(records, key=lambda r: _request_bounds(r)[0]):
+        a, b = _request_bounds(r)
+        lane = req_lanes.take(a, b)
+        out.append({"name": f"request {r.request_id}", "ph": "X", "ts": us(a), "dur": us(b) - us(a),
+                    "pid": PID_REQUESTS, "tid": lane,
+                    "args": {"status": r.status, "batch_id": r.batch_id, "queue_depth": r.queue_depth,
+                             "device": r.device, "priority": r.priority}})
+        cursor = a
+        stages = [(getattr(r, s), getattr(r, e), name) for name, (s, e) in STAGES.items() if name != "total"]
+        for s, e, name in sorted((x for x in stages if x[0] and x[1] and x[1] >= x[0]), key=lambda x: x[0]):
+            cs, ce = max(s, cursor, a), min(e, b)
+            if ce < cs:
+                continue
+            out.append({"name": name, "ph": "X", "ts": us(cs), "dur": us(ce) - us(cs), "pid": PID_REQUESTS,
+                        "tid": lane, "args": {"start_us": us(s), "end_us": us(e)}})
+            cursor = ce
+        if r.batch_id >= 0 and r.compute_start_ns:
+            batches.setdefault(r.batch_id, []).append(r)
+    for bid, rs in sorted(batches.items(), key=lambda kv: min(x.compute_start_ns for x in kv[1])):
+        a = min(x.compute_start_ns for x in rs)
+        b = max(max(x.d2h_end_ns, x.compute_end_ns) for x in rs)
+        b = max(a, b)
+        out.append({"name": f"batch {bid}", "ph": "X", "ts": us(a), "dur": us(b) - us(a), "pid": PID_BATCHES,
+                    "tid": batch_lanes.take(a, b),
+                    "args": {"batch_size": max(x.batch_size for x in rs), "bucket": max(x.bucket for x in rs),
+                             "requests": len(rs)}})
+
+    for sp in sorted(spans, key=lambda s: s.start_ns):
+        end = max(sp.start_ns, sp.end_ns)
+        out.append({"name": sp.name, "ph": "X", "ts": us(sp.start_ns), "dur": us(end) - us(sp.start_ns),
+                    "pid": PID_SPANS, "tid": span_lanes.take(sp.start_ns, end),
+                    "args": {"request_id": sp.request_id, "attrs": sp.attrs}})
+
+    # Counter tracks.
+    for s in samples:
+        for metric, x in s.values.items():
+            if metric in COUNTER_METRICS or metric.startswith("throttle_frac_"):
+                out.append({"name": f"{s.source} {metric}", "ph": "C", "ts": us(s.ts_ns), "pid": PID_TELEMETRY,
+                            "args": {"value": x}})
+    for r in records:
+        if r.arrival_ns:
+            out.append({"name": "queue_depth", "ph": "C", "ts": us(r.arrival_ns), "pid": PID_TELEMETRY,
+                        "args": {"value": r.queue_depth}})
+    for e in events:
+        out.append({"name": f"{e.source} {e.kind}", "ph": "i", "s": "g", "ts": us(e.ts_ns), "pid": PID_TELEMETRY,
+                    "tid": 0, "args": {"value": e.value, "detail": e.detail}})
+
+    # Longer slices first at equal ts, so parents precede the children they contain.
+    out.sort(key=lambda ev: (ev["ts"], -ev.get("dur", 0)))
+    meta = [{"name": "process_name", "ph": "M", "ts": 0, "pid": pid, "tid": 0, "args": {"name": name}}
+            for pid, name in ((PID_REQUESTS, "requests"), (PID_BATCHES, "batches"), (PID_SPANS, "spans"),
+                              (PID_TELEMETRY, "telemetry"))]
+    meta += [{"name": "thread_name", "ph": "M", "ts": 0, "pid": PID_REQUESTS, "tid": i,
+              "args": {"name": f"lane {i}"}} for i in range(1, req_lanes.n + 1)]
+    return meta + out
+
+
+def to_chrome_trace(records=(), samples=(), events=(), spans=(), metadata: dict | None = None,
+                    max_requests: int | None = None) -> dict:
+    """A complete trace object: ``{"traceEvents": [...], "displayTimeUnit": "ms", "metadata": {...}}``."""
+    return {"traceEvents": trace_events(records, samples, events, spans, max_requests=max_requests),
+            "displayTimeUnit": "ms", "metadata": dict(metadata or {})}
+
+
+def write_chrome_trace(out_path, records=(), samples=(), events=(), spans=(), metadata=None,
+                       max_requests: int | None = None) -> str:
+    trace = to_chrome_trace(records, samples, events, spans, metadata, max_requests)
+    with open(out_path, "w", encoding="utf-8") as f:
+        json.dump(trace, f, separators=(",", ":"))
+    return str(out_path)
+
+
+def export_run(run_path, out_path, max_requests: int | None = 200_000) -> str:
+    """Read a run file with ``aurora_core.recorder.load_run`` and write its Chrome trace to ``out_path``.
+
+    max_requests bounds the slices (a million requests make a trace the UI cannot load); telemetry
+    and events are always complete.
+    """
+    from aurora_core.recorder import load_run
+
+    run = load_run(run_path)
+    req = run.requests
+    n = int(req["request_id"].size) if "request_id" in req else 0
+    if max_requests is not None:
+        n = min(n, max_requests)
+    records = []
+    for i in range(n):
+        kw = {f: (str(req[f][i]) if f in ("status", "device") else int(req[f][i])) for f in FIELD_NAMES if f in req}
+        records.append(RequestRecord(**kw))
+    samples = []
+    for (source, metric), (ts, vals) in run.samples.items():
+        samples.extend(Sample(int(t), source, {metric: float(v)}) for t, v in zip(ts, vals, strict=True))
+    ev = run.events
+    events = [Event(int(ev["ts_ns"][i]), str(ev["source"][i]), str(ev["kind"][i]), float(ev["value"][i]),
+                    str(ev["detail"][i])) for i in range(len(ev.get("ts_ns", [])))]
+    sp = run.spans
+    spans = [Span(str(sp["name"][i]), int(sp["start_ns"][i]), int(sp["end_ns"][i]), int(sp["request_id"][i]),
+                  str(sp["attrs"][i])) for i in range(len(sp.get("name", [])))]
+    meta = {k: run.meta[k] for k in ("run_id", "host", "label", "region") if k in run.meta}
+    return write_chrome_trace(out_path, records, samples, events, spans, metadata=meta)
