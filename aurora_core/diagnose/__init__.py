@@ -1,0 +1,132 @@
+"""Latency diagnosis over run files: ``diagnose`` (spike windows and their causes) and ``compare``.
+
+``diagnose(runs)`` groups runs by (host, region), lays each group's runs end to end on the wall clock,
+finds spike windows (``spikes``), ranks their causes with numeric evidence (``causes``) and, with
+several hosts or regions, says whether each spike is confined to some of them. ``compare(before,
+after)`` is the deployment gate (``compare``). ``report`` renders text and an HTML section.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from aurora_core.recorder import RunData, load_run
+
+from .causes import CLAIM, analyze
+from .spikes import ALPHA, MIN_RATIO, Detection, Series, Window, build_series, detect, greater_p
+
+__all__ = ["DiagnoseResult", "diagnose", "compare", "load_runs", "CLAIM"]
+
+
+def load_runs(runs) -> list[RunData]:
+    return [r if isinstance(r, RunData) else load_run(r) for r in runs]
+
+
+@dataclass
+class DiagnoseResult:
+    """``data`` is the JSON-ready result; ``series``/``detections`` keep the arrays for plots."""
+
+    data: dict
+    series: list[Series] = field(default_factory=list, repr=False)
+    detections: list[Detection] = field(default_factory=list, repr=False)
+
+    def to_json(self) -> dict:
+        return self.data
+
+
+def _win_dict(w: Window) -> dict:
+    return {"start_s": round(w.start_s, 3), "end_s": round(w.end_s, 3), "p50_ms": round(w.p50_ms, 3),
+            "p99_ms": round(w.p99_ms, 3), "ratio_p50": round(w.ratio_p50, 3), "ratio_p99": round(w.ratio_p99, 3),
+            "p_value": float(f"{w.p_value:.3g}"), "n": w.n}
+
+
+def _confinement(s: Series, w: Window, all_series: list[Series], dets: list[Detection],
+                 min_ratio: float) -> dict:
+    """Is the spike of ``s`` in ``w`` also on the other hosts/regions at the same wall-clock time?"""
+    out = {"affected": [s.name], "unaffected": [], "no_data": [], "detail": {}}
+    for o, d in zip(all_series, dets, strict=True):
+        if o is s:
+            continue
+        shift = (s.t0_wall_ns - o.t0_wall_ns) / 1e9
+        a, b = w.start_s + shift, w.end_s + shift
+        m = (o.t >= a) & (o.t < b) & o.ok & (o.e2e_ns >= 0)
+        if np.count_nonzero(m) < 20 or d.baseline is None:
+            out["no_data"].append(o.name)
+            continue
+        v = o.e2e_ns[m] / 1e6
+        bm = (o.t >= d.baseline.start_s) & (o.t < d.baseline.end_s) & o.ok & (o.e2e_ns >= 0)
+        base = o.e2e_ns[bm] / 1e6
+        r50 = float(np.percentile(v, 50) / np.percentile(base, 50))
+        r99 = float(np.percentile(v, 99) / np.percentile(base, 99))
+        p = greater_p(v, base)
+        hit = max(r50, r99) >= min_ratio and p < ALPHA
+        out["affected" if hit else "unaffected"].append(o.name)
+        out["detail"][o.name] = {"ratio_p50": round(r50, 3), "ratio_p99": round(r99, 3), "p_value": float(f"{p:.3g}")}
+    n = 1 + len(out["unaffected"]) + len(out["affected"]) - 1
+    out["confined"] = bool(out["unaffected"]) and len(out["affected"]) < n
+    return out
+
+
+def diagnose(runs, interval_s: float | None = None, min_ratio: float = MIN_RATIO) -> DiagnoseResult:
+    """Find spike windows in ``runs`` (paths or RunData) and rank their causes."""
+    runs = load_runs(runs)
+    if not runs:
+        raise ValueError("diagnose: expected at least one run file")
+    series = build_series(runs)
+    dets = [detect(s, interval_s, min_ratio) for s in series]
+    out_series, summary = [], []
+    for s, det in zip(series, dets, strict=True):
+        windows = []
+        for w in det.windows:
+            an = analyze(s, det.baseline, w)
+            entry = {**_win_dict(w), **an.as_dict()}
+            if len(series) > 1:
+                entry["confinement"] = _confinement(s, w, series, dets, min_ratio)
+            windows.append(entry)
+            summary.append(_line(s.name, w, det.baseline, entry))
+        if not det.windows:
+            summary.append(f"{s.name}: no spike window (p50/p99 stayed within x{min_ratio} of the baseline "
+                           "or the change was not significant)")
+        out_series.append({
+            "name": s.name,
+            "runs": [_run_info(r) for r in s.runs],
+            "n_requests": int(s.t.size),
+            "interval_s": round(det.interval_s, 4),
+            "segments": [[round(a, 3), round(b, 3)] for a, b in det.segments],
+            "baseline": _win_dict(det.baseline) if det.baseline else None,
+            "windows": windows,
+        })
+    data = {"series": out_series, "summary": summary,
+            "method": {"min_ratio": min_ratio, "alpha": ALPHA, "claim_score": CLAIM}}
+    return DiagnoseResult(data, series, dets)
+
+
+def _run_info(r: RunData) -> dict:
+    m = r.meta
+    return {"path": str(r.path), "host": m.get("host"), "region": m.get("region"), "label": m.get("label"),
+            "run_id": m.get("run_id"), "started_wall": m.get("started_wall"), "n_requests": r.n_requests}
+
+
+def _line(name: str, w: Window, base: Window, entry: dict) -> str:
+    head = (f"{name}: spike {w.start_s:.1f}-{w.end_s:.1f} s, p99 {base.p99_ms:.1f} -> {w.p99_ms:.1f} ms "
+            f"(x{w.ratio_p99:.2f}), p50 x{w.ratio_p50:.2f}")
+    if entry["verdict"] == "inconclusive":
+        line = f"{head}: inconclusive"
+    else:
+        top = entry["causes"][0]
+        line = f"{head}: {top['title']} (score {top['score']:.2f}): {top['summary']}"
+    conf = entry.get("confinement")
+    if conf:
+        if conf["confined"]:
+            line += f" [confined to {', '.join(conf['affected'])}; not on {', '.join(conf['unaffected'])}]"
+        elif len(conf["affected"]) > 1:
+            line += f" [also on {', '.join(conf['affected'][1:])}]"
+    return line
+
+
+def compare(before, after, **kw):
+    from .compare import compare as _compare
+
+    return _compare(before, after, **kw)

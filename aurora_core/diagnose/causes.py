@@ -1,0 +1,586 @@
+"""Rank the causes of one spike window against the baseline, each with numeric evidence.
+
+Method
+------
+1. **Where the extra latency went.** Over the slower half of requests in each range (latency >= that
+   range's median: tail-weighted, and means over one set of requests stay additive), the mean latency
+   splits exactly into wait (batcher queue and hand-offs), each service stage and linked user spans.
+   Compute time per batch is split into a per-item part (compute / padded batch) and a batching part
+   (bigger batches under load), which counts with wait. Each component's increase, as a share of the
+   summed increases, is its **share**.
+2. **Load versus slowdown in the wait.** Utilisation is arrival rate x per-item service time, so the
+   rise in wait is split between load and slowdown in proportion to log(rate ratio) and log(service
+   ratio) (positive parts only).
+3. **Evidence strength** per cause, from indicators with documented thresholds (below): 1 when a
+   primary indicator crosses its threshold, 0.5 when only supporting ones do, else 0.
+4. **Score** = share the cause can act through x strength. The top cause is claimed only when its
+   score is >= ``CLAIM`` (0.3): it explains at least 30% of the extra latency with full evidence.
+   Otherwise the verdict is "inconclusive", listing every check made.
+
+Thresholds (window minus baseline unless said)
+----------------------------------------------
+load         arrival rate >= +5% and Poisson z >= 3 (primary). Cross-check: Kingman's G/G/1 wait
+             ratio rho/(1-rho)*S between the ranges, rho = the busier pipeline thread's measured busy
+             fraction (compute thread or batch-forming thread); the variability factor cancels when the
+             traffic shape is the same. Consistent when observed/predicted is within x3, or rho >= 0.95.
+             Inconsistent halves the strength.
+regression   a stage's per-item service time >= +15% with one-sided Mann-Whitney p < 1e-3, and the
+             label/config/model/versions of the runs covering the window differ from the baseline's.
+             Load matched (rate within +-10%) gives strength 1, unmatched 0.5. No change of
+             label/config: no regression claim (the shift is reported under "checked").
+cpu          other processes' CPU (cpu_util_pct x cores - proc_cpu_pct, in cores) >= +0.5 core; per-item
+             service >= +15% while it stretches >= 1.3x more than this process's CPU time per request
+             (the work did not grow, the wait to run did: this still works when the host was already
+             saturated before); steal >= +5 points; cgroup_throttled_frac >= +0.05 (primary); runq above
+             the core count and >= +1, psi_cpu_some_avg10 >= +10 (supporting: our own threads raise
+             them too).
+hardware     per GPU: any throttle_frac_* (not low_util/sync_boost) >= +0.1, sm_clock_mhz <= 0.9x
+             baseline, PCIe gen/width below max only in the window, Xid events in the window (primary);
+             temp_margin_c <= 5 C, power_w >= 0.97 x power_limit_w (supporting).
+idle clocks  sparse traffic (median inter-arrival >= 0.5 s) with the GPU at idle clocks (idle_clocks
+             >= 0.5 or sm clock <= 0.5 x max) in the window.
+memory       GPU mem_used / mem_total >= 0.95, swap_used_bytes >= +64 MiB, psi_mem_some_avg10 >= +10,
+             OOM / allocator-retry events (primary).
+dependency   a linked user span's mean time >= +15% with Mann-Whitney p < 1e-3 (strength 1; 0.7 when the
+             pipeline's own service stages also rose by more than the span).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .spikes import ALPHA, SERVICE_STAGES, Series, Window, greater_p
+
+CLAIM = 0.3
+STAGE_SHIFT = 1.15
+LOAD_RATE_UP = 1.05
+LOAD_Z = 3.0
+MATCHED_RATE = 0.10
+GPU_STAGES = ("h2d", "compute", "d2h")
+_THROTTLE_REASONS = ("thermal", "power", "hw_slowdown", "hw_thermal", "power_brake", "board_limit",
+                     "reliability")
+
+
+@dataclass
+class Evidence:
+    name: str
+    baseline: float | None
+    window: float | None
+    unit: str
+    threshold: str
+    passed: bool
+    primary: bool = True
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "baseline": _r(self.baseline), "window": _r(self.window),
+                "unit": self.unit, "threshold": self.threshold, "passed": self.passed,
+                "primary": self.primary}
+
+
+@dataclass
+class Cause:
+    cause: str           # load | regression | cpu_contention | hardware | hardware_idle_clocks | memory | dependency
+    title: str
+    score: float
+    share: float
+    strength: float
+    summary: str
+    evidence: list[Evidence] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"cause": self.cause, "title": self.title, "score": round(self.score, 3),
+                "share": round(self.share, 3), "strength": self.strength, "summary": self.summary,
+                "evidence": [e.as_dict() for e in self.evidence]}
+
+
+def _r(x):
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return None
+    return round(float(x), 4)
+
+
+def _strength(ev: list[Evidence]) -> float:
+    if any(e.passed and e.primary for e in ev):
+        return 1.0
+    return 0.5 if any(e.passed for e in ev) else 0.0
+
+
+# --------------------------------------------------------------------------------------------------
+# Range statistics
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Range:
+    a: float
+    b: float
+    n_arrivals: int
+    rate: float
+    comp: dict[str, float]        # mean ns per component over the slower half
+    item_service_ns: float        # mean per-request service with compute per item
+    stage_item: dict[str, np.ndarray]  # per-request per-item service (ns) per stage, ok requests
+    spans: dict[str, np.ndarray]
+    busy: float                   # busier pipeline thread's busy fraction
+    wait_ns: float
+    queue_depth: float
+    median_gap_s: float
+
+
+def _busy(series: Series, a: float, b: float, sel: np.ndarray) -> float:
+    """Busy fraction of the compute thread and of the batch-forming thread (one interval per batch)."""
+    best = 0.0
+    for iv in (series.compute_s, series.form_s):
+        m = sel & ~np.isnan(iv[:, 0]) & (series.batch >= 0)
+        if not np.any(m):
+            continue
+        keys = series.batch[m]
+        order = np.argsort(keys, kind="stable")
+        keys, x = keys[order], iv[m][order]
+        starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+        x = np.column_stack([np.minimum.reduceat(x[:, 0], starts), np.maximum.reduceat(x[:, 1], starts)])
+        busy = np.clip(np.minimum(x[:, 1], b) - np.maximum(x[:, 0], a), 0, None).sum()
+        best = max(best, float(busy) / max(active_s(series, a, b), 1e-9))
+    return min(best, 1.0)
+
+
+def active_s(series: Series, a: float, b: float) -> float:
+    """Seconds of [a, b) covered by some run: the gap between two runs of a host is not idle traffic."""
+    return sum(max(0.0, min(b, r1) - max(a, r0)) for r0, r1 in series.run_bounds if r0 == r0)
+
+
+def range_stats(series: Series, a: float, b: float) -> Range:
+    inr = (series.t >= a) & (series.t < b)
+    ok = inr & series.ok & (series.e2e_ns >= 0)
+    n_arr = int(np.count_nonzero(inr))
+    dur = max(active_s(series, a, b), 1e-9)
+    e2e = series.e2e_ns[ok]
+    slow = np.zeros_like(ok)
+    if e2e.size:
+        slow[ok] = e2e >= np.median(e2e)
+    stage = {s: np.where(v > 0, v, 0) for s, v in series.stage_ns.items()}
+    item = {s: stage[s] / (series.bucket if s == "compute" else 1) for s in SERVICE_STAGES}
+    comp: dict[str, float] = {}
+    if np.any(slow):
+        comp["e2e"] = float(series.e2e_ns[slow].mean())
+        comp["wait"] = float(series.wait_ns[slow].mean())
+        for s in SERVICE_STAGES:
+            comp[s] = float(stage[s][slow].mean())
+            comp[f"{s}_item"] = float(item[s][slow].mean())
+        comp["bucket"] = float(series.bucket[slow].mean())
+        for n, v in series.span_ns.items():
+            comp[f"span:{n}"] = float(v[slow].mean())
+    service = sum(item[s] for s in SERVICE_STAGES)
+    t_in = series.t[inr]
+    gaps = np.diff(t_in)
+    return Range(
+        a=a, b=b, n_arrivals=n_arr, rate=n_arr / dur, comp=comp,
+        item_service_ns=float(service[ok].mean()) if np.any(ok) else math.nan,
+        stage_item={s: item[s][ok] for s in SERVICE_STAGES},
+        spans={n: v[ok] for n, v in series.span_ns.items()},
+        busy=_busy(series, a, b, inr),
+        wait_ns=float(series.wait_ns[ok].mean()) if np.any(ok) else math.nan,
+        queue_depth=float(series.queue_depth[inr].mean()) if n_arr else math.nan,
+        median_gap_s=float(np.median(gaps)) if gaps.size else math.inf,
+    )
+
+
+def _mean_in(series: Series, key, a: float, b: float) -> float | None:
+    s = series.samples.get(key)
+    if s is None:
+        return None
+    m = (s[0] >= a) & (s[0] < b)
+    return float(np.mean(s[1][m])) if np.any(m) else None
+
+
+def _max_in(series: Series, key, a: float, b: float) -> float | None:
+    s = series.samples.get(key)
+    if s is None:
+        return None
+    m = (s[0] >= a) & (s[0] < b)
+    return float(np.max(s[1][m])) if np.any(m) else None
+
+
+def _min_in(series: Series, key, a: float, b: float) -> float | None:
+    s = series.samples.get(key)
+    if s is None:
+        return None
+    m = (s[0] >= a) & (s[0] < b)
+    return float(np.min(s[1][m])) if np.any(m) else None
+
+
+def _delta_ev(series, base, win, source, metric, thr, unit, primary=True, label=None) -> Evidence | None:
+    vb = _mean_in(series, (source, metric), base.a, base.b)
+    vw = _mean_in(series, (source, metric), win.a, win.b)
+    if vb is None or vw is None:
+        return None
+    return Evidence(label or f"{source}.{metric}", vb, vw, unit, f"window - baseline >= {thr}",
+                    vw - vb >= thr, primary)
+
+
+# --------------------------------------------------------------------------------------------------
+# The analysis
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Analysis:
+    causes: list[Cause]
+    verdict: str
+    checked: list[str]
+    shares: dict[str, float]
+    baseline: dict
+    window: dict
+
+    def as_dict(self) -> dict:
+        return {"verdict": self.verdict, "causes": [c.as_dict() for c in self.causes],
+                "checked": self.checked, "shares": {k: round(v, 3) for k, v in self.shares.items()},
+                "baseline": self.baseline, "window": self.window}
+
+
+def _summary_range(r: Range) -> dict:
+    return {"start_s": round(r.a, 3), "end_s": round(r.b, 3), "arrival_rate_per_s": _r(r.rate),
+            "mean_wait_ms": _r(r.wait_ns / 1e6), "item_service_ms": _r(r.item_service_ns / 1e6),
+            "busy_frac": _r(r.busy), "queue_depth": _r(r.queue_depth)}
+
+
+def analyze(series: Series, baseline: Window, window: Window) -> Analysis:
+    base = range_stats(series, baseline.start_s, baseline.end_s)
+    win = range_stats(series, window.start_s, window.end_s)
+    checked: list[str] = []
+
+    # 1. shares of the extra latency
+    d = {}
+    if base.comp and win.comp:
+        # compute = bucket * per-item: per-item change at the window's batch size is service; the rest
+        # (bigger batches) is a load effect, counted with wait.
+        d_item = win.comp["bucket"] * (win.comp["compute_item"] - base.comp["compute_item"])
+        d_compute = win.comp["compute"] - base.comp["compute"]
+        d["wait"] = win.comp["wait"] - base.comp["wait"] + (d_compute - d_item)
+        for s in SERVICE_STAGES:
+            d[s] = d_item if s == "compute" else win.comp[s] - base.comp[s]
+        for n in series.span_ns:
+            d[f"span:{n}"] = win.comp[f"span:{n}"] - base.comp[f"span:{n}"]
+    pos = {k: max(v, 0.0) for k, v in d.items()}
+    tot = sum(pos.values())
+    shares = {k: (v / tot if tot > 0 else 0.0) for k, v in pos.items()}
+    if tot <= 0:
+        checked.append("no component of the latency rose on average over the slower half of requests")
+
+    # 2. load versus slowdown in the wait
+    rate_ratio = win.rate / base.rate if base.rate > 0 else math.inf
+    s_ratio = win.item_service_ns / base.item_service_ns if base.item_service_ns > 0 else 1.0
+    lr, ls = max(math.log(rate_ratio), 0.0) if math.isfinite(rate_ratio) else 1.0, max(math.log(s_ratio), 0.0)
+    f_load = lr / (lr + ls) if lr + ls > 0 else 0.0
+    wait_share = shares.get("wait", 0.0)
+    stage_pos = {s: pos.get(s, 0.0) for s in SERVICE_STAGES}
+    stage_tot = sum(stage_pos.values())
+    common = _common_fraction(base, win)
+
+    def part(stages, frac) -> float:
+        d_st = sum(stage_pos[s] * frac(s) for s in stages)
+        return (d_st / tot if tot > 0 else 0.0) + (1 - f_load) * wait_share * (d_st / stage_tot if stage_tot else 0.0)
+
+    def slowdown_share(stages) -> float:  # every increase of these stages
+        return part(stages, lambda s: 1.0)
+
+    def specific_share(stages) -> float:  # what a common slowdown factor does not explain
+        return part(stages, lambda s: 1.0 - common[s])
+
+    common_share = part(SERVICE_STAGES, lambda s: common[s])
+
+    causes = [
+        _load(series, base, win, rate_ratio, s_ratio, f_load * wait_share, checked),
+        _regression(series, base, win, rate_ratio, specific_share, checked),
+        _cpu(series, base, win, common_share, checked),
+        *_hardware(series, base, win, slowdown_share(GPU_STAGES), checked),
+        _memory(series, base, win, common_share, checked),
+        _dependency(series, base, win, shares, checked),
+    ]
+    causes = sorted([c for c in causes if c is not None and c.strength > 0], key=lambda c: -c.score)
+    verdict = causes[0].cause if causes and causes[0].score >= CLAIM else "inconclusive"
+    if verdict == "inconclusive":
+        top = max(shares, key=shares.get) if tot > 0 else None
+        if top:
+            checked.append(f"largest part of the extra latency: {top} ({shares[top]:.0%}); "
+                           f"no cause reached a score of {CLAIM}")
+    return Analysis(causes, verdict, checked, shares, _summary_range(base), _summary_range(win))
+
+
+def _common_fraction(base: Range, win: Range) -> dict[str, float]:
+    """Per stage, the fraction of its increase that a slowdown common to all stages explains.
+
+    Contention and memory pressure slow every CPU stage alike; a regression slows one. The common
+    factor is the median of the per-item stage ratios (stages taking >= 1% of the baseline service
+    time), so one regressed stage does not move it."""
+    ratios = {}
+    base_total = sum(base.comp.get(f"{s}_item", 0.0) for s in SERVICE_STAGES)
+    for s in SERVICE_STAGES:
+        b, w = base.comp.get(f"{s}_item", 0.0), win.comp.get(f"{s}_item", 0.0)
+        if base_total > 0 and b >= 0.01 * base_total:
+            ratios[s] = w / b
+    u = float(np.median(list(ratios.values()))) if ratios else 1.0
+    return {s: ((min(ratios[s], u) - 1) / (ratios[s] - 1) if s in ratios and ratios[s] > 1 and u > 1 else 0.0)
+            for s in SERVICE_STAGES}
+
+
+def _load(series, base: Range, win: Range, rate_ratio, s_ratio, share, checked) -> Cause | None:
+    expected = base.rate * active_s(series, win.a, win.b)
+    z = (win.n_arrivals - expected) / math.sqrt(expected) if expected > 0 else 0.0
+    ev = [Evidence("arrival rate", base.rate, win.rate, "req/s",
+                   f"x{LOAD_RATE_UP} and Poisson z >= {LOAD_Z} (z={z:.1f})",
+                   rate_ratio >= LOAD_RATE_UP and z >= LOAD_Z)]
+    ev.append(Evidence("per-item service time", base.item_service_ns / 1e6, win.item_service_ns / 1e6,
+                       "ms", "flat: within +15%", s_ratio < STAGE_SHIFT, primary=False))
+    ev.append(Evidence("mean wait", base.wait_ns / 1e6, win.wait_ns / 1e6, "ms", "rises", win.wait_ns > base.wait_ns,
+                       primary=False))
+    ev.append(Evidence("queue depth at arrival", base.queue_depth, win.queue_depth, "requests", "rises",
+                       win.queue_depth > base.queue_depth, primary=False))
+
+    def kingman(r: Range) -> float:
+        rho = min(r.busy, 0.99)
+        return rho / (1 - rho) * r.item_service_ns
+
+    pred = kingman(win) / kingman(base) if kingman(base) > 0 else math.inf
+    obs = win.wait_ns / base.wait_ns if base.wait_ns > 0 else math.inf
+    consistent = win.busy >= 0.95 or (math.isfinite(pred) and pred > 0 and 1 / 3 <= obs / pred <= 3)
+    ev.append(Evidence("pipeline busy fraction (bottleneck thread)", base.busy, win.busy, "",
+                       ">= 0.95 saturated, or Kingman wait ratio within x3 of observed "
+                       f"(predicted x{pred:.2f}, observed x{obs:.2f})", consistent, primary=False))
+    strength = 1.0 if ev[0].passed else 0.0
+    if strength and not consistent:
+        strength = 0.5
+    summary = (f"arrival rate {base.rate:.1f} -> {win.rate:.1f}/s ({rate_ratio - 1:+.0%}), mean wait "
+               f"{base.wait_ns / 1e6:.2f} -> {win.wait_ns / 1e6:.2f} ms, per-item service {s_ratio - 1:+.0%}, "
+               f"busy {base.busy:.2f} -> {win.busy:.2f} (Kingman predicts wait x{pred:.2f}, observed x{obs:.2f})")
+    checked.append(f"load: {summary}")
+    return Cause("load", "Load / queueing", share * strength, share, strength, summary, ev)
+
+
+def _dominant_run(series: Series, r: Range) -> int:
+    m = (series.t >= r.a) & (series.t < r.b)
+    if not np.any(m):
+        return 0
+    return int(np.bincount(series.run_idx[m]).argmax())
+
+
+def _regression(series, base: Range, win: Range, rate_ratio, slowdown_share, checked) -> Cause | None:
+    shifted, ev = [], []
+    for s in SERVICE_STAGES:
+        b, w = base.stage_item[s], win.stage_item[s]
+        b, w = b[b > 0], w[w > 0]
+        if b.size < 3 or w.size < 3:
+            continue
+        ratio = float(w.mean() / b.mean())
+        p = greater_p(w, b)
+        hit = ratio >= STAGE_SHIFT and p < ALPHA
+        ev.append(Evidence(f"{s} per-item service time", float(b.mean() / 1e6), float(w.mean() / 1e6), "ms",
+                           f"x{STAGE_SHIFT} and Mann-Whitney p < {ALPHA} (p={p:.1e})", hit, primary=False))
+        if hit:
+            shifted.append((s, ratio))
+    ib, iw = _dominant_run(series, base), _dominant_run(series, win)
+    fb, fw = series.fingerprint(ib), series.fingerprint(iw)
+    changed = {k: (fb[k], fw[k]) for k in fb if fb[k] != fw[k]}
+    ev.append(Evidence("deployment change (label/config/model/versions)", None, None, "",
+                       "differs between baseline and window runs", bool(changed)))
+    matched = abs(rate_ratio - 1) <= MATCHED_RATE
+    ev.append(Evidence("load matched (arrival rate)", base.rate, win.rate, "req/s",
+                       f"within +-{MATCHED_RATE:.0%}", matched, primary=False))
+    stages = [s for s, _ in shifted]
+    desc = ", ".join(f"{s} x{r:.2f}" for s, r in shifted) or "none"
+    if changed:
+        what = "; ".join(f"{k}: {_short(a)} -> {_short(b)}" for k, (a, b) in changed.items())
+        checked.append(f"regression: stages shifted: {desc}; change: {what}")
+    else:
+        checked.append(f"regression: stages shifted: {desc}; no label/config/model/version change between "
+                       "baseline and window, so no regression is claimed")
+    strength = (1.0 if matched else 0.5) if (shifted and changed) else 0.0
+    share = slowdown_share(stages) if stages else 0.0
+    summary = f"service time shifted in {desc}"
+    if changed:
+        summary += f", lined up with {', '.join(changed)} change " + "; ".join(
+            f"{_short(a)} -> {_short(b)}" for a, b in changed.values())
+    if not matched:
+        summary += f" (load not matched: rate x{rate_ratio:.2f})"
+    return Cause("regression", "Code / config regression", share * strength, share, strength, summary, ev)
+
+
+def _short(v) -> str:
+    s = v if isinstance(v, str) else str(v)
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
+def _cpu(series, base: Range, win: Range, share, checked) -> Cause | None:
+    ev: list[Evidence] = []
+    cores = series.cores
+    util = ("cpu", "cpu_util_pct")
+    own = ("cpu", "proc_cpu_pct")
+    ub, uw = _mean_in(series, util, base.a, base.b), _mean_in(series, util, win.a, win.b)
+    ob, ow = _mean_in(series, own, base.a, base.b), _mean_in(series, own, win.a, win.b)
+    if None not in (ub, uw, ob, ow):
+        other_b = max(ub / 100 * cores - ob / 100, 0.0)
+        other_w = max(uw / 100 * cores - ow / 100, 0.0)
+        ev.append(Evidence("other processes' CPU", other_b, other_w, "cores", "window - baseline >= 0.5",
+                           other_w - other_b >= 0.5))
+    if ob is not None and ow is not None:
+        # Wall-clock service per request against CPU time per request: when service stretches but the
+        # CPU it burns does not, the threads were runnable and waiting (or the CPU was taken from them).
+        nb, nw = _n_ok(series, base), _n_ok(series, win)
+        if nb and nw and base.item_service_ns > 0:
+            cpu_b = ob / 100 * active_s(series, base.a, base.b) / nb
+            cpu_w = ow / 100 * active_s(series, win.a, win.b) / nw
+            svc = win.item_service_ns / base.item_service_ns
+            stretch = svc / (cpu_w / cpu_b) if cpu_b > 0 and cpu_w > 0 else 1.0
+            ev.append(Evidence("service time / own CPU time per request", 1.0, stretch, "x",
+                               f">= 1.3 with service >= x{STAGE_SHIFT} (service x{svc:.2f}, CPU/request "
+                               f"{cpu_b * 1e3:.2f} -> {cpu_w * 1e3:.2f} ms)", svc >= STAGE_SHIFT and stretch >= 1.3))
+    for metric, thr, unit, primary in (("steal_pct", 5.0, "%", True), ("cgroup_throttled_frac", 0.05, "", True),
+                                       ("psi_cpu_some_avg10", 10.0, "%", False)):
+        e = _delta_ev(series, base, win, "cpu", metric, thr, unit, primary)
+        if e:
+            ev.append(e)
+    rb, rw = _mean_in(series, ("cpu", "runq"), base.a, base.b), _mean_in(series, ("cpu", "runq"), win.a, win.b)
+    if rb is not None and rw is not None:
+        ev.append(Evidence("cpu.runq", rb, rw, "tasks", f"> {cores} cores and window - baseline >= 1",
+                           rw > cores and rw - rb >= 1, primary=False))
+    if not ev:
+        checked.append("cpu contention: no CPU telemetry in the run")
+        return None
+    strength = _strength(ev)
+    fired = [e for e in ev if e.passed]
+    summary = ", ".join(f"{e.name} {_fmt(e.baseline)} -> {_fmt(e.window)} {e.unit}".strip() for e in fired) or "none"
+    checked.append(f"cpu contention: {summary if fired else 'no indicator crossed its threshold'}")
+    return Cause("cpu_contention", "CPU contention", share * strength, share, strength,
+                 f"{summary}; service stages explain {share:.0%} of the extra latency", ev)
+
+
+def _n_ok(series: Series, r: Range) -> int:
+    return int(np.count_nonzero((series.t >= r.a) & (series.t < r.b) & series.ok))
+
+
+def _fmt(x) -> str:
+    if x is None:
+        return "-"
+    return f"{x:.3g}"
+
+
+def _gpu_sources(series: Series) -> list[str]:
+    return sorted({s for s, _ in series.samples if s.startswith("gpu")})
+
+
+def _hardware(series, base: Range, win: Range, share, checked) -> list[Cause]:
+    out = []
+    gpus = _gpu_sources(series)
+    if not gpus:
+        checked.append("hardware: no GPU telemetry in the run")
+        return out
+    for g in gpus:
+        ev: list[Evidence] = []
+        for reason in _THROTTLE_REASONS:
+            e = _delta_ev(series, base, win, g, f"throttle_frac_{reason}", 0.1, "of time",
+                          label=f"{g} throttled ({reason})")
+            if e:
+                ev.append(e)
+        cb, cw = _mean_in(series, (g, "sm_clock_mhz"), base.a, base.b), _mean_in(series, (g, "sm_clock_mhz"), win.a, win.b)
+        if cb and cw is not None:
+            ev.append(Evidence(f"{g} SM clock", cb, cw, "MHz", "window <= 0.9 x baseline", cw <= 0.9 * cb))
+        tm = _min_in(series, (g, "temp_margin_c"), win.a, win.b)
+        if tm is not None:
+            tb = _min_in(series, (g, "temp_margin_c"), base.a, base.b)
+            ev.append(Evidence(f"{g} temperature margin (min)", tb, tm, "C", "<= 5 C", tm <= 5, primary=False))
+        pw, pl = _max_in(series, (g, "power_w"), win.a, win.b), _mean_in(series, (g, "power_limit_w"), win.a, win.b)
+        if pw is not None and pl:
+            pb = _max_in(series, (g, "power_w"), base.a, base.b)
+            ev.append(Evidence(f"{g} power vs limit (max)", pb / pl if pb else None, pw / pl, "x limit",
+                               ">= 0.97", pw / pl >= 0.97, primary=False))
+        for kind in ("gen", "width"):
+            cur, mx = (g, f"pcie_{kind}"), (g, f"pcie_{kind}_max")
+            cw_, mw = _min_in(series, cur, win.a, win.b), _mean_in(series, mx, win.a, win.b)
+            cb_ = _min_in(series, cur, base.a, base.b)
+            if cw_ is not None and mw:
+                down = cw_ < mw and (cb_ is None or cb_ >= mw)
+                ev.append(Evidence(f"{g} PCIe {kind} (min)", cb_, cw_, f"of max {mw:g}",
+                                   "below max only in the window", down))
+        xids = [e for e in series.events if e["source"] == g and e["kind"] == "xid" and win.a <= e["t"] < win.b]
+        ev.append(Evidence(f"{g} Xid events", None, float(len(xids)), "events", ">= 1", bool(xids)))
+        strength = _strength(ev)
+        fired = [e for e in ev if e.passed]
+        summary = ", ".join(f"{e.name} {_fmt(e.baseline)} -> {_fmt(e.window)} {e.unit}".strip() for e in fired)
+        checked.append(f"hardware {g}: {summary or 'no indicator crossed its threshold'}")
+        if strength:
+            out.append(Cause("hardware", f"Hardware-bound ({g})", share * strength, share, strength,
+                             f"{summary}; GPU-side stages explain {share:.0%} of the extra latency", ev))
+        idle = _idle_clocks(series, g, win, share)
+        if idle:
+            out.append(idle)
+    return out
+
+
+def _idle_clocks(series, g, win: Range, share) -> Cause | None:
+    if win.median_gap_s < 0.5:
+        return None
+    ic = _mean_in(series, (g, "idle_clocks"), win.a, win.b)
+    clk, mx = _mean_in(series, (g, "sm_clock_mhz"), win.a, win.b), _mean_in(series, (g, "sm_clock_max_mhz"), win.a, win.b)
+    ev = [Evidence("median inter-arrival", None, win.median_gap_s, "s", ">= 0.5 (sparse traffic)", True)]
+    if ic is not None:
+        ev.append(Evidence(f"{g} idle clocks", None, ic, "fraction", ">= 0.5", ic >= 0.5))
+    if clk is not None and mx:
+        ev.append(Evidence(f"{g} SM clock / max", None, clk / mx, "", "<= 0.5", clk / mx <= 0.5))
+    if not any(e.passed for e in ev[1:]):
+        return None
+    return Cause("hardware_idle_clocks", f"Idle clocks before sparse traffic ({g})", share, share, 1.0,
+                 f"traffic sparse (median gap {win.median_gap_s:.2f} s) and {g} at idle clocks", ev)
+
+
+def _memory(series, base: Range, win: Range, share, checked) -> Cause | None:
+    ev: list[Evidence] = []
+    for g in _gpu_sources(series):
+        used, total = _max_in(series, (g, "mem_used_bytes"), win.a, win.b), _mean_in(series, (g, "mem_total_bytes"), win.a, win.b)
+        if used is not None and total:
+            ub = _max_in(series, (g, "mem_used_bytes"), base.a, base.b)
+            ev.append(Evidence(f"{g} memory used (max)", ub / total if ub else None, used / total, "x total",
+                               ">= 0.95", used / total >= 0.95))
+    e = _delta_ev(series, base, win, "cpu", "swap_used_bytes", 64 * 2**20, "bytes")
+    if e:
+        ev.append(e)
+    for metric in ("psi_mem_some_avg10",):
+        e = _delta_ev(series, base, win, "cpu", metric, 10.0, "%")
+        if e:
+            ev.append(e)
+    ooms = [e for e in series.events if win.a <= e["t"] < win.b and ("oom" in e["kind"] or "alloc" in e["kind"])]
+    ev.append(Evidence("OOM / allocator-retry events", None, float(len(ooms)), "events", ">= 1", bool(ooms)))
+    strength = _strength(ev)
+    fired = [e for e in ev if e.passed]
+    summary = ", ".join(f"{e.name} {_fmt(e.baseline)} -> {_fmt(e.window)} {e.unit}".strip() for e in fired)
+    checked.append(f"memory pressure: {summary or 'no indicator crossed its threshold'}")
+    return Cause("memory", "Memory pressure", share * strength, share, strength, summary or "none", ev)
+
+
+def _dependency(series, base: Range, win: Range, shares, checked) -> Cause | None:
+    best: Cause | None = None
+    service_share = sum(shares.get(s, 0.0) for s in SERVICE_STAGES)
+    for n in series.span_ns:
+        b, w = base.spans[n], win.spans[n]
+        b, w = b[b > 0], w[w > 0]
+        if b.size < 3 or w.size < 3:
+            continue
+        ratio, p = float(w.mean() / b.mean()), greater_p(w, b)
+        share = shares.get(f"span:{n}", 0.0)
+        grew = ratio >= STAGE_SHIFT and p < ALPHA
+        ev = [Evidence(f"span {n!r} mean time", float(b.mean() / 1e6), float(w.mean() / 1e6), "ms",
+                       f"x{STAGE_SHIFT} and Mann-Whitney p < {ALPHA} (p={p:.1e})", grew),
+              Evidence("pipeline service stages' share of the extra latency", None, service_share, "",
+                       f"below the span's share ({share:.0%})", service_share < share, primary=False)]
+        strength = (1.0 if service_share < share else 0.7) if grew else 0.0
+        summary = (f"span {n!r} {b.mean() / 1e6:.2f} -> {w.mean() / 1e6:.2f} ms (x{ratio:.2f}), "
+                   f"{share:.0%} of the extra latency; pipeline stages {service_share:.0%}")
+        checked.append(f"dependency: {summary}")
+        c = Cause("dependency", f"External dependency ({n})", share * strength, share, strength, summary, ev)
+        if best is None or c.score > best.score:
+            best = c
+    for n, (ts, dur) in series.unlinked_spans.items():
+        mb, mw = (ts >= base.a) & (ts < base.b), (ts >= win.a) & (ts < win.b)
+        if mb.sum() >= 3 and mw.sum() >= 3:
+            checked.append(f"dependency: span {n!r} (not linked to requests) {dur[mb].mean() / 1e6:.2f} -> "
+                           f"{dur[mw].mean() / 1e6:.2f} ms; unlinked spans cannot be apportioned to latency")
+    if not series.span_ns and not series.unlinked_spans:
+        checked.append("dependency: no user spans in the run")
+    return best

@@ -1,0 +1,319 @@
+"""Series building and spike-window detection.
+
+Series
+    Runs are grouped by (host, region) from their meta. Runs of one group are laid end to end on the wall
+    clock (each run's monotonic stamps + its ``wall_minus_mono_ns``), so a deployment shows up as a
+    change of label/config between consecutive runs of the same host. Times in a series are seconds
+    from the series' first request.
+
+Per-request latency
+    The latency a user saw: the pipeline's ``total`` stage, widened by any user span linked to the
+    request (``Span.request_id`` equal to the record's ``request_id``), e.g. a feature-store call made
+    before the request entered the pipeline. ``wait`` is ``total`` minus the service stages (decode,
+    preprocess, h2d, compute, d2h): the batcher queue plus every hand-off wait.
+
+Detection (a small documented method around ruptures' PELT)
+    1. Bin requests by arrival into intervals of width ``interval_s`` (auto: enough for ~50 requests an
+       interval, between 0.25 s and 60 s, at most 300 intervals).
+    2. The signal is (log p50, log p99) of the per-interval latency of "ok" requests, each column divided
+       by a robust noise scale: MAD of first differences / (0.6745 * sqrt 2), which a level shift barely
+       moves.
+    3. PELT with an l2 cost, min_size 3 intervals, penalty ``3 * d * ln(n)`` (d = 2 columns): a
+       BIC-style penalty made conservative so that noise alone does not cut segments.
+    4. Baseline: among segments at least max(3, 10% of the intervals) long, the one with the lowest
+       pooled p99. A window is a segment whose pooled p99 or p50 is at least ``min_ratio`` (1.3) times
+       the baseline's and whose latencies differ from the baseline's by a one-sided Mann-Whitney U test at
+       ``alpha`` (1e-3). Adjacent windows merge. Effect size and significance are both required, so a
+       long quiet run does not produce windows from tiny but "significant" drifts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import stats
+
+from aurora_core.recorder import RunData
+
+SERVICE_STAGES = ("decode", "preprocess", "h2d", "compute", "d2h")
+MIN_RATIO = 1.3
+ALPHA = 1e-3
+_MW_MAX = 4000  # Mann-Whitney on at most this many points a side (subsampled, seeded): O(n log n) anyway
+
+
+@dataclass
+class Series:
+    """Requests and telemetry of one (host, region), in seconds from ``t0_wall_ns``."""
+
+    name: str
+    runs: list[RunData]
+    t0_wall_ns: int
+    t: np.ndarray                      # arrival, s
+    run_idx: np.ndarray                # which run each request came from
+    ok: np.ndarray                     # bool
+    e2e_ns: np.ndarray                 # user-visible latency (see module doc); -1 when unknown
+    wait_ns: np.ndarray
+    stage_ns: dict[str, np.ndarray]    # service stages, -1 where the stage did not happen
+    bucket: np.ndarray
+    queue_depth: np.ndarray
+    batch: np.ndarray                  # run_idx * 2**32 + batch_id: one value per executed batch
+    compute_s: np.ndarray              # [n, 2] compute start, end (s); nan when it did not happen
+    form_s: np.ndarray                 # [n, 2] decode start, preprocess end (s); nan when not
+    span_ns: dict[str, np.ndarray]     # linked span time per request and span name (0: none)
+    unlinked_spans: dict[str, tuple[np.ndarray, np.ndarray]]  # name -> (start s, duration ns)
+    samples: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]  # (source, metric) -> (t s, value)
+    events: list[dict]
+    run_bounds: list[tuple[float, float]] = field(default_factory=list)  # per run (first, last arrival) s
+
+    @property
+    def cores(self) -> int:
+        cpu = self.runs[0].meta.get("cpu") or {}
+        return int(cpu.get("logical_cores") or 1)
+
+    def fingerprint(self, i: int) -> dict:
+        """What a deployment changes: label, config, model, versions of run i."""
+        m = self.runs[i].meta
+        return {k: m.get(k) for k in ("label", "config", "model", "versions")}
+
+
+def _key(run: RunData) -> tuple[str, str]:
+    return (str(run.meta.get("host") or "?"), str(run.meta.get("region") or ""))
+
+
+def build_series(runs: list[RunData]) -> list[Series]:
+    groups: dict[tuple[str, str], list[RunData]] = {}
+    for r in runs:
+        groups.setdefault(_key(r), []).append(r)
+    out = []
+    for (host, region), rs in groups.items():
+        rs = sorted(rs, key=lambda r: _first_wall(r))
+        out.append(_series(f"{host}/{region}" if region else host, rs))
+    return out
+
+
+def _first_wall(r: RunData) -> int:
+    a = r.requests["arrival_ns"]
+    return int(a[a > 0].min() + r.wall_minus_mono_ns) if np.any(a > 0) else r.wall_minus_mono_ns
+
+
+def _series(name: str, runs: list[RunData]) -> Series:
+    t0 = min(_first_wall(r) for r in runs)
+    parts: dict[str, list] = {}
+    spans_unlinked: dict[str, list] = {}
+    samples: dict[tuple[str, str], list] = {}
+    events: list[dict] = []
+    bounds = []
+    span_names = sorted({n for r in runs for n in r.spans["name"].tolist()})
+    for i, r in enumerate(runs):
+        q = r.requests
+        off = r.wall_minus_mono_ns - t0
+        arrival = q["arrival_ns"]
+        keep = arrival > 0
+        total = r.stage_ns("total")
+        st = {s: r.stage_ns(s) for s in SERVICE_STAGES}
+        service = sum(np.where(v > 0, v, 0) for v in st.values())
+        wait = np.where(total >= 0, np.maximum(total - service, 0), -1)
+        start, end = arrival.copy(), q["completion_ns"].copy()
+        linked = {n: np.zeros(arrival.size, np.int64) for n in span_names}
+        if r.spans["name"].size:
+            pos = {int(rid): j for j, rid in enumerate(q["request_id"].tolist())}
+            for n, s0, s1, rid in zip(r.spans["name"], r.spans["start_ns"], r.spans["end_ns"],
+                                      r.spans["request_id"], strict=True):
+                j = pos.get(int(rid), -1) if rid >= 0 else -1
+                if j < 0:
+                    spans_unlinked.setdefault(str(n), []).append(((s0 + off) / 1e9, s1 - s0))
+                    continue
+                linked[str(n)][j] += s1 - s0
+                start[j] = min(start[j], s0)
+                end[j] = max(end[j], s1)
+        e2e = np.where((total >= 0) & (end >= start), end - start, -1)
+        t = (arrival + off) / 1e9
+        bucket = np.where(q["bucket"] > 0, q["bucket"], np.maximum(q["batch_size"], 1))
+        cols = {"t": t, "run_idx": np.full(arrival.size, i), "ok": q["status"] == "ok", "e2e_ns": e2e,
+                "wait_ns": wait, "bucket": bucket, "queue_depth": q["queue_depth"],
+                "batch": np.where(q["batch_id"] >= 0, i * 2**32 + q["batch_id"], -1)}
+        for col, (a, b) in {"compute": ("compute_start_ns", "compute_end_ns"),
+                            "form": ("decode_start_ns", "preprocess_end_ns")}.items():
+            ok_ = (q[a] > 0) & (q[b] >= q[a])
+            cols[f"{col}0"] = np.where(ok_, (q[a] + off) / 1e9, np.nan)
+            cols[f"{col}1"] = np.where(ok_, (q[b] + off) / 1e9, np.nan)
+        cols.update({f"stage:{s}": v for s, v in st.items()})
+        cols.update({f"span:{n}": v for n, v in linked.items()})
+        for k, v in cols.items():
+            parts.setdefault(k, []).append(v[keep])
+        if np.any(keep):
+            bounds.append((float(t[keep].min()), float(t[keep].max())))
+        else:
+            bounds.append((math.nan, math.nan))
+        for key, (ts, val) in r.samples.items():
+            samples.setdefault(key, []).append(((ts + off) / 1e9, val))
+        for j in range(r.events["ts_ns"].size):
+            events.append({"t": (int(r.events["ts_ns"][j]) + off) / 1e9, "source": str(r.events["source"][j]),
+                           "kind": str(r.events["kind"][j]), "value": float(r.events["value"][j]),
+                           "detail": str(r.events["detail"][j])})
+    cat = {k: np.concatenate(v) for k, v in parts.items()}
+    order = np.argsort(cat["t"], kind="stable")
+    cat = {k: v[order] for k, v in cat.items()}
+    samp = {}
+    for key, lst in samples.items():
+        ts = np.concatenate([a for a, _ in lst])
+        vs = np.concatenate([b for _, b in lst])
+        o = np.argsort(ts, kind="stable")
+        samp[key] = (ts[o], vs[o])
+    unl = {}
+    for n, lst in spans_unlinked.items():
+        arr = np.array(lst, dtype=np.float64).reshape(-1, 2)
+        unl[n] = (arr[:, 0], arr[:, 1].astype(np.int64))
+    return Series(
+        name=name, runs=runs, t0_wall_ns=t0, t=cat["t"], run_idx=cat["run_idx"], ok=cat["ok"],
+        e2e_ns=cat["e2e_ns"], wait_ns=cat["wait_ns"],
+        stage_ns={s: cat[f"stage:{s}"] for s in SERVICE_STAGES}, bucket=cat["bucket"],
+        queue_depth=cat["queue_depth"], batch=cat["batch"],
+        compute_s=np.column_stack([cat["compute0"], cat["compute1"]]),
+        form_s=np.column_stack([cat["form0"], cat["form1"]]), span_ns={n: cat[f"span:{n}"] for n in span_names},
+        unlinked_spans=unl, samples=samp, events=sorted(events, key=lambda e: e["t"]), run_bounds=bounds,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Intervals and change points
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Intervals:
+    edges: np.ndarray     # s, len n+1
+    count: np.ndarray     # arrivals (all statuses)
+    p50_ms: np.ndarray    # nan where no ok request
+    p99_ms: np.ndarray
+
+
+def auto_interval(series: Series) -> float:
+    if series.t.size < 2:
+        return 1.0
+    span = float(series.t[-1] - series.t[0]) or 1.0
+    rate = series.t.size / span
+    width = max(50.0 / rate, span / 300.0)
+    return float(min(max(width, 0.25), 60.0))
+
+
+def intervals(series: Series, width: float) -> Intervals:
+    t0 = float(series.t[0]) if series.t.size else 0.0
+    n = max(1, int(math.ceil((float(series.t[-1]) - t0) / width + 1e-9))) if series.t.size else 1
+    edges = t0 + width * np.arange(n + 1)
+    idx = np.clip(((series.t - t0) // width).astype(np.int64), 0, n - 1)
+    count = np.bincount(idx, minlength=n)
+    p50 = np.full(n, np.nan)
+    p99 = np.full(n, np.nan)
+    good = series.ok & (series.e2e_ns >= 0)
+    lat = series.e2e_ns / 1e6
+    order = np.argsort(idx[good], kind="stable")
+    gi, gl = idx[good][order], lat[good][order]
+    bounds = np.searchsorted(gi, np.arange(n + 1))
+    for k in range(n):
+        v = gl[bounds[k]:bounds[k + 1]]
+        if v.size:
+            p50[k], p99[k] = np.percentile(v, 50), np.percentile(v, 99)
+    return Intervals(edges, count, p50, p99)
+
+
+def _noise_scale(x: np.ndarray) -> float:
+    d = np.diff(x)
+    if d.size < 2:
+        return 1.0
+    s = float(np.median(np.abs(d - np.median(d)))) / (0.6745 * math.sqrt(2))
+    return s if s > 1e-9 else float(np.std(d) / math.sqrt(2)) or 1.0
+
+
+def change_points(iv: Intervals) -> list[int]:
+    """Interval indices (into the non-empty intervals) where segments start, first one 0."""
+    import ruptures as rpt
+
+    good = ~np.isnan(iv.p99_ms)
+    x = np.column_stack([np.log(iv.p50_ms[good]), np.log(iv.p99_ms[good])])
+    n = x.shape[0]
+    if n < 6:
+        return [0]
+    x = x / np.array([_noise_scale(x[:, 0]), _noise_scale(x[:, 1])])
+    pen = 3.0 * x.shape[1] * math.log(n)
+    ends = rpt.Pelt(model="l2", min_size=3, jump=1).fit(x).predict(pen=pen)
+    return [0] + [int(e) for e in ends[:-1]]
+
+
+@dataclass
+class Window:
+    start_s: float
+    end_s: float
+    p50_ms: float
+    p99_ms: float
+    ratio_p50: float
+    ratio_p99: float
+    p_value: float
+    n: int
+
+
+@dataclass
+class Detection:
+    interval_s: float
+    intervals: Intervals
+    segments: list[tuple[float, float]]
+    baseline: Window | None
+    windows: list[Window]
+
+
+def _pooled(series: Series, a: float, b: float) -> np.ndarray:
+    m = (series.t >= a) & (series.t < b) & series.ok & (series.e2e_ns >= 0)
+    return series.e2e_ns[m] / 1e6
+
+
+def _subsample(x: np.ndarray, rng) -> np.ndarray:
+    return x if x.size <= _MW_MAX else rng.choice(x, _MW_MAX, replace=False)
+
+
+def greater_p(a: np.ndarray, b: np.ndarray) -> float:
+    """One-sided Mann-Whitney U p-value for "a tends to be larger than b" (seeded subsample)."""
+    if a.size < 3 or b.size < 3:
+        return 1.0
+    rng = np.random.default_rng(0)
+    return float(stats.mannwhitneyu(_subsample(a, rng), _subsample(b, rng), alternative="greater").pvalue)
+
+
+def detect(series: Series, interval_s: float | None = None, min_ratio: float = MIN_RATIO,
+           alpha: float = ALPHA) -> Detection:
+    width = interval_s or auto_interval(series)
+    iv = intervals(series, width)
+    good = np.flatnonzero(~np.isnan(iv.p99_ms))
+    if good.size == 0:
+        return Detection(width, iv, [], None, [])
+    starts = change_points(iv)
+    seg_idx = [(good[s], good[e - 1] if e > 0 else good[-1])
+               for s, e in zip(starts, starts[1:] + [good.size], strict=True)]
+    segments = [(float(iv.edges[a]), float(iv.edges[b + 1])) for a, b in seg_idx]
+    min_len = max(3, int(0.1 * good.size))
+    lens = [np.count_nonzero((good >= a) & (good <= b)) for a, b in seg_idx]
+    cands = [i for i, n in enumerate(lens) if n >= min_len] or list(range(len(segments)))
+    levels = {i: _pooled(series, *segments[i]) for i in range(len(segments))}
+    base_i = min(cands, key=lambda i: np.percentile(levels[i], 99) if levels[i].size else np.inf)
+    base = levels[base_i]
+    b50, b99 = float(np.percentile(base, 50)), float(np.percentile(base, 99))
+    baseline = Window(*segments[base_i], b50, b99, 1.0, 1.0, 1.0, int(base.size))
+    wins: list[Window] = []
+    for i, (a, b) in enumerate(segments):
+        v = levels[i]
+        if i == base_i or v.size < 3:
+            continue
+        p50, p99 = float(np.percentile(v, 50)), float(np.percentile(v, 99))
+        r50, r99 = p50 / b50, p99 / b99
+        if max(r50, r99) < min_ratio:
+            continue
+        p = greater_p(v, base)
+        if p >= alpha:
+            continue
+        if wins and math.isclose(wins[-1].end_s, a):
+            a = wins[-1].start_s
+            v = _pooled(series, a, b)
+            p50, p99 = float(np.percentile(v, 50)), float(np.percentile(v, 99))
+            r50, r99, p = p50 / b50, p99 / b99, greater_p(v, base)
+            wins.pop()
+        wins.append(Window(a, b, p50, p99, r50, r99, p, int(v.size)))
+    return Detection(width, iv, segments, baseline, wins)
