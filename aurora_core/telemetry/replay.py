@@ -457,7 +457,7 @@ class SimulatedNvml:
         u.gpu, u.memory = int(self._util()), int(self._util() * 0.4)
         return u
 
-    def nvmlDeviceGetMemoryInfo(self, h):
+    def nvmlDeviceGetMemoryInfo(self, h, version=None):
         self._check()
         m = pynvml.c_nvmlMemory_t()
         m.total, m.used = 80 << 30, 21 << 30

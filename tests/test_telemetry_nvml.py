@@ -1,0 +1,280 @@
+"""NVML backend against autospec mocks of the real pynvml module (no GPU here), plus the error matrix.
+
+The mock is ``create_autospec(pynvml)``: a function renamed or re-signatured in nvidia-ml-py makes these
+tests fail. Its behaviour comes from ``SimulatedNvml`` (a small GPU model); every pynvml function the
+model does not implement raises NVMLError_FunctionNotFound, as a driver without it would.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+import time
+from unittest import mock
+
+import pynvml
+import pytest
+
+from aurora_core.records import RequestRecord
+from aurora_core.telemetry.nvml import GPU_METRICS, NvmlBackend, NvmlEventWatcher
+from aurora_core.telemetry.replay import SimulatedNvml
+from aurora_core.telemetry.sampler import TelemetrySampler
+
+# docs/CONTRACTS.md, "GPU metric names".
+CONTRACT_GPU = {
+    "util_gpu_busy_pct", "util_mem_busy_pct", "mem_used_bytes", "mem_total_bytes", "sm_clock_mhz",
+    "sm_clock_max_mhz", "sm_clock_app_mhz", "mem_clock_mhz", "mem_clock_max_mhz", "temp_c", "temp_slowdown_c",
+    "temp_margin_c", "power_w", "power_limit_w", "energy_mj", "clocks_event_reasons", "throttle_frac_power",
+    "throttle_frac_thermal", "throttle_frac_sync_boost", "throttle_frac_board_limit", "throttle_frac_low_util",
+    "throttle_frac_reliability", "throttle_frac_hw_slowdown", "throttle_frac_hw_thermal",
+    "throttle_frac_power_brake", "idle_clocks", "pcie_tx_bytes_s", "pcie_rx_bytes_s", "pcie_gen", "pcie_gen_max",
+    "pcie_width", "pcie_width_max", "pcie_replay_count", "ecc_sbe", "ecc_dbe", "remapped_rows_pending",
+    "gpm_sm_util_pct", "gpm_sm_occupancy_pct", "gpm_tensor_active_pct", "gpm_dram_bw_util_pct", "stale_age_s",
+    "sampler_cpu_s",
+}
+GPM = {"gpm_sm_util_pct", "gpm_sm_occupancy_pct", "gpm_tensor_active_pct", "gpm_dram_bw_util_pct"}
+
+
+_SHARED: list = []
+
+
+def autospec_api(sim: SimulatedNvml, fresh: bool = False):
+    """An autospec of pynvml driven by ``sim``. Speccing the module is slow, so tests share one mock
+    (reset here) unless a test leaves threads behind that may still call it (``fresh``)."""
+    if fresh or not _SHARED:
+        api = mock.create_autospec(pynvml, instance=False)
+        if not fresh:
+            _SHARED.append(api)
+    else:
+        api = _SHARED[0]
+        api.reset_mock(return_value=True, side_effect=True)
+    for name in dir(pynvml):
+        fn = getattr(pynvml, name)
+        if name.startswith("nvml") and inspect.isfunction(fn):
+            impl = getattr(sim, name, None)
+            getattr(api, name).side_effect = impl or pynvml.NVMLError(pynvml.NVML_ERROR_FUNCTION_NOT_FOUND)
+    return api
+
+
+class FakeClock:
+    def __init__(self, t_s: float = 100.0):
+        self.t_ns = int(t_s * 1e9)
+
+    def __call__(self) -> int:
+        return self.t_ns
+
+    def advance(self, s: float) -> None:
+        self.t_ns += int(s * 1e9)
+
+
+def run_ticks(backend, sim, clock, n, period=0.1):
+    out = []
+    for _ in range(n):
+        sim.t_s += period
+        clock.advance(period)
+        out.append(backend.tick())
+    return out
+
+
+def test_simulator_surface_is_real_pynvml():
+    # Every function the model offers exists in pynvml with the same parameters: the model cannot
+    # drift from the real API without this failing.
+    for name in dir(SimulatedNvml):
+        if name.startswith("nvml"):
+            real = getattr(pynvml, name)
+            ours = inspect.signature(getattr(SimulatedNvml(), name))
+            assert len(ours.parameters) == len(inspect.signature(real).parameters), name
+
+
+def test_contract_metrics_and_one_field_call_per_tick():
+    sim, clock = SimulatedNvml(), FakeClock()
+    api = autospec_api(sim)
+    be = NvmlBackend(api, clock=clock)
+    ticks = run_ticks(be, sim, clock, 3)
+    values = ticks[-1][0].values
+    assert ticks[-1][0].source == "gpu0"
+    assert set(values) <= CONTRACT_GPU
+    assert set(GPU_METRICS) - GPM <= set(values), sorted(set(GPU_METRICS) - GPM - set(values))
+    assert set(be.missing()) == {f"gpu0.{m}" for m in GPM}
+    assert all("nvmlGpmQueryDeviceSupport" in r for r in be.missing().values())
+    # probe: 1 field call; each tick after it: exactly 1 (all fields batched)
+    assert api.nvmlDeviceGetFieldValues.call_count == 1 + 3
+    # units: NVML mW -> W, bytes stay bytes, margin derived from the threshold
+    assert values["power_w"] == pytest.approx(280.0)
+    assert values["power_limit_w"] == pytest.approx(350.0)
+    assert values["mem_total_bytes"] == 80 << 30
+    assert values["temp_margin_c"] == values["temp_slowdown_c"] - values["temp_c"] == 25.0
+    assert values["pcie_tx_bytes_s"] == pytest.approx(2e9, rel=1e-6)
+    assert values["sm_clock_mhz"] / values["sm_clock_max_mhz"] == 1.0
+    assert values["stale_age_s"] == 0.0
+    caps = be.capabilities()["gpu0"]
+    assert caps["info"]["name"] == "Aurora Synthetic GPU"
+    assert caps["supported"]["throttle_frac_thermal"].startswith(f"field {pynvml.NVML_FI_DEV_CLOCKS_EVENT_REASON_SW_THERM_SLOWDOWN}")
+
+
+def test_old_driver_falls_back_to_throttle_reasons_call():
+    sim, clock = SimulatedNvml("hw_slowdown", 0.0, 10.0), FakeClock()
+    api = autospec_api(sim)
+    api.nvmlDeviceGetCurrentClocksEventReasons.side_effect = pynvml.NVMLError(pynvml.NVML_ERROR_FUNCTION_NOT_FOUND)
+    api.nvmlDeviceGetCurrentClocksThrottleReasons.side_effect = sim.nvmlDeviceGetCurrentClocksEventReasons
+    be = NvmlBackend(api, clock=clock)
+    v = run_ticks(be, sim, clock, 2)[-1][0].values
+    assert int(v["clocks_event_reasons"]) & pynvml.nvmlClocksThrottleReasonHwSlowdown
+    assert v["throttle_frac_hw_slowdown"] == 1.0
+    assert be.capabilities()["gpu0"]["supported"]["clocks_event_reasons"] == "nvmlDeviceGetCurrentClocksThrottleReasons"
+
+
+@pytest.mark.parametrize("counters,via", [("violation", "nvmlDeviceGetViolationStatus"), ("bitmask", "bit")])
+def test_throttle_counter_fallbacks(counters, via):
+    sim, clock = SimulatedNvml("thermal", 0.0, 10.0, counters=counters), FakeClock()
+    be = NvmlBackend(autospec_api(sim), clock=clock)
+    v = run_ticks(be, sim, clock, 3)[-1][0].values
+    assert v["throttle_frac_thermal"] == pytest.approx(1.0)
+    assert v["throttle_frac_power"] == 0.0
+    assert via in be.capabilities()["gpu0"]["supported"]["throttle_frac_thermal"]
+
+
+def test_gpm_metrics_on_hopper_like_device():
+    sim, clock = SimulatedNvml(gpm=True), FakeClock()
+    be = NvmlBackend(autospec_api(sim), clock=clock)
+    first, second = run_ticks(be, sim, clock, 2)
+    assert not GPM & set(first[0].values)  # GPM needs two samples
+    assert second[0].values["gpm_sm_util_pct"] == pytest.approx(95.0 * 0.9)
+    assert second[0].values["gpm_dram_bw_util_pct"] == pytest.approx(37.0)
+
+
+def test_unsupported_at_probe_is_missing_with_reason_not_stale():
+    sim, clock = SimulatedNvml(), FakeClock()
+    api = autospec_api(sim)
+    api.nvmlDeviceGetTemperature.side_effect = pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+    be = NvmlBackend(api, clock=clock)
+    v = run_ticks(be, sim, clock, 2)[-1][0].values
+    assert "temp_c" not in v and "temp_margin_c" not in v  # absent, never a fake 0
+    assert v["stale_age_s"] == 0.0
+    assert be.missing()["gpu0.temp_c"] == "nvmlDeviceGetTemperature: Not Supported"
+    calls = api.nvmlDeviceGetTemperature.call_count
+    run_ticks(be, sim, clock, 2)
+    assert api.nvmlDeviceGetTemperature.call_count == calls  # probed once, never called again
+
+
+ERRORS = {
+    "NotSupported": pynvml.NVML_ERROR_NOT_SUPPORTED,
+    "FunctionNotFound": pynvml.NVML_ERROR_FUNCTION_NOT_FOUND,
+    "GpuIsLost": pynvml.NVML_ERROR_GPU_IS_LOST,
+    "Unknown": pynvml.NVML_ERROR_UNKNOWN,
+}
+
+
+@pytest.mark.parametrize("err", list(ERRORS))
+def test_error_during_sampling_goes_stale_then_recovers(err):
+    sim, clock = SimulatedNvml(), FakeClock()
+    api = autospec_api(sim)
+    be = NvmlBackend(api, clock=clock)
+    run_ticks(be, sim, clock, 2)
+    exc_cls = getattr(pynvml, f"NVMLError_{err}")
+    api.nvmlDeviceGetUtilizationRates.side_effect = exc_cls()
+    assert exc_cls().value == ERRORS[err]
+    stale = run_ticks(be, sim, clock, 3)  # never raises: this is what keeps requests untouched
+    ages = [t[0].values["stale_age_s"] for t in stale]
+    assert all(set(t[0].values) == {"stale_age_s"} for t in stale)
+    assert ages == sorted(ages) and ages[0] > 0
+    events = be.drain_events()
+    assert events[0].kind == ("gpu_lost" if err == "GpuIsLost" else "sampler_error")
+    assert "retry in" in events[0].detail
+    api.nvmlDeviceGetUtilizationRates.side_effect = sim.nvmlDeviceGetUtilizationRates
+    good = run_ticks(be, sim, clock, 40)  # long enough for the backoff (0.5 s, then 1 s, ...)
+    assert good[-1][0].values["stale_age_s"] == 0.0
+    assert "util_gpu_busy_pct" in good[-1][0].values
+    assert any(e.kind == "sampler_recovered" for e in be.drain_events())
+    assert api.nvmlInit.call_count >= 2  # recovery is a re-init
+
+
+def test_gpu_lost_during_init_retries_with_backoff():
+    sim, clock = SimulatedNvml(), FakeClock()
+    api = autospec_api(sim)
+    api.nvmlDeviceGetCount.side_effect = pynvml.NVMLError_GpuIsLost()
+    be = NvmlBackend(api, clock=clock)
+    run_ticks(be, sim, clock, 30)  # 3 s: retries at 0.5 s, then +1 s, then +2 s
+    assert api.nvmlInit.call_count == 3
+    assert not be.healthy and "GPU is lost" in be.error
+    api.nvmlDeviceGetCount.side_effect = sim.nvmlDeviceGetCount
+    run_ticks(be, sim, clock, 60)
+    assert be.healthy
+
+
+def test_event_watcher_reports_xid():
+    sim = SimulatedNvml(xid_at=[0.5])
+    api = autospec_api(sim)
+    w = NvmlEventWatcher(api, clock=lambda: 7)
+    sim.t_s = 0.2
+    assert w.poll(0) == []
+    sim.t_s = 0.6
+    (ev,) = w.poll(0)
+    assert (ev.source, ev.kind, ev.value, ev.ts_ns) == ("gpu0", "xid", 79.0, 7)
+    w.close()
+    api.nvmlEventSetFree.assert_called_once()
+
+
+def test_live_pynvml_without_a_driver_is_missing_not_fatal():
+    try:
+        pynvml.nvmlInit()
+        pynvml.nvmlShutdown()
+        pytest.skip("NVML works here; this checks the no-driver path")
+    except pynvml.NVMLError:
+        pass
+    be = NvmlBackend()
+    assert be.tick() == []  # no known GPU yet: nothing to mark stale
+    assert "gpu" in be.missing() and be.missing()["gpu"].startswith("init:")
+    s = TelemetrySampler(gpu="auto", cpu=False)
+    assert s._resolve_gpu() is None and s.missing()["gpu"].startswith("NVML unavailable")
+
+
+def wait_for(cond, timeout=10.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_hung_call_does_not_block_requests_or_stop():
+    """A call that would hang 10 s: stale marking, poller restart (recovery), bounded stop()."""
+    sim = SimulatedNvml()
+    api = autospec_api(sim, fresh=True)
+    release, in_hang = threading.Event(), threading.Event()
+    n = {"calls": 0}
+
+    def util(h):
+        n["calls"] += 1
+        if n["calls"] == 4:  # the 3rd tick after the probe hangs
+            in_hang.set()
+            release.wait(10.0)
+        return sim.nvmlDeviceGetUtilizationRates(h)
+
+    api.nvmlDeviceGetUtilizationRates.side_effect = util
+    got, events = [], []
+    from aurora_core.export.prometheus import PrometheusExporter
+
+    exporter = PrometheusExporter()
+    s = TelemetrySampler(callbacks=[got.append, exporter], event_callbacks=[events.append], period_s=0.02,
+                         gpu=True, cpu=False, nvml_api=api, hang_timeout_s=0.5, stale_after_s=0.1)
+    try:
+        s.start()
+        assert in_hang.wait(10.0)
+        # the request path while NVML hangs: a record through the sink, a /metrics render, latest()
+        exporter(RequestRecord(request_id=1, arrival_ns=1, completion_ns=2))
+        assert b"nv_inference_request_success" in exporter.generate()
+        assert not release.is_set()
+        assert wait_for(lambda: any(x.values.get("stale_age_s", 0) > 0 for x in got))
+        assert wait_for(lambda: any(e.kind == "sampler_error" and "blocked" in e.detail for e in events))
+        # recovery: a new poller re-initialises and good samples flow while the old call is still stuck
+        n_before = len(got)
+        assert wait_for(lambda: any(x.values.get("stale_age_s") == 0.0 and "util_gpu_busy_pct" in x.values
+                                    for x in got[n_before:]))
+        assert in_hang.is_set() and not release.is_set()
+    finally:
+        s.stop()
+        stopped_while_hung = not release.is_set()
+        release.set()
+    assert stopped_while_hung  # stop() returned although the NVML call had not
