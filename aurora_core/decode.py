@@ -36,6 +36,8 @@ import io
 import operator
 import re
 import struct
+import sys
+import types
 import zlib
 from typing import NamedTuple
 
@@ -447,3 +449,18 @@ def _orient(img: np.ndarray, orientation: int) -> np.ndarray:
         8: t[::-1],  # ROTATE_90 (counter-clockwise)
     }[orientation]
     return np.ascontiguousarray(view)
+
+
+class _CallableModule(types.ModuleType):
+    """``aurora_core.decode`` is both this module and the public function (DESIGN.md: ``ac.decode(data)``).
+
+    Importing a submodule binds it on the package, so ``ac.decode`` is this module whenever anything has
+    imported ``aurora_core.decode``; making the module callable keeps ``ac.decode(data)`` and
+    ``ac.decode.decode_ex(...)`` both working, whichever import happened first.
+    """
+
+    def __call__(self, data, max_pixels: int = 50_000_000, max_bytes: int = 32 << 20, min_size=None):
+        return decode(data, max_pixels=max_pixels, max_bytes=max_bytes, min_size=min_size)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -99,6 +99,14 @@ def test_input_types_give_the_same_image():
     np.testing.assert_array_equal(decode(memoryview(strided)), ref)
 
 
+def test_package_level_decode_is_callable():
+    import aurora_core as ac
+
+    data = sample_bytes("rocket_0.3mp")
+    np.testing.assert_array_equal(ac.decode(data, min_size=(100, 100)), decode(data, min_size=(100, 100)))
+    assert ac.decode_ex is decode_ex and ac.probe is probe
+
+
 @pytest.mark.parametrize("bad", ["abc", None, 12, np.zeros(10, np.uint8), [255, 216]])
 def test_non_bytes_input_is_a_type_error(bad):
     with pytest.raises(TypeError, match="decode: expected bytes"):
