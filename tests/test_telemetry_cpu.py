@@ -1,0 +1,138 @@
+"""CPU backend: /proc and /sys parsing against fixture trees, missing-with-reason, and a live smoke test."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from aurora_core.telemetry.cpu import CpuBackend
+from aurora_core.telemetry.sampler import TelemetrySampler
+
+# docs/CONTRACTS.md, "CPU metric names" (per-core names are cpu_core{N}_util_pct).
+CONTRACT_CPU = {
+    "cpu_util_pct", "steal_pct", "iowait_pct", "load1", "runq", "freq_mhz", "cgroup_throttled_frac",
+    "cgroup_nr_throttled", "psi_cpu_some_avg10", "psi_mem_some_avg10", "psi_mem_full_avg10", "psi_io_some_avg10",
+    "proc_rss_bytes", "proc_threads", "proc_ctx_switches", "swap_used_bytes", "mem_available_bytes",
+    "thermal_throttle_count", "proc_cpu_pct", "sampler_cpu_s",
+}
+
+
+def write(root: Path, rel: str, text: str) -> None:
+    p = root / rel
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(text)
+
+
+def stat(cpu, c0, c1, running=3):
+    # user nice system idle iowait irq softirq steal guest guest_nice
+    line = lambda name, v: f"{name} " + " ".join(str(x) for x in v) + " 0 0\n"  # noqa: E731
+    return line("cpu", cpu) + line("cpu0", c0) + line("cpu1", c1) + f"ctxt 1\nprocs_running {running}\n"
+
+
+@pytest.fixture
+def host(tmp_path):
+    proc, sys_ = tmp_path / "proc", tmp_path / "sys"
+    write(proc, "stat", stat([100, 0, 50, 800, 20, 0, 0, 30], [50, 0, 25, 400, 10, 0, 0, 15], [50, 0, 25, 400, 10, 0, 0, 15]))
+    write(proc, "loadavg", "1.50 1.00 0.50 4/300 1234\n")
+    write(proc, "pressure/cpu", "some avg10=12.50 avg60=3.00 avg300=1.00 total=100\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=0\n")
+    write(proc, "pressure/memory", "some avg10=1.25 avg60=0 avg300=0 total=1\nfull avg10=0.50 avg60=0 avg300=0 total=1\n")
+    write(proc, "pressure/io", "some avg10=7.00 avg60=0 avg300=0 total=1\nfull avg10=1.00 avg60=0 avg300=0 total=1\n")
+    write(proc, "meminfo", "MemTotal: 1000 kB\nMemAvailable: 600 kB\nSwapTotal: 200 kB\nSwapFree: 150 kB\n")
+    write(proc, "self/cgroup", "0::/app.slice/svc\n")
+    write(sys_, "fs/cgroup/app.slice/svc/cpu.max", "200000 100000\n")
+    write(sys_, "fs/cgroup/app.slice/svc/cpu.stat", "usage_usec 5\nnr_periods 100\nnr_throttled 10\nthrottled_usec 999\n")
+    for i, (khz, thr) in enumerate(((2_000_000, 3), (3_000_000, 4))):
+        write(sys_, f"devices/system/cpu/cpu{i}/cpufreq/scaling_cur_freq", f"{khz}\n")
+        write(sys_, f"devices/system/cpu/cpu{i}/thermal_throttle/core_throttle_count", f"{thr}\n")
+    return proc, sys_
+
+
+def test_fixture_host_exact_values(host):
+    proc, sys_ = host
+    be = CpuBackend(proc=str(proc), sys=str(sys_), slow_every=1)
+    first = be.tick().values
+    assert "cpu_util_pct" not in first  # needs two readings: absent, not 0
+    assert first["freq_mhz"] == 2500.0 and first["thermal_throttle_count"] == 7.0
+    # +100 jiffies per core: core0 all busy user, core1 half idle half iowait; total adds 40 steal
+    write(proc, "stat", stat([200, 0, 50, 850, 70, 0, 0, 70], [150, 0, 25, 400, 10, 0, 0, 15],
+                             [50, 0, 25, 450, 60, 0, 0, 15], running=5))
+    write(sys_, "fs/cgroup/app.slice/svc/cpu.stat", "nr_periods 150\nnr_throttled 30\nthrottled_usec 2000\n")
+    v = be.tick().values
+    total = 100 + 50 + 50 + 40
+    assert v["cpu_util_pct"] == pytest.approx(100 * (total - 100) / total)
+    assert v["steal_pct"] == pytest.approx(100 * 40 / total)
+    assert v["iowait_pct"] == pytest.approx(100 * 50 / total)
+    assert v["cpu_core0_util_pct"] == pytest.approx(100.0)
+    assert v["cpu_core1_util_pct"] == pytest.approx(0.0)
+    assert v["runq"] == 5 and v["load1"] == 1.5
+    assert v["psi_cpu_some_avg10"] == 12.5 and v["psi_mem_some_avg10"] == 1.25
+    assert v["psi_mem_full_avg10"] == 0.5 and v["psi_io_some_avg10"] == 7.0
+    assert v["mem_available_bytes"] == 600 * 1024 and v["swap_used_bytes"] == 50 * 1024
+    assert v["cgroup_nr_throttled"] == 30
+    assert v["cgroup_throttled_frac"] == pytest.approx(20 / 50)
+    assert v["proc_rss_bytes"] > 0 and v["proc_threads"] >= 1
+    names = {k for k in v if not (k.startswith("cpu_core") and k.endswith("_util_pct"))}
+    assert names <= CONTRACT_CPU
+    assert be.missing == {}
+
+
+def test_cgroup_v1(tmp_path):
+    proc, sys_ = tmp_path / "proc", tmp_path / "sys"
+    write(proc, "self/cgroup", "4:memory:/x\n3:cpu,cpuacct:/docker/abc\n")
+    write(sys_, "fs/cgroup/cpu,cpuacct/docker/abc/cpu.stat", "nr_periods 10\nnr_throttled 1\nthrottled_time 5\n")
+    write(sys_, "fs/cgroup/cpu,cpuacct/docker/abc/cpu.cfs_quota_us", "50000\n")
+    be = CpuBackend(proc=str(proc), sys=str(sys_))
+    assert be.capabilities()["cgroup"]["version"] == 1
+    be.tick()
+    write(sys_, "fs/cgroup/cpu,cpuacct/docker/abc/cpu.stat", "nr_periods 20\nnr_throttled 6\nthrottled_time 9\n")
+    v = be.tick().values
+    assert v["cgroup_nr_throttled"] == 6 and v["cgroup_throttled_frac"] == pytest.approx(0.5)
+
+
+def test_unlimited_cgroup_reports_count_but_no_fraction(host):
+    proc, sys_ = host
+    write(sys_, "fs/cgroup/app.slice/svc/cpu.max", "max 100000\n")
+    be = CpuBackend(proc=str(proc), sys=str(sys_))
+    be.tick()
+    v = be.tick().values
+    assert "cgroup_throttled_frac" not in v and v["cgroup_nr_throttled"] == 10
+    assert "no CPU quota" in be.missing["cgroup_throttled_frac"]
+
+
+def test_bare_host_records_missing_with_reasons(tmp_path):
+    proc, sys_ = tmp_path / "proc", tmp_path / "sys"
+    write(proc, "stat", stat([1] * 8, [1] * 8, [1] * 8))
+    be = CpuBackend(proc=str(proc), sys=str(sys_))
+    v = be.tick().values
+    for m in ("psi_cpu_some_avg10", "thermal_throttle_count", "cgroup_throttled_frac", "load1", "freq_mhz",
+              "mem_available_bytes"):
+        assert m not in v, m
+        assert be.missing[m], m
+    assert "pressure" in be.missing["psi_cpu_some_avg10"]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="needs Linux /proc")
+def test_live_host_sane():
+    be = CpuBackend()
+    be.tick()
+    v = be.tick().values
+    for k, x in v.items():
+        if k.endswith("_pct") and k != "proc_cpu_pct":
+            assert 0.0 <= x <= 100.0 + 1e-6, (k, x)
+    assert v["proc_rss_bytes"] > 0
+
+
+def test_sampler_cpu_only_publishes_and_accounts_its_cpu_time():
+    got = []
+    with TelemetrySampler(callbacks=[got.append], period_s=0.02, gpu=False) as s:
+        deadline = time.monotonic() + 10
+        while len([x for x in got if x.source == "cpu"]) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    cpu = [x for x in got if x.source == "cpu"]
+    assert len(cpu) >= 3
+    assert cpu[-1].values["sampler_cpu_s"] > 0
+    assert s.latest()["cpu"].ts_ns == cpu[-1].ts_ns  # latest() is the newest published sample
+    assert "cpu" in s.capabilities() and s.capabilities()["gpu"] == {}
