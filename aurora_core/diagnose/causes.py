@@ -379,15 +379,15 @@ def _regression(series, base: Range, win: Range, rate_ratio, slowdown_share, che
     ib, iw = _dominant_run(series, base), _dominant_run(series, win)
     fb, fw = series.fingerprint(ib), series.fingerprint(iw)
     changed = {k: (fb[k], fw[k]) for k in fb if fb[k] != fw[k]}
-    ev.append(Evidence("deployment change (label/config/model/versions)", None, None, "",
-                       "differs between baseline and window runs", bool(changed)))
+    what = "; ".join(f"{k}: {_short(a)} -> {_short(b)}" for k, (a, b) in changed.items())
+    ev.append(Evidence(f"deployment change ({what or 'none'})", None, None, "",
+                       "label/config/model/versions differ between baseline and window runs", bool(changed)))
     matched = abs(rate_ratio - 1) <= MATCHED_RATE
     ev.append(Evidence("load matched (arrival rate)", base.rate, win.rate, "req/s",
                        f"within +-{MATCHED_RATE:.0%}", matched, primary=False))
     stages = [s for s, _ in shifted]
     desc = ", ".join(f"{s} x{r:.2f}" for s, r in shifted) or "none"
     if changed:
-        what = "; ".join(f"{k}: {_short(a)} -> {_short(b)}" for k, (a, b) in changed.items())
         checked.append(f"regression: stages shifted: {desc}; change: {what}")
     else:
         checked.append(f"regression: stages shifted: {desc}; no label/config/model/version change between "
