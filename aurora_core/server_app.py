@@ -80,7 +80,7 @@ class ServerConfig:
     body_timeout_s: float = 10.0          # whole body must arrive within this (408 otherwise)
     max_concurrent_requests: int = 256    # in-flight /v1/classify requests, body reading included
     retry_after_s: int = 1                # Retry-After on 503
-    top_k: int = 5                        # default k; the pipeline may compute more, never fewer
+    top_k: int = 5                        # default k returned; never more than the pipeline computes
 
     def __post_init__(self):
         for name in ("max_body_bytes", "max_concurrent_requests", "top_k", "retry_after_s"):
@@ -114,9 +114,12 @@ class ClassifyResponse(BaseModel):
 
 
 class ErrorDetail(BaseModel):
-    code: str = Field(description="stable, machine-readable: " + ", ".join(sorted(SERVER_CODES)) + ", or an "
-                      "aurora_core.errors reason (unsupported_format, corrupt_image, image_too_large, "
-                      "overloaded, deadline_exceeded, device_lost, resource_exhausted, pipeline_closed)")
+    code: str = Field(description="stable, machine-readable: " + ", ".join(sorted(SERVER_CODES)) + ", or the "
+                      "class of an aurora_core error (image_error, unsupported_format, corrupt_image, "
+                      "image_too_large, overloaded, deadline_exceeded, device_lost, resource_exhausted, "
+                      "pipeline_closed)")
+    reason: str = Field(description="the finer stable cause (e.g. 'truncated', 'too_many_pixels'); "
+                        "equals code when there is none")
     status: int
     message: str
 
@@ -157,11 +160,13 @@ _CLASSIFY_BODY = {
 }
 
 
-def error_response(status: int, code: str, message: str, request_id: str, retry_after: int | None = None):
+def error_response(status: int, code: str, message: str, request_id: str, retry_after: int | None = None,
+                   reason: str | None = None):
     headers = {"X-Request-Id": request_id}
     if status in _RETRYABLE and retry_after is not None:
         headers["Retry-After"] = str(retry_after)
-    body = {"request_id": request_id, "error": {"code": code, "status": status, "message": message}}
+    body = {"request_id": request_id,
+            "error": {"code": code, "reason": reason or code, "status": status, "message": message}}
     return JSONResponse(body, status_code=status, headers=headers)
 
 
@@ -461,9 +466,8 @@ def create_app(pipeline, config: ServerConfig | None = None, *, registry: Collec
         except HTTPError as e:
             return error_response(e.status, e.code, e.message, rid, config.retry_after_s)
         except errors.AuroraError as e:
-            if isinstance(e, errors.DeviceLost):
-                state.fault = state.fault or f"device lost: {e}"
-            return error_response(e.http_status, e.reason, str(e), rid, config.retry_after_s)
+            # code: the error's class (stable, few); reason: the finer cause the decoder names.
+            return error_response(e.http_status, type(e).reason, str(e), rid, config.retry_after_s, reason=e.reason)
         except ClientDisconnect:
             return Response(status_code=499)
         top = _as_float_list(pred.top_k[: (k or config.top_k)])
@@ -494,7 +498,10 @@ async def _read_image(request: Request, config: ServerConfig) -> bytes:
 async def _infer(request: Request, pipeline, data: bytes, timeout: float, priority: int):
     """The prediction, or None when the client disconnected first (then the request is cancelled,
     and the pipeline never computes it if it has not started)."""
-    fut = pipeline.submit(data, timeout=timeout, priority=priority)
+    try:
+        fut = pipeline.submit(data, timeout=timeout, priority=priority)
+    except (ValueError, TypeError) as e:  # e.g. a priority level this pipeline does not have
+        raise HTTPError(400, "malformed_request", str(e)) from None
     afut = asyncio.wrap_future(fut)
     gone = asyncio.ensure_future(_until_disconnect(request))
     try:
