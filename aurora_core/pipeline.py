@@ -146,18 +146,18 @@ class Pipeline:
         return len(self.batcher)
 
     def stats(self) -> dict:
-        """Counters: admitted, completed, rejected, cancelled, errors (by reason), batches, batches_prepared,
-        graph_replays, eager_runs, oom_splits, plus device and ready."""
+        """Counters. submitted == completed + cancelled + sum(errors.values()); errors (by reason) include
+        the rejected ones (refused at admission: overloaded, pipeline_closed, device_lost). Also batches,
+        batches_prepared, graph_replays, eager_runs, oom_splits, queue_depth, device and ready."""
         with self._stats_lock:
             c = dict(self._counts)
-        errors = {k: v for k, v in c.items() if k not in ("ok", "overloaded", "pipeline_closed", "cancelled",
-                                                          "admitted", "batches_prepared", "submitted")}
+        errors = {k[4:]: v for k, v in c.items() if k.startswith("err:")}
         rc = self._runner.counters
         return {
             "submitted": c.get("submitted", 0),
             "admitted": c.get("admitted", 0),
             "completed": c.get("ok", 0),
-            "rejected": c.get("overloaded", 0) + c.get("pipeline_closed", 0),
+            "rejected": c.get("rejected", 0),
             "cancelled": c.get("cancelled", 0),
             "errors": errors,
             "batches_prepared": c.get("batches_prepared", 0),
@@ -195,6 +195,7 @@ class Pipeline:
                 raise DeviceLost(f"Pipeline: down after a sticky device error ({self._failure}); create a new Pipeline")
             self.batcher.put(req)
         except AuroraError as e:
+            self._count("rejected")
             self._finish(req, exc=e)
             return fut
         self._count("admitted")
@@ -231,7 +232,7 @@ class Pipeline:
         rec = req.record
         rec.completion_ns = now_ns()
         rec.status = status or ("ok" if exc is None else _status(exc))
-        self._count(rec.status)
+        self._count(rec.status if rec.status in ("ok", "cancelled") else "err:" + rec.status)
         for s in self._sinks:
             try:
                 s(rec)
