@@ -12,8 +12,8 @@ Layout, one "process" per kind of track:
   hardware and sampler events (Xid, GPU lost) as global instant events.
 
 Timestamps are µs (floats, ns precision) since the earliest timestamp in the run; the event list is
-sorted by time. Stage times that overlap the previous stage are clipped to keep slices nested (the
-true times stay in args).
+sorted by time. Stages nest when one contains another; a stage sticking out of its enclosing slice is
+clipped to it (the true times stay in args).
 """
 
 from __future__ import annotations
@@ -81,15 +81,19 @@ def trace_events(records: Iterable[RequestRecord] = (), samples: Iterable[Sample
                     "pid": PID_REQUESTS, "tid": lane,
                     "args": {"status": r.status, "batch_id": r.batch_id, "queue_depth": r.queue_depth,
                              "device": r.device, "priority": r.priority}})
-        cursor = a
+        # Stages that overlap (decode while queued, say) nest when one contains the other; one that
+        # sticks out of its enclosing slice is clipped to it, so every lane stays properly nested.
+        stack = [b]  # end times of the open slices, the request at the bottom
         stages = [(getattr(r, s), getattr(r, e), name) for name, (s, e) in STAGES.items() if name != "total"]
-        for s, e, name in sorted((x for x in stages if x[0] and x[1] and x[1] >= x[0]), key=lambda x: x[0]):
-            cs, ce = max(s, cursor, a), min(e, b)
+        for s, e, name in sorted((x for x in stages if x[0] and x[1] and x[1] >= x[0]), key=lambda x: (x[0], -x[1])):
+            while len(stack) > 1 and s >= stack[-1]:
+                stack.pop()
+            cs, ce = max(s, a), min(e, stack[-1])
             if ce < cs:
                 continue
             out.append({"name": name, "ph": "X", "ts": us(cs), "dur": us(ce) - us(cs), "pid": PID_REQUESTS,
                         "tid": lane, "args": {"start_us": us(s), "end_us": us(e)}})
-            cursor = ce
+            stack.append(ce)
         if r.batch_id >= 0 and r.compute_start_ns:
             batches.setdefault(r.batch_id, []).append(r)
     for bid, rs in sorted(batches.items(), key=lambda kv: min(x.compute_start_ns for x in kv[1])):

@@ -1,0 +1,174 @@
+"""Exporters: Prometheus text parsed back with prometheus_client.parser; Chrome-trace JSON structure."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from aurora_core.export.perfetto import export_run, to_chrome_trace
+from aurora_core.export.prometheus import PrometheusExporter
+from aurora_core.records import Event, RequestRecord, Sample, Span, now_ns
+from aurora_core.telemetry.replay import make_synthetic_trace, replay_samples
+
+MS = 1_000_000
+
+
+def rec(i, t0, batch, status="ok", depth=0):
+    t = t0 + i * MS
+    return RequestRecord(request_id=i, arrival_ns=t, enqueue_ns=t + 10_000, batch_closed_ns=t + 510_000,
+                         decode_start_ns=t + 20_000, decode_end_ns=t + 120_000, preprocess_start_ns=t + 120_000,
+                         preprocess_end_ns=t + 320_000, compute_start_ns=t + 600_000, compute_end_ns=t + 1_600_000,
+                         d2h_end_ns=t + 1_700_000, completion_ns=t + 1_800_000, batch_id=batch, batch_size=2,
+                         bucket=2, queue_depth=depth, status=status)
+
+
+def scrape(exp: PrometheusExporter) -> dict[str, list]:
+    out: dict[str, list] = {}
+    for fam in text_string_to_metric_families(exp.generate().decode()):
+        for s in fam.samples:
+            out.setdefault(s.name, []).append((s.labels, s.value))
+    return out
+
+
+def one(m, name, **labels):
+    hits = [v for lab, v in m[name] if all(lab.get(k) == x for k, x in labels.items())]
+    assert len(hits) == 1, (name, labels, m.get(name))
+    return hits[0]
+
+
+def test_prometheus_triton_names_and_values():
+    exp = PrometheusExporter(model="resnet50", version="2", gpu_uuids={"gpu0": "GPU-abc"})
+    t0 = now_ns()
+    for i in range(4):
+        exp(rec(i, t0, batch=i // 2, depth=i))
+    exp(RequestRecord(request_id=9, status="overloaded", queue_depth=7))
+    exp(Sample(now_ns(), "gpu0", {"util_gpu_busy_pct": 40.0, "mem_used_bytes": 5e9, "power_w": 250.0,
+                                  "power_limit_w": 300.0, "energy_mj": 12_000.0, "sm_clock_mhz": 990.0,
+                                  "sm_clock_max_mhz": 1980.0, "temp_margin_c": 12.0, "throttle_frac_power": 0.25,
+                                  "throttle_frac_thermal": 0.0, "stale_age_s": 0.0, "sampler_cpu_s": 0.75}))
+    exp(Sample(now_ns(), "cpu", {"cpu_util_pct": 30.0, "cpu_core1_util_pct": 55.0, "steal_pct": 2.0,
+                                 "sampler_cpu_s": 0.5}))
+    exp(Event(now_ns(), "gpu0", "xid", 79.0))
+    m = scrape(exp)
+    ml = dict(model="resnet50", version="2")
+    assert one(m, "nv_inference_request_success", **ml) == 4
+    assert one(m, "nv_inference_request_failure", reason="overloaded", **ml) == 1
+    assert one(m, "nv_inference_count", **ml) == 4
+    assert one(m, "nv_inference_exec_count", **ml) == 2  # two distinct batches
+    assert one(m, "nv_inference_request_duration_us", **ml) == pytest.approx(4 * 1800)
+    assert one(m, "nv_inference_queue_duration_us", **ml) == pytest.approx(4 * 500)
+    assert one(m, "nv_inference_compute_input_duration_us", **ml) == pytest.approx(4 * (100 + 200))
+    assert one(m, "nv_inference_compute_infer_duration_us", **ml) == pytest.approx(4 * 1000)
+    assert one(m, "nv_inference_compute_output_duration_us", **ml) == pytest.approx(4 * 100)
+    assert one(m, "nv_inference_pending_request_count", **ml) == 7
+    assert one(m, "nv_gpu_utilization", gpu_uuid="GPU-abc") == pytest.approx(0.4)
+    assert one(m, "nv_gpu_memory_used_bytes", gpu_uuid="GPU-abc") == 5e9
+    assert one(m, "nv_gpu_power_usage", gpu_uuid="GPU-abc") == 250.0
+    assert one(m, "nv_gpu_power_limit", gpu_uuid="GPU-abc") == 300.0
+    assert one(m, "nv_energy_consumption", gpu_uuid="GPU-abc") == pytest.approx(12.0)
+    assert one(m, "nv_cpu_utilization") == pytest.approx(0.3)
+    assert one(m, "aurora_throttled_fraction", gpu="gpu0", reason="power") == 0.25
+    assert one(m, "aurora_throttled_fraction", gpu="gpu0", reason="thermal") == 0.0
+    assert one(m, "aurora_sm_clock_ratio", gpu="gpu0") == pytest.approx(0.5)
+    assert one(m, "aurora_temperature_margin_c", gpu="gpu0") == 12.0
+    assert 0.0 <= one(m, "aurora_telemetry_staleness_seconds", source="gpu0") < 60
+    assert one(m, "aurora_sampler_cpu_seconds_total") == 0.75
+    assert one(m, "aurora_events_total", source="gpu0", kind="xid") == 1
+    assert one(m, "aurora_cpu_core_util_pct", core="1") == 55.0
+    assert one(m, "aurora_steal_pct", source="cpu") == 2.0
+    assert one(m, "aurora_stage_duration_seconds_count", stage="compute") == 4
+    assert one(m, "aurora_stage_duration_seconds_sum", stage="compute") == pytest.approx(4e-3)
+
+
+def test_prometheus_stale_sample_drops_readings_and_reports_age():
+    exp = PrometheusExporter()
+    exp(Sample(now_ns(), "gpu0", {"util_gpu_busy_pct": 90.0, "stale_age_s": 0.0}))
+    assert "nv_gpu_utilization" in scrape(exp)
+    exp(Sample(now_ns(), "gpu0", {"stale_age_s": 12.5}))
+    m = scrape(exp)
+    assert "nv_gpu_utilization" not in m  # an old reading is not presented as current
+    assert one(m, "aurora_telemetry_staleness_seconds", source="gpu0") >= 12.5
+
+
+def test_prometheus_rejects_other_objects_and_has_own_registry():
+    a, b = PrometheusExporter(), PrometheusExporter()
+    a(RequestRecord(request_id=1, status="ok"))
+    assert one(scrape(b), "nv_inference_request_success", model="aurora") == 0
+    with pytest.raises(TypeError, match="RequestRecord, Sample or Event"):
+        a("nope")
+
+
+def test_prometheus_from_replayed_throttle_trace():
+    exp = PrometheusExporter()
+    for s in replay_samples(make_synthetic_trace("power", 0.0, 5.0, duration_s=0.5, severity=0.5), base_ns=now_ns()):
+        exp(s)
+    assert one(scrape(exp), "aurora_throttled_fraction", gpu="gpu0", reason="power") == pytest.approx(0.5)
+
+
+def check_trace(trace: dict) -> list[dict]:
+    """Structure every Chrome-trace consumer relies on; returns the events."""
+    text = json.dumps(trace)
+    evs = json.loads(text)["traceEvents"]
+    last = -1.0
+    for e in evs:
+        assert {"name", "ph", "ts", "pid"} <= set(e), e
+        assert e["ph"] in ("X", "C", "i", "M")
+        assert e["ts"] >= last, "ts must not go backwards"
+        last = e["ts"]
+        if e["ph"] == "X":
+            assert e["dur"] >= 0 and "tid" in e
+        if e["ph"] == "C":
+            assert all(isinstance(v, (int, float)) for v in e["args"].values())
+    return evs
+
+
+def test_perfetto_slices_counters_and_nesting():
+    t0 = 50 * 10**9
+    records = [rec(i, t0, batch=i // 2, depth=i) for i in range(6)]
+    samples = [Sample(t0 + k * 100 * MS // 100, "gpu0", {"sm_clock_mhz": 1900.0 - k, "temp_c": 60.0 + k,
+                                                         "power_w": 200.0 + k, "throttle_frac_power": 0.1 * k})
+               for k in range(5)]
+    events = [Event(t0 + 2 * MS, "gpu0", "xid", 79.0, "Xid 79")]
+    spans = [Span("feature_store", t0, t0 + 300_000)]
+    evs = check_trace(to_chrome_trace(records, samples, events, spans))
+    counters = {e["name"] for e in evs if e["ph"] == "C"}
+    assert {"gpu0 sm_clock_mhz", "gpu0 temp_c", "gpu0 power_w", "gpu0 throttle_frac_power", "queue_depth"} <= counters
+    assert any(e["ph"] == "i" and e["name"] == "gpu0 xid" for e in evs)
+    reqs = [e for e in evs if e["ph"] == "X" and e["name"].startswith("request ")]
+    assert len(reqs) == 6 and reqs[0]["ts"] == 0.0 and reqs[0]["dur"] == pytest.approx(1800.0)
+    # requests on one lane never overlap; each stage sits inside its request on the same lane
+    by_lane: dict[int, list] = {}
+    for r in reqs:
+        by_lane.setdefault(r["tid"], []).append(r)
+    for lane in by_lane.values():
+        for a, b in zip(lane, lane[1:], strict=False):
+            assert a["ts"] + a["dur"] <= b["ts"] + 1e-6
+    stages = [e for e in evs if e["ph"] == "X" and e["pid"] == 1 and not e["name"].startswith("request ")]
+    assert {e["name"] for e in stages} == {"queue", "decode", "preprocess", "compute", "d2h"}
+    for st in stages:
+        parent = [r for r in by_lane[st["tid"]] if r["ts"] <= st["ts"] and st["ts"] + st["dur"] <= r["ts"] + r["dur"] + 1e-6]
+        assert parent, st
+    assert len([e for e in evs if e["name"].startswith("batch ")]) == 3
+    assert any(e["name"] == "feature_store" for e in evs)
+
+
+def test_export_run_from_recorder(tmp_path):
+    recorder = pytest.importorskip("aurora_core.recorder")
+    t0 = now_ns()
+    with recorder.Recorder(path=tmp_path / "run", meta={"label": "v1"}) as r:
+        for i in range(4):
+            r(rec(i, t0, batch=i))
+        for s in replay_samples(make_synthetic_trace("thermal", 0.1, 0.3, duration_s=0.5), base_ns=t0):
+            r.add_sample(s)
+        r.add_event(Event(t0 + MS, "gpu0", "xid", 79.0, "x"))
+    out = export_run(tmp_path / "run", tmp_path / "trace.json")
+    trace = json.loads(open(out).read())
+    evs = check_trace(trace)
+    assert trace["metadata"]["label"] == "v1"
+    names = {e["name"] for e in evs}
+    assert {"gpu0 sm_clock_mhz", "gpu0 temp_c", "gpu0 power_w", "gpu0 throttle_frac_thermal", "queue_depth",
+            "gpu0 xid", "request 3"} <= names
+    thermal = [e["args"]["value"] for e in evs if e["name"] == "gpu0 throttle_frac_thermal"]
+    assert max(thermal) == pytest.approx(1.0)
