@@ -14,8 +14,9 @@ memory grow without limit. ``benchmarks/bench_recorder.py`` measures the sink ca
 
 Run file format (version 1)
 ---------------------------
-One SQLite 3 database, ``run.aurora.sqlite`` (journal_mode=WAL, synchronous=NORMAL), written only by the
-writer thread. Tables (all times integer ns on the recorder's monotonic clock):
+One SQLite 3 database, ``run.aurora.sqlite``, written only by the writer thread: journal_mode=WAL and
+synchronous=NORMAL while recording (readers see committed batches), switched back to a single
+rollback-journal file at close. Tables (all times integer ns on the recorder's monotonic clock):
 
 ``meta(key TEXT PRIMARY KEY, value TEXT)``
     value is JSON. Keys always present: ``format`` (1), ``run_id``, ``host``, ``region``, ``label``,
@@ -418,7 +419,10 @@ class Recorder:
                 except Exception as e:
                     self.write_error = e
             with contextlib.suppress(Exception):
+                # WAL is for reading while writing; a closed run is one plain file (no -wal/-shm to
+                # carry along, readable from a read-only directory).
                 self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                self._db.execute("PRAGMA journal_mode=DELETE")
             self._db.close()
         if self.write_error is not None:
             raise RuntimeError(f"Recorder: run file {self.path} is incomplete") from self.write_error

@@ -154,13 +154,15 @@ def test_streaming_bounded_ring_and_readable_while_writing(tmp_path):
     rec.flush()
     partial = load_run(tmp_path / "r.sqlite")  # WAL: a reader sees committed rows while open
     assert partial.n_requests == 2 * n_per
+    db = sqlite3.connect(tmp_path / "r.sqlite")
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    db.close()
     rec.close()
     run = load_run(tmp_path / "r.sqlite")
     assert run.n_requests == 2 * n_per
     assert sorted(run.requests["request_id"].tolist()) == list(range(2 * n_per))
     assert run.histogram("total").get_total_count() == 2 * n_per
-    with sqlite3.connect(tmp_path / "r.sqlite") as db:
-        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert not (tmp_path / "r.sqlite-wal").exists()  # closed: one plain file
 
 
 def test_back_pressure_drops_and_counts(tmp_path):

@@ -31,7 +31,8 @@ regression   a stage's per-item service time >= +15% with one-sided Mann-Whitney
 cpu          other processes' CPU (cpu_util_pct x cores - proc_cpu_pct, in cores) >= +0.5 core; per-item
              service >= +15% while it stretches >= 1.3x more than this process's CPU time per request
              (the work did not grow, the wait to run did: this still works when the host was already
-             saturated before); steal >= +5 points; cgroup_throttled_frac >= +0.05 (primary); runq above
+             saturated before; only at flat load, since more load makes our own threads contend);
+             steal >= +5 points; cgroup_throttled_frac >= +0.05 (primary); runq above
              the core count and >= +1, psi_cpu_some_avg10 >= +10 (supporting: our own threads raise
              them too).
 hardware     per GPU: any throttle_frac_* (not low_util/sync_boost) >= +0.1, sm_clock_mhz <= 0.9x
@@ -424,7 +425,9 @@ def _cpu(series, base: Range, win: Range, share, checked) -> Cause | None:
         # Wall-clock service per request against CPU time per request: when service stretches but the
         # CPU it burns does not, the threads were runnable and waiting (or the CPU was taken from them).
         nb, nw = _n_ok(series, base), _n_ok(series, win)
-        if nb and nw and base.item_service_ns > 0:
+        # With more load our own threads contend among themselves, so stretch only counts at flat load.
+        flat_load = base.rate <= 0 or win.rate / base.rate < LOAD_RATE_UP
+        if nb and nw and base.item_service_ns > 0 and flat_load:
             cpu_b = ob / 100 * active_s(series, base.a, base.b) / nb
             cpu_w = ow / 100 * active_s(series, win.a, win.b) / nw
             svc = win.item_service_ns / base.item_service_ns
