@@ -241,7 +241,10 @@ def _jpeg_header(op: str, buf: memoryview, max_pixels: int) -> _Header:
         elif marker == 0xDA:
             if sof is None:
                 raise CorruptImage(f"{op}: JPEG: scan before any SOF marker", reason="bad_header")
-            return _jpeg_finish(op, buf, sof, orientation or 1, pos - 1, max_pixels)
+            # A sequential JPEG whose first scan holds every component is single-scan: libjpeg-turbo
+            # stops at a second SOS ("Didn't expect more than one scan"), so only others need counting.
+            single = sof[0] in (0xC0, 0xC1, 0xC9) and length >= 3 and buf[seg] == sof[4]
+            return _jpeg_finish(op, buf, sof, orientation or 1, None if single else pos - 1, max_pixels)
         pos = end
     raise CorruptImage(f"{op}: JPEG has more than {MAX_JPEG_SEGMENTS} marker segments before its first scan",
                        reason="too_many_markers")
@@ -261,7 +264,8 @@ def _jpeg_finish(op, buf, sof, orientation, sos, max_pixels) -> _Header:
     if (lh, lw) != (h, w):
         # Never let the decoder allocate a size other than the one the limits were checked on.
         raise CorruptImage(f"{op}: JPEG: SOF says {w}x{h}, libjpeg-turbo reads {lw}x{lh}", reason="bad_header")
-    _check_scans(op, buf, sos)
+    if sos is not None:
+        _check_scans(op, buf, sos)
     return _Header("jpeg", h, w, orientation, colorspace in ("CMYK", "YCCK"))
 
 

@@ -296,6 +296,21 @@ def test_too_many_scans_rejected_before_decoding(monkeypatch):
     assert e.value.reason == "too_many_scans"
 
 
+def test_extra_scans_in_a_single_scan_baseline_jpeg_stop_libjpeg():
+    # Not counted (libjpeg-turbo refuses a second scan when the first held every component) ...
+    last = BASE.rindex(b"\xff\xda")
+    bomb = BASE[:last] + BASE[last:-2] * (2 * MAX_SCANS) + b"\xff\xd9"
+    with pytest.raises(CorruptImage) as e:
+        decode(bomb)
+    assert e.value.reason == "decode_failed" and "more than one scan" in str(e.value)
+    # ... but a sequential JPEG whose first scan holds fewer components may have more scans: counted.
+    assert bomb[last + 2:last + 5] == b"\x00\x0c\x03"  # SOS of 3 components
+    one = b"\xff\xda\x00\x08\x01\x01\x00\x00\x3f\x00"  # SOS of component 1 alone
+    with pytest.raises(CorruptImage) as e:
+        decode(bomb[:last] + one + bomb[last + 14:])
+    assert e.value.reason == "too_many_scans"
+
+
 def test_scan_count_under_the_cap_is_decoded_strictly():
     # Repeating the last refinement scan is a bogus progression: libjpeg-turbo warns, strict mode fails.
     with pytest.raises(CorruptImage):
