@@ -64,6 +64,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--min-queries", type=int, default=256)
     g.add_argument("--stability-tol", type=float, default=0.10,
                    help="last three windows' throughput within this fraction of each other (default 0.10)")
+    g.add_argument("--min-window-queries", type=int, default=20,
+                   help="queries each of the last three windows needs for the stability rule to be judged")
     g = p.add_argument_group("output")
     g.add_argument("--out", default=None, help="output directory (default ./aurora-runs/<UTC time>)")
     g.add_argument("--label", default=None, help="deployment/version label stored in the run")
@@ -434,7 +436,7 @@ def _run(args: argparse.Namespace) -> int:
     summary = lg.summarize(result)
     min_dur = args.min_duration if args.min_duration is not None else 0.8 * scenario.duration_s
     rules = lg.Rules(min_duration_s=min_dur, min_queries=args.min_queries, slo_ms=slo_ms,
-                     stability_tol=args.stability_tol)
+                     stability_tol=args.stability_tol, min_window_queries=args.min_window_queries)
     valid, reasons = lg.verdict(summary, rules)
     series = mem.series(result.t0_ns, result.end_ns)
     tele_rows, tele = telemetry_summary(series)
@@ -477,7 +479,7 @@ def _diagnosis_section(run_path: str) -> list[tuple[str, str]]:
     except ImportError:
         return []
     try:
-        return [("Diagnosis", render_section(diagnose([run_path])))]
+        return [("", render_section(diagnose([run_path])))]
     except Exception as e:  # the bench result stands without it; say why it is missing
         import html
 

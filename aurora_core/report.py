@@ -284,7 +284,7 @@ def render(path, *, result: RunResult, summary: dict, valid: bool, reasons: list
         _table(telemetry, header=["metric", "value"]),
     ]
     for title, body in extra_sections or []:
-        parts += [f"<h2>{e(title)}</h2>", body]
+        parts += ([f"<h2>{e(title)}</h2>"] if title else []) + [body]
     parts += ["<h2>Config and hardware</h2>",
               _table(sorted(meta.items()), header=["key", "value"]),
               "</body></html>"]
