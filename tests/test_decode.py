@@ -415,6 +415,14 @@ def test_png_exif_orientation(prefix, orientation):
     np.testing.assert_array_equal(decode(data), ref)
 
 
+def test_png_exif_after_idat_is_used_like_pillow():
+    data = png_bytes(photo(9, 16).astype(np.int64), 2, 8)
+    late = data[:-12] + png_chunk(b"eXIf", tiff("MM", [(0x0112, 3, 1, struct.pack(">H", 6))])) + data[-12:]
+    ref = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(late))).convert("RGB"))
+    assert ref.shape == (16, 9, 3)
+    np.testing.assert_array_equal(decode(late), ref)
+
+
 def test_errors_are_image_errors():
     for cls in (UnsupportedFormat, CorruptImage, ImageTooLarge):
         assert issubclass(cls, ImageError)
