@@ -42,6 +42,9 @@ def host(tmp_path):
     write(proc, "pressure/io", "some avg10=7.00 avg60=0 avg300=0 total=1\nfull avg10=1.00 avg60=0 avg300=0 total=1\n")
     write(proc, "meminfo", "MemTotal: 1000 kB\nMemAvailable: 600 kB\nSwapTotal: 200 kB\nSwapFree: 150 kB\n")
     write(proc, "self/cgroup", "0::/app.slice/svc\n")
+    fields = ["R"] + ["0"] * 40
+    fields[17], fields[21] = "7", "100"  # num_threads, rss in pages (man 5 proc fields 20 and 24)
+    write(proc, "self/stat", "4242 (a (tricky) name) " + " ".join(fields) + "\n")
     write(sys_, "fs/cgroup/app.slice/svc/cpu.max", "200000 100000\n")
     write(sys_, "fs/cgroup/app.slice/svc/cpu.stat", "usage_usec 5\nnr_periods 100\nnr_throttled 10\nthrottled_usec 999\n")
     for i, (khz, thr) in enumerate(((2_000_000, 3), (3_000_000, 4))):
@@ -73,7 +76,8 @@ def test_fixture_host_exact_values(host):
     assert v["mem_available_bytes"] == 600 * 1024 and v["swap_used_bytes"] == 50 * 1024
     assert v["cgroup_nr_throttled"] == 30
     assert v["cgroup_throttled_frac"] == pytest.approx(20 / 50)
-    assert v["proc_rss_bytes"] > 0 and v["proc_threads"] >= 1
+    assert v["proc_threads"] == 7 and v["proc_rss_bytes"] == 100 * os.sysconf("SC_PAGE_SIZE")
+    assert v["proc_ctx_switches"] > 0 and v["proc_cpu_pct"] >= 0  # getrusage of this process
     names = {k for k in v if not (k.startswith("cpu_core") and k.endswith("_util_pct"))}
     assert names <= CONTRACT_CPU
     assert be.missing == {}
@@ -108,7 +112,7 @@ def test_bare_host_records_missing_with_reasons(tmp_path):
     be = CpuBackend(proc=str(proc), sys=str(sys_))
     v = be.tick().values
     for m in ("psi_cpu_some_avg10", "thermal_throttle_count", "cgroup_throttled_frac", "load1", "freq_mhz",
-              "mem_available_bytes"):
+              "mem_available_bytes", "proc_rss_bytes"):
         assert m not in v, m
         assert be.missing[m], m
     assert "pressure" in be.missing["psi_cpu_some_avg10"]
