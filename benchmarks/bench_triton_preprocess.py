@@ -60,10 +60,10 @@ def test_preprocess_gpu(benchmark, provider, size, batch):
     benchmark.group = f"{size} x{batch}"
     out = torch.empty((batch, 3, spec.crop, spec.crop), dtype=spec.dtype, device="cuda")
     if provider == "triton":
-        ip, fp, bucket = K.make_params(offsets, strides, shapes, geo, "cuda")
+        ip, fp = K.make_params(offsets, strides, shapes, geo, "cuda")
 
         def fn():
-            K.launch_params(packed, ip, fp, bucket, spec, out)
+            K.launch_params(packed, ip, fp, spec, out)
             _sync()
     elif provider == "torch_eager":
         mean = torch.tensor(spec.mean, device="cuda").view(1, 3, 1, 1)

@@ -69,8 +69,9 @@ def _round_u8(x):
     return tl.minimum(tl.maximum(tl.floor(x + 0.5), 0.0), 255.0)
 
 
-@triton.autotune(configs=_configs(), key=["CROP", "scale_bucket"])
-@triton.jit(do_not_specialize=["scale_bucket"])
+# Keyed on the crop only, so tuning happens once (call warmup() at start-up), never mid-serving.
+@triton.autotune(configs=_configs(), key=["CROP"])
+@triton.jit
 def _preprocess_kernel(
     src,  # uint8 packed images
     iparams,  # int64 [N, _NI]
@@ -86,7 +87,6 @@ def _preprocess_kernel(
     r0,
     r1,
     r2,  # 1 / (std * 255)
-    scale_bucket,  # autotune key only
     CROP: tl.constexpr,
     BY: tl.constexpr,
     BX: tl.constexpr,
@@ -378,7 +378,7 @@ def pack_images(imgs, device) -> tuple[torch.Tensor, list[int], list[tuple[int, 
 
 
 def make_params(offsets, strides, shapes, geo, device):
-    """Per-image tables on `device`: (iparams int64 [N, 10], fparams float32 [N, 2], scale bucket)."""
+    """Per-image tables on `device`: (iparams int64 [N, 10], fparams float32 [N, 2])."""
     n = len(shapes)
     rows = [
         (off, h, w, srow, scol, sch, top, left, rh, rw)
@@ -388,13 +388,12 @@ def make_params(offsets, strides, shapes, geo, device):
     ]
     iparams = torch.from_numpy(np.array(rows, dtype=np.int64).reshape(n, _NI))
     fparams = torch.from_numpy(np.array([(g[4], g[5]) for g in geo], dtype=np.float32).reshape(n, _NF))
-    bucket = int(math.log2(max(1.0, float(fparams.max()))))
     if torch.device(device).type == "cuda":
         iparams, fparams = iparams.pin_memory(), fparams.pin_memory()
-    return iparams.to(device, non_blocking=True), fparams.to(device, non_blocking=True), bucket
+    return iparams.to(device, non_blocking=True), fparams.to(device, non_blocking=True)
 
 
-def launch_params(packed, iparams, fparams, bucket, spec, out):
+def launch_params(packed, iparams, fparams, spec, out):
     """The launch alone, on packed bytes and prebuilt tables (what the kernel benchmarks time)."""
     n, crop = iparams.shape[0], int(spec.crop)
     mean = [float(m) * 255.0 for m in spec.mean]
@@ -411,7 +410,6 @@ def launch_params(packed, iparams, fparams, bucket, spec, out):
         out.stride(3),
         *mean,
         *rstd,
-        bucket,
         CROP=crop,
     )
     return out
@@ -419,8 +417,8 @@ def launch_params(packed, iparams, fparams, bucket, spec, out):
 
 def launch(packed, offsets, strides, shapes, geo, spec, out):
     """Run the kernel on an already packed buffer."""
-    iparams, fparams, bucket = make_params(offsets, strides, shapes, geo, packed.device)
-    return launch_params(packed, iparams, fparams, bucket, spec, out)
+    iparams, fparams = make_params(offsets, strides, shapes, geo, packed.device)
+    return launch_params(packed, iparams, fparams, spec, out)
 
 
 def prepare(imgs, spec, *, orig_sizes=None, scales=None, device=None):
@@ -471,3 +469,19 @@ def preprocess_batch_triton(
         if out.device != packed.device and not (out.device.type == packed.device.type == "cuda"):
             raise ValueError(f"preprocess_batch_triton: out is on {out.device}, images go to {packed.device}")
     return launch(packed, offsets, strides, shapes, geo, spec, out)
+
+
+def warmup(spec, device="cuda") -> None:
+    """Compile and autotune for `spec` on a photo-like batch (a 0.3 MP and a 10 MP image), once.
+
+    The first launch for a crop size compiles each candidate config and times them (seconds); a
+    server calls this at start-up so that no request pays for it.
+    """
+    rng = np.random.default_rng(0)
+    imgs = [
+        rng.integers(0, 256, (480, 640, 3), dtype=np.uint8),
+        rng.integers(0, 256, (2592, 3872, 3), dtype=np.uint8),
+    ]
+    preprocess_batch_triton(imgs * 4, spec, device=device)
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
