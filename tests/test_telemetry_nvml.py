@@ -278,3 +278,44 @@ def test_hung_call_does_not_block_requests_or_stop():
         stopped_while_hung = not release.is_set()
         release.set()
     assert stopped_while_hung  # stop() returned although the NVML call had not
+
+
+def _nvml_works() -> bool:
+    try:
+        pynvml.nvmlInit()
+        pynvml.nvmlShutdown()
+        return True
+    except pynvml.NVMLError:
+        return False
+
+
+requires_nvml = pytest.mark.skipif(not _nvml_works(), reason="needs an NVIDIA driver (NVML)")
+
+
+@requires_nvml
+def test_live_nvml_backend_reads_a_real_gpu():
+    be = NvmlBackend()
+    try:
+        be.tick()
+        time.sleep(0.2)
+        (s, *_) = be.tick()
+    finally:
+        be.shutdown()
+    v = s.values
+    assert v["stale_age_s"] == 0.0, be.error
+    for m in ("util_gpu_busy_pct", "mem_used_bytes", "sm_clock_mhz", "temp_c", "power_w"):
+        assert m in v or f"gpu0.{m}" in be.missing(), m
+    assert set(v) <= CONTRACT_GPU
+    assert 0 < v["sm_clock_mhz"] <= v.get("sm_clock_max_mhz", float("inf"))
+    for k, x in v.items():
+        if k.startswith("throttle_frac_"):
+            assert 0.0 <= x <= 1.0, (k, x)
+
+
+@requires_nvml
+def test_live_sampler_with_gpu():
+    got = []
+    with TelemetrySampler(callbacks=[got.append], period_s=0.05, gpu=True, cpu=False) as s:
+        assert wait_for(lambda: sum(x.source == "gpu0" and x.values.get("stale_age_s") == 0.0 for x in got) >= 3)
+    assert s.capabilities()["gpu"]["gpu0"]["info"]["name"]
+    assert s.sampler_cpu_s > 0

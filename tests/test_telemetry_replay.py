@@ -208,3 +208,25 @@ def test_cli_record_without_nvml_fails_cleanly(tmp_path, capsys):
     tcli.add_arguments(parser)
     rc = tcli.run(parser.parse_args(["record", "--out", str(tmp_path / "r.jsonl"), "--duration", "0.1"]))
     assert rc == 2 and "NVML is not usable" in capsys.readouterr().err
+
+
+LIVE_TRACES = [p for p in sorted(DATA.glob("*.jsonl")) if read_trace(p)[0].get("source") == "live"]
+
+
+@pytest.mark.skipif(not LIVE_TRACES, reason="no trace captured on a real GPU committed yet")
+@pytest.mark.parametrize("path", LIVE_TRACES, ids=lambda p: p.name)
+def test_real_gpu_trace_replays_sanely(path):
+    """A trace from ``aurora telemetry record`` on real hardware replays through the backend."""
+    samples, _, caps = replay_trace(path, base_ns=0)
+    assert caps and samples
+    good = [s for s in samples if s.values.get("stale_age_s") == 0.0]
+    assert len(good) >= 0.9 * len(samples)
+    for s in good:
+        v = s.values
+        assert 0 < v["sm_clock_mhz"] <= v["sm_clock_max_mhz"]
+        assert 0 <= v["util_gpu_busy_pct"] <= 100
+        for k, x in v.items():
+            if k.startswith("throttle_frac_"):
+                assert 0.0 <= x <= 1.0, (k, x)
+        if "power_w" in v and "power_limit_w" in v:
+            assert v["power_w"] <= 1.5 * v["power_limit_w"]
