@@ -128,6 +128,13 @@ def _tele(**kw):
     return n
 
 
+def test_bottleneck_saturating_scenarios_name_the_draining_stage():
+    res = _run({"queue": 40, "decode": 2, "preprocess": 1, "compute": 9})
+    res.scenario = lg.Scenario.offline(len(res.status))
+    line, _ = bench.bottleneck(lg.summarize(res), res, _tele(), capacity=None)
+    assert line.startswith("compute-bound"), line
+
+
 @pytest.mark.parametrize("stages,tele,errors,label", [
     ({"queue": 1, "decode": 2, "preprocess": 1, "compute": 9}, {}, 0, "compute-bound"),
     ({"queue": 1, "decode": 8, "preprocess": 3, "compute": 4}, {}, 0, "preprocessing-bound"),
