@@ -140,3 +140,15 @@ def test_sampler_cpu_only_publishes_and_accounts_its_cpu_time():
     assert cpu[-1].values["sampler_cpu_s"] > 0
     assert s.latest()["cpu"].ts_ns == cpu[-1].ts_ns  # latest() is the newest published sample
     assert "cpu" in s.capabilities() and s.capabilities()["gpu"] == {}
+
+
+def test_burst_mode_is_bounded():
+    s = TelemetrySampler(period_s=0.1, gpu=False)
+    assert s._period() == 0.1
+    s.burst(period_s=0.0001, duration_s=3600)
+    assert s._period() == 0.01  # never faster than 10 ms
+    assert s._burst_until - time.monotonic() <= 10.0  # never longer than 10 s
+    s.burst(period_s=0.05, duration_s=0)
+    assert s._period() == 0.1
+    with pytest.raises(ValueError, match="period_s"):
+        TelemetrySampler(period_s=0)
