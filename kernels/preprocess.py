@@ -49,11 +49,14 @@ _OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def _configs():
     if _INTERPRET:
         return [triton.Config({"BY": 32, "BX": 32, "BR": 32, "BK": 32}, num_warps=4)]
+    # Smaller BX wastes fewer tensor-core flops on the band matrix (2*BX*s^2 per pixel); larger BY
+    # re-reads fewer filter-margin rows. Autotuning picks per card.
     return [
         triton.Config({"BY": 32, "BX": 32, "BR": 32, "BK": 64}, num_warps=4),
         triton.Config({"BY": 32, "BX": 16, "BR": 32, "BK": 64}, num_warps=4),
-        triton.Config({"BY": 64, "BX": 32, "BR": 64, "BK": 32}, num_warps=8),
-        triton.Config({"BY": 16, "BX": 32, "BR": 32, "BK": 32}, num_warps=4),
+        triton.Config({"BY": 64, "BX": 16, "BR": 32, "BK": 64}, num_warps=4),
+        triton.Config({"BY": 64, "BX": 32, "BR": 32, "BK": 64}, num_warps=8),
+        triton.Config({"BY": 32, "BX": 16, "BR": 64, "BK": 32}, num_warps=4),
     ]
 
 
@@ -102,9 +105,10 @@ def _preprocess_kernel(
     off = tl.load(ip + 0)
     h_in = tl.load(ip + 1).to(tl.int32)
     w_in = tl.load(ip + 2).to(tl.int32)
-    s_row = tl.load(ip + 3)
-    s_col = tl.load(ip + 4)
-    s_ch = tl.load(ip + 5)
+    # In-image offsets fit in int32 (the host checks H * W * 3 < 2**31); only the base is 64-bit.
+    s_row = tl.load(ip + 3).to(tl.int32)
+    s_col = tl.load(ip + 4).to(tl.int32)
+    s_ch = tl.load(ip + 5).to(tl.int32)
     top = tl.load(ip + 6).to(tl.int32)
     left = tl.load(ip + 7).to(tl.int32)
     rh = tl.load(ip + 8).to(tl.int32)
@@ -127,6 +131,9 @@ def _preprocess_kernel(
     ok_x = in_crop_x & (ox >= 0) & (ox < rw)
     cen_y = (oy.to(tl.float32) + 0.5) * sy
     cen_x = (ox.to(tl.float32) + 0.5) * sx
+    # Triangle weight of source index j for centre c: max(1 - |j * ss - (c - 0.5) * ss|, 0).
+    vy = (cen_y - 0.5) * ssy
+    vx = (cen_x - 0.5) * ssx
 
     # Source window of the whole tile (PIL's xmin/xmax of its first and last valid output pixel).
     oy_lo = tl.maximum(top + ty * BY, 0)
@@ -142,7 +149,7 @@ def _preprocess_kernel(
     sum_x = tl.zeros([BX], dtype=tl.float32)
     for c0 in range(c_lo, c_hi, BK):
         cols = c0 + tl.arange(0, BK)
-        wx = tl.maximum(1.0 - tl.abs((cols[:, None].to(tl.float32) + 0.5 - cen_x[None, :]) * ssx), 0.0)
+        wx = tl.maximum(1.0 - tl.abs((cols.to(tl.float32) * ssx)[:, None] - vx[None, :]), 0.0)
         wx = tl.where((cols < c_hi)[:, None], wx, 0.0)
         sum_x += tl.sum(wx, axis=0)
     sum_x = tl.where(sum_x > 0.0, sum_x, 1.0)
@@ -158,14 +165,14 @@ def _preprocess_kernel(
         h0 = tl.zeros([BR, BX], dtype=tl.float32)
         h1 = tl.zeros([BR, BX], dtype=tl.float32)
         h2 = tl.zeros([BR, BX], dtype=tl.float32)
-        row_ptr = base + rows[:, None].to(tl.int64) * s_row
+        row_off = rows[:, None] * s_row
         for c0 in range(c_lo, c_hi, BK):
             cols = c0 + tl.arange(0, BK)
             col_ok = cols < c_hi
-            wx = tl.maximum(1.0 - tl.abs((cols[:, None].to(tl.float32) + 0.5 - cen_x[None, :]) * ssx), 0.0)
-            wx = tl.where(col_ok[:, None], wx, 0.0)
+            # No mask on the weights: pixels past the window load as 0, so their weight is moot.
+            wx = tl.maximum(1.0 - tl.abs((cols.to(tl.float32) * ssx)[:, None] - vx[None, :]), 0.0)
             wx_hi, wx_lo = _split_fp16(wx)
-            ptr = row_ptr + cols[None, :].to(tl.int64) * s_col
+            ptr = base + (row_off + cols[None, :] * s_col)
             m = row_ok[:, None] & col_ok[None, :]
             p = tl.load(ptr, mask=m, other=0).to(tl.float16)
             h0 = tl.dot(p, wx_hi, h0)
@@ -176,9 +183,8 @@ def _preprocess_kernel(
             p = tl.load(ptr + 2 * s_ch, mask=m, other=0).to(tl.float16)
             h2 = tl.dot(p, wx_hi, h2)
             h2 = tl.dot(p, wx_lo, h2)
-        wy = tl.maximum(1.0 - tl.abs((rows[None, :].to(tl.float32) + 0.5 - cen_y[:, None]) * ssy), 0.0)
-        wy = tl.where(row_ok[None, :], wy, 0.0)
-        sum_y += tl.sum(wy, axis=1)
+        wy = tl.maximum(1.0 - tl.abs((rows.to(tl.float32) * ssy)[None, :] - vy[:, None]), 0.0)
+        sum_y += tl.sum(tl.where(row_ok[None, :], wy, 0.0), axis=1)
         wy_hi, wy_lo = _split_fp16(wy)
         # PIL rounds the horizontal pass to uint8 before the vertical one; integers are exact in fp16.
         q = _round_u8(h0 / sum_x[None, :]).to(tl.float16)
@@ -276,6 +282,8 @@ def _geometry(shapes, spec, orig_sizes, scales):
                 f"preprocess_batch_triton: image {i} is {h}x{w}, expected ceil({h0}/{s}) x ceil({w0}/{s}) "
                 "for its orig_size and scale"
             )
+        if h * w * 3 >= 2**31:
+            raise ValueError(f"preprocess_batch_triton: image {i} is {h}x{w}: over 2**31 bytes")
         rh, rw = resized_size(h0, w0, int(spec.resize))
         top, left = crop_origin(rh, rw, int(spec.crop))
         # The scaled image stands for the extent (h0/s, w0/s): that fraction sets the filter scale.
