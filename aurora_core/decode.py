@@ -25,7 +25,8 @@ Policy (what a caller can rely on):
   EXIF is ignored (orientation 1). XMP orientation is not used.
 
 Stable ``reason`` strings: ``UnsupportedFormat``: unsupported_format, unsupported_jpeg (lossless,
-hierarchical, 12-bit or 2-component JPEG). ``ImageTooLarge``: too_many_bytes, too_many_pixels.
+hierarchical, 12-bit or 2-component JPEG, or chroma sampling factors TurboJPEG cannot name, such as 3x1
+or 4:4:1; Pillow would decode some of those, but only without strict corruption checks). ``ImageTooLarge``: too_many_bytes, too_many_pixels.
 ``CorruptImage``: truncated, bad_header, bad_checksum, zero_size, too_many_scans, too_many_markers,
 decode_failed.
 """
@@ -259,7 +260,12 @@ def _jpeg_finish(op, buf, sof, orientation, sos, max_pixels) -> _Header:
     _check_size(op, "JPEG", h, w, max_pixels)
     try:
         lh, lw, colorspace, _ = simplejpeg.decode_jpeg_header(buf, strict=True)
-    except ValueError as e:
+    except (ValueError, KeyError) as e:
+        # TurboJPEG refuses chroma subsampling it cannot name (e.g. 3x1 factors); simplejpeg 1.9 raises
+        # KeyError on 4:4:1, which libjpeg-turbo 3 names but simplejpeg does not.
+        if isinstance(e, KeyError) or "subsampling" in str(e):
+            raise UnsupportedFormat(f"{op}: JPEG chroma subsampling not supported by libjpeg-turbo's "
+                                    f"TurboJPEG API ({e!r})", reason="unsupported_jpeg") from e
         raise CorruptImage(f"{op}: JPEG header rejected by libjpeg-turbo: {e}", reason="bad_header") from e
     if (lh, lw) != (h, w):
         # Never let the decoder allocate a size other than the one the limits were checked on.

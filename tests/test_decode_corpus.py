@@ -256,6 +256,16 @@ def test_unsupported_jpeg_variants(kw):
     assert e.value.reason == "unsupported_jpeg"
 
 
+@pytest.mark.parametrize("factors", [(0x31, 0x31, 0x13), (0x14, 0x11, 0x11), (0x33, 0x11, 0x11)])
+def test_unusual_chroma_subsampling_is_unsupported_not_a_crash(factors):
+    b = bytearray(encode(photo(), quality=85, subsampling=0))
+    i = sof_offset(bytes(b))
+    b[i + 7], b[i + 10], b[i + 13] = factors  # the three components' sampling factors
+    with pytest.raises(UnsupportedFormat) as e:
+        decode(bytes(b))
+    assert e.value.reason == "unsupported_jpeg"
+
+
 def test_sof_and_libjpeg_header_must_agree():
     # A second SOF after the first is a structure error, never a second size to allocate.
     i = sof_offset(BASE) - 4
@@ -403,6 +413,27 @@ def test_fuzz_mutations_raise_only_typed_errors():
         assert r.image.shape[:2] == (-(-info.height // r.scale), -(-info.width // r.scale))
         assert r.image.flags.c_contiguous
     assert outcomes["ok"] > 100 and outcomes["error"] > 100, outcomes
+
+
+@pytest.mark.parametrize("seed", ["BASE", "PROG", "PNG_RGB"])
+def test_fuzz_header_bytes_raise_only_typed_errors(seed):
+    # Header fields (SOF sampling factors, component counts, DHT/DQT tables, IHDR) decide which code
+    # paths run; random values there must still give a typed error or a consistent image.
+    data = globals()[seed]
+    png = seed == "PNG_RGB"
+    start, end = (16, 29) if png else (2, data.index(b"\xff\xda") + 14)  # PNG: the IHDR fields
+    rng = np.random.default_rng(77)
+    for _ in range(1500):
+        b = bytearray(data)
+        for _ in range(int(rng.integers(1, 3))):
+            b[int(rng.integers(start, end))] = int(rng.integers(256))
+        if png:  # a valid CRC, so the fields themselves are judged
+            b[29:33] = struct.pack(">I", zlib.crc32(b[12:29]))
+        try:
+            out = decode(bytes(b), max_pixels=1 << 20)
+        except ImageError:
+            continue
+        assert out.shape[:2] == probe(bytes(b), max_pixels=1 << 20)[1:] and out.dtype == np.uint8
 
 
 # ---------------------------------------------------------------------------------------------------
