@@ -22,7 +22,6 @@ Policy:
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import warnings
 from collections.abc import Callable, Sequence
@@ -168,18 +167,32 @@ class GpuDecoder:
         else:
             self.stream = None
         self.stats = {"gpu": 0, "cpu": 0, "gpu_rejected": 0}
+        self._lock = threading.Lock()
 
     def decode_batch(
         self, datas: Sequence, *, consumer_stream: torch.cuda.Stream | None = None
     ) -> list[GpuDecoded]:
-        """Decode every input; raises the first input's typed error (checked before any decoding)."""
+        """Decode every input; raises the first input's typed error (checked before any decoding).
+
+        consumer_stream: the stream that will read the images (default: the caller's current stream).
+        """
         routed = [route(d, self.max_pixels, self.max_bytes) for d in datas]
+        if self.stream is None:
+            return self._decode(datas, routed)
+        consumer = consumer_stream or torch.cuda.current_stream(self.device)
+        with self._lock, torch.cuda.stream(self.stream):
+            # Everything that touches decoder output (orientation, uploads) runs on the decoder stream.
+            results = self._decode(datas, routed)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        consumer.wait_event(done)
+        for r in results:
+            r.image.record_stream(consumer)
+        return results
+
+    def _decode(self, datas, routed) -> list[GpuDecoded]:
         results: list[GpuDecoded | None] = [None] * len(datas)
         gpu_idx = [i for i, (r, _) in enumerate(routed) if r == "gpu"]
-        consumer = consumer_stream
-        if self.stream is not None and consumer is None:
-            consumer = torch.cuda.current_stream(self.device)
-
         rejected: list[int] = []
         if gpu_idx:
             tensors = [torch.frombuffer(bytearray(datas[i]), dtype=torch.uint8) for i in gpu_idx]
@@ -200,33 +213,23 @@ class GpuDecoder:
             d = _cpu.decode_ex(datas[i], max_pixels=self.max_pixels, max_bytes=self.max_bytes)
             img = torch.from_numpy(d.image)
             if self.device.type == "cuda":
-                with torch.cuda.stream(self.stream):
-                    img = img.pin_memory().to(self.device, non_blocking=True)
+                img = img.pin_memory().to(self.device, non_blocking=True)
             results[i] = GpuDecoded(img, tuple(d.orig_size), d.scale, d.format, "cpu")
             self.stats["cpu"] += 1
-
-        if self.stream is not None:
-            done = torch.cuda.Event()
-            done.record(self.stream)
-            consumer.wait_event(done)
-            for r in results:
-                r.image.record_stream(consumer)
         return results  # type: ignore[return-value]
 
     def _run_nvjpeg(self, tensors, idx, rejected) -> dict[int, torch.Tensor]:
-        ctx = torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
-        with ctx:
+        try:
+            return dict(zip(idx, self._nvjpeg(tensors, self.device), strict=True))
+        except Exception:
+            pass  # one bad image fails the whole batch: find it one by one
+        out = {}
+        for i, t in zip(idx, tensors, strict=True):
             try:
-                return dict(zip(idx, self._nvjpeg(tensors, self.device), strict=True))
+                out[i] = self._nvjpeg([t], self.device)[0]
             except Exception:
-                pass  # one bad image fails the whole batch: find it one by one
-            out = {}
-            for i, t in zip(idx, tensors, strict=True):
-                try:
-                    out[i] = self._nvjpeg([t], self.device)[0]
-                except Exception:
-                    rejected.append(i)
-            return out
+                rejected.append(i)
+        return out
 
 
 def decode_gpu(datas: Sequence, device="cuda", **limits) -> list[np.ndarray | torch.Tensor]:
