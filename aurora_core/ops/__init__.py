@@ -1,25 +1,3 @@
-"""Public ops (preprocessing); each op dispatches through aurora_core._dispatch."""
-
-from aurora_core.ops.preprocess import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    PreprocessSpec,
-    fast_min_size,
-    load,
-    preprocess,
-    preprocess_batch,
-    preprocess_ref,
-    resized_geometry,
-)
-
-__all__ = [
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
-    "PreprocessSpec",
-    "fast_min_size",
-    "load",
-    "preprocess",
-    "preprocess_batch",
-    "preprocess_ref",
-    "resized_geometry",
-]
+"""Public ops. Each op lives in its own module (``aurora_core.ops.preprocess``) and dispatches through
+``aurora_core._dispatch``; the package does not re-export them, so that ``aurora_core.ops.preprocess``
+stays the module (``aurora_core.preprocess`` is the function)."""

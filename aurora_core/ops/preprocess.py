@@ -313,7 +313,7 @@ def load(data, spec: PreprocessSpec = PreprocessSpec(), fast: bool = True, **dec
 
     min_size = None
     if fast:
-        info = dec.probe(data)
+        info = dec.probe(data, **decode_limits)
         min_size = fast_min_size((info.height, info.width), spec)
     d = dec.decode_ex(data, min_size=min_size, **decode_limits)
     return preprocess(d.image, spec, orig_size=d.orig_size, scale=d.scale)
