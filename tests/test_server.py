@@ -46,18 +46,19 @@ KNOWN_CODES = set(SERVER_CODES) | {"image_error", "unsupported_format", "corrupt
 # ---------------------------------------------------------------------------------------------------
 class TinyNet(nn.Module):
     """Pool + linear over 10 classes: microseconds per batch, so the HTTP stack is what gets tested.
-    delay_s: sleep per forward (GIL released), a model with a known, fixed capacity.
+    row_delay_s: sleep per row of the (padded) batch, GIL released: a model whose capacity,
+    1 / row_delay_s requests/s, does not depend on how well batches fill.
     gate: a threading.Event every forward waits on (a model held still by the test).
     fail: raise a plain RuntimeError (an unexpected model failure)."""
 
-    def __init__(self, delay_s: float = 0.0, gate: threading.Event | None = None, fail: bool = False):
+    def __init__(self, row_delay_s: float = 0.0, gate: threading.Event | None = None, fail: bool = False):
         super().__init__()
         g = torch.Generator().manual_seed(0)
         self.pool = nn.AdaptiveAvgPool2d(4)
         self.fc = nn.Linear(48, 10)
         with torch.no_grad():
             self.fc.weight.copy_(torch.randn(10, 48, generator=g))
-        self.delay_s, self.gate, self.fail = delay_s, gate, fail
+        self.row_delay_s, self.gate, self.fail = row_delay_s, gate, fail
         self.armed = False  # warm-up runs at construction; failures and gates apply once armed
 
     def forward(self, x):
@@ -66,8 +67,8 @@ class TinyNet(nn.Module):
                 self.gate.wait(30)
             if self.fail:
                 raise RuntimeError("model exploded: secret internal detail")
-        if self.delay_s:
-            time.sleep(self.delay_s)
+        if self.row_delay_s:
+            time.sleep(self.row_delay_s * x.shape[0])
         return self.fc(self.pool(x).flatten(1))
 
 
@@ -148,6 +149,57 @@ async def post_async(host: str, port: int, body: bytes, *, path: str = "/v1/clas
             writer.close()
 
     return await asyncio.wait_for(go(), timeout)
+
+
+class KeepAlivePool:
+    """asyncio HTTP/1.1 client over reused connections (one request per connection at a time): a
+    load generator cheap enough that the server, not the client, is what saturates."""
+
+    def __init__(self, host: str, port: int):
+        self.host, self.port = host, port
+        self.idle: list = []
+
+    async def post(self, body: bytes, *, path: str = "/v1/classify", content_type: str = "image/jpeg",
+                   timeout: float = 30.0) -> tuple[int, bytes]:
+        return await asyncio.wait_for(self._post(body, path, content_type), timeout)
+
+    async def _post(self, body, path, content_type):
+        while True:
+            reused = bool(self.idle)
+            reader, writer = self.idle.pop() if reused else await asyncio.open_connection(self.host, self.port)
+            try:
+                writer.write(b"POST %s HTTP/1.1\r\nHost: t\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n"
+                             % (path.encode(), content_type.encode(), len(body)) + body)
+                await writer.drain()
+                status_line = await reader.readline()
+                if not status_line and reused:  # the server closed an idle keep-alive connection
+                    writer.close()
+                    continue
+                length, close = 0, False
+                while True:
+                    line = await reader.readline()
+                    if line in (b"\r\n", b""):
+                        break
+                    k, _, v = line.partition(b":")
+                    k = k.strip().lower()
+                    if k == b"content-length":
+                        length = int(v)
+                    elif k == b"connection" and v.strip().lower() == b"close":
+                        close = True
+                data = await reader.readexactly(length) if length else b""
+            except BaseException:
+                writer.close()
+                raise
+            if close:
+                writer.close()
+            else:
+                self.idle.append((reader, writer))
+            return int(status_line.split()[1]), data
+
+    def close(self):
+        for _, writer in self.idle:
+            writer.close()
+        self.idle.clear()
 
 
 def error_of(resp) -> dict:
