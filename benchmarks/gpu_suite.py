@@ -64,7 +64,7 @@ class Suite:
         print(line, flush=True)
         self.log.write(line + "\n")
 
-    def run(self, cmd, timeout: float, *, env=None, cwd=ROOT) -> tuple[int, str]:
+    def run(self, cmd, timeout: float, *, env=None, cwd=ROOT, quiet=False) -> tuple[int, str]:
         """Run a command with its output appended to the log; kills its whole process group on timeout."""
         timeout = max(1.0, timeout)
         self.say(f"$ {' '.join(cmd)}  (timeout {timeout:.0f}s)")
@@ -86,7 +86,7 @@ class Suite:
                 rc = 124
             cap.seek(0)
             text = cap.read()
-        self.log.write(text)
+        self.log.write(text[-4000:] if quiet else text)
         self.log.write(f"--- end rc={rc} ---\n")
         return rc, text
 
@@ -313,68 +313,80 @@ def _start_telemetry(suite: Suite, trace: str):
     cmd = [PY, "-m", "aurora_core.cli", "telemetry", "record", "--out", trace, "--duration", "20"]
     suite.say("$ " + " ".join(cmd) + "  (background)")
     try:
-        return subprocess.Popen(
-            cmd, stdout=suite.log, stderr=subprocess.STDOUT, cwd=ROOT, env=suite.env, start_new_session=True
+        cap = tempfile.TemporaryFile(mode="w+")
+        proc = subprocess.Popen(
+            cmd, stdout=cap, stderr=subprocess.STDOUT, cwd=ROOT, env=suite.env, start_new_session=True
         )
+        return proc, cap
     except Exception as e:
         suite.say(f"telemetry not started: {e}")
         return None
 
 
-def _finish_telemetry(suite: Suite, proc, trace: str) -> dict:
-    if proc is None:
+def _finish_telemetry(suite: Suite, started, trace: str) -> dict:
+    if started is None:
         return {"error": "not started"}
+    proc, cap = started
     try:
         rc = proc.wait(timeout=40)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         rc = 124
+    cap.seek(0)
+    text = cap.read()
+    cap.close()
+    suite.log.write("--- telemetry record ---\n" + text + f"--- end rc={rc} ---\n")
     res: dict = {"rc": rc}
+    m = re.search(r"sampler CPU time .*", text)
+    if m:
+        res["sampler_overhead"] = m.group(0)
+    res["missing"] = [ln[8:] for ln in text.splitlines() if ln.startswith("missing ")][:30]
     if not os.path.exists(trace):
-        res["error"] = "no trace written"
+        res["error"] = f"no trace written (rc={rc}): {text.strip()[-300:]}"
         return res
-    res.update(summarize_trace(trace))
+    rc2, samples = suite.run(
+        [PY, "-m", "aurora_core.cli", "telemetry", "replay", trace, "--json"], 60, quiet=True
+    )
+    res.update(summarize_samples(samples))
     return res
 
 
-def summarize_trace(trace: str) -> dict:
-    """Min/max of the interesting NVML metrics, and the sampler's own CPU time per second of trace."""
+def summarize_samples(text: str) -> dict:
+    """Min/max/mean of the interesting metrics in `aurora telemetry replay --json` output."""
     vals: dict[str, list[float]] = {}
-    ts = []
     n = 0
-    with open(trace) as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            values = rec.get("values") if isinstance(rec, dict) else None
-            if not isinstance(values, dict):
-                continue
-            n += 1
-            if "ts_ns" in rec:
-                ts.append(rec["ts_ns"])
-            for k, v in values.items():
-                if isinstance(v, (int, float)) and math.isfinite(v):
-                    vals.setdefault(k, []).append(float(v))
+    for line in text.splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        values = rec.get("values") if isinstance(rec, dict) else None
+        if not isinstance(values, dict):
+            continue
+        n += 1
+        for k, v in values.items():
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                vals.setdefault(k, []).append(float(v))
     out: dict = {"samples": n}
     for k in (
         "sm_clock_mhz",
+        "sm_clock_max_mhz",
         "mem_clock_mhz",
         "temp_c",
+        "temp_margin_c",
         "power_w",
+        "power_limit_w",
         "util_gpu_busy_pct",
         "throttle_frac_power",
         "throttle_frac_thermal",
+        "throttle_frac_hw_slowdown",
         "mem_used_bytes",
         "pcie_rx_bytes_s",
+        "pcie_tx_bytes_s",
     ):
         if k in vals:
-            out[k] = {"min": min(vals[k]), "max": max(vals[k]), "mean": round(sum(vals[k]) / len(vals[k]), 3)}
-    if "sampler_cpu_s" in vals and len(ts) > 1:
-        span = (max(ts) - min(ts)) / 1e9
-        cpu = max(vals["sampler_cpu_s"]) - min(vals["sampler_cpu_s"])
-        out["sampler_cpu_frac"] = round(cpu / span, 5) if span > 0 else None
+            v = vals[k]
+            out[k] = {"min": min(v), "max": max(v), "mean": round(sum(v) / len(v), 3)}
     return out
 
 
