@@ -230,3 +230,30 @@ def test_real_gpu_trace_replays_sanely(path):
                 assert 0.0 <= x <= 1.0, (k, x)
         if "power_w" in v and "power_limit_w" in v:
             assert v["power_w"] <= 1.5 * v["power_limit_w"]
+
+
+def test_record_through_the_threaded_sampler_then_replay(tmp_path):
+    """What ``aurora telemetry record`` does, with the GPU model in place of the driver."""
+    import time
+
+    from aurora_core.telemetry.sampler import TelemetrySampler
+
+    sim = SimulatedNvml("power", 0.0, 1e9, severity=0.25)
+    path = tmp_path / "rec.jsonl"
+    rec = RecordingNvml(sim, out=path, header={"period_s": 0.02})
+    got = []
+    with TelemetrySampler(callbacks=[got.append], period_s=0.02, gpu=True, cpu=False, nvml_api=rec):
+        deadline = time.monotonic() + 10
+        while len(got) < 6 and time.monotonic() < deadline:
+            sim.t_s = time.monotonic()  # the model's episode covers all of it
+            time.sleep(0.01)
+    rec.close()
+    lines = read_trace(path)
+    assert any(x.get("fn") == "nvmlEventSetWait_v2" for x in lines)  # the event thread was recorded too
+    replayed = replay_samples(path, base_ns=0)
+    live = [s for s in got if s.source == "gpu0"]
+    assert len(replayed) >= len(live) >= 6
+    for a, b in zip(live, replayed, strict=False):
+        want = {k: v for k, v in a.values.items() if k != "sampler_cpu_s"}
+        assert b.values == pytest.approx(want, rel=1e-9)  # float rounding of a shifted time base only
+        assert b.ts_ns - replayed[0].ts_ns == a.ts_ns - live[0].ts_ns

@@ -252,7 +252,8 @@ class NvmlBackend:
     def __init__(self, api=pynvml, clock: Callable[[], int] | None = None):
         self.api = api
         self.clock = clock or getattr(api, "clock", None) or now_ns
-        self._mark_tick = getattr(api, "mark_tick", None)  # recording/replay hook; absent on pynvml
+        # recording/replay hook returning the tick's time; absent on pynvml
+        self._mark_tick = getattr(api, "mark_tick", None)
         self.devices: list[_Device] = []
         self.healthy = False
         self.failures = 0            # consecutive failed ticks or inits
@@ -433,10 +434,12 @@ class NvmlBackend:
 
     # -- sampling --------------------------------------------------------------------------------
     def tick(self) -> list[Sample]:
-        """One reading per GPU (or stale markers). Never raises an NVML error."""
-        if self._mark_tick is not None:
-            self._mark_tick()
-        now = self.clock()
+        """One reading per GPU (or stale markers). Never raises an NVML error.
+
+        All values of a tick carry its start time; counter deltas use it too, so a replay, whose clock
+        is the recorded tick time, reproduces the live rates exactly.
+        """
+        now = self._mark_tick() if self._mark_tick is not None else self.clock()
         if not self.healthy:
             if now < self.next_retry_ns:
                 return self._stale(now)
@@ -452,16 +455,15 @@ class NvmlBackend:
             self.failures = 0
             self.error = None
         try:
-            raw = [self._read(d) for d in self.devices]
+            raw = [self._read(d, now) for d in self.devices]
         except Exception as exc:  # lost GPU, unknown error, a replay that ended: never past this point
-            self._fail(self.clock(), exc, during="tick")
-            return self._stale(self.clock())
-        ts = self.clock()
-        self.last_good_ns = ts
+            self._fail(now, exc, during="tick")
+            return self._stale(now)
+        self.last_good_ns = now
         out = []
         for d, values in zip(self.devices, raw, strict=True):
             values["stale_age_s"] = 0.0
-            out.append(Sample(ts, f"gpu{d.index}", values))
+            out.append(Sample(now, f"gpu{d.index}", values))
         return out
 
     def _fail(self, now: int, exc: BaseException, during: str) -> None:
@@ -479,10 +481,10 @@ class NvmlBackend:
         age = max(0.0, (now - since) / 1e9)
         return [Sample(now, f"gpu{i}", {"stale_age_s": age}) for i in range(self.n_sources)]
 
-    def _read(self, d: _Device) -> dict[str, float]:
+    def _read(self, d: _Device, now_ns: int) -> dict[str, float]:
         api, h = self.api, d.handle
         v: dict[str, float] = dict(d.static)
-        t_s = self.clock() / 1e9
+        t_s = now_ns / 1e9
         counters: dict[str, float] = {}
         if d.fields:
             for fv in api.nvmlDeviceGetFieldValues(h, d.fields):

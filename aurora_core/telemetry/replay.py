@@ -19,7 +19,8 @@ array (field values), ``{"h": i}`` for the handle of GPU i, ``{"o": "<type>"}`` 
 same function and arguments and returns the rebuilt value or raises ``pynvml.NVMLError(code)``, so
 ``NvmlBackend`` runs unchanged. A function the trace never saw raises NVMLError_FunctionNotFound (it is
 then recorded as missing); a function whose entries are used up raises ``ReplayExhausted``.
-The replay clock is the time of the current tick marker, mapped onto ``base_ns``.
+The replay clock is the time of the current tick marker, mapped onto ``base_ns``; the backend stamps
+samples and computes counter rates with the tick time in both live and replayed runs.
 
 ``make_synthetic_trace`` produces traces with throttle episodes by running the same backend against
 ``SimulatedNvml``, a small GPU model, through the recorder. The committed files in tests/data/nvml/ are
@@ -164,8 +165,11 @@ class RecordingNvml:
                 self._file.close()
                 self._file = None
 
-    def mark_tick(self) -> None:
-        self._write({"t_ns": self.clock() - self._t0, "tick": 1})
+    def mark_tick(self) -> int:
+        """Write a tick marker; returns the tick's time (this clock), which the backend uses."""
+        t = self.clock()
+        self._write({"t_ns": t - self._t0, "tick": 1})
+        return t
 
     def __getattr__(self, name: str):
         target = getattr(self._api, name)
@@ -240,10 +244,12 @@ class ReplayNvml:
     def clock(self) -> int:
         return self.base_ns + self.t_ns
 
-    def mark_tick(self) -> None:
+    def mark_tick(self) -> int:
+        """Advance to the next recorded tick; returns its time on this replay's time base."""
         with self._lock:
             if self._ticks:
                 self.t_ns = self._ticks.popleft()
+            return self.base_ns + self.t_ns
 
     @property
     def ticks_left(self) -> int:

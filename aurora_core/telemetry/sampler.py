@@ -262,11 +262,14 @@ class TelemetrySampler:
         backoff = 1.0
         while not self._stop.is_set():
             try:
+                t0 = time.monotonic()
                 evs = watcher.poll(500)
                 backoff = 1.0
-                self._event_missing = {k: r for k, r in watcher.missing.items()}
+                self._event_missing = dict(watcher.missing)
                 if not watcher.sets:
                     self._stop.wait(5.0)  # nothing to wait on: do not spin
+                elif not evs and time.monotonic() - t0 < 0.05:
+                    self._stop.wait(0.5)  # a wait that returned at once (replay, a broken driver): do not spin
                 self._publish(events=evs)
             except Exception as exc:
                 self._event_missing = {"gpu.events": nvml_error_text(exc)}
