@@ -254,8 +254,8 @@ def s_e2e(suite: Suite, cap: float) -> dict:
     rc, help_text = suite.run([PY, script, "--help"], 60)
     flag, gpu_args, cpu_args = _e2e_flags(help_text)
     extra = []
-    if "--duration" in help_text:
-        extra += ["--duration", os.environ.get("AURORA_E2E_DURATION", "15")]
+    if "--duration" in help_text and os.environ.get("AURORA_E2E_DURATION"):
+        extra += ["--duration", os.environ["AURORA_E2E_DURATION"]]
     base = [
         PY,
         script,
@@ -281,10 +281,12 @@ def s_e2e(suite: Suite, cap: float) -> dict:
             res[label] = {"skipped": f"{per_run:.0f}s left"}
             continue
         outdir = tempfile.mkdtemp(prefix=f"e2e_{label}_")
-        rc, text = suite.run(base + ["--out", outdir] + args, per_run)
+        # bench_e2e's --out is the JSON summary file; a directory-style --out is given a file inside it.
+        out_arg = os.path.join(outdir, "e2e.json") if _out_is_file(help_text) else outdir
+        rc, text = suite.run(base + ["--out", out_arg] + args, per_run)
         res[label] = {
             "rc": rc,
-            "cmd": " ".join(base[1:] + ["--out", "DIR"] + args),
+            "cmd": " ".join(base[1:] + ["--out", out_arg] + args),
             "stdout_tail": text[-3000:],
         }
         res[label]["files"] = _collect_jsons(outdir)
@@ -295,6 +297,11 @@ def s_e2e(suite: Suite, cap: float) -> dict:
             res.setdefault("error", f"{label}: bench_e2e rc={rc}")
     res["telemetry"] = _finish_telemetry(suite, tele, trace)
     return res
+
+
+def _out_is_file(help_text: str) -> bool:
+    m = re.search(r"^\s+--out\s+\S+\s+(.*)$", help_text, re.M)
+    return bool(m and re.search(r"json|file", m.group(1), re.I) and not re.search(r"dir", m.group(1), re.I))
 
 
 def _collect_jsons(outdir: str) -> dict:
@@ -943,7 +950,7 @@ def render_markdown(results: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(ROOT, "out", "gpu_suite"))
-    ap.add_argument("--budget-s", type=float, default=float(os.environ.get("AURORA_SUITE_BUDGET_S", "420")))
+    ap.add_argument("--budget-s", type=float, default=float(os.environ.get("AURORA_SUITE_BUDGET_S", "450")))
     ap.add_argument("--skip", default="", help="comma-separated sections to skip")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
@@ -960,7 +967,7 @@ def main(argv=None) -> int:
         ("copy_bw", lambda cap: suite.worker("copy_bw", cap), 10, 45),
         ("kernels", lambda cap: suite.worker("kernels", cap, ()), 40, 120),
         ("correctness", lambda cap: suite.worker("correctness", cap), 20, 60),
-        ("e2e", lambda cap: s_e2e(suite, cap), 60, 150),
+        ("e2e", lambda cap: s_e2e(suite, cap), 60, 200),
         ("decode", lambda cap: suite.worker("decode", cap), 20, 45),
         ("tests", lambda cap: s_tests(suite, cap), 30, 90),
     ]
