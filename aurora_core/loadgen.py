@@ -229,17 +229,27 @@ class HttpTarget:
             payload, fut = item
             if not fut.set_running_or_notify_cancel():
                 continue
-            try:
-                if conn is None:
-                    conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
-                fut.set_result(self._post(conn, payload))
-            except HttpError as e:
-                fut.set_exception(e)
-            except Exception as e:  # connection-level: drop the connection, the next query reconnects
-                if conn is not None:
+            for attempt in (0, 1):
+                reused = conn is not None
+                try:
+                    if conn is None:
+                        conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+                    fut.set_result(self._post(conn, payload))
+                except HttpError as e:
+                    fut.set_exception(e)
+                except (BrokenPipeError, ConnectionResetError, http.client.RemoteDisconnected) as e:
+                    # The server closed an idle keep-alive connection: retry once on a fresh one.
                     conn.close()
-                conn = None
-                fut.set_exception(e)
+                    conn = None
+                    if reused and attempt == 0:
+                        continue
+                    fut.set_exception(e)
+                except Exception as e:  # connection-level: drop the connection, the next query reconnects
+                    if conn is not None:
+                        conn.close()
+                    conn = None
+                    fut.set_exception(e)
+                break
         if conn is not None:
             conn.close()
 

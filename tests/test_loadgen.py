@@ -326,3 +326,23 @@ def test_find_peak_hi_passes_and_errors_fail():
     res = lg.find_peak(lambda r: {"latency_ms": {"p99": 1.0}, "error_frac": 0.5 if r > 20 else 0}, 10, 0, 50,
                        rel_tol=0.02)
     assert 19 < res.peak_rate <= 20
+
+
+class _ClosingHandler(_Handler):
+    """Answers, then drops the connection without saying so: what an idle keep-alive timeout does."""
+
+    def do_POST(self):
+        super().do_POST()
+        self.close_connection = True
+
+
+def test_http_target_retries_a_connection_the_server_dropped():
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ClosingHandler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    target = lg.HttpTarget(f"http://127.0.0.1:{srv.server_address[1]}/v1/classify", connections=1)
+    try:
+        res = lg.LoadGenerator(target, [b"img"]).run(lg.Scenario.server(50, 0.4))
+    finally:
+        target.close()
+        srv.shutdown()
+    assert len(res.status) > 3 and set(res.status) == {"ok"}
