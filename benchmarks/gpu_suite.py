@@ -33,6 +33,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 
@@ -274,7 +275,13 @@ def s_e2e(suite: Suite, cap: float) -> dict:
 
     trace = os.path.join(suite.out, "nvml_trace.jsonl")
     t_end = time.monotonic() + cap - 15  # keep time to collect the telemetry trace
-    tele = _start_telemetry(suite, trace)
+    # Start the 20 s NVML trace once the model is loaded and warm, while the probes load the GPU.
+    tele: dict = {}
+    timer = threading.Timer(
+        float(os.environ.get("AURORA_TELEMETRY_DELAY_S", "20")),
+        lambda: tele.update(p=_start_telemetry(suite, trace)),
+    )
+    timer.start()
     for i, (label, args) in enumerate(runs):
         per_run = (t_end - time.monotonic()) / (len(runs) - i)
         if per_run < 30:
@@ -295,7 +302,9 @@ def s_e2e(suite: Suite, cap: float) -> dict:
             shutil.copy(html[0], os.path.join(suite.out, "e2e_report.html"))
         if rc != 0:
             res.setdefault("error", f"{label}: bench_e2e rc={rc}")
-    res["telemetry"] = _finish_telemetry(suite, tele, trace)
+    timer.cancel()
+    timer.join()
+    res["telemetry"] = _finish_telemetry(suite, tele.get("p"), trace)
     return res
 
 
