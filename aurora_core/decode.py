@@ -405,8 +405,10 @@ def _decode_png(buf: memoryview, hdr: _Header) -> np.ndarray:
                 raise CorruptImage(f"decode: PNG: Pillow reads {im.size}, IHDR says {(hdr.width, hdr.height)}",
                                    reason="bad_header")
             if im.mode.startswith("I"):  # 16-bit grey ("I;16", "I;16B", "I"): keep the high byte
-                grey = (np.asarray(im).astype(np.int64).clip(0, 65535) >> 8).astype(np.uint8)
-                return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
+                a = np.asarray(im)
+                if a.dtype != np.uint16:
+                    a = a.clip(0, 65535).astype(np.uint16)
+                return np.repeat((a >> 8).astype(np.uint8)[:, :, None], 3, axis=2)
             im.info.pop("transparency", None)  # alpha is dropped anyway; avoids Pillow's palette warning
             rgb = im if im.mode == "RGB" else im.convert("RGB")
             return np.array(rgb)  # a writable copy (np.asarray of a PIL image is read-only)
