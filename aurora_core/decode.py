@@ -24,11 +24,16 @@ Policy (what a caller can rely on):
   with a small bounds-checked TIFF parser and applied as ``PIL.ImageOps.exif_transpose`` does. Malformed
   EXIF is ignored (orientation 1). XMP orientation is not used.
 
-Stable ``reason`` strings: ``UnsupportedFormat``: unsupported_format, unsupported_jpeg (lossless,
-hierarchical, 12-bit or 2-component JPEG, or chroma sampling factors TurboJPEG cannot name, such as 3x1
-or 4:4:1; Pillow would decode some of those, but only without strict corruption checks). ``ImageTooLarge``: too_many_bytes, too_many_pixels.
-``CorruptImage``: truncated, bad_header, bad_checksum, zero_size, too_many_scans, too_many_markers,
-decode_failed.
+Stable ``reason`` strings:
+
+* ``UnsupportedFormat``: unsupported_format; unsupported_jpeg (lossless, hierarchical, 12-bit or
+  2-component JPEG, or chroma sampling factors TurboJPEG cannot name, such as 3x1 or 4:4:1; Pillow would
+  decode some of those, but only without strict corruption checks).
+* ``ImageTooLarge``: too_many_bytes, too_many_pixels.
+* ``CorruptImage``: truncated, bad_header, bad_checksum (PNG CRC), zero_size, too_many_scans,
+  too_many_markers (header walks are bounded), decode_failed (the pixel decoder rejected the data).
+
+Threads: everything here is re-entrant; libjpeg-turbo runs with the GIL released.
 """
 
 from __future__ import annotations
