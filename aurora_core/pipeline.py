@@ -154,7 +154,7 @@ class Pipeline:
         errors = {k[4:]: v for k, v in c.items() if k.startswith("err:")}
         rc = self._runner.counters
         return {
-            "submitted": c.get("submitted", 0),
+            "submitted": c.get("admitted", 0) + c.get("rejected", 0),
             "admitted": c.get("admitted", 0),
             "completed": c.get("ok", 0),
             "rejected": c.get("rejected", 0),
@@ -189,7 +189,6 @@ class Pipeline:
         rec = RequestRecord(request_id=next(self._ids), arrival_ns=arrival, priority=priority, device=self.device)
         fut: Future = Future()
         req = Request(data, priority, arrival + int(timeout * 1e9) if timeout is not None else 0, fut, rec)
-        self._count("submitted")
         try:
             if self._failure is not None:
                 raise DeviceLost(f"Pipeline: down after a sticky device error ({self._failure}); create a new Pipeline")
@@ -228,11 +227,13 @@ class Pipeline:
         with self._stats_lock:
             self._counts[key] += n
 
-    def _finish(self, req: Request, result=None, exc: BaseException | None = None, status: str | None = None) -> None:
+    def _finish(self, req: Request, result=None, exc: BaseException | None = None, status: str | None = None,
+                counted: bool = False) -> None:
         rec = req.record
         rec.completion_ns = now_ns()
         rec.status = status or ("ok" if exc is None else _status(exc))
-        self._count(rec.status if rec.status in ("ok", "cancelled") else "err:" + rec.status)
+        if not counted:
+            self._count(rec.status if rec.status in ("ok", "cancelled") else "err:" + rec.status)
         for s in self._sinks:
             try:
                 s(rec)
@@ -273,79 +274,90 @@ class Pipeline:
             self._ready_q.put(_STOP)
 
     def _prepare(self, batch: list[Request], slab) -> list[Request]:
-        """Decode + preprocess every request into its row of ``slab``; returns the rows to compute
-        (ordered by row). Requests that fail here are finished at once."""
+        """Decode every request (worker pool), then preprocess the decoded ones into rows 0..n-1 of
+        ``slab`` in one batched kernel call; returns the requests to compute, in row order. A request
+        that fails here is finished at once and takes no row, so it never disturbs its batch-mates."""
         bid = next(self._batch_ids)
         for r in batch:
             r.record.batch_id = bid
-            r.slot = -1
-        slab.n, slab.on_device, slab.events = 0, False, {}
-        runner = self._runner
-        on_device = self._device_preprocess and runner.is_cuda
-        rows = itertools.count()  # next() is atomic under the GIL: each decoded request takes the next row
         failures: list = []
+        self._decode_all(batch, failures)
+        live = [r for r in batch if r.image is not None]
+        runner = self._runner
+        slab.on_device, slab.events = False, {}
+        try:
+            if live and self._device_preprocess and runner.is_cuda:
+                live = self._stage_on_device(live, slab, runner, failures)
+            elif live:
+                live = self._preprocess_rows(live, slab, failures)
+                runner.stage(slab)
+        except Exception as e:  # noqa: BLE001 - a sticky error while staging: the batch cannot run
+            self._fail_batch(live, e, runner)
+            live = []
+        for r, e in failures:
+            if not isinstance(e, ImageError):
+                log.error("Pipeline: preparing request %d failed: %r", r.record.request_id, e)
+            r.record.batch_size = len(batch)
+            self._finish(r, exc=e)
+        for i, r in enumerate(live):
+            r.slot, r.image = i, None  # the decoded pixels are no longer needed
+            r.record.batch_size = len(live)
+        slab.n = len(live)
+        return live
 
+    def _decode_all(self, batch: list[Request], failures: list) -> None:
         def work(chunk):
             for r in chunk:
                 try:
                     self._decode(r)
-                    if on_device:
-                        r.slot = next(rows)
-                        continue
-                    slot = next(rows)
-                    self._preprocess(r, slab.host[slot])
-                    r.slot = slot
                 except Exception as e:  # noqa: BLE001 - every request must end, whatever broke
-                    r.slot = -1
                     r.image = None
-                    failures.append((r, e))
+                    failures.append((r, e))  # list.append is atomic under the GIL
 
-        chunks = [batch[i::self._nw] for i in range(min(self._nw, len(batch)))]
-        futs = [self._pool.submit(work, c) for c in chunks[1:]] if self._pool is not None else []
+        encoded = [r for r in batch if not isinstance(r.data, np.ndarray)]
+        for r in batch:
+            if isinstance(r.data, np.ndarray):
+                r.image, r.orig_size, r.scale = r.data, tuple(r.data.shape[:2]), 1
+        if len(encoded) <= 1 or self._pool is None:
+            work(encoded)
+            return
+        chunks = [encoded[i::self._nw] for i in range(min(self._nw, len(encoded)))]
+        futs = [self._pool.submit(work, c) for c in chunks[1:]]
         work(chunks[0])
         for f in futs:
             f.result()
-        # A failed request never disturbs its batch-mates: the rows are compacted below.
-        live = sorted((r for r in batch if r.slot >= 0), key=lambda r: r.slot)
-        for r, e in failures:
-            if not isinstance(e, ImageError):
-                log.error("Pipeline: preprocessing request %d failed: %r", r.record.request_id, e)
-            r.record.batch_size = len(batch)
-            self._finish(r, exc=e)
-        if failures and live:
-            live = self._compact(live, slab, on_device)
-        slab.n = len(live)
-        if not live:
-            return live
-        for r in live:
-            r.record.batch_size = len(live)
-        try:
-            if on_device:
-                self._stage_on_device(live, slab, runner)
-            else:
-                runner.stage(slab)
-        except Exception as e:  # noqa: BLE001
-            self._fail_batch(live, e, runner)
-            self._free.put(slab)
-            return []
-        for r in live:
-            r.image = None  # the decoded pixels are no longer needed
-        return live
 
-    def _compact(self, live, slab, on_device):
-        """Rows were taken in decode order; a failed request leaves a hole only if it took a row."""
-        for new, r in enumerate(live):
-            if r.slot != new:
-                if not on_device:
-                    slab.host[new].copy_(slab.host[r.slot])
-                r.slot = new
-        return live
+    def _preprocess_rows(self, live: list[Request], slab, failures: list) -> list[Request]:
+        """One preprocess_batch call writes row i of slab.host for live[i] (C++ kernel, GIL released).
+        Should it raise, each image is retried alone so that only the bad one fails."""
+        from aurora_core.ops.preprocess import preprocess, preprocess_batch
 
-    def _stage_on_device(self, live, slab, runner) -> None:
-        images = [r.image for r in live]
+        n = len(live)
+        t0 = now_ns()
         try:
-            t0 = now_ns()
-            runner.stage_images(slab, images, self.spec, [r.orig_size for r in live], [r.scale for r in live])
+            preprocess_batch([r.image for r in live], self.spec, out=slab.host[:n],
+                             orig_sizes=[r.orig_size for r in live], scales=[r.scale for r in live],
+                             num_threads=self._nw)
+            ok = live
+        except Exception:  # noqa: BLE001
+            ok = []
+            for r in live:
+                try:
+                    preprocess(r.image, self.spec, out=slab.host[len(ok)], orig_size=r.orig_size, scale=r.scale)
+                    ok.append(r)
+                except Exception as e:  # noqa: BLE001
+                    failures.append((r, e))
+        t1 = now_ns()
+        for r in ok:
+            r.record.preprocess_start_ns, r.record.preprocess_end_ns = t0, t1
+        slab.n = len(ok)
+        return ok
+
+    def _stage_on_device(self, live, slab, runner, failures) -> list[Request]:
+        t0 = now_ns()
+        try:
+            runner.stage_images(slab, [r.image for r in live], self.spec, [r.orig_size for r in live],
+                                [r.scale for r in live])
         except Exception as e:  # noqa: BLE001
             from aurora_core.runner import is_sticky
 
@@ -353,40 +365,28 @@ class Pipeline:
                 raise
             log.warning("Pipeline: device preprocessing failed (%r); preprocessing on the CPU from now on", e)
             self._device_preprocess = False
-            for r in live:
-                self._preprocess(r, slab.host[r.slot])
-            slab.on_device = False
+            slab.on_device, slab.events = False, {}
+            live = self._preprocess_rows(live, slab, failures)
             runner.stage(slab)
-            return
+            return live
         t1 = now_ns()
         for r in live:
             r.record.preprocess_start_ns, r.record.preprocess_end_ns = t0, t1
+        return live
 
     def _decode(self, r: Request) -> None:
-        rec = r.record
-        if isinstance(r.data, np.ndarray):
-            r.image, r.orig_size, r.scale = np.ascontiguousarray(r.data), None, 1
-            return
-        from aurora_core.decode import decode_ex
+        from aurora_core.decode import decode_ex, probe
+        from aurora_core.ops.preprocess import fast_min_size
 
+        rec = r.record
         rec.decode_start_ns = now_ns()
         min_size = None
         if self._fast:
-            from aurora_core.decode import probe
-            from aurora_core.ops.preprocess import fast_min_size
-
-            info = probe(r.data)
+            info = probe(r.data, **self._limits)
             min_size = fast_min_size((info.height, info.width), self.spec)
         d = decode_ex(r.data, min_size=min_size, **self._limits)
         r.image, r.orig_size, r.scale = d.image, d.orig_size, d.scale
         rec.decode_end_ns = now_ns()
-
-    def _preprocess(self, r: Request, out) -> None:
-        from aurora_core.ops.preprocess import preprocess
-
-        r.record.preprocess_start_ns = now_ns()
-        preprocess(r.image, self.spec, out=out, orig_size=r.orig_size, scale=r.scale)
-        r.record.preprocess_end_ns = now_ns()
 
     # ---- compute (aurora-compute) -----------------------------------------------------------------
     def _compute_loop(self) -> None:
@@ -411,6 +411,7 @@ class Pipeline:
 
     def _complete(self, live, out, runner) -> None:
         dev = str(runner.device)
+        self._count("ok", len(live) - len(out.failed))  # one lock per batch, not per request
         for r in live:
             rec = r.record
             rec.bucket = out.bucket
@@ -421,7 +422,7 @@ class Pipeline:
             if r.slot in out.failed:
                 self._finish(r, exc=ResourceExhausted("Pipeline: out of device memory even at batch size 1"))
             else:
-                self._finish(r, result=list(zip(out.indices[r.slot], out.probs[r.slot], strict=True)))
+                self._finish(r, result=list(zip(out.indices[r.slot], out.probs[r.slot], strict=True)), counted=True)
 
     def _fail_batch(self, live, exc: BaseException, runner: Runner) -> None:
         from aurora_core.runner import is_sticky

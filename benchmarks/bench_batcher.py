@@ -1,0 +1,145 @@
+"""Batcher overhead: a Pipeline around a no-op model on tiny pre-decoded images, so that what is measured is
+the admission, batching, hand-off and completion machinery rather than pixels or FLOPs.
+
+    python benchmarks/bench_batcher.py [--requests 40000] [--rate 4000] [--delay-us 1000]
+
+Prints: saturated throughput (requests/s; target >= 20,000), the p50/p99 latency added beyond
+max_queue_delay_us under an open-loop Poisson load well below saturation (target p99 <= 0.5 ms), and the
+cost of one timing record (build + fill + hand to a sink; with the Recorder when it is importable).
+Also collected by pytest (``test_record_cost``) as a pytest-benchmark smoke test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import threading
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from aurora_core.batching import BatchingConfig
+from aurora_core.ops.preprocess import PreprocessSpec
+from aurora_core.pipeline import Pipeline
+from aurora_core.records import RequestRecord, now_ns
+
+SPEC = PreprocessSpec(resize=8, crop=8)
+
+
+class NoOp(nn.Module):
+    """[B, 3, 8, 8] -> logits [B, 10] with no real compute."""
+
+    def forward(self, x):
+        return x.flatten(1)[:, :10]
+
+
+def make_pipeline(delay_us: int, sink=None, max_batch: int = 64) -> Pipeline:
+    cfg = BatchingConfig(max_batch_size=max_batch, max_queue_delay_us=delay_us, max_queue_size=1_000_000)
+    return Pipeline(NoOp(), SPEC, cfg, device="cpu", top_k=1, sink=sink, num_workers=1)
+
+
+def images(n: int = 64) -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def throughput(n: int, delay_us: int, sink=None) -> float:
+    """Requests/s with every request submitted as fast as one client thread can."""
+    imgs = images()
+    done = threading.Semaphore(0)
+    with make_pipeline(delay_us, sink) as pipe:
+        pipe.infer(imgs[0])
+        t0 = time.perf_counter()
+        for i in range(n):
+            pipe.submit(imgs[i & 63]).add_done_callback(lambda f: done.release())
+        for _ in range(n):
+            assert done.acquire(timeout=60), "a request never completed"
+        dt = time.perf_counter() - t0
+        st = pipe.stats()
+    assert st["completed"] == n + 1, st
+    return n / dt
+
+
+def added_latency(rate: float, seconds: float, delay_us: int) -> tuple[float, float, int]:
+    """Open-loop Poisson arrivals; returns (p50, p99) of latency - max_queue_delay (ms) and the count.
+    Latency runs from the scheduled send time, so a client that falls behind is charged for it."""
+    imgs = images()
+    rng = np.random.default_rng(1)
+    n = int(rate * seconds)
+    gaps = rng.exponential(1e9 / rate, n).astype(np.int64)
+    lat = np.zeros(n, np.int64)
+    done = threading.Semaphore(0)
+    with make_pipeline(delay_us) as pipe:
+        pipe.infer(imgs[0])
+        start = now_ns() + 1_000_000
+        sched = start + np.cumsum(gaps)
+        for i in range(n):
+            wait = sched[i] - now_ns()
+            if wait > 0:
+                time.sleep(wait / 1e9)  # sleeping, not spinning: a spinning client would hold the GIL
+
+            def cb(f, i=i):
+                lat[i] = f.result().timings.completion_ns - sched[i]
+                done.release()
+
+            pipe.submit(imgs[i & 63]).add_done_callback(cb)
+        for _ in range(n):
+            assert done.acquire(timeout=60), "a request never completed"
+    added = (lat - delay_us * 1000) / 1e6
+    return float(np.percentile(added, 50)), float(np.percentile(added, 99)), n
+
+
+def record_cost(n: int = 200_000, sink=None) -> float:
+    """ns per record: build a RequestRecord, stamp its fields, hand it to ``sink``."""
+    sink = sink or (lambda r: None)
+    t0 = time.perf_counter_ns()
+    for i in range(n):
+        r = RequestRecord(request_id=i, arrival_ns=now_ns(), priority=0, device="cpu")
+        r.enqueue_ns = r.batch_closed_ns = r.preprocess_start_ns = r.preprocess_end_ns = now_ns()
+        r.compute_start_ns = r.compute_end_ns = r.completion_ns = now_ns()
+        r.batch_id, r.batch_size, r.bucket, r.status = 1, 8, 8, "ok"
+        sink(r)
+    return (time.perf_counter_ns() - t0) / n
+
+
+def _recorder():
+    try:
+        from aurora_core.recorder import Recorder
+
+        return Recorder(path=None)
+    except Exception as e:  # noqa: BLE001 - the recorder is optional here
+        print(f"(Recorder not usable: {e!r}; timing a no-op sink only)")
+        return None
+
+
+def test_record_cost(benchmark):
+    benchmark.extra_info["ns_per_record"] = benchmark(record_cost, 2000)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--requests", type=int, default=40_000)
+    ap.add_argument("--rate", type=float, default=4000.0, help="Poisson rate for the latency run (req/s)")
+    ap.add_argument("--seconds", type=float, default=5.0, help="length of the latency run")
+    ap.add_argument("--delay-us", type=int, default=1000)
+    a = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    rps = throughput(a.requests, a.delay_us)
+    print(f"throughput: {rps:,.0f} requests/s ({a.requests} requests, no-op model, 8x8 images; target >= 20,000)")
+    rec = _recorder()
+    if rec is not None:
+        rps_rec = throughput(a.requests, a.delay_us, sink=rec)
+        print(f"throughput with a Recorder sink: {rps_rec:,.0f} requests/s "
+              f"(=> {1e9 / rps_rec - 1e9 / rps:,.0f} ns per request for recording)")
+    p50, p99, n = added_latency(a.rate, a.seconds, a.delay_us)
+    print(f"added latency beyond max_queue_delay_us={a.delay_us}: p50 {p50:.3f} ms, p99 {p99:.3f} ms "
+          f"({n} requests, Poisson {a.rate:,.0f}/s; target p99 <= 0.5 ms)")
+    print(f"timing record: {record_cost():,.0f} ns each (build + fill + no-op sink)")
+    if rec is not None:
+        print(f"timing record into Recorder: {record_cost(50_000, rec):,.0f} ns each")
+        rec.close()
+
+
+if __name__ == "__main__":
+    main()
