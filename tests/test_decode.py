@@ -423,6 +423,25 @@ def test_png_exif_after_idat_is_used_like_pillow():
     np.testing.assert_array_equal(decode(late), ref)
 
 
+def test_concurrent_decodes_agree_with_sequential():
+    from concurrent.futures import ThreadPoolExecutor
+
+    datas = [sample_bytes(k) for k in ("0.3mp", "rocket_0.3mp", "coffee_png")] * 4
+    datas += [sample_bytes("0.3mp")[:5000]] * 4  # failures interleaved with successes
+
+    def run(d):
+        try:
+            return decode(d, min_size=(100, 100))
+        except CorruptImage as e:
+            return e.reason
+
+    seq = [run(d) for d in datas]
+    with ThreadPoolExecutor(2) as pool:
+        par = list(pool.map(run, datas))
+    for a, b in zip(seq, par, strict=True):
+        assert (a == b) if isinstance(a, str) else np.array_equal(a, b)
+
+
 def test_errors_are_image_errors():
     for cls in (UnsupportedFormat, CorruptImage, ImageTooLarge):
         assert issubclass(cls, ImageError)
