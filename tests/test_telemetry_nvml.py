@@ -319,3 +319,13 @@ def test_live_sampler_with_gpu():
         assert wait_for(lambda: sum(x.source == "gpu0" and x.values.get("stale_age_s") == 0.0 for x in got) >= 3)
     assert s.capabilities()["gpu"]["gpu0"]["info"]["name"]
     assert s.sampler_cpu_s > 0
+
+
+def test_implausible_throttle_counter_is_dropped_not_clamped():
+    # a counter running 3x faster than time (wrong unit, or a field id the driver numbers differently)
+    sim, clock = SimulatedNvml("thermal", 0.0, 10.0, severity=3.0), FakeClock()
+    be = NvmlBackend(autospec_api(sim), clock=clock)
+    v = run_ticks(be, sim, clock, 3)[-1][0].values
+    assert "throttle_frac_thermal" not in v
+    assert "implausible" in be.missing()["gpu0.throttle_frac_thermal"]
+    assert v["throttle_frac_power"] == 0.0

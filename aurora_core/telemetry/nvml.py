@@ -121,6 +121,7 @@ GPU_METRICS: tuple[str, ...] = (
     "pcie_replay_count", "ecc_sbe", "ecc_dbe", "remapped_rows_pending", *GPM_METRICS.values(),
 )
 
+IMPLAUSIBLE_FRAC = 1.5  # a throttle counter advancing faster than this (s per s) is not believed
 BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)  # re-init delays after a failure, then stays at the last
 
 
@@ -516,7 +517,13 @@ class NvmlBackend:
                 continue  # first reading, or a counter reset: no interval to report
             dt = t_s - prev[1]
             if metric.startswith("throttle_frac_"):
-                v[metric] = min(1.0, max(0.0, (x - prev[0]) / 1e9 / dt))
+                frac = (x - prev[0]) / 1e9 / dt
+                if frac > IMPLAUSIBLE_FRAC:
+                    # More throttled time than wall time: wrong unit or a field id this driver numbers
+                    # differently (the ids moved between nvidia-ml-py releases). Drop it, say why.
+                    d.missing[metric] = f"implausible counter ({frac:.3g} s throttled per s): such readings dropped"
+                    continue
+                v[metric] = min(1.0, frac)  # small overshoot: NVML updates the counter on its own cadence
             else:
                 v[metric] = (x - prev[0]) / dt
 
