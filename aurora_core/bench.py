@@ -152,6 +152,7 @@ def telemetry_summary(series: dict) -> tuple[list[tuple[str, str]], dict]:
         "cpu_util_max": _stat(series, "cpu", "cpu_util_pct", np.nanmax),
         "steal": _stat(series, "cpu", "steal_pct"),
         "steal_max": _stat(series, "cpu", "steal_pct", np.nanmax),
+        "proc_cpu": _stat(series, "cpu", "proc_cpu_pct"),
         "load1": _stat(series, "cpu", "load1", np.nanmax),
         "cgroup_throttled": _stat(series, "cpu", "cgroup_throttled_frac"),
         "rss_max": _stat(series, "cpu", "proc_rss_bytes", np.nanmax),
@@ -181,6 +182,7 @@ def telemetry_summary(series: dict) -> tuple[list[tuple[str, str]], dict]:
             f"{n['gpu_busy_pct']:.0f}%" if n["gpu_busy_pct"] is not None else "")),
         ("CPU utilization (mean / max)", f"{n['cpu_util']:.0f}% / {n['cpu_util_max']:.0f}% of {n['cores']} cores"
             if n["cpu_util"] is not None else "n/a (no CPU samples)"),
+        ("this process's CPU (mean)", f"{n['proc_cpu']:.0f}% of one core" if n["proc_cpu"] is not None else "n/a"),
         ("CPU steal (mean / max)", f"{n['steal']:.1f}% / {n['steal_max']:.1f}%" if n["steal"] is not None
             else "n/a (not exposed)"),
         ("load average (max 1 min)", f"{n['load1']:.2f}" if n["load1"] is not None else "n/a"),
@@ -211,8 +213,10 @@ def _busy(records, start: str, end: str, t0: int, t1: int) -> float:
     return total / max(t1 - t0, 1)
 
 
-def bottleneck(summary: dict, result: lg.RunResult, tele: dict, capacity: float | None) -> tuple[str, dict]:
-    """One line naming what limits this run, with its numbers, and the evidence as a dict."""
+def bottleneck(summary: dict, result: lg.RunResult, tele: dict, capacity: float | None,
+               remote: bool = False) -> tuple[str, dict]:
+    """One line naming what limits this run, with its numbers, and the evidence as a dict.
+    ``remote``: the target is another process on this host, so its CPU use is not contention."""
     st = summary["stages_ms"]
     mean = {k: v["mean"] for k, v in st.items()}
     recs = [r for r, s in zip(result.records, result.status, strict=True) if s == "ok" and hasattr(r, "arrival_ns")]
@@ -227,13 +231,21 @@ def bottleneck(summary: dict, result: lg.RunResult, tele: dict, capacity: float 
         why = ", ".join(f"{r} {v:.0%} of the time" for r, v in limiting.items()) or "no reason reported"
         ratio = f"SM clock p50 at {clock_ratio:.0%} of max" if clock_ratio is not None else "SM clock not reported"
         return f"hardware-throttled: {ratio}; throttled by {why}", ev
-    if (tele["steal"] or 0) > 5 or (tele["cgroup_throttled"] or 0) > 0.05:
-        parts = []
-        if (tele["steal"] or 0) > 5:
-            parts.append(f"CPU steal {tele['steal']:.1f}% mean")
-        if (tele["cgroup_throttled"] or 0) > 0.05:
-            parts.append(f"cgroup CPU quota throttled {tele['cgroup_throttled']:.0%} of periods")
-        return "hardware-throttled (host CPU taken away): " + ", ".join(parts), ev
+    parts = []
+    if (tele["steal"] or 0) > 5:
+        parts.append(f"CPU steal {tele['steal']:.1f}% mean (the hypervisor ran someone else)")
+    if (tele["cgroup_throttled"] or 0) > 0.05:
+        parts.append(f"cgroup CPU quota throttled {tele['cgroup_throttled']:.0%} of periods")
+    cores = tele.get("cores") or 1
+    if not remote and tele["cpu_util"] is not None and tele["proc_cpu"] is not None:
+        others = tele["cpu_util"] - tele["proc_cpu"] / cores  # % of all cores used by other processes
+        ev["other_processes_cpu_pct"] = others
+        if tele["cpu_util"] > 90 and others > 25:
+            load = f", load average up to {tele['load1']:.1f} on {cores} cores" if tele["load1"] is not None else ""
+            parts.append(f"other processes used {others:.0f}% of the CPU against this one's "
+                         f"{tele['proc_cpu'] / cores:.0f}%{load}")
+    if parts:
+        return "CPU-contended: " + "; ".join(parts), ev
 
     total = mean.get("total")
     pre = mean.get("decode", 0) + mean.get("preprocess", 0)
@@ -322,6 +334,16 @@ def _build_target(args, device: str, gate: _Gate):
     return lg.PipelineTarget(pipe), pipe
 
 
+def _record_client_side(rec, result: lg.RunResult) -> None:
+    """A remote target's requests as the client saw them, so the run file can be diagnosed: arrival is
+    the scheduled send (the latency every statistic uses) and completion the response."""
+    from aurora_core.records import RequestRecord
+
+    for i, (sched, done, status) in enumerate(zip(result.scheduled_ns, result.done_ns, result.status, strict=True)):
+        rec(RequestRecord(request_id=i, arrival_ns=int(sched), completion_ns=int(done), status=status,
+                          device="remote"))
+
+
 def _device(arg: str) -> str:
     if arg != "auto":
         return arg
@@ -362,7 +384,8 @@ def _run(args: argparse.Namespace) -> int:
     payloads = samples.default_mix()
 
     meta = {"label": args.label, "region": args.region, "tool": "aurora bench",
-            "model": args.model or ("resnet50" if device.startswith("cuda") else "mobilenet_v3_small"),
+            "model": (args.model or "the server's") if args.url else
+                     (args.model or ("resnet50" if device.startswith("cuda") else "mobilenet_v3_small")),
             "config": {k: v for k, v in vars(args).items() if k not in ("quiet", "no_report")}}
     meta = {k: v for k, v in meta.items() if v is not None}
     rec = Recorder(path=out, meta=meta)
@@ -430,6 +453,8 @@ def _run(args: argparse.Namespace) -> int:
         gate.on = True
         result = _progress_run(gen, scenario, scenario.kind, args.quiet)
         gate.on = False
+        if pipe is None:
+            _record_client_side(rec, result)
     finally:
         if pipe is not None:
             pipe.close()
@@ -444,7 +469,7 @@ def _run(args: argparse.Namespace) -> int:
     valid, reasons = lg.verdict(summary, rules)
     series = mem.series(result.t0_ns, result.end_ns)
     tele_rows, tele = telemetry_summary(series)
-    verdict_line, evidence = bottleneck(summary, result, tele, capacity)
+    verdict_line, evidence = bottleneck(summary, result, tele, capacity, remote=pipe is None)
 
     files = {"run": os.path.join(out, "run.aurora.sqlite"), "summary": os.path.join(out, "summary.json")}
     hw = {"host": platform.node(), "machine": platform.machine(), "cpu_cores": os.cpu_count(),

@@ -43,7 +43,7 @@ def test_bench_short_run_writes_table_run_file_and_report(invalid_run):
     assert doc["rate"] == pytest.approx(0.7 * doc["capacity"])
     assert s["completed_ok"] > 0 and set(s["stages_ms"]) >= {"queue", "decode", "preprocess", "compute"}
     assert doc["bottleneck"].split(":")[0] in ("preprocessing-bound", "compute-bound", "queueing/load-bound",
-                                                "hardware-throttled", "hardware-throttled (host CPU taken away)")
+                                                "hardware-throttled", "CPU-contended")
     # the run file holds exactly the measured requests (not the calibration) and the telemetry
     from aurora_core.recorder import load_run
 
@@ -143,8 +143,12 @@ def test_bottleneck_saturating_scenarios_name_the_draining_stage():
     ({"queue": 1, "decode": 2, "preprocess": 1, "compute": 9},
      {"throttle": {"thermal": 0.4, "low_util": 0.9}, "sm_clock_p50": 1400.0, "sm_clock_max": 1980.0,
       "gpu_busy_pct": 95.0}, 0, "hardware-throttled"),
-    ({"queue": 1, "decode": 2, "preprocess": 1, "compute": 9}, {"steal": 22.0}, 0,
-     "hardware-throttled (host CPU taken away)"),
+    ({"queue": 1, "decode": 2, "preprocess": 1, "compute": 9}, {"steal": 22.0}, 0, "CPU-contended"),
+    ({"queue": 1, "decode": 2, "preprocess": 1, "compute": 9},
+     {"cpu_util": 100.0, "proc_cpu": 60.0, "cores": 2, "load1": 7.5}, 0, "CPU-contended"),
+    # this process using the whole machine is not contention
+    ({"queue": 1, "decode": 2, "preprocess": 1, "compute": 9},
+     {"cpu_util": 100.0, "proc_cpu": 195.0, "cores": 2, "load1": 2.5}, 0, "compute-bound"),
     # an idle GPU at low clocks (low_util only) is not throttling
     ({"queue": 1, "decode": 2, "preprocess": 1, "compute": 9},
      {"throttle": {"low_util": 0.9}, "sm_clock_p50": 600.0, "sm_clock_max": 1980.0, "gpu_busy_pct": 10.0}, 0,
