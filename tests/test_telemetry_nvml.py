@@ -329,3 +329,33 @@ def test_implausible_throttle_counter_is_dropped_not_clamped():
     assert "throttle_frac_thermal" not in v
     assert "implausible" in be.missing()["gpu0.throttle_frac_thermal"]
     assert v["throttle_frac_power"] == 0.0
+
+
+def test_wedged_nvml_does_not_pile_up_threads():
+    from aurora_core.telemetry.sampler import MAX_ABANDONED
+
+    sim = SimulatedNvml()
+    api = autospec_api(sim, fresh=True)
+    release = threading.Event()
+    n = {"calls": 0}
+
+    def util(h):
+        n["calls"] += 1
+        if n["calls"] > 1:  # every call after the probe hangs: the driver is wedged
+            release.wait(10.0)
+        return sim.nvmlDeviceGetUtilizationRates(h)
+
+    api.nvmlDeviceGetUtilizationRates.side_effect = util
+    events = []
+    s = TelemetrySampler(event_callbacks=[events.append], period_s=0.02, gpu=True, cpu=False, nvml_api=api,
+                         hang_timeout_s=0.2, stale_after_s=0.05)
+    restarts = lambda: [e for e in events if "blocked" in e.detail]  # noqa: E731
+    try:
+        s.start()
+        assert wait_for(lambda: len(restarts()) >= MAX_ABANDONED)
+        time.sleep(1.0)  # several more hang timeouts: no further restarts
+        assert len(restarts()) == MAX_ABANDONED
+        assert n["calls"] == 1 + 1 + MAX_ABANDONED  # first probe, then one stuck call per poller
+    finally:
+        s.stop()
+        release.set()

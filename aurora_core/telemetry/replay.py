@@ -145,7 +145,7 @@ class RecordingNvml:
         self._handles: dict[int, int] = {}
         self._lock = threading.Lock()
         self.lines: list[dict] = []
-        self._file = open(out, "w", encoding="utf-8") if out is not None else None  # noqa: SIM115
+        self._file = open(out, "w", encoding="utf-8") if out is not None else None
         head = {"format": FORMAT, "version": VERSION, "source": "live", "host": socket.gethostname(),
                 "created_wall": _dt.datetime.now(_dt.timezone.utc).isoformat(),
                 "pynvml": getattr(pynvml, "__version__", None) or _pkg_version("nvidia-ml-py")}

@@ -6,7 +6,7 @@ Threads (all daemons):
   poller. When the poller has not finished a tick for ``stale_after_s`` it publishes stale GPU samples
   (only ``stale_age_s``); after ``hang_timeout_s`` it abandons the poller (a hung NVML call cannot be
   interrupted) and starts a fresh one, which re-initialises NVML. The abandoned thread exits, without
-  publishing, whenever its call returns.
+  publishing, whenever its call returns. At most MAX_ABANDONED pollers are left stuck at a time.
 * ``aurora-nvml``: ``NvmlBackend.tick()`` every period; NVML errors become stale samples + re-init
   with backoff inside the backend.
 * ``aurora-nvml-events``: Xid and other critical events, ``nvmlEventSetWait_v2`` with a 500 ms timeout.
@@ -28,6 +28,7 @@ from aurora_core.telemetry.cpu import CpuBackend
 
 MIN_BURST_PERIOD_S = 0.01
 MAX_BURST_S = 10.0
+MAX_ABANDONED = 3  # pollers left stuck in hung NVML calls before the watchdog stops restarting
 
 
 class TelemetrySampler:
@@ -224,7 +225,7 @@ class TelemetrySampler:
                 self._gpu_heartbeat_ns = now_ns()
                 cpu_s = self._account(name)
                 if backend.healthy:
-                    self._gpu_last_good_ns = backend.last_good_ns
+                    self._gpu_last_good_ns = self._gpu_heartbeat_ns  # this clock, even when replaying
                     self._gpu_sources = [s.source for s in samples]
                     self._gpu_caps = backend.capabilities()
                     self._gpu_missing = backend.missing()
@@ -249,6 +250,9 @@ class TelemetrySampler:
         age = (now - since) / 1e9
         self._publish([Sample(now, src, {"stale_age_s": age}) for src in (self._gpu_sources or ["gpu0"])])
         if silent_s >= self.hang_timeout_s:
+            self._abandoned = [t for t in self._abandoned if t.is_alive()]
+            if len(self._abandoned) >= MAX_ABANDONED:
+                return  # NVML is wedged: more threads would only pile up in it; stay stale until one returns
             self._publish(events=[Event(now, "gpu", "sampler_error", silent_s,
                                         f"NVML call blocked for {silent_s:.1f} s; poller restarted")])
             self._abandoned.append(self._gpu_thread)
