@@ -167,7 +167,7 @@ def _call_readers() -> list[_Reader]:
             "ecc_dbe": float(api.nvmlDeviceGetTotalEccErrors(h, P.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, P.NVML_VOLATILE_ECC)),
         }
 
-    def pcie_tp(api, h):  # KB/s over NVML's own 20 ms window: a coarse fallback for the byte counters
+    def pcie_tp(api, h):  # KB/s over NVML's own 20 ms window (each call waits for it): fallback only
         return {
             "pcie_tx_bytes_s": 1024.0 * api.nvmlDeviceGetPcieThroughput(h, P.NVML_PCIE_UTIL_TX_BYTES),
             "pcie_rx_bytes_s": 1024.0 * api.nvmlDeviceGetPcieThroughput(h, P.NVML_PCIE_UTIL_RX_BYTES),
