@@ -73,6 +73,10 @@ class Pipeline:
                  channels_last: bool | None = None, device_preprocess: bool | None = None, seed: int = 0):
         from aurora_core.ops.preprocess import PreprocessSpec
 
+        if spec is not None and not isinstance(spec, PreprocessSpec):
+            raise TypeError(f"Pipeline: spec must be a PreprocessSpec, got {type(spec).__name__}")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"Pipeline: top_k must be an int >= 1, got {top_k!r}")
         self.config = batching if batching is not None else BatchingConfig()
         if not isinstance(self.config, BatchingConfig):
             raise TypeError(f"Pipeline: batching must be a BatchingConfig, got {type(self.config).__name__}")
@@ -130,7 +134,7 @@ class Pipeline:
     # ---- public API ----------------------------------------------------------------------------
     @property
     def device(self) -> str:
-        return str(self._runner.device)
+        return self._runner.device_str
 
     @property
     def runner(self) -> Runner:
@@ -265,7 +269,11 @@ class Pipeline:
                 if batch is None:
                     return
                 self._count("batches_prepared")
-                live = self._prepare(batch, slab)
+                try:
+                    live = self._prepare(batch, slab)
+                except Exception as e:  # noqa: BLE001 - a bug here must not strand the batch
+                    self._fail_batch([r for r in batch if not r.future.done()], e, self._runner)
+                    live = []
                 if live:
                     self._ready_q.put((live, slab))
                 else:
@@ -407,10 +415,13 @@ class Pipeline:
                 self._free.put(slab)
                 continue
             self._free.put(slab)
-            self._complete(live, out, runner)
+            try:
+                self._complete(live, out, runner)
+            except Exception as e:  # noqa: BLE001 - a bug here must not strand the batch
+                self._fail_batch([r for r in live if not r.future.done()], e, runner)
 
     def _complete(self, live, out, runner) -> None:
-        dev = str(runner.device)
+        dev = runner.device_str
         self._count("ok", len(live) - len(out.failed))  # one lock per batch, not per request
         for r in live:
             rec = r.record

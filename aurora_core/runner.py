@@ -162,6 +162,7 @@ class Runner:
         self.is_cuda = self.device.type == "cuda"
         if self.is_cuda and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
+        self.device_str = str(self.device)
         self.dtype = resolve_dtype(dtype)
         self.buckets = tuple(buckets)
         self.input_shape = tuple(input_shape)
