@@ -50,13 +50,15 @@ def _configs():
     if _INTERPRET:
         return [triton.Config({"BY": 32, "BX": 32, "BR": 32, "BK": 32}, num_warps=4)]
     # Smaller BX wastes fewer tensor-core flops on the band matrix (2*BX*s^2 per pixel); larger BY
-    # re-reads fewer filter-margin rows. Autotuning picks per card.
+    # re-reads fewer filter-margin rows. BK=32: the three [BR, BK] byte gathers hold 64-bit pointers,
+    # and BK=64 took 253 registers (BX=32: 364 bytes of spills) in ptxas -v for sm_90a (triton 3.8,
+    # compiled on the CPU machine); these take 127-233 with no spills. Autotuning picks per card.
     return [
-        triton.Config({"BY": 32, "BX": 32, "BR": 32, "BK": 64}, num_warps=4),
-        triton.Config({"BY": 32, "BX": 16, "BR": 32, "BK": 64}, num_warps=4),
-        triton.Config({"BY": 64, "BX": 16, "BR": 32, "BK": 64}, num_warps=4),
-        triton.Config({"BY": 64, "BX": 32, "BR": 32, "BK": 64}, num_warps=8),
-        triton.Config({"BY": 32, "BX": 16, "BR": 64, "BK": 32}, num_warps=4),
+        triton.Config({"BY": 32, "BX": 16, "BR": 32, "BK": 32}, num_warps=4),
+        triton.Config({"BY": 64, "BX": 16, "BR": 32, "BK": 32}, num_warps=4),
+        triton.Config({"BY": 64, "BX": 16, "BR": 32, "BK": 32}, num_warps=8),
+        triton.Config({"BY": 32, "BX": 16, "BR": 32, "BK": 32}, num_warps=8),
+        triton.Config({"BY": 32, "BX": 32, "BR": 32, "BK": 32}, num_warps=4),
     ]
 
 
