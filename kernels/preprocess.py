@@ -14,12 +14,16 @@ the tile needs in chunks of BR, and for each chunk the source columns in chunks 
 pass is a tensor-core product  P[BR, BK] @ Wx[BK, BX]  and the vertical pass  Wy[BY, BR] @ H[BR, BX].
 The triangle weights are computed in registers from the tile's coordinates (no host tables). Pixel
 values 0..255 are exact in fp16; each weight matrix is split into an fp16 high and low part, so the
-two products together carry ~22 bits of weight precision (one fp16 product alone was off by up to
-0.13 of a level at 255). The source bytes are read once per tile, plus the filter margin.
+two products together carry ~22 bits of weight precision (one fp16 product alone keeps 11 bits: up to
+~0.12 of a level at 255, enough to flip PIL's roundings). The source bytes are read once per tile,
+plus the filter margin. The rounding after the horizontal pass follows classic Pillow; Pillow 13 was
+seen to run the vertical pass first on some tall images, so a pixel can differ by one level there.
 
-Where it stops being fast. The weight matrices are dense bands, so tensor-core work per output pixel
-grows as 2 * BX * s^2 for a downscale factor s: above s ~ 16 (a 16 MP photo to 256) the products,
-not memory, bound the kernel. Tiny images (< 64x64) are all launch overhead: batch them. CPU inputs
+Where it stops being fast (by count; see benchmarks/gpu_suite.py for measurements). The weight
+matrices are dense bands, so tensor-core work per output pixel grows as ~12 * BX * s^2 flops for a
+downscale factor s (3 channels, hi/lo), against ~3 * s^2 bytes read: for 10 MP photos (s ~ 10) that
+is ~1.2 GFLOP per image, so large downscales lean on the tensor cores and the byte gathers (stride 3,
+not vectorized) rather than on DRAM. Batches of 1 fill 98 programs: a fraction of the SMs. CPU inputs
 pay one host-to-device copy of the packed bytes, which for large photos costs more than the kernel.
 Under TRITON_INTERPRET=1 it runs on the CPU for tests only (slow: small shapes).
 """
