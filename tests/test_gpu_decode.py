@@ -172,5 +172,6 @@ def test_cuda_nvjpeg_matches_cpu_decode_on_sample_photos():
         ref = cpu_decode.decode(data)
         got = r.image.cpu().numpy()
         assert r.image.is_cuda and got.shape == ref.shape
-        # nvJPEG's IDCT and chroma upsampling differ from libjpeg-turbo's by a level or two.
-        assert np.abs(got.astype(int) - ref.astype(int)).mean() < 2.0, data[:4]
+        # nvJPEG's IDCT and chroma upsampling differ from libjpeg-turbo's by a level or two on edges;
+        # a swapped channel or a wrong rotation costs tens of levels.
+        assert np.abs(got.astype(int) - ref.astype(int)).mean() < 3.0, data[:4]
