@@ -207,7 +207,11 @@ class Runner:
         """A batch buffer sized for the largest bucket; pinned host memory on CUDA."""
         shape = (self.buckets[-1], *self.input_shape)
         host = torch.zeros(shape, dtype=self.input_dtype, pin_memory=self.is_cuda)
-        dev = torch.zeros(shape, dtype=self.input_dtype, device=self.device) if self.is_cuda else None
+        dev = None
+        if self.is_cuda:
+            dev = torch.zeros(shape, dtype=self.input_dtype, device=self.device)
+            # The side stream writes it next; PyTorch's streams do not wait for the default stream's fill.
+            torch.cuda.synchronize(self.device)
         return Slab(index, host, dev)
 
     def warmup(self, cuda_graphs: bool = True) -> None:
@@ -219,7 +223,9 @@ class Runner:
                 return
             self._static_in = torch.zeros((self.buckets[-1], *self.input_shape), dtype=self.input_dtype,
                                           device=self.device)
-            # Warm-up on a side stream, as torch.cuda.graphs recommends before capture.
+            # Warm-up on a side stream, as torch.cuda.graphs recommends before capture, after the default
+            # stream's work (weights moved, buffers zeroed).
+            self._compute.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self._compute):
                 for b in self.buckets:
                     for _ in range(3):

@@ -443,6 +443,21 @@ class HungryOnCuda(Tiny):
 
 
 @requires_cuda
+def test_device_preprocess_agrees_with_cpu_preprocess():
+    """On CUDA the Triton kernel (when available) preprocesses on the device; it must feed the model the
+    same pixels as the CPU kernel, up to one uint8 level (so probabilities agree loosely, top-1 exactly)."""
+    data = [image(i, 30 + i, 50 - i) for i in range(4)] + [samples.sample_bytes("0.3mp")]
+    preds = {}
+    for dp in (True, False):
+        with Pipeline(Tiny(), SPEC, BatchingConfig(max_batch_size=8), device="cuda", top_k=10,
+                      device_preprocess=dp) as p:
+            preds[dp] = [p.infer(x, timeout=WAIT).top_k for x in data]
+    for on_dev, on_cpu in zip(preds[True], preds[False], strict=True):
+        assert on_dev[0][0] == on_cpu[0][0]
+        np.testing.assert_allclose(sorted(on_dev), sorted(on_cpu), atol=0.05)
+
+
+@requires_cuda
 def test_real_cuda_oom_is_split():
     model = HungryOnCuda()
     with Pipeline(model, SPEC, BatchingConfig(max_batch_size=4, max_queue_delay_us=50_000), device="cuda",
