@@ -193,7 +193,7 @@ def cdf_png(result: RunResult, slo_ms: float | None = None) -> str:
                        (result.latency_from_send_ns[ok], "from actual send")):
         v = np.sort(lat / 1e6)
         if v.size:
-            ax.plot(v, np.arange(1, v.size + 1) / v.size, lw=1.2, label=label)
+            ax.step(v, np.arange(1, v.size + 1) / v.size, where="post", lw=1.2, label=label)
     if slo_ms:
         ax.axvline(slo_ms, color="tab:red", ls="--", lw=1, label=f"SLO {slo_ms:g} ms")
     ax.set_xscale("log")
