@@ -398,7 +398,8 @@ def _run(args: argparse.Namespace) -> int:
         console.print(f"[bold]aurora bench[/]: device {device}, model {meta['model']}, "
                       f"{'HTTP ' + args.url if args.url else 'in-process Pipeline'}; output {out}")
         t_build = time.monotonic()
-        target, pipe = _build_target(args, device, gate)
+        with console.status("building the target (model load, warm-up of every batch bucket)"):
+            target, pipe = _build_target(args, device, gate)
         console.print(f"target ready in {time.monotonic() - t_build:.1f} s")
         if pipe is not None:
             rec.set_meta("model", pipe.model_name)

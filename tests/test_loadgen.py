@@ -147,7 +147,7 @@ def test_stall_inflates_tail_from_scheduled_time():
     assert s["latency_ms"]["p95"] >= 200  # ~30% of queries were due during the stall
     assert s["latency_from_send_ms"]["p95"] < s["latency_ms"]["p95"]
     # The issuer kept its schedule: it reports the drift and sent every query, none skipped.
-    assert s["send_drift_ms"]["max"] >= 900
+    assert s["send_drift_ms"]["max"] >= 500
     assert res.sent_ns.min() >= res.scheduled_ns.min()
 
 
@@ -170,13 +170,19 @@ def test_server_scenario_live_stats():
 def test_closed_loop_keeps_concurrency():
     target = PoolTarget(service_s=0.01, workers=8)
     inflight, peak = [0], [0]
+    lock = threading.Lock()
     orig = target.submit
 
+    def done(_):
+        with lock:
+            inflight[0] -= 1
+
     def counting_submit(p):
-        inflight[0] += 1
-        peak[0] = max(peak[0], inflight[0])
+        with lock:
+            inflight[0] += 1
+            peak[0] = max(peak[0], inflight[0])
         f = orig(p)
-        f.add_done_callback(lambda _: inflight.__setitem__(0, inflight[0] - 1))
+        f.add_done_callback(done)
         return f
 
     target.submit = counting_submit
