@@ -15,7 +15,7 @@ import numpy as np
 from aurora_core.recorder import RunData, load_run
 
 from .causes import CLAIM, analyze
-from .spikes import ALPHA, MIN_RATIO, Detection, Series, Window, build_series, detect, greater_p
+from .spikes import ALPHA, MIN_RATIO, Detection, Series, Window, build_series, detect
 
 __all__ = ["DiagnoseResult", "diagnose", "compare", "load_runs", "CLAIM"]
 
@@ -42,12 +42,18 @@ def _win_dict(w: Window) -> dict:
             "p_value": float(f"{w.p_value:.3g}"), "n": w.n}
 
 
-def _confinement(s: Series, w: Window, all_series: list[Series], dets: list[Detection],
-                 min_ratio: float) -> dict:
-    """Is the spike of ``s`` in ``w`` also on the other hosts/regions at the same wall-clock time?"""
-    out = {"affected": [s.name], "unaffected": [], "no_data": [], "detail": {}}
-    for o, d in zip(all_series, dets, strict=True):
-        if o is s:
+def _confinement(i: int, w: Window, verdict: str, all_series: list[Series], dets: list[Detection],
+                 verdicts: list[list[str]]) -> dict:
+    """Is the spike of series ``i`` in ``w`` also on the other hosts/regions at the same wall-clock time?
+
+    ``affected``: hosts whose own detector found a spike overlapping >= 30% of this window (one rule for
+    every host). ``same_cause``: those of them whose overlapping window got the same verdict. A spike is
+    ``confined`` when some host with data at that time was unaffected; its cause is ``cause_confined``
+    when no other host shows it at that time."""
+    s = all_series[i]
+    out = {"affected": [s.name], "same_cause": [s.name], "unaffected": [], "no_data": [], "detail": {}}
+    for j, (o, d) in enumerate(zip(all_series, dets, strict=True)):
+        if j == i:
             continue
         shift = (s.t0_wall_ns - o.t0_wall_ns) / 1e9
         a, b = w.start_s + shift, w.end_s + shift
@@ -58,14 +64,20 @@ def _confinement(s: Series, w: Window, all_series: list[Series], dets: list[Dete
         v = o.e2e_ns[m] / 1e6
         bm = (o.t >= d.baseline.start_s) & (o.t < d.baseline.end_s) & o.ok & (o.e2e_ns >= 0)
         base = o.e2e_ns[bm] / 1e6
-        r50 = float(np.percentile(v, 50) / np.percentile(base, 50))
-        r99 = float(np.percentile(v, 99) / np.percentile(base, 99))
-        p = greater_p(v, base)
-        hit = max(r50, r99) >= min_ratio and p < ALPHA
+        overlaps = [(max(0.0, min(b, x.end_s) - max(a, x.start_s)), k) for k, x in enumerate(d.windows)]
+        overlap = sum(ov for ov, _ in overlaps)
+        hit = overlap >= 0.3 * (b - a)
         out["affected" if hit else "unaffected"].append(o.name)
-        out["detail"][o.name] = {"ratio_p50": round(r50, 3), "ratio_p99": round(r99, 3), "p_value": float(f"{p:.3g}")}
-    n = 1 + len(out["unaffected"]) + len(out["affected"]) - 1
-    out["confined"] = bool(out["unaffected"]) and len(out["affected"]) < n
+        theirs = sorted({verdicts[j][k] for ov, k in overlaps if ov > 0})
+        if hit and verdict != "inconclusive" and verdict in theirs:
+            out["same_cause"].append(o.name)
+        out["detail"][o.name] = {
+            "ratio_p50": round(float(np.percentile(v, 50) / np.percentile(base, 50)), 3),
+            "ratio_p99": round(float(np.percentile(v, 99) / np.percentile(base, 99)), 3),
+            "overlap_with_its_windows": round(overlap / (b - a), 3), "its_verdicts": theirs}
+    out["confined"] = bool(out["unaffected"])
+    out["cause_confined"] = verdict != "inconclusive" and len(out["same_cause"]) == 1 and (
+        len(out["affected"]) + len(out["unaffected"]) > 1)
     return out
 
 
@@ -76,14 +88,15 @@ def diagnose(runs, interval_s: float | None = None, min_ratio: float = MIN_RATIO
         raise ValueError("diagnose: expected at least one run file")
     series = build_series(runs)
     dets = [detect(s, interval_s, min_ratio) for s in series]
+    analyses = [[analyze(s, det.baseline, w) for w in det.windows] for s, det in zip(series, dets, strict=True)]
+    verdicts = [[an.verdict for an in row] for row in analyses]
     out_series, summary = [], []
-    for s, det in zip(series, dets, strict=True):
+    for i, (s, det) in enumerate(zip(series, dets, strict=True)):
         windows = []
-        for w in det.windows:
-            an = analyze(s, det.baseline, w)
+        for w, an in zip(det.windows, analyses[i], strict=True):
             entry = {**_win_dict(w), **an.as_dict()}
             if len(series) > 1:
-                entry["confinement"] = _confinement(s, w, series, dets, min_ratio)
+                entry["confinement"] = _confinement(i, w, an.verdict, series, dets, verdicts)
             windows.append(entry)
             summary.append(_line(s.name, w, det.baseline, entry))
         if not det.windows:
@@ -120,9 +133,13 @@ def _line(name: str, w: Window, base: Window, entry: dict) -> str:
     conf = entry.get("confinement")
     if conf:
         if conf["confined"]:
-            line += f" [confined to {', '.join(conf['affected'])}; not on {', '.join(conf['unaffected'])}]"
+            line += f" [spike confined to {', '.join(conf['affected'])}; not on {', '.join(conf['unaffected'])}]"
         elif len(conf["affected"]) > 1:
-            line += f" [also on {', '.join(conf['affected'][1:])}]"
+            line += f" [spike also on {', '.join(conf['affected'][1:])}]"
+        if conf["cause_confined"] and len(conf["affected"]) > 1:
+            line += f" [this cause only on {name}]"
+        elif len(conf["same_cause"]) > 1:
+            line += f" [same cause on {', '.join(conf['same_cause'][1:])}]"
     return line
 
 

@@ -52,6 +52,8 @@ def text_diagnose(result) -> str:
                     msg += f"; unaffected: {', '.join(conf['unaffected'])}"
                 if conf["no_data"]:
                     msg += f"; no data at that time: {', '.join(conf['no_data'])}"
+                msg += ("; this cause on no other host" if conf["cause_confined"]
+                        else f"; same cause on {', '.join(conf['same_cause'])}")
                 out.append(f"   hosts/regions: {msg}")
             out.append("   checked:")
             out.extend(f"     - {c}" for c in w["checked"])
@@ -238,7 +240,9 @@ def _diagnose_html(result) -> str:
             if conf:
                 parts.append(f"<p>Hosts/regions: affected {html.escape(', '.join(conf['affected']))}; unaffected "
                              f"{html.escape(', '.join(conf['unaffected']) or 'none')}"
-                             + (f"; no data {html.escape(', '.join(conf['no_data']))}" if conf["no_data"] else "") + "</p>")
+                             + (f"; no data {html.escape(', '.join(conf['no_data']))}" if conf["no_data"] else "")
+                             + ("; this cause on no other host" if conf["cause_confined"]
+                                else f"; same cause on {html.escape(', '.join(conf['same_cause']))}") + "</p>")
             parts.append("<table><tr><th>cause</th><th>score</th><th>explains</th><th>evidence</th><th>summary</th></tr>")
             for c in w["causes"]:
                 parts.append(f"<tr><td>{html.escape(c['title'])}</td><td>{c['score']:.2f}</td><td>{c['share']:.0%}</td>"

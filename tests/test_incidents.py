@@ -1,0 +1,347 @@
+"""Acceptance: incidents with known causes. Each test checks the top-ranked cause.
+
+Live runs use the real Pipeline (a tiny CNN on the CPU), the Recorder and the CPU telemetry sampler, fed
+by a seeded Poisson issuer. Where the cause cannot be made real on this machine (GPU throttling), the
+GPU telemetry is replayed from synthetic NVML traces through the real NVML backend, and the requests come
+from a small seeded queueing model of the pipeline whose compute time follows the replayed SM clock
+(clock-bound work), written through the real Recorder. A live variant with a sleeping "GPU" model was
+tried and dropped: on this shared 2-core machine the neighbours' CPU load swamped a 25-33% compute
+slowdown.
+
+The null case uses two stored runs (tests/data/runs/null_*), recorded with ``record_null_fixtures``
+below: this machine is shared, and a live null run is not null when a neighbour starts a job mid-run
+(diagnose then rightly names CPU contention).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from aurora_core.diagnose import diagnose
+from aurora_core.diagnose.compare import compare
+from aurora_core.loadgen import poisson_schedule, step_schedule
+from aurora_core.recorder import Recorder, load_run
+from aurora_core.records import Span, now_ns
+
+DATA = Path(__file__).resolve().parents[1] / "aurora_core" / "data" / "photo_0.3mp.jpg"
+FIXTURES = Path(__file__).parent / "data" / "runs"
+NVML = Path(__file__).parent / "data" / "nvml"
+
+
+def tiny_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 16, 5, stride=4), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                               torch.nn.Flatten(), torch.nn.Linear(16, 10))
+
+
+def _burner(seconds: float) -> subprocess.Popen:
+    # Bounded by itself (it exits after `seconds`), and killed by the caller in any case.
+    code = f"import time\nt = time.time()\nwhile time.time() - t < {seconds}:\n    pass\n"
+    return subprocess.Popen([sys.executable, "-c", code])
+
+
+def live_run(path, schedule_ns: np.ndarray, *, meta: dict, offered_rate: float | None = None, backend: str | None = None,
+             model=None, burner_at_s: float | None = None, span_delay=None, samples=(), warmup: int = 20):
+    """One recorded run of the pipeline under an open-loop schedule.
+
+    span_delay(t_s) -> seconds: a simulated external call made before each request enters the pipeline,
+    recorded as a user span "feature_store" linked to the request. samples: extra telemetry (replayed),
+    callable(t0_ns) -> list of Sample.
+    """
+    from aurora_core.batching import BatchingConfig
+    from aurora_core.pipeline import Pipeline
+    from aurora_core.telemetry.sampler import TelemetrySampler
+
+    torch.set_num_threads(1)
+    old = os.environ.get("AURORA_BACKEND")
+    if backend:
+        os.environ["AURORA_BACKEND"] = backend
+    data = DATA.read_bytes()
+    meta = dict(meta)
+    if offered_rate is not None:
+        meta["offered_rate_per_s"] = offered_rate
+    rec = Recorder(path, meta=meta)
+    on = [False]  # warm-up requests are not part of the run
+
+    def sink(r):
+        if on[0]:
+            rec(r)
+
+    burners: list[subprocess.Popen] = []
+    pool = ThreadPoolExecutor(32) if span_delay else None
+    pipe = Pipeline(model or tiny_model(), batching=BatchingConfig(max_batch_size=8, max_queue_delay_us=1000,
+                                                                   max_queue_size=4096),
+                    device="cpu", sink=sink, num_workers=2)
+    try:
+        for _ in range(warmup):
+            pipe.infer(data)
+        if pool:  # start the handler threads now, not during the first requests
+            list(pool.map(time.sleep, [0.001] * 64))
+
+        def handle(delay):
+            t0 = now_ns()
+            time.sleep(delay)
+            t1 = now_ns()
+            p = pipe.submit(data).result(timeout=60)
+            rec.add_span(Span("feature_store", t0, t1, p.timings.request_id))
+
+        futs = []
+        with TelemetrySampler(callbacks=[rec.add_sample], event_callbacks=[rec.add_event], period_s=0.1, gpu=False):
+            time.sleep(0.5)  # let the sampler's first readings settle before traffic starts
+            on[0] = True
+            t0 = now_ns()
+            for sample in samples(t0) if callable(samples) else samples:
+                rec.add_sample(sample)
+            for off in schedule_ns:
+                if burner_at_s is not None and not burners and now_ns() - t0 >= burner_at_s * 1e9:
+                    burners = [_burner(15) for _ in range(2 * (os.cpu_count() or 1))]
+                dt = (t0 + int(off) - now_ns()) / 1e9
+                if dt > 0:
+                    time.sleep(dt)
+                if span_delay:
+                    futs.append(pool.submit(handle, span_delay(off / 1e9)))
+                else:
+                    futs.append(pipe.submit(data))
+            for f in futs:
+                f.result(timeout=60)
+    finally:
+        for b in burners:
+            b.kill()
+            b.wait()
+        if pool:
+            pool.shutdown()
+        pipe.close()
+        rec.close()
+        if backend:
+            if old is None:
+                os.environ.pop("AURORA_BACKEND", None)
+            else:
+                os.environ["AURORA_BACKEND"] = old
+    return Path(path)
+
+
+def _windows(res):
+    return [w for s in res.data["series"] for w in s["windows"]]
+
+
+def _window_at(res, t_s: float, series: int = 0) -> dict:
+    """The spike window of a series that covers series time ``t_s`` (when the incident was injected).
+
+    Tests look there rather than at the worst window: on this shared machine a neighbour's job can
+    make another, real, window elsewhere in the run."""
+    s = res.data["series"][series]
+    hits = [w for w in s["windows"] if w["start_s"] <= t_s < w["end_s"]]
+    assert hits, f"no spike window covers t={t_s:.1f} s: {res.data['summary']}"
+    return hits[0]
+
+
+def _t_of(res, run: int, frac: float, series: int = 0) -> float:
+    """Series time at ``frac`` of run ``run`` of a series."""
+    a, b = res.series[series].run_bounds[run]
+    return a + frac * (b - a)
+
+
+# --------------------------------------------------------------------------------------------------
+def test_regression_slower_preprocess(tmp_path):
+    """AFTER uses the reference preprocessing backend at the same offered rate."""
+    rate = 40.0
+    a = live_run(tmp_path / "before", poisson_schedule(rate, 6, seed=1), offered_rate=rate, backend="cpp",
+                 meta={"label": "v1", "config": {"preprocess_backend": "cpp"}})
+    b = live_run(tmp_path / "after", poisson_schedule(rate, 6, seed=2), offered_rate=rate, backend="reference",
+                 meta={"label": "v2", "config": {"preprocess_backend": "reference"}})
+    cmp = compare(a, b, n_boot=300)
+    assert cmp["load"]["matched"]
+    assert cmp["verdict"] == "regression" and "preprocess" in cmp["regressions"]
+    res = diagnose([a, b])
+    w = _window_at(res, _t_of(res, 1, 0.5))
+    assert w["verdict"] == "regression", res.data["summary"]
+    top = w["causes"][0]
+    assert "label" in top["summary"] and "preprocess" in top["summary"]
+
+
+def _capacity(seconds: float = 2.0) -> float:
+    """Requests/s the pipeline sustains right now (closed burst): the load case runs relative to it."""
+    from aurora_core.batching import BatchingConfig
+    from aurora_core.pipeline import Pipeline
+
+    torch.set_num_threads(1)
+    data = DATA.read_bytes()
+    with Pipeline(tiny_model(), batching=BatchingConfig(max_batch_size=8, max_queue_delay_us=1000, max_queue_size=4096),
+                  device="cpu", num_workers=2) as pipe:
+        for _ in range(20):
+            pipe.infer(data)
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            fs = [pipe.submit(data) for _ in range(32)]
+            for f in fs:
+                f.result()
+            n += 32
+        return n / (time.perf_counter() - t0)
+
+
+def test_load_step_near_saturation(tmp_path):
+    """Offered rate steps up 20% near saturation, same code: load/queueing, and compare sees no regression."""
+    cap = _capacity()
+    r = 0.75 * cap
+    run = live_run(tmp_path / "step", step_schedule([(0, r), (6, 1.2 * r)], 12, seed=3), offered_rate=None,
+                   meta={"label": "v1", "offered_schedule": [[0, r], [6, 1.2 * r]]})
+    res = diagnose([run])
+    assert _window_at(res, _t_of(res, 0, 0.75))["verdict"] == "load", res.data["summary"]
+    # The same code at two offered rates, as two runs: compare must not call it a regression.
+    before = live_run(tmp_path / "lo", poisson_schedule(r, 4, seed=4), offered_rate=r, meta={"label": "v1"})
+    after = live_run(tmp_path / "hi", poisson_schedule(1.2 * r, 4, seed=5), offered_rate=1.2 * r, meta={"label": "v1"})
+    cmp = compare(before, after, n_boot=200)
+    assert not cmp["load"]["matched"] and cmp["verdict"] == "load not matched" and cmp["regressions"] == []
+
+
+def _gpu_samples(trace_kinds: list[tuple[str, float, float]], duration_s: float):
+    """Replayed NVML samples: consecutive synthetic episodes [(kind, start_s, end_s)], on the run's clock."""
+    from aurora_core.telemetry.replay import make_synthetic_trace, replay_trace
+
+    def build(t0_ns: int):
+        out = []
+        for i, (kind, a, b) in enumerate(trace_kinds):
+            lines = make_synthetic_trace(kind, a, b, duration_s=duration_s, severity=1.0)
+            samples, _, _ = replay_trace(lines, base_ns=t0_ns)
+            lo = a if i else -1.0
+            hi = trace_kinds[i + 1][1] if i + 1 < len(trace_kinds) else duration_s + 1
+            out += [s for s in samples if lo <= (s.ts_ns - t0_ns) / 1e9 < hi]
+        return out
+
+    return build
+
+
+def simulate_run(path, arrivals_s: np.ndarray, *, meta: dict, item_ms, cpu_ms: float = 2.0, max_batch: int = 8,
+                 samples=(), seed: int = 0):
+    """A run file from a small discrete-event model of the pipeline, written through the real Recorder.
+
+    For work that cannot run here (a GPU): one batch at a time; a batch takes every queued request (up
+    to ``max_batch``), decodes and preprocesses them (``cpu_ms`` each), then computes for
+    ``bucket * item_ms(t)`` ms (padded to a power of two). Service times carry 10% lognormal jitter
+    (seeded). ``samples(t0_ns)`` gives telemetry on the run's clock.
+    """
+    from aurora_core.records import RequestRecord
+
+    rng = np.random.default_rng(seed)
+    rec = Recorder(path, meta=meta)
+    t0 = now_ns()
+    for smp in samples(t0) if callable(samples) else samples:
+        rec.add_sample(smp)
+    ns = lambda s: t0 + int(s * 1e9)  # noqa: E731
+    free, i, bid, n = 0.0, 0, 0, len(arrivals_s)
+    while i < n:
+        start = max(free, arrivals_s[i])
+        j = i
+        while j < n and j - i < max_batch and arrivals_s[j] <= start:
+            j += 1
+        batch = range(i, j)
+        bucket = 1 << (len(batch) - 1).bit_length()
+        t = start
+        recs = []
+        for k in batch:
+            d = cpu_ms / 1e3 * rng.lognormal(0, 0.1)
+            r = RequestRecord(request_id=k, arrival_ns=ns(arrivals_s[k]), enqueue_ns=ns(arrivals_s[k]) + 1000,
+                              batch_closed_ns=ns(start), decode_start_ns=ns(t), decode_end_ns=ns(t + 0.7 * d),
+                              preprocess_start_ns=ns(t + 0.7 * d), preprocess_end_ns=ns(t + d),
+                              batch_id=bid, batch_size=len(batch), bucket=bucket,
+                              queue_depth=int(np.searchsorted(arrivals_s, arrivals_s[k]) - i))
+            t += d
+            recs.append(r)
+        c = bucket * item_ms(t) / 1e3 * rng.lognormal(0, 0.1)
+        for r in recs:
+            r.compute_start_ns, r.compute_end_ns = ns(t), ns(t + c)
+            r.d2h_end_ns = r.completion_ns = ns(t + c) + 20_000
+            rec(r)
+        free, i, bid = t + c, j, bid + 1
+    rec.close()
+    return Path(path)
+
+
+def test_host_hardware_throttling(tmp_path):
+    """Host A throttles (thermal, then power cap) mid-run; host B does not. Replayed NVML telemetry.
+
+    There is no GPU here, so the requests come from ``simulate_run``: compute is clock-bound, its time
+    per item scaled by max clock / the replayed SM clock at that moment, the way a busy card slows."""
+    dur, rate = 12.0, 40.0
+    runs = []
+    for host, seed, episodes in (("gpu-a", 7, [("thermal", 4.0, 6.0), ("power", 6.0, 8.0)]),
+                                  ("gpu-b", 8, [("none", 0.0, 0.0)])):
+        build = _gpu_samples(episodes, dur)
+        clock = {}
+
+        def samples(t0, build=build, clock=clock):
+            s = build(t0)
+            clk = [x for x in s if "sm_clock_mhz" in x.values]
+            clock["t"] = np.array([(x.ts_ns - t0) / 1e9 for x in clk])
+            clock["mhz"] = np.array([x.values["sm_clock_mhz"] for x in clk])
+            return s
+
+        def item_ms(t, clock=clock):
+            i = max(int(np.searchsorted(clock["t"], t)) - 1, 0)
+            return 8.0 * clock["mhz"].max() / clock["mhz"][i]
+
+        arrivals = poisson_schedule(rate, dur, seed=seed) / 1e9
+        runs.append(simulate_run(tmp_path / host, arrivals, meta={"host": host, "region": "eu", "label": "v1"},
+                                 item_ms=item_ms, samples=samples, seed=1))
+    ra, rb = load_run(runs[0]), load_run(runs[1])
+    # Both were made on this machine one after the other; put B on A's wall-clock axis as if both had
+    # served the same traffic at the same time (first arrivals coincide).
+    first_a = ra.wall_minus_mono_ns + int(ra.requests["arrival_ns"].min())
+    rb.meta["wall_minus_mono_ns"] = first_a - int(rb.requests["arrival_ns"].min())
+    res = diagnose([ra, rb])
+    names = [s["name"] for s in res.data["series"]]
+    ia, ib = names.index("gpu-a/eu"), names.index("gpu-b/eu")
+    w = _window_at(res, 6.0, series=ia)
+    assert w["verdict"] == "hardware", res.data["summary"]
+    ev = {e["name"]: e for e in w["causes"][0]["evidence"]}
+    assert ev["gpu0 throttled (thermal)"]["passed"] and ev["gpu0 throttled (power)"]["passed"]
+    assert ev["gpu0 SM clock"]["passed"]
+    assert w["confinement"]["cause_confined"] and w["confinement"]["same_cause"] == ["gpu-a/eu"], w["confinement"]
+    assert all(wb["verdict"] != "hardware" for wb in res.data["series"][ib]["windows"]), res.data["summary"]
+
+
+def test_cpu_contention_burner(tmp_path):
+    """CPU-burning processes (two per core, each exits after 15 s and is killed at the end) start at t=5 s."""
+    run = live_run(tmp_path / "cpu", poisson_schedule(40, 10, seed=1), offered_rate=40, meta={"label": "v1"},
+                   burner_at_s=5.0)
+    res = diagnose([run])
+    assert _window_at(res, _t_of(res, 0, 0.75))["verdict"] == "cpu_contention", res.data["summary"]
+
+
+def test_dependency_slowdown(tmp_path):
+    """A simulated feature-store call (a user span linked to the request) goes from 5 ms to 60 ms at t=5 s."""
+    run = live_run(tmp_path / "dep", poisson_schedule(40, 10, seed=1), offered_rate=40, meta={"label": "v1"},
+                   span_delay=lambda t: 0.005 if t < 5 else 0.060)
+    res = diagnose([run])
+    w = _window_at(res, _t_of(res, 0, 0.75))
+    assert w["verdict"] == "dependency", res.data["summary"]
+    assert "feature_store" in w["causes"][0]["title"]
+
+
+def test_null_same_config():
+    a, b = FIXTURES / "null_a", FIXTURES / "null_b"
+    res = diagnose([a, b])
+    claimed = [w for w in _windows(res) if w["verdict"] != "inconclusive"]
+    assert claimed == [], res.data["summary"]
+    cmp = compare(a, b, n_boot=300)
+    assert cmp["load"]["matched"] and cmp["verdict"] == "no regression", cmp["regressions"]
+
+
+def record_null_fixtures(directory=FIXTURES) -> None:
+    """Regenerate tests/data/runs/null_{a,b}: python -c 'import tests.test_incidents as t; t.record_null_fixtures()'."""
+    for name, seed in (("null_a", 11), ("null_b", 12)):
+        live_run(Path(directory) / name, poisson_schedule(40, 6, seed=seed), offered_rate=40,
+                 meta={"label": "v1", "host": "fixture", "config": {"preprocess_backend": "cpp"}})
+
+
+if __name__ == "__main__":
+    pytest.main([__file__, "-q"])
