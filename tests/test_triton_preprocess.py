@@ -194,6 +194,19 @@ def test_chw_tensor_viewed_as_hwc_reads_without_copy():
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_kernel_reads_chw_planes_and_hwc_side_by_side():
+    # The GPU-decode path hands the kernel torchvision's [3, H, W] planes: one buffer, mixed layouts.
+    spec = _spec()
+    a, b = _rand_images([(26, 19), (31, 44)], seed=23)
+    chw = torch.from_numpy(b).permute(2, 0, 1).contiguous()
+    packed = torch.cat([torch.from_numpy(a).reshape(-1), chw.reshape(-1)]).to(_device())
+    shapes = [a.shape[:2], b.shape[:2]]
+    strides = [(3 * 19, 3, 1), (44, 1, 31 * 44)]
+    out = torch.empty((2, 3, 12, 12), device=_device())
+    K.launch(packed, [0, a.nbytes], strides, shapes, K._geometry(shapes, spec, None, None), spec, out)
+    torch.testing.assert_close(out, K.preprocess_batch_triton([a, b], spec, device=_device()), rtol=0, atol=0)
+
+
 def test_geometry_matches_torchvision_rules():
     assert K.resized_size(480, 640, 256) == (256, 341)
     assert K.resized_size(640, 480, 256) == (341, 256)
