@@ -730,32 +730,60 @@ def w_correctness(budget: float) -> dict:
     return res
 
 
+def _pil_chw(tensors, device):
+    """Selftest stand-in for nvJPEG (PIL, [3, H, W]); never used on a GPU."""
+    import io
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    return [
+        torch.from_numpy(np.asarray(Image.open(io.BytesIO(t.numpy().tobytes())).convert("RGB")).copy())
+        .permute(2, 0, 1)
+        .contiguous()
+        for t in tensors
+    ]
+
+
 def w_decode(budget: float) -> dict:
     from concurrent.futures import ThreadPoolExecutor
 
     import torch
 
-    from aurora_core.decode import decode
+    from aurora_core.decode import decode, decode_ex
     from aurora_core.gpu_decode import GpuDecoder, nvjpeg_available
+    from aurora_core.ops.preprocess import preprocess_batch
     from aurora_core.samples import default_mix, sample_bytes
 
+    K = _kernel_module()
+    spec = _spec(dtype=torch.float16)
     res: dict = {"nvjpeg_available": nvjpeg_available("cuda")}
     sets = {
         "mix (default_mix x8)": default_mix() * 8,
         "10MP x16": [sample_bytes("10mp")] * 16,
         "0.3MP x64": [sample_bytes("0.3mp")] * 64,
     }
-    dec = GpuDecoder("cuda")
+    if SELFTEST:
+        import io
+
+        from PIL import Image
+
+        b = io.BytesIO()
+        Image.fromarray(decode(sample_bytes("0.3mp"))[:40, :50]).save(b, format="JPEG")
+        sets = {"selftest 2 tiny": [b.getvalue(), sample_bytes("coffee_png")]}
+    dec = GpuDecoder("cuda") if not SELFTEST else GpuDecoder("cpu", nvjpeg=_pil_chw)
     rows = []
     for label, datas in sets.items():
         row = {"set": label, "images": len(datas)}
-        mp = sum(a.shape[0] * a.shape[1] for a in map(decode, datas[:8])) / 8 * len(datas) / 1e6
+        head = datas[:8]
+        mp = sum(a.shape[0] * a.shape[1] for a in map(decode, head)) / len(head) * len(datas) / 1e6
         dec.decode_batch(datas)  # warm-up: nvJPEG handles, pinned buffers
-        torch.cuda.synchronize()
+        _sync()
         t0, reps = time.perf_counter(), 0
         while reps < 3 or (time.perf_counter() - t0 < 1.5 and reps < 20):
             dec.decode_batch(datas)
-            torch.cuda.synchronize()
+            _sync()
             reps += 1
         t_gpu = (time.perf_counter() - t0) / reps
         t0 = time.perf_counter()
@@ -775,7 +803,46 @@ def w_decode(budget: float) -> dict:
             cpu_threads=workers,
             cpu_threads_img_s=round(len(datas) / t_cpuN, 1),
         )
+        # Bytes to model-ready batch: nvJPEG + Triton kernel vs threaded CPU decode + the C++ kernel.
+        try:
+            out = torch.empty((len(datas), 3, spec.crop, spec.crop), dtype=spec.dtype, device=DEV)
+
+            def gpu_full(datas=datas, out=out):
+                r = dec.decode_batch(datas)
+                K.preprocess_batch_triton(
+                    [x.image for x in r],
+                    spec,
+                    out=out,
+                    orig_sizes=[x.orig_size for x in r],
+                    scales=[x.scale for x in r],
+                )
+                _sync()
+
+            def cpu_full(datas=datas):
+                ds = list(ex2.map(decode_ex, datas))
+                preprocess_batch(
+                    [d.image for d in ds],
+                    spec,
+                    orig_sizes=[d.orig_size for d in ds],
+                    scales=[d.scale for d in ds],
+                    backend="cpp",
+                )
+
+            with ThreadPoolExecutor(workers) as ex2:
+                for name, fn in (
+                    ("gpu_decode_preprocess_img_s", gpu_full),
+                    ("cpu_decode_preprocess_img_s", cpu_full),
+                ):
+                    fn()
+                    t0, reps = time.perf_counter(), 0
+                    while reps < 2 or (time.perf_counter() - t0 < 1.0 and reps < 10):
+                        fn()
+                        reps += 1
+                    row[name] = round(len(datas) * reps / (time.perf_counter() - t0), 1)
+        except Exception as e:
+            row["full_path_error"] = f"{type(e).__name__}: {e}"[:200]
         rows.append(row)
+        _save_partial({"rows": rows})
     res["rows"] = rows
     res["stats"] = dec.stats
     return res
@@ -938,6 +1005,9 @@ def render_markdown(results: dict) -> str:
                     "cpu_1thread_img_s",
                     "cpu_threads",
                     "cpu_threads_img_s",
+                    "gpu_decode_preprocess_img_s",
+                    "cpu_decode_preprocess_img_s",
+                    "full_path_error",
                 ],
             ),
         ]
