@@ -393,6 +393,7 @@ def _run(args: argparse.Namespace) -> int:
     mem = _Samples()
     sampler = TelemetrySampler(callbacks=[rec.add_sample, mem], event_callbacks=[rec.add_event], period_s=0.1)
     target = pipe = None
+    finished = False
     try:
         sampler.start()
         console.print(f"[bold]aurora bench[/]: device {device}, model {meta['model']}, "
@@ -456,12 +457,16 @@ def _run(args: argparse.Namespace) -> int:
         gate.on = False
         if pipe is None:
             _record_client_side(rec, result)
+        finished = True
     finally:
+        gate.on = False
         if pipe is not None:
             pipe.close()
         if target is not None:
             target.close()
         sampler.stop()
+        if not finished:
+            rec.close()  # keep what was recorded readable even when the run failed
 
     summary = lg.summarize(result)
     min_dur = args.min_duration if args.min_duration is not None else 0.8 * scenario.duration_s
