@@ -367,7 +367,7 @@ def pack_images(imgs, device) -> tuple[torch.Tensor, list[int], list[tuple[int, 
         return buf, offsets, strides
 
     if all(f is not None for f in flats):
-        buf = torch.cat(flats) if len(flats) > 1 else flats[0].clone()
+        buf = torch.cat(flats) if len(flats) > 1 else flats[0]  # the kernel only reads it
         return buf, offsets, strides
 
     buf = torch.empty(total, dtype=torch.uint8, device=device)
