@@ -192,13 +192,13 @@ def test_load_step_near_saturation(tmp_path):
     """Offered rate steps up 20% near saturation, same code: load/queueing, and compare sees no regression."""
     cap = _capacity()
     r = 0.75 * cap
-    run = live_run(tmp_path / "step", step_schedule([(0, r), (6, 1.2 * r)], 12, seed=3), offered_rate=None,
-                   meta={"label": "v1", "offered_schedule": [[0, r], [6, 1.2 * r]]})
+    run = live_run(tmp_path / "step", step_schedule([(0, r), (5, 1.2 * r)], 10, seed=3), offered_rate=None,
+                   meta={"label": "v1", "offered_schedule": [[0, r], [5, 1.2 * r]]})
     res = diagnose([run])
     assert _window_at(res, _t_of(res, 0, 0.75))["verdict"] == "load", res.data["summary"]
     # The same code at two offered rates, as two runs: compare must not call it a regression.
-    before = live_run(tmp_path / "lo", poisson_schedule(r, 4, seed=4), offered_rate=r, meta={"label": "v1"})
-    after = live_run(tmp_path / "hi", poisson_schedule(1.2 * r, 4, seed=5), offered_rate=1.2 * r, meta={"label": "v1"})
+    before = live_run(tmp_path / "lo", poisson_schedule(r, 3, seed=4), offered_rate=r, meta={"label": "v1"})
+    after = live_run(tmp_path / "hi", poisson_schedule(1.2 * r, 3, seed=5), offered_rate=1.2 * r, meta={"label": "v1"})
     cmp = compare(before, after, n_boot=200)
     assert not cmp["load"]["matched"] and cmp["verdict"] == "load not matched" and cmp["regressions"] == []
 

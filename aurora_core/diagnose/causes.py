@@ -10,7 +10,9 @@ Method
    summed increases, is its **share**.
 2. **Load versus slowdown in the wait.** Utilisation is arrival rate x per-item service time, so the
    rise in wait is split between load and slowdown in proportion to log(rate ratio) and log(service
-   ratio) (positive parts only).
+   ratio) (positive parts only). When the rate rose, other processes took no more CPU and this
+   process's CPU time per request did not rise, the service ratio is taken from CPU time per request:
+   wall-clock stretch then is our own threads queueing for the cores, a load effect.
 3. **Evidence strength** per cause, from indicators with documented thresholds (below): 1 when a
    primary indicator crosses its threshold, 0.5 when only supporting ones do, else 0.
 4. **Score** = share the cause can act through x strength. The top cause is claimed only when its
@@ -269,7 +271,8 @@ def analyze(series: Series, baseline: Window, window: Window) -> Analysis:
     # 2. load versus slowdown in the wait
     rate_ratio = win.rate / base.rate if base.rate > 0 else math.inf
     s_ratio = win.item_service_ns / base.item_service_ns if base.item_service_ns > 0 else 1.0
-    lr, ls = max(math.log(rate_ratio), 0.0) if math.isfinite(rate_ratio) else 1.0, max(math.log(s_ratio), 0.0)
+    work_ratio, work_note = _work_ratio(series, base, win, rate_ratio, s_ratio)
+    lr, ls = max(math.log(rate_ratio), 0.0) if math.isfinite(rate_ratio) else 1.0, max(math.log(work_ratio), 0.0)
     f_load = lr / (lr + ls) if lr + ls > 0 else 0.0
     wait_share = shares.get("wait", 0.0)
     stage_pos = {s: pos.get(s, 0.0) for s in SERVICE_STAGES}
@@ -289,7 +292,7 @@ def analyze(series: Series, baseline: Window, window: Window) -> Analysis:
     common_share = part(SERVICE_STAGES, lambda s: common[s])
 
     causes = [
-        _load(series, base, win, rate_ratio, s_ratio, f_load * wait_share, checked),
+        _load(series, base, win, rate_ratio, s_ratio, f_load * wait_share, checked, work_note),
         _regression(series, base, win, rate_ratio, specific_share, checked),
         _cpu(series, base, win, common_share, checked),
         *_hardware(series, base, win, slowdown_share(GPU_STAGES), checked),
@@ -323,7 +326,31 @@ def _common_fraction(base: Range, win: Range) -> dict[str, float]:
             for s in SERVICE_STAGES}
 
 
-def _load(series, base: Range, win: Range, rate_ratio, s_ratio, share, checked) -> Cause | None:
+def _cpu_per_request(series: Series, r: Range) -> float | None:
+    own = _mean_in(series, ("cpu", "proc_cpu_pct"), r.a, r.b)
+    n = _n_ok(series, r)
+    return own / 100 * active_s(series, r.a, r.b) / n if own is not None and n else None
+
+
+def _other_cores(series: Series, r: Range) -> float | None:
+    util, own = _mean_in(series, ("cpu", "cpu_util_pct"), r.a, r.b), _mean_in(series, ("cpu", "proc_cpu_pct"), r.a, r.b)
+    return None if util is None or own is None else max(util / 100 * series.cores - own / 100, 0.0)
+
+
+def _work_ratio(series, base: Range, win: Range, rate_ratio, s_ratio) -> tuple[float, str]:
+    """The service ratio used to split wait between load and slowdown.
+
+    When the load rose, other processes took no more CPU, and this process's CPU time per request did
+    not rise, the stretched wall-clock service is our own threads waiting for the cores: a load effect.
+    Then the work per request is measured by CPU time per request instead of wall-clock service."""
+    cb, cw = _cpu_per_request(series, base), _cpu_per_request(series, win)
+    ob, ow = _other_cores(series, base), _other_cores(series, win)
+    if rate_ratio < LOAD_RATE_UP or None in (cb, cw, ob, ow) or not cb or ow - ob >= 0.5:
+        return s_ratio, ""
+    return cw / cb, f"; CPU time per request {cb * 1e3:.2f} -> {cw * 1e3:.2f} ms (work per request x{cw / cb:.2f})"
+
+
+def _load(series, base: Range, win: Range, rate_ratio, s_ratio, share, checked, work_note="") -> Cause | None:
     expected = base.rate * active_s(series, win.a, win.b)
     z = (win.n_arrivals - expected) / math.sqrt(expected) if expected > 0 else 0.0
     ev = [Evidence("arrival rate", base.rate, win.rate, "req/s",
@@ -351,7 +378,8 @@ def _load(series, base: Range, win: Range, rate_ratio, s_ratio, share, checked) 
         strength = 0.5
     summary = (f"arrival rate {base.rate:.1f} -> {win.rate:.1f}/s ({rate_ratio - 1:+.0%}), mean wait "
                f"{base.wait_ns / 1e6:.2f} -> {win.wait_ns / 1e6:.2f} ms, per-item service {s_ratio - 1:+.0%}, "
-               f"busy {base.busy:.2f} -> {win.busy:.2f} (Kingman predicts wait x{pred:.2f}, observed x{obs:.2f})")
+               f"busy {base.busy:.2f} -> {win.busy:.2f} (Kingman predicts wait x{pred:.2f}, observed x{obs:.2f})"
+               f"{work_note}")
     checked.append(f"load: {summary}")
     return Cause("load", "Load / queueing", share * strength, share, strength, summary, ev)
 
