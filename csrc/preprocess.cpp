@@ -183,6 +183,10 @@ void vertical_pass(float* dst, const uint8_t* src, int64_t stride, const float* 
     const uint8_t* p = src + e;
     for (int64_t k = 0; k < taps; ++k, p += stride) {
       const __m256 wk = _mm256_broadcast_ss(w + k);
+      // The hardware prefetcher loses track of ~2 * scale concurrent row streams; prefetching 256 bytes
+      // ahead on each cut the 10 MP median from 7.9-12.6 ms to 4.7-4.9 ms CPU time here (128: 5.4,
+      // 1024: 6.5).
+      _mm_prefetch(reinterpret_cast<const char*>(p + 256), _MM_HINT_T0);
       a0 = _mm256_fmadd_ps(cvt8(p), wk, a0);
       a1 = _mm256_fmadd_ps(cvt8(p + 8), wk, a1);
       a2 = _mm256_fmadd_ps(cvt8(p + 16), wk, a2);

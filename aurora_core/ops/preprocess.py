@@ -207,7 +207,7 @@ def preprocess(img, spec: PreprocessSpec = PreprocessSpec(), out=None, *, orig_s
     (oh, ow), scale = _origin(arr, orig_size, scale, op)
     shape = (3, spec.crop, spec.crop)
     dst = _check_out(out, shape, spec, op)
-    host = dst if dst.device.type == "cpu" else torch.empty(shape, dtype=spec.dtype)
+    host = torch.empty(shape, dtype=spec.dtype) if dst.is_cuda else dst
     if name == "cpp":
         _dispatch.cpp_module().preprocess(arr, _numpy_out(host), orig_size=(oh, ow), scale=scale,
                                           **_spec_kwargs(spec))
@@ -248,7 +248,7 @@ def preprocess_batch(imgs, spec: PreprocessSpec = PreprocessSpec(), out=None, *,
             list(imgs), spec, out=out, orig_sizes=orig_sizes, scales=scales, device=device)
     shape = (n, 3, spec.crop, spec.crop)
     dst = _check_out(out, shape, spec, op)
-    host = dst if dst.device.type == "cpu" else torch.empty(shape, dtype=spec.dtype)
+    host = torch.empty(shape, dtype=spec.dtype) if dst.is_cuda else dst
     arrs, origins, scl = [], [], []
     for i, img in enumerate(imgs):
         arr = _as_image(img, f"{op}: imgs[{i}]")

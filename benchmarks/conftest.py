@@ -1,0 +1,25 @@
+"""Shared benchmark fixtures. Benchmarks are not timed tests: they report numbers and check outputs."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture
+def one_thread():
+    """Run the benchmark body on one thread in torch and OpenCV (single-image numbers)."""
+    import torch
+
+    try:
+        import cv2
+    except ImportError:  # OpenCV is a dev extra; only its providers need it
+        cv2 = None
+    prev_torch = torch.get_num_threads()
+    prev_cv = cv2.getNumThreads() if cv2 else None
+    torch.set_num_threads(1)
+    if cv2:
+        cv2.setNumThreads(1)
+    yield
+    torch.set_num_threads(prev_torch)
+    if cv2:
+        cv2.setNumThreads(prev_cv)

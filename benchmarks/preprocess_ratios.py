@@ -1,0 +1,123 @@
+"""Print the preprocess ratio table, every figure measured in this one run.
+
+Providers are timed round-robin (one call of each in turn, repeated), so that a noisy neighbour slows
+all of them alike; figures are medians. Single-image numbers run on one thread (torch, OpenCV, aurora);
+the batch figure compares preprocess_batch of 64 decoded images on 2 threads against 1.
+
+Run: python benchmarks/preprocess_ratios.py [--repeat 3] [--rounds 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import cv2  # noqa: E402
+import torch  # noqa: E402
+from bench_preprocess import PHOTOS, PROVIDERS, SPEC, batch_images, make  # noqa: E402
+
+from aurora_core.ops.preprocess import preprocess_batch  # noqa: E402
+
+
+def timed_medians(fns: dict[str, callable], rounds: int, warmup: int = 2) -> dict[str, float]:
+    """Median seconds per call of each function, timed round-robin."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def measure(rounds: int) -> dict:
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+    res = {}
+    for photo in PHOTOS:
+        n = rounds if photo != "10mp" else max(5, rounds // 2)
+        for kind in ("prep", "e2e"):
+            fns = {p: make(kind, p, photo) for p in PROVIDERS[kind]}
+            res[(kind, photo)] = timed_medians(fns, n)
+    imgs = batch_images(64)
+    out = torch.empty((64, 3, SPEC.crop, SPEC.crop))
+    fns = {f"{t}thr": (lambda t=t: preprocess_batch(imgs, SPEC, out=out, num_threads=t)) for t in (1, 2)}
+    res["batch"] = timed_medians(fns, rounds)
+    return res
+
+
+def report(res: dict) -> list[tuple[str, float, float]]:
+    """Print the tables; returns (target, measured ratio, required ratio) rows."""
+    ms = lambda s: f"{s * 1e3:8.2f}"  # noqa: E731
+    checks = []
+    print("\nresize + crop + normalize on a decoded image, 1 thread, median ms")
+    cols = list(PROVIDERS["prep"])
+    print(f"{'photo':8}" + "".join(f"{c:>16}" for c in cols) + f"{'torch/aurora':>14}{'pil/aurora':>12}")
+    for photo in PHOTOS:
+        r = res[("prep", photo)]
+        t, p = r["torch_uint8_aa"] / r["aurora"], r["pil"] / r["aurora"]
+        print(f"{photo:8}" + "".join(f"{ms(r[c]):>16}" for c in cols) + f"{t:14.2f}{p:12.2f}")
+        checks += [(f"prep {photo}: vs torch uint8 AA", t, 2.0), (f"prep {photo}: vs PIL + numpy", p, 6.0)]
+    print("\ndecode + preprocess (bytes -> tensor), 1 thread, median ms")
+    cols = list(PROVIDERS["e2e"])
+    print(f"{'photo':8}" + "".join(f"{c:>24}" for c in cols))
+    for photo in PHOTOS:
+        r = res[("e2e", photo)]
+        print(f"{photo:8}" + "".join(f"{ms(r[c]):>24}" for c in cols))
+    print(f"\n{'photo':8}{'classic/exact':>15}{'best/exact':>12}{'exact/decode':>14}{'classic/fast':>14}")
+    for photo in PHOTOS:
+        r = res[("e2e", photo)]
+        ce, be = r["classic_pil"] / r["aurora_exact"], r["simplejpeg_torch"] / r["aurora_exact"]
+        ed, cf = r["aurora_exact"] / r["simplejpeg_decode_only"], r["classic_pil"] / r["aurora_fast"]
+        print(f"{photo:8}{ce:15.2f}{be:12.2f}{ed:14.2f}{cf:14.2f}")
+        checks += [(f"e2e {photo}: exact vs classic PIL", ce, 1.8), (f"e2e {photo}: exact vs best off-the-shelf", be, 1.0)]
+        if photo != "0.3mp":
+            checks.append((f"e2e {photo}: fast vs classic PIL", cf, 2.5))
+    b = res["batch"]
+    speedup = b["1thr"] / b["2thr"]
+    print(f"\nbatch of 64 (default mix): 1 thread {64 / b['1thr']:.0f} img/s, 2 threads {64 / b['2thr']:.0f} img/s, "
+          f"ratio {speedup:.2f}")
+    checks.append(("batch64: 2 threads vs 1", speedup, 1.7))
+    return checks
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeat", type=int, default=1, help="measure the whole table this many times")
+    ap.add_argument("--rounds", type=int, default=20, help="timed calls per provider (10 MP: half)")
+    args = ap.parse_args()
+    print(f"machine: {cpu_name()}, {os.cpu_count()} logical CPUs, {platform.machine()}; "
+          f"load average {os.getloadavg()[0]:.2f} at start; torch {torch.__version__}, cv2 {cv2.__version__}")
+    runs = []
+    for i in range(args.repeat):
+        print(f"\n=== run {i + 1}/{args.repeat} ===")
+        runs.append(report(measure(args.rounds)))
+    print(f"\ntargets (ratio measured per run; load average {os.getloadavg()[0]:.2f} at end)")
+    for j, (name, _, need) in enumerate(runs[0]):
+        got = [run[j][1] for run in runs]
+        ok = "met" if min(got) >= need else ("met in some runs" if max(got) >= need else "NOT met")
+        print(f"  {name:45} need >= {need:4.1f}x  got " + " ".join(f"{g:5.2f}" for g in got) + f"  {ok}")
+
+
+if __name__ == "__main__":
+    main()
