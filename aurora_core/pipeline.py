@@ -65,12 +65,15 @@ class Pipeline:
     fast_decode: decode JPEGs at the smallest DCT scale that still covers the resize (fast_min_size).
     decode_limits: max_pixels / max_bytes passed to decode. cuda_graphs / channels_last: runner options.
     device_preprocess: on CUDA, preprocess with the Triton kernel on the device (None: when available).
+    jit_freeze: on the CPU, trace + freeze the model (None: only for torchvision architecture names, whose
+        forward() traces faithfully; a user module may have Python control flow that tracing would drop).
     """
 
     def __init__(self, model=None, spec=None, batching: BatchingConfig | None = None, device="auto", dtype=None, *,
                  weights=None, top_k: int = 5, sink=None, cpu_fallback: bool = False, num_workers: int | None = None,
                  fast_decode: bool = True, decode_limits: dict | None = None, cuda_graphs: bool = True,
-                 channels_last: bool | None = None, device_preprocess: bool | None = None, seed: int = 0):
+                 channels_last: bool | None = None, device_preprocess: bool | None = None, seed: int = 0,
+                 jit_freeze: bool | None = None):
         from aurora_core.ops.preprocess import PreprocessSpec
 
         if spec is not None and not isinstance(spec, PreprocessSpec):
@@ -96,9 +99,12 @@ class Pipeline:
         self._fast = fast_decode
         self._limits = dict(decode_limits or {})
         self._cpu_fallback = cpu_fallback
+        if jit_freeze is None:
+            jit_freeze = isinstance(model, str) and not os.path.exists(model)
         self._runner_kw = dict(dtype=dtype, buckets=self.config.bucket_sizes,
                                input_shape=(3, self.spec.crop, self.spec.crop), input_dtype=self.spec.dtype,
-                               top_k=top_k, channels_last=channels_last, cuda_graphs=cuda_graphs)
+                               top_k=top_k, channels_last=channels_last, cuda_graphs=cuda_graphs,
+                               jit_freeze=jit_freeze)
         net = load_model(model, weights=weights, seed=seed)
         # The runner moves and casts the module in place; keep a CPU copy to rebuild from after a device loss.
         self._fallback_net = copy.deepcopy(net).cpu() if cpu_fallback else None

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -157,7 +158,8 @@ class Runner:
     """
 
     def __init__(self, model: nn.Module, *, device="cpu", dtype=None, buckets=(1,), input_shape=(3, 224, 224),
-                 input_dtype=torch.float32, top_k=5, channels_last=None, cuda_graphs=True, warmup=True):
+                 input_dtype=torch.float32, top_k=5, channels_last=None, cuda_graphs=True, warmup=True,
+                 jit_freeze=False):
         self.device = torch.device(device)
         self.is_cuda = self.device.type == "cuda"
         if self.is_cuda and self.device.index is None:
@@ -167,8 +169,9 @@ class Runner:
         self.buckets = tuple(buckets)
         self.input_shape = tuple(input_shape)
         self.input_dtype = input_dtype
-        # channels_last pays off for convnets on tensor cores; on the CPU it cost more than it saved here.
-        self.channels_last = self.is_cuda if channels_last is None else bool(channels_last)
+        # channels_last pays off for convnets on tensor cores, and on the CPU with oneDNN too: mobilenet_v3_small
+        # at batch 16, 1 thread, 16.9 -> 12.3 ms CPU per image on the 2-core dev box.
+        self.channels_last = True if channels_last is None else bool(channels_last)
         try:
             model.eval()
         except (NotImplementedError, RuntimeError):  # torch.export modules refuse eval(); they are inference graphs
@@ -177,6 +180,7 @@ class Runner:
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
+        self.frozen = bool(jit_freeze) and not self.is_cuda and self._freeze(input_shape)
         self._lock = threading.Lock()
         self._faults: list[tuple[str, int]] = []   # (kind, min_rows), consumed in order
         self.counters = {"graph_replays": 0, "eager_runs": 0, "oom_splits": 0, "batches": 0}
@@ -195,6 +199,32 @@ class Runner:
             self.warmup(cuda_graphs=cuda_graphs)
 
     # ---- set-up -------------------------------------------------------------------------------
+    def _freeze(self, input_shape) -> bool:
+        """CPU: trace + torch.jit.freeze (folds BatchNorm into convs, fuses activations): mobilenet_v3_small
+        at batch 16 went 12.3 -> 7.2 ms CPU per image here. Tracing drops Python control flow and side
+        effects of forward(), so the pipeline only asks for it for torchvision's own architectures; the
+        traced model is checked against eager on a random batch and dropped when it disagrees."""
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        try:
+            with torch.inference_mode(), warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice
+                g = torch.Generator().manual_seed(0)
+                x = torch.randn((2, *input_shape), generator=g).to(self.dtype).contiguous(memory_format=fmt)
+                frozen = torch.jit.freeze(torch.jit.trace(self.model, x, check_trace=False))
+                # Check on another input than the traced one, so a baked-in branch has a chance to show.
+                ref, got = self.model(-x), frozen(-x)
+                if isinstance(ref, tuple | list):
+                    ref, got = ref[0], got[0]
+                tol = 1e-3 if self.dtype == torch.float32 else 5e-2
+                if not torch.allclose(ref.float(), got.float(), rtol=tol, atol=tol * float(ref.abs().max())):
+                    log.warning("Runner: the frozen model disagrees with eager; running eager")
+                    return False
+        except Exception as e:  # noqa: BLE001 - an optimisation; eager always works
+            log.warning("Runner: jit freeze failed, running eager: %s", e)
+            return False
+        self.model = frozen
+        return True
+
     def _out_features(self, x) -> int:
         out = self.model(x.to(self.dtype))
         if isinstance(out, tuple | list):

@@ -186,3 +186,24 @@ def test_cuda_eager_when_graphs_off_and_real_oom_split():
     r.inject_fault("oom", count=1, min_rows=2)
     out = r.run(fill(r, 2))
     assert out.failed == set() and r.counters["oom_splits"] == 1
+
+
+class SignBranch(Tiny):
+    """Python control flow on the data: tracing bakes in one branch."""
+
+    def forward(self, x):
+        y = super().forward(x)
+        return y if float(x.sum()) > 0 else -y
+
+
+def test_jit_freeze_matches_eager_and_refuses_a_baked_branch():
+    ref = Tiny()
+    r = Runner(Tiny(), buckets=(1, 4), input_shape=SHAPE, top_k=3, jit_freeze=True)
+    assert r.frozen and isinstance(r.model, torch.jit.ScriptModule)
+    slab = fill(r, 4)
+    out = r.run(slab)
+    p, i = expected(ref, slab.host[:4], 3)
+    assert out.indices == i.tolist()
+    torch.testing.assert_close(torch.tensor(out.probs), p, rtol=1e-3, atol=1e-4)
+    assert not Runner(SignBranch(), buckets=(1,), input_shape=SHAPE, jit_freeze=True).frozen
+    assert not Runner(Tiny(), buckets=(1,), input_shape=SHAPE).frozen
