@@ -296,7 +296,7 @@ def analyze(series: Series, baseline: Window, window: Window) -> Analysis:
         _regression(series, base, win, rate_ratio, specific_share, checked),
         _cpu(series, base, win, common_share, checked),
         *_hardware(series, base, win, slowdown_share(GPU_STAGES), checked),
-        _memory(series, base, win, common_share, checked),
+        _memory(series, base, win, slowdown_share(SERVICE_STAGES), checked),
         _dependency(series, base, win, shares, checked),
     ]
     causes = sorted([c for c in causes if c is not None and c.strength > 0], key=lambda c: -c.score)
