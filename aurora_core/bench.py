@@ -525,7 +525,8 @@ def _print(console, s: dict, tele_rows, valid, reasons, verdict_line, files, pea
     from rich.markup import escape
     from rich.table import Table
 
-    t = Table(title=f"aurora bench: {s['scenario_desc']}", title_justify="left")
+    console.print(f"[bold]{escape(s['scenario_desc'])}", highlight=False)
+    t = Table()
     t.add_column("metric")
     t.add_column("value", justify="right")
     t.add_row("throughput", f"{s['throughput']:.1f} queries/s")
