@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import socket
 import sys
@@ -61,7 +62,7 @@ class Server:
     def __init__(self, pipeline, config=None, *, host: str = "127.0.0.1", port: int = 0,
                  cpu_fallback: bool = False, registry=None, max_connections: int | None = None,
                  keepalive_s: int = 5, shutdown_timeout_s: float = 30.0, log_level: str = "warning",
-                 access_log: bool = False, close_pipeline: bool = False, model_name: str = ""):
+                 access_log: bool = False, close_pipeline: bool = False):
         import uvicorn
 
         from aurora_core.server_app import ServerConfig, create_app
@@ -70,7 +71,7 @@ class Server:
         self.config = config or ServerConfig()
         self.cpu_fallback = cpu_fallback
         self.close_pipeline = close_pipeline
-        self.app = create_app(pipeline, self.config, registry=registry, model_name=model_name)
+        self.app = create_app(pipeline, self.config, registry=registry)
         self.state = self.app.state.server
         self.sock = bind_socket(host, port)
         self.host, self.port = self.sock.getsockname()[:2]
@@ -246,6 +247,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--retry-after-s", type=int, default=1)
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     s.add_argument("--access-log", action="store_true")
+    t = parser.add_argument_group("telemetry")
+    t.add_argument("--telemetry-period-s", type=float, default=1.0,
+                   help="hardware sampling period for /metrics (0 turns the sampler off)")
+    t.add_argument("--record", default=None, metavar="DIR",
+                   help="also write a run file (requests, samples, events) for aurora diagnose")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -259,6 +265,7 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_STARTUP
     from aurora_core.server_app import ServerConfig
 
+    parts = _Parts()
     try:
         config = ServerConfig(
             max_body_bytes=args.max_body_bytes, request_timeout_s=args.timeout_s,
@@ -266,52 +273,67 @@ def run(args: argparse.Namespace) -> int:
             max_concurrent_requests=args.max_concurrent_requests, retry_after_s=args.retry_after_s,
             top_k=args.top_k,
         )
-        pipeline, registry = _build_pipeline(args)
+        parts.build(args)
+        server = Server(parts.pipeline, config, host=args.host, port=args.port, cpu_fallback=args.cpu_fallback,
+                        registry=parts.exporter.registry, max_connections=args.max_connections,
+                        keepalive_s=args.keepalive_s, shutdown_timeout_s=args.shutdown_timeout_s,
+                        log_level=args.log_level, access_log=args.access_log)
     except Exception as e:  # a startup failure is one line for the operator, not a trace
+        parts.close()
         print(f"aurora serve: cannot start: {e}", file=sys.stderr)
         return EXIT_STARTUP
+    log.info("aurora serve: listening on %s (model %s, device %s)", server.url, parts.pipeline.model_name,
+             parts.pipeline.device)
     try:
-        server = Server(pipeline, config, host=args.host, port=args.port, cpu_fallback=args.cpu_fallback,
-                        registry=registry, max_connections=args.max_connections, keepalive_s=args.keepalive_s,
-                        shutdown_timeout_s=args.shutdown_timeout_s, log_level=args.log_level,
-                        access_log=args.access_log, close_pipeline=True, model_name=args.model or "")
-    except OSError as e:
-        pipeline.close()
-        print(f"aurora serve: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
-        return EXIT_STARTUP
-    log.info("aurora serve: listening on %s (model %s)", server.url, args.model or "default")
-    code = server.run()
+        code = server.run()
+    finally:
+        parts.close()  # after the server: admitted requests have finished, the pipeline drains
     log.info("aurora serve: stopped (exit %d)", code)
     return code
 
 
-def _build_pipeline(args):
-    """The Pipeline and the Prometheus registry its exporter fills."""
-    from aurora_core.batching import BatchingConfig
-    from aurora_core.ops.preprocess import PreprocessSpec
-    from aurora_core.pipeline import Pipeline
+class _Parts:
+    """What ``aurora serve`` builds around the server: the pipeline, the Prometheus exporter (the
+    pipeline's sink and the sampler's callback), the telemetry sampler and an optional run file."""
 
-    buckets = tuple(int(b) for b in args.bucket_sizes.split(",")) if args.bucket_sizes else None
-    batching = BatchingConfig(max_batch_size=args.max_batch_size, max_queue_delay_us=args.max_queue_delay_us,
-                              bucket_sizes=buckets, max_queue_size=args.max_queue_size)
-    spec = PreprocessSpec(resize=args.resize, crop=args.crop)
-    registry, sink = _prometheus_sink()
-    kwargs = {"spec": spec, "batching": batching, "device": args.device, "cpu_fallback": args.cpu_fallback,
-              "top_k": args.top_k, "decode_limits": {"max_pixels": args.max_pixels}}
-    if args.dtype:
-        kwargs["dtype"] = args.dtype
-    if args.weights:
-        kwargs["weights"] = args.weights
-    if sink is not None:
-        kwargs["sink"] = sink
-    return Pipeline(model=args.model, **kwargs), registry
+    def __init__(self):
+        self.pipeline = self.exporter = self.sampler = self.recorder = None
 
-
-def _prometheus_sink():
-    """(registry, sink) from the Prometheus exporter; (None, None) when it is not available."""
-    try:
+    def build(self, args) -> None:
+        from aurora_core.batching import BatchingConfig
         from aurora_core.export.prometheus import PrometheusExporter
-    except ImportError:
-        return None, None
-    exporter = PrometheusExporter()
-    return exporter.registry, exporter
+        from aurora_core.ops.preprocess import PreprocessSpec
+        from aurora_core.pipeline import Pipeline
+
+        buckets = tuple(int(b) for b in args.bucket_sizes.split(",")) if args.bucket_sizes else None
+        batching = BatchingConfig(max_batch_size=args.max_batch_size, max_queue_delay_us=args.max_queue_delay_us,
+                                  bucket_sizes=buckets, max_queue_size=args.max_queue_size)
+        self.exporter = PrometheusExporter(model=os.path.basename(str(args.model or "default")))
+        sinks = [self.exporter]
+        if args.record:
+            from aurora_core.recorder import Recorder
+
+            self.recorder = Recorder(args.record, meta={"label": "aurora serve", "model": str(args.model)})
+            sinks.append(self.recorder)
+        kwargs = {"weights": args.weights} if args.weights else {}
+        self.pipeline = Pipeline(model=args.model, spec=PreprocessSpec(resize=args.resize, crop=args.crop),
+                                 batching=batching, device=args.device, dtype=args.dtype, top_k=args.top_k,
+                                 sink=sinks, cpu_fallback=args.cpu_fallback,
+                                 decode_limits={"max_pixels": args.max_pixels}, **kwargs)
+        self.exporter.model = os.path.basename(self.pipeline.model_name)  # the label dashboards group by
+        if args.telemetry_period_s > 0:
+            from aurora_core.telemetry.sampler import TelemetrySampler
+
+            callbacks = [self.exporter] + ([self.recorder.add_sample] if self.recorder else [])
+            events = [self.exporter] + ([self.recorder.add_event] if self.recorder else [])
+            self.sampler = TelemetrySampler(callbacks=callbacks, event_callbacks=events,
+                                            period_s=args.telemetry_period_s).start()
+
+    def close(self) -> None:
+        for part in (self.pipeline, self.sampler, self.recorder):
+            if part is None:
+                continue
+            try:
+                part.close() if hasattr(part, "close") else part.stop()
+            except Exception:  # shutting down: report, and still close the rest
+                log.exception("aurora serve: error while closing %s", type(part).__name__)

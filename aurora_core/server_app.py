@@ -397,8 +397,7 @@ def _as_float_list(top_k):
     return [{"class_index": int(c), "probability": float(p)} for c, p in top_k]
 
 
-def create_app(pipeline, config: ServerConfig | None = None, *, registry: CollectorRegistry | None = None,
-               model_name: str = "") -> FastAPI:
+def create_app(pipeline, config: ServerConfig | None = None, *, registry: CollectorRegistry | None = None) -> FastAPI:
     """The FastAPI app serving ``pipeline``. ``registry`` is exposed at /metrics (a fresh one if None).
 
     ``app.state.server`` is the ``_State`` the probes read; ``aurora_core.server`` sets ``draining`` on

@@ -527,12 +527,14 @@ def test_startup_failure_is_one_line_and_exit_2(capsys):
 
 
 def test_sigterm_finishes_admitted_requests_then_exits_zero(tmp_path):
-    model = tmp_path / "tiny.pt"
-    torch.jit.trace(TinyNet().eval(), torch.zeros(1, 3, 32, 32)).save(str(model))
+    model = tmp_path / "tiny.pt2"
+    exported = torch.export.export(TinyNet().eval(), (torch.zeros(2, 3, 32, 32),),
+                                   dynamic_shapes={"x": {0: torch.export.Dim.DYNAMIC}})
+    torch.export.save(exported, str(model))
     # A 1.5 s batching delay keeps requests admitted-but-waiting while SIGTERM arrives.
     cmd = [sys.executable, "-m", "aurora_core.cli", "serve", "--model", str(model), "--resize", "32", "--crop", "32",
            "--device", "cpu", "--port", "0", "--max-batch-size", "8", "--max-queue-delay-us", "1500000",
-           "--log-level", "info"]
+           "--log-level", "info", "--telemetry-period-s", "0.2", "--record", str(tmp_path / "run")]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env,
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -549,6 +551,11 @@ def test_sigterm_finishes_admitted_requests_then_exits_zero(tmp_path):
         threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep the pipe drained
         with httpx.Client(base_url=url, timeout=30) as c:
             assert c.get("/readyz").status_code == 200
+            time.sleep(0.5)  # a few telemetry periods
+            metrics = c.get("/metrics").text
+            # Pipeline (Triton-named), telemetry and HTTP metrics share one registry.
+            assert "nv_inference_pending_request_count" in metrics or "nv_inference_request_success" in metrics
+            assert "nv_cpu_utilization" in metrics and "aurora_http_requests_total" in metrics
             with ThreadPoolExecutor(4) as ex:
                 futs = [ex.submit(c.post, "/v1/classify", content=make_jpeg(i)) for i in range(4)]
                 time.sleep(0.4)
@@ -560,6 +567,7 @@ def test_sigterm_finishes_admitted_requests_then_exits_zero(tmp_path):
                     httpx.get(url + "/healthz", timeout=2)
                 assert [f.result().status_code for f in futs] == [200] * 4
         assert proc.wait(timeout=30) == 0
+        assert (tmp_path / "run" / "run.aurora.sqlite").is_file()
     finally:
         if proc.poll() is None:
             proc.kill()
