@@ -217,14 +217,15 @@ def _gpu_samples(trace_kinds: list[tuple[str, float, float]], duration_s: float)
     return build
 
 
-def simulate_run(path, arrivals_s: np.ndarray, *, meta: dict, item_ms, cpu_ms: float = 2.0, max_batch: int = 8,
-                 samples=(), seed: int = 0):
+def simulate_run(path, arrivals_s: np.ndarray, *, meta: dict, item_ms, cpu_ms=2.0, max_batch: int = 8,
+                 samples=(), events=(), seed: int = 0):
     """A run file from a small discrete-event model of the pipeline, written through the real Recorder.
 
     For work that cannot run here (a GPU): one batch at a time; a batch takes every queued request (up
     to ``max_batch``), decodes and preprocesses them (``cpu_ms`` each), then computes for
     ``bucket * item_ms(t)`` ms (padded to a power of two). Service times carry 10% lognormal jitter
-    (seeded). ``samples(t0_ns)`` gives telemetry on the run's clock.
+    (seeded). ``cpu_ms`` may be a function of t too. ``samples(t0_ns)`` / ``events(t0_ns)`` give
+    telemetry on the run's clock.
     """
     from aurora_core.records import RequestRecord
 
@@ -233,6 +234,8 @@ def simulate_run(path, arrivals_s: np.ndarray, *, meta: dict, item_ms, cpu_ms: f
     t0 = now_ns()
     for smp in samples(t0) if callable(samples) else samples:
         rec.add_sample(smp)
+    for ev in events(t0) if callable(events) else events:
+        rec.add_event(ev)
     ns = lambda s: t0 + int(s * 1e9)  # noqa: E731
     free, i, bid, n = 0.0, 0, 0, len(arrivals_s)
     while i < n:
@@ -245,7 +248,7 @@ def simulate_run(path, arrivals_s: np.ndarray, *, meta: dict, item_ms, cpu_ms: f
         t = start
         recs = []
         for k in batch:
-            d = cpu_ms / 1e3 * rng.lognormal(0, 0.1)
+            d = (cpu_ms(t) if callable(cpu_ms) else cpu_ms) / 1e3 * rng.lognormal(0, 0.1)
             r = RequestRecord(request_id=k, arrival_ns=ns(arrivals_s[k]), enqueue_ns=ns(arrivals_s[k]) + 1000,
                               batch_closed_ns=ns(start), decode_start_ns=ns(t), decode_end_ns=ns(t + 0.7 * d),
                               preprocess_start_ns=ns(t + 0.7 * d), preprocess_end_ns=ns(t + d),

@@ -1,0 +1,165 @@
+"""diagnose on simulated runs (deterministic): detection, each cause's evidence, inconclusive, output."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from test_incidents import simulate_run
+
+from aurora_core.cli import main
+from aurora_core.diagnose import diagnose
+from aurora_core.diagnose.report import render_section, text_diagnose
+from aurora_core.loadgen import poisson_schedule
+from aurora_core.recorder import load_run
+from aurora_core.records import Event, Sample, Span
+
+DUR, RATE, STEP = 10.0, 40.0, 5.0
+
+
+def _arrivals(seed=1):
+    return poisson_schedule(RATE, DUR, seed=seed) / 1e9
+
+
+def _step(lo, hi, at=STEP):
+    return lambda t: lo if t < at else hi
+
+
+def _periodic(t0, source, values_fn, period=0.1, dur=DUR + 1):
+    return [Sample(t0 + int(k * period * 1e9), source, values_fn(k * period)) for k in range(int(dur / period))]
+
+
+def _window_at(res, t, series=0):
+    hits = [w for w in res.data["series"][series]["windows"] if w["start_s"] <= t < w["end_s"]]
+    assert hits, res.data["summary"]
+    return hits[0]
+
+
+def test_flat_run_has_no_window(tmp_path):
+    run = simulate_run(tmp_path / "flat", _arrivals(), meta={"label": "v1"}, item_ms=lambda t: 6.0, seed=3)
+    res = diagnose([run])
+    assert res.data["series"][0]["windows"] == [], res.data["summary"]
+
+
+def test_unexplained_service_shift_is_inconclusive(tmp_path):
+    """Compute doubles mid-run; no telemetry, no label change: nothing may be named."""
+    run = simulate_run(tmp_path / "x", _arrivals(), meta={"label": "v1"}, item_ms=_step(6.0, 12.0), seed=3)
+    res = diagnose([run])
+    w = _window_at(res, 7.5)
+    assert abs(w["start_s"] - STEP) < 1.0
+    assert w["verdict"] == "inconclusive"
+    assert any("no regression is claimed" in c for c in w["checked"])
+    assert any("no GPU telemetry" in c for c in w["checked"])
+    assert "INCONCLUSIVE" in text_diagnose(res)
+
+
+def test_label_change_makes_it_a_regression(tmp_path):
+    a = simulate_run(tmp_path / "a", _arrivals(1)[_arrivals(1) < STEP], meta={"label": "v1", "host": "h"},
+                     item_ms=lambda t: 6.0, seed=1)
+    b = simulate_run(tmp_path / "b", _arrivals(2)[_arrivals(2) < STEP], meta={"label": "v2", "host": "h"},
+                     item_ms=lambda t: 12.0, seed=2)
+    ra, rb = load_run(a), load_run(b)
+    # Simulated runs are written in milliseconds; place B right after A on the wall clock, as deployed.
+    end_a = ra.wall_minus_mono_ns + int(ra.requests["arrival_ns"].max())
+    rb.meta["wall_minus_mono_ns"] = end_a + 100_000_000 - int(rb.requests["arrival_ns"].min())
+    res = diagnose([ra, rb])
+    assert len(res.data["series"]) == 1  # one host: the runs are laid end to end
+    t_b = float(np.mean(res.series[0].run_bounds[1]))
+    w = _window_at(res, t_b)
+    assert w["verdict"] == "regression", res.data["summary"]
+    ev = {e["name"]: e for e in w["causes"][0]["evidence"]}
+    assert ev["compute per-item service time"]["passed"]
+    assert not ev["preprocess per-item service time"]["passed"]
+
+
+def test_gpu_memory_near_full(tmp_path):
+    def samples(t0):
+        return _periodic(t0, "gpu0", lambda t: {"mem_used_bytes": (79.5 if t >= STEP else 40.0) * 2**30,
+                                                 "mem_total_bytes": 80.0 * 2**30})
+
+    run = simulate_run(tmp_path / "m", _arrivals(), meta={"label": "v1"}, item_ms=_step(6.0, 12.0), samples=samples, seed=3)
+    w = _window_at(diagnose([run]), 7.5)
+    assert w["verdict"] == "memory"
+    assert w["causes"][0]["evidence"][0]["window"] > 0.95
+
+
+def test_xid_event_names_hardware(tmp_path):
+    def samples(t0):
+        return _periodic(t0, "gpu0", lambda t: {"sm_clock_mhz": 1980.0})
+
+    def events(t0):
+        return [Event(t0 + int(5.2e9), "gpu0", "xid", 48.0, "double-bit ECC error")]
+
+    run = simulate_run(tmp_path / "x", _arrivals(), meta={"label": "v1"}, item_ms=_step(6.0, 12.0),
+                       samples=samples, events=events, seed=3)
+    w = _window_at(diagnose([run]), 7.5)
+    assert w["verdict"] == "hardware"
+    ev = {e["name"]: e for e in w["causes"][0]["evidence"]}
+    assert ev["gpu0 Xid events"]["passed"] and not ev["gpu0 SM clock"]["passed"]
+
+
+def test_other_processes_taking_cpu(tmp_path):
+    """Every CPU stage slows alike while other processes take 1.2 more cores."""
+    def samples(t0):
+        return _periodic(t0, "cpu", lambda t: {"cpu_util_pct": 95.0 if t >= STEP else 35.0, "proc_cpu_pct": 50.0})
+
+    run = simulate_run(tmp_path / "c", _arrivals(), meta={"label": "v1", "cpu": {"logical_cores": 2}},
+                       item_ms=_step(6.0, 12.0), cpu_ms=_step(2.0, 4.0), samples=samples, seed=3)
+    w = _window_at(diagnose([run]), 7.5)
+    assert w["verdict"] == "cpu_contention", w["causes"]
+    ev = {e["name"]: e for e in w["causes"][0]["evidence"]}
+    assert ev["other processes' CPU"]["passed"]
+
+
+def test_unlinked_span_is_reported_not_apportioned(tmp_path):
+    run_dir = simulate_run(tmp_path / "s", _arrivals(), meta={"label": "v1"}, item_ms=_step(6.0, 12.0), seed=3)
+    run = load_run(run_dir)
+    t0 = int(run.requests["arrival_ns"].min())
+    n = 40
+    starts = t0 + (np.arange(n) * DUR / n * 1e9).astype(np.int64)
+    durs = np.where(np.arange(n) < n // 2, 5_000_000, 50_000_000)
+    run.spans = {"name": np.array(["db"] * n), "start_ns": starts, "end_ns": starts + durs,
+                 "request_id": np.full(n, -1), "attrs": np.array([""] * n)}
+    w = _window_at(diagnose([run]), 7.5)
+    assert w["verdict"] == "inconclusive"
+    assert any("not linked" in c for c in w["checked"])
+
+
+def test_linked_span_before_the_pipeline(tmp_path):
+    run_dir = simulate_run(tmp_path / "d", _arrivals(), meta={"label": "v1"}, item_ms=lambda t: 6.0, seed=3)
+    run = load_run(run_dir)
+    t0 = int(run.requests["arrival_ns"].min())
+    a = run.requests["arrival_ns"]
+    late = (a - t0) / 1e9 >= STEP
+    d = np.where(late, 40_000_000, 4_000_000)
+    run.spans = {"name": np.array(["feature_store"] * a.size), "start_ns": a - d - 1000, "end_ns": a - 1000,
+                 "request_id": run.requests["request_id"].copy(), "attrs": np.array([""] * a.size)}
+    res = diagnose([run])
+    w = _window_at(res, 7.5)
+    assert w["verdict"] == "dependency" and "feature_store" in w["causes"][0]["title"]
+    assert w["shares"]["span:feature_store"] > 0.8
+
+
+def test_outputs_and_cli(tmp_path, capsys):
+    run = simulate_run(tmp_path / "o", _arrivals(), meta={"label": "v1"}, item_ms=_step(6.0, 12.0), seed=3)
+    res = diagnose([run])
+    json.dumps(res.data)
+    html = render_section(res)
+    assert html.count("<img") == 2 and "data:image/png;base64," in html
+    assert "<section" in render_section(res.data)  # from JSON alone: tables, no plots
+    assert main(["diagnose", str(run), "--json", "--html", str(tmp_path / "r.html")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["series"][0]["windows"]
+    assert (tmp_path / "r.html").read_text().count("<img") == 2
+    assert main(["diagnose", str(tmp_path / "nothing")]) == 2
+
+
+def test_span_helper_links(tmp_path):
+    """The Recorder's span helper records what diagnose links on."""
+    from aurora_core.recorder import Recorder
+
+    with Recorder(tmp_path / "r") as rec, rec.span("feature_store", request_id=3):
+        pass
+    run = load_run(tmp_path / "r")
+    assert run.spans["request_id"].tolist() == [3] and isinstance(run.spans["name"][0], str)
+    assert Span  # the public record type diagnose reads
