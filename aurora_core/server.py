@@ -61,7 +61,8 @@ class Server:
 
     def __init__(self, pipeline, config=None, *, host: str = "127.0.0.1", port: int = 0,
                  cpu_fallback: bool = False, registry=None, max_connections: int | None = None,
-                 keepalive_s: int = 5, shutdown_timeout_s: float = 30.0, log_level: str = "warning",
+                 keepalive_s: int = 5, header_timeout_s: float = 10.0, shutdown_timeout_s: float = 30.0,
+                 log_level: str = "warning",
                  access_log: bool = False, close_pipeline: bool = False):
         import uvicorn
 
@@ -80,7 +81,8 @@ class Server:
         self._started = threading.Event()
         limit = max_connections or self.config.max_concurrent_requests + 64
         uv_config = uvicorn.Config(
-            self.app, lifespan="off", log_level=log_level, access_log=access_log, limit_concurrency=limit,
+            self.app, http=_http_protocol(header_timeout_s), lifespan="off", log_level=log_level,
+            access_log=access_log, limit_concurrency=limit,
             timeout_keep_alive=keepalive_s, timeout_graceful_shutdown=int(max(1, shutdown_timeout_s)),
             server_header=False,
         )
@@ -202,6 +204,48 @@ def _Uvicorn(config, state):
     return _UvicornServer(config, state)
 
 
+def _http_protocol(header_timeout_s: float):
+    """uvicorn's h11 protocol plus a deadline on receiving a request's headers.
+
+    uvicorn times out idle keep-alive connections, but a client that trickles header bytes resets
+    that timer with every byte and holds its connection (one of ``max_connections``) forever: the
+    slowloris attack. This closes any connection that has not completed a request's headers within
+    ``header_timeout_s`` of connecting or of its previous response. Bodies have their own deadline
+    (``ServerConfig.body_timeout_s``, answered with 408).
+    """
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class _Protocol(H11Protocol):
+        _header_timer = None
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._arm_header_timer()
+
+        def on_response_complete(self):
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm_header_timer()
+
+        def connection_lost(self, exc):
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+            super().connection_lost(exc)
+
+        def _arm_header_timer(self):
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+            self._header_timer = self.loop.call_later(header_timeout_s, self._on_header_timeout)
+
+        def _on_header_timeout(self):
+            self._header_timer = None
+            between_requests = self.cycle is None or self.cycle.response_complete
+            if between_requests and not self.transport.is_closing():
+                self.transport.close()
+
+    return _Protocol
+
+
 def _pipeline_ready(pipeline) -> bool:
     try:
         return bool(pipeline.ready)
@@ -242,6 +286,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--max-connections", type=int, default=None,
                    help="open connections, idle keep-alive ones included (default: concurrent requests + 64)")
     s.add_argument("--keepalive-s", type=int, default=5)
+    s.add_argument("--header-timeout-s", type=float, default=10.0,
+                   help="close connections that have not sent a request's headers within this (slowloris)")
     s.add_argument("--shutdown-timeout-s", type=float, default=30.0,
                    help="on SIGTERM, how long admitted requests may take to finish")
     s.add_argument("--retry-after-s", type=int, default=1)
@@ -276,7 +322,8 @@ def run(args: argparse.Namespace) -> int:
         parts.build(args)
         server = Server(parts.pipeline, config, host=args.host, port=args.port, cpu_fallback=args.cpu_fallback,
                         registry=parts.exporter.registry, max_connections=args.max_connections,
-                        keepalive_s=args.keepalive_s, shutdown_timeout_s=args.shutdown_timeout_s,
+                        keepalive_s=args.keepalive_s, header_timeout_s=args.header_timeout_s,
+                        shutdown_timeout_s=args.shutdown_timeout_s,
                         log_level=args.log_level, access_log=args.access_log)
     except Exception as e:  # a startup failure is one line for the operator, not a trace
         parts.close()

@@ -390,6 +390,38 @@ def test_408_slow_body_does_not_block_others(server, client):
     assert status == 408 and json.loads(body)["error"]["code"] == "body_timeout"
 
 
+def test_slowloris_headers_are_cut_off_but_slow_answers_are_not():
+    gate = threading.Event()
+    net = TinyNet(gate=gate)
+    with make_pipeline(net) as p:
+        net.armed = True
+        srv = Server(p, ServerConfig(), header_timeout_s=0.5, max_connections=10).start()
+        try:
+            with httpx.Client(base_url=srv.url, timeout=30) as c, ThreadPoolExecutor(1) as ex:
+                answer = ex.submit(c.post, "/v1/classify", content=make_jpeg(1))  # held by the gate for ~1 s
+                slow = [socket.create_connection((srv.host, srv.port)) for _ in range(6)]
+                for s_ in slow:
+                    s_.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: t\r\n")
+                time.sleep(0.3)
+                for s_ in slow:  # one more byte: uvicorn's own idle timer would restart here
+                    s_.sendall(b"X")
+                time.sleep(0.7)
+                gate.set()
+                assert answer.result().status_code == 200  # headers were complete: not cut
+                for s_ in slow:
+                    s_.settimeout(5)
+                    assert s_.recv(100) == b""  # closed without an answer
+                    s_.close()
+                # Their connection slots are free again.
+                with ThreadPoolExecutor(8) as ex8:
+                    codes = list(ex8.map(lambda i: httpx.post(srv.url + "/v1/classify", content=make_jpeg(i),
+                                                              timeout=30).status_code, range(8)))
+                assert codes == [200] * 8
+        finally:
+            gate.set()
+            srv.stop()
+
+
 def test_503_overloaded_with_retry_after_and_exact_counts():
     gate = threading.Event()
     net = TinyNet(gate=gate)
