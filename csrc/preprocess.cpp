@@ -3,24 +3,26 @@
 // What it fuses: torchvision's eval transform (Resize(resize) bilinear antialiased, CenterCrop(crop),
 // ToTensor, Normalize) plus the HWC -> CHW layout change and the output dtype, in one pass over the
 // output rows. Only the output pixels inside the center crop are computed, and only the source rows and
-// columns they touch are read. There is no full-size float intermediate: per output row, a vertical pass
-// blends the few source rows it needs into one float row (only the crop's columns), then a horizontal
-// pass blends that row into the crop's pixels, normalizes, converts and stores each channel plane.
+// columns they touch are read. There is no full-size float intermediate: for each group of 8 output
+// rows, a vertical pass blends the few source rows each needs into a float row (the crop's columns
+// only), the 8 rows are transposed so that a horizontal pass can run 8 rows per SIMD instruction, and
+// the results are normalized, converted and stored straight into each channel plane.
 //
 // What it is based on: the coefficients are exactly PIL's ImagingResample (Resample.c,
 // precompute_coeffs: triangle filter, support widened by the scale when downscaling, pixel-center
 // rounding of the bounds), computed in double and applied in float32 without PIL's intermediate uint8
-// rounding, so the result is within one uint8 level of PIL's. The ideas of computing only the crop box
-// and of a narrow row buffer come from Pillow-SIMD; unlike PIL (horizontal first) it runs the vertical
-// pass first, because that pass is the expensive one (~2 * scale taps over ~crop * scale columns) and
-// vertically it is a plain multiply-add over contiguous bytes that vectorizes without shuffles.
+// rounding, so the result is within one uint8 level of PIL's. Computing only the crop box comes from
+// Pillow-SIMD. Unlike PIL (horizontal first) it runs the vertical pass first, because that pass is the
+// expensive one (~2 * scale taps over ~crop * scale columns) and vertically it is a plain multiply-add
+// over contiguous bytes that vectorizes without shuffles.
 // A source that is not a whole number of pixels (a JPEG decoded at DCT scale 1/s stands for the
 // extent orig / s, not ceil(orig / s)) is handled by mapping output pixels onto that fractional extent.
 //
-// Where it stops being fast: the first pass costs ~6 * scale^2 * crop^2 multiply-adds, so a huge
-// downscale (a 50 MP image to 224) is memory-bound on the ~crop * scale square it must read; the
-// horizontal pass uses 3 of 4 SIMD lanes (RGB + pad); without AVX2/FMA (non-x86 builds) the scalar
-// loops rely on the compiler's auto-vectorization.
+// Where it stops being fast: the first pass costs ~6 * scale^2 * crop^2 multiply-adds and reads a
+// ~crop * scale square of the source about twice, so a large downscale (10 MP and up) is bound by
+// memory, and by cache contention on a shared machine; below ~0.3 MP fixed costs (transposes, the
+// Python wrapper's ~30 us) weigh. Without AVX2/FMA (AURORA_PORTABLE=1, non-x86) a simpler row-at-a-time
+// path relies on the compiler's auto-vectorization.
 
 #include "preprocess.h"
 
