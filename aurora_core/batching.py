@@ -82,7 +82,8 @@ class BatchingConfig:
 class Request:
     """One admitted request. ``data`` is bytes or a uint8 [H, W, 3] array; ``deadline_ns`` 0 = none."""
 
-    __slots__ = ("data", "priority", "deadline_ns", "future", "record", "image", "orig_size", "scale", "slot")
+    __slots__ = ("data", "priority", "deadline_ns", "future", "record", "image", "orig_size", "scale", "slot",
+                 "decoding", "error")
 
     def __init__(self, data, priority: int, deadline_ns: int, future: Future, record: RequestRecord):
         self.data = data
@@ -94,6 +95,8 @@ class Request:
         self.orig_size = None
         self.scale = 1
         self.slot = -1         # row of the batch buffer, -1 until preprocessed
+        self.decoding = None   # Future of a decode started at admission, if any
+        self.error = None      # the exception that ended it before compute, if any
 
 
 #: reasons given to on_drop

@@ -61,7 +61,8 @@ class Pipeline:
     device: "auto" (CUDA when present), "cpu", "cuda", "cuda:1". dtype: fp32 (default), fp16, bf16.
     top_k: classes per Prediction. sink: a callable taking RequestRecord, or a list of them.
     cpu_fallback: after a sticky device error, continue on the CPU instead of shutting down.
-    num_workers: threads that decode and preprocess a batch (default: CPU count, at most 8).
+    num_workers: threads that decode (from admission on, while the request waits) and preprocess (one
+        batched kernel call per batch) (default: CPU count, at most 8; 1 decodes on the batching thread).
     fast_decode: decode JPEGs at the smallest DCT scale that still covers the resize (fast_min_size).
     decode_limits: max_pixels / max_bytes passed to decode. cuda_graphs / channels_last: runner options.
     device_preprocess: on CUDA, preprocess with the Triton kernel on the device (None: when available).
@@ -125,7 +126,8 @@ class Pipeline:
         nw = num_workers if num_workers is not None else min(8, os.cpu_count() or 1)
         if nw < 1:
             raise ValueError(f"Pipeline: num_workers must be >= 1, got {nw}")
-        self._pool = ThreadPoolExecutor(nw - 1, thread_name_prefix="aurora-prep") if nw > 1 else None
+        # With more than one worker, encoded requests are decoded by the pool as they arrive.
+        self._pool = ThreadPoolExecutor(nw, thread_name_prefix="aurora-decode") if nw > 1 else None
         self._nw = nw
         self._free: queue.Queue = queue.Queue()
         for i in range(2):
@@ -158,7 +160,8 @@ class Pipeline:
     def stats(self) -> dict:
         """Counters. submitted == completed + cancelled + sum(errors.values()); errors (by reason) include
         the rejected ones (refused at admission: overloaded, pipeline_closed, device_lost). Also batches,
-        batches_prepared, graph_replays, eager_runs, oom_splits, queue_depth, device and ready."""
+        batches_prepared, decoded (encoded inputs decoded, failed or not), graph_replays, eager_runs,
+        oom_splits, queue_depth, device and ready."""
         with self._stats_lock:
             c = dict(self._counts)
         errors = {k[4:]: v for k, v in c.items() if k.startswith("err:")}
@@ -171,6 +174,7 @@ class Pipeline:
             "cancelled": c.get("cancelled", 0),
             "errors": errors,
             "batches_prepared": c.get("batches_prepared", 0),
+            "decoded": c.get("decoded", 0),
             **{k: rc[k] + self._retired[k] for k in ("batches", "graph_replays", "eager_runs", "oom_splits")},
             "queue_depth": len(self.batcher),
             "device": self.device,
@@ -202,8 +206,14 @@ class Pipeline:
         try:
             if self._failure is not None:
                 raise DeviceLost(f"Pipeline: down after a sticky device error ({self._failure}); create a new Pipeline")
+            if self._pool is not None and not isinstance(data, np.ndarray) and not self.batcher.closed:
+                # Decode while the request waits for its batch: the decode leaves the batch's critical path.
+                # Started before admission so that the former thread always finds it.
+                req.decoding = self._pool.submit(self._decode_safe, req)
             self.batcher.put(req)
         except AuroraError as e:
+            if req.decoding is not None:
+                req.decoding.cancel()
             self._count("rejected")
             self._finish(req, exc=e)
             return fut
@@ -320,26 +330,23 @@ class Pipeline:
         return live
 
     def _decode_all(self, batch: list[Request], failures: list) -> None:
-        def work(chunk):
-            for r in chunk:
-                try:
-                    self._decode(r)
-                except Exception as e:  # noqa: BLE001 - every request must end, whatever broke
-                    r.image = None
-                    failures.append((r, e))  # list.append is atomic under the GIL
-
-        encoded = [r for r in batch if not isinstance(r.data, np.ndarray)]
+        """Wait for the decodes started at admission (or decode here when there is no worker pool)."""
         for r in batch:
             if isinstance(r.data, np.ndarray):
                 r.image, r.orig_size, r.scale = r.data, tuple(r.data.shape[:2]), 1
-        if len(encoded) <= 1 or self._pool is None:
-            work(encoded)
-            return
-        chunks = [encoded[i::self._nw] for i in range(min(self._nw, len(encoded)))]
-        futs = [self._pool.submit(work, c) for c in chunks[1:]]
-        work(chunks[0])
-        for f in futs:
-            f.result()
+            elif r.decoding is not None:
+                r.decoding.result()
+            else:
+                self._decode_safe(r)
+            if r.error is not None:
+                failures.append((r, r.error))
+
+    def _decode_safe(self, r: Request) -> None:
+        try:
+            self._decode(r)
+        except Exception as e:  # noqa: BLE001 - every request must end, whatever broke
+            r.image, r.error = None, e
+        self._count("decoded")
 
     def _preprocess_rows(self, live: list[Request], slab, failures: list) -> list[Request]:
         """One preprocess_batch call writes row i of slab.host for live[i] (C++ kernel, GIL released).

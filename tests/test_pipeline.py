@@ -210,9 +210,10 @@ def test_prediction_and_full_record(harness):
     r = p.timings
     assert h.records == [r]
     assert r.status == "ok" and r.device == "cpu" and r.batch_size == 1 and r.bucket == 1
-    order = [r.arrival_ns, r.enqueue_ns, r.batch_closed_ns, r.decode_start_ns, r.decode_end_ns,
-             r.preprocess_start_ns, r.preprocess_end_ns, r.compute_start_ns, r.compute_end_ns, r.completion_ns]
-    assert all(order) and order == sorted(order)
+    # Decoding starts at admission, in parallel with queueing; both end before preprocessing.
+    for order in ([r.arrival_ns, r.enqueue_ns, r.batch_closed_ns], [r.arrival_ns, r.decode_start_ns, r.decode_end_ns]):
+        order += [r.preprocess_start_ns, r.preprocess_end_ns, r.compute_start_ns, r.compute_end_ns, r.completion_ns]
+        assert all(order) and order == sorted(order)
     assert r.h2d_start_ns == r.h2d_end_ns == r.d2h_end_ns == 0  # no copies on the CPU
     assert set(FIELD_NAMES) >= {"queue_depth", "priority", "batch_id"}
 
@@ -304,6 +305,17 @@ def test_overload_rejects_at_once(harness):
     rejected = [r for r in h.records if r.status == "overloaded"]
     assert len(rejected) == 3 and all(r.queue_depth == 3 and r.completion_ns >= r.arrival_ns for r in rejected)
     assert h.pipe.stats()["rejected"] == 3 and h.pipe.stats()["errors"] == {"overloaded": 3}
+
+
+def test_decode_starts_at_admission_while_the_request_waits(harness):
+    h = harness()
+    a, b = h.block()
+    futs = [h.pipe.submit(samples.sample_bytes(k)) for k in ("0.3mp", "coffee_png", "2.5mp")]
+    wait_until(lambda: h.pipe.stats()["decoded"] == 3, "decodes done in the pool")
+    h.release([a, b, *futs])
+    for f in futs:
+        r = f.result(0).timings
+        assert r.arrival_ns <= r.decode_start_ns < r.decode_end_ns < r.batch_closed_ns < r.preprocess_start_ns
 
 
 def test_preprocess_of_next_batch_overlaps_compute(harness):
