@@ -119,6 +119,8 @@ class Server:
         finally:
             watch.cancel()
             self._started.set()
+        if not self._uv.started:  # uvicorn gave up during startup (it logged why)
+            self.exit_code = self.exit_code or EXIT_STARTUP
 
     async def _watch(self):
         """Device watchdog. The pipeline turns not-ready on a sticky device error: with CPU fallback it
