@@ -1095,7 +1095,7 @@ def main(argv=None) -> int:
         ("setup", lambda cap: s_setup(suite, cap), 20, 150),
         ("card", lambda cap: suite.worker("card", cap), 10, 45),
         ("copy_bw", lambda cap: suite.worker("copy_bw", cap), 10, 45),
-        ("kernels", lambda cap: suite.worker("kernels", cap, ()), 40, 120),
+        ("kernels", lambda cap: suite.worker("kernels", cap, ()), 40, 150),
         ("correctness", lambda cap: suite.worker("correctness", cap), 20, 60),
         ("e2e", lambda cap: s_e2e(suite, cap), 60, 200),
         ("decode", lambda cap: suite.worker("decode", cap), 20, 45),
