@@ -38,7 +38,9 @@ def __getattr__(name: str):
     if module is None:
         raise AttributeError(f"module 'aurora_core' has no attribute {name!r}")
     mod = importlib.import_module(module)
-    value = mod if module.endswith("." + name) else getattr(mod, name)
+    # `aurora_core.decode` is both the submodule and (being callable) the decode function: the import
+    # system binds the submodule under that name anyway, so resolve to it rather than fight it.
+    value = mod if module == f"aurora_core.{name}" else getattr(mod, name)
     globals()[name] = value
     return value
 
