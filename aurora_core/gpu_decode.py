@@ -32,7 +32,7 @@ import torch
 
 from aurora_core import decode as _cpu
 
-__all__ = ["GpuDecoded", "GpuDecoder", "route", "nvjpeg_available"]
+__all__ = ["GpuDecoded", "GpuDecoder", "route", "nvjpeg_available", "decode_gpu"]
 
 # SOF markers nvJPEG decodes: baseline, extended and progressive Huffman. Arithmetic coding (C9, CA)
 # is left to libjpeg-turbo.

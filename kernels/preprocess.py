@@ -477,7 +477,10 @@ def preprocess_batch_triton(
     Returns Tensor[N, 3, crop, crop] of spec.dtype: `out` when given.
     Runs on CUDA, or on the CPU under TRITON_INTERPRET=1.
     """
-    dev = _pick_device(imgs if isinstance(imgs, list) else [imgs], out, device)
+    if isinstance(imgs, (np.ndarray, torch.Tensor)) and imgs.ndim == 3:
+        imgs = [imgs]
+    imgs = list(imgs)
+    dev = _pick_device(imgs, out, device)
     if dev.type != "cuda" and not _INTERPRET:
         raise ValueError(
             f"preprocess_batch_triton: needs a CUDA device, got {dev}. "
