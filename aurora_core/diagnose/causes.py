@@ -28,12 +28,17 @@ load         arrival rate >= +5% and Poisson z >= 3 (primary). Cross-check: King
              Inconsistent halves the strength.
 regression   a stage's per-item service time >= +15% with one-sided Mann-Whitney p < 1e-3, and the
              label/config/model/versions of the runs covering the window differ from the baseline's.
+             It explains the shifted stages' stage-specific slowdown; with no outside cause in evidence
+             (neighbours' CPU, steal, cgroup quota, GPU, memory) also the part common to all stages,
+             which is then the new code saturating the process.
              Load matched (rate within +-10%) gives strength 1, unmatched 0.5. No change of
              label/config: no regression claim (the shift is reported under "checked").
 cpu          other processes' CPU (cpu_util_pct x cores - proc_cpu_pct, in cores) >= +0.5 core; per-item
              service >= +15% while it stretches >= 1.3x more than this process's CPU time per request
              (the work did not grow, the wait to run did: this still works when the host was already
-             saturated before; only at flat load, since more load makes our own threads contend);
+             saturated before; only at flat load, since more load makes our own threads contend; with
+             CPU time per request flat and no deployment in the window it also claims the
+             stage-specific part of the slowdown);
              steal >= +5 points; cgroup_throttled_frac >= +0.05 (primary); runq above
              the core count and >= +1, psi_cpu_some_avg10 >= +10 (supporting: our own threads raise
              them too).
@@ -58,6 +63,7 @@ import numpy as np
 from .spikes import ALPHA, SERVICE_STAGES, Series, Window, greater_p
 
 CLAIM = 0.3
+_EXTERNAL_CPU = ("other processes' CPU", "cpu.steal_pct", "cpu.cgroup_throttled_frac")
 STAGE_SHIFT = 1.15
 LOAD_RATE_UP = 1.05
 LOAD_Z = 3.0
@@ -291,14 +297,17 @@ def analyze(series: Series, baseline: Window, window: Window) -> Analysis:
 
     common_share = part(SERVICE_STAGES, lambda s: common[s])
 
-    causes = [
-        _load(series, base, win, rate_ratio, s_ratio, f_load * wait_share, checked, work_note),
-        _regression(series, base, win, rate_ratio, specific_share, checked),
-        _cpu(series, base, win, common_share, checked),
-        *_hardware(series, base, win, slowdown_share(GPU_STAGES), checked),
-        _memory(series, base, win, slowdown_share(SERVICE_STAGES), checked),
-        _dependency(series, base, win, shares, checked),
-    ]
+    load = _load(series, base, win, rate_ratio, s_ratio, f_load * wait_share, checked, work_note)
+    cpu = _cpu(series, base, win, common_share, slowdown_share(SERVICE_STAGES), checked)
+    hw = _hardware(series, base, win, slowdown_share(GPU_STAGES), checked)
+    mem = _memory(series, base, win, slowdown_share(SERVICE_STAGES), checked)
+    # With no outside cause in evidence (neighbours' CPU, steal, cgroup quota, GPU, memory), a slowdown
+    # common to every stage after a deployment is the new code saturating the process: the regression
+    # then takes it too, not only its stage-specific part.
+    external = (cpu is not None and any(e.passed and e.name in _EXTERNAL_CPU for e in cpu.evidence)) or any(
+        c is not None and c.strength >= 1 for c in (*hw, mem))
+    reg = _regression(series, base, win, rate_ratio, specific_share if external else slowdown_share, checked)
+    causes = [load, reg, cpu, *hw, mem, _dependency(series, base, win, shares, checked)]
     causes = sorted([c for c in causes if c is not None and c.strength > 0], key=lambda c: -c.score)
     verdict = causes[0].cause if causes and causes[0].score >= CLAIM else "inconclusive"
     if verdict == "inconclusive":
@@ -326,6 +335,14 @@ def _common_fraction(base: Range, win: Range) -> dict[str, float]:
             for s in SERVICE_STAGES}
 
 
+def load_rose(series: Series, base: Range, win: Range) -> tuple[bool, float]:
+    """Arrival rate up by >= 5% and beyond Poisson noise (z >= 3). Returns (rose, z)."""
+    expected = base.rate * active_s(series, win.a, win.b)
+    z = (win.n_arrivals - expected) / math.sqrt(expected) if expected > 0 else 0.0
+    ratio = win.rate / base.rate if base.rate > 0 else math.inf
+    return bool(ratio >= LOAD_RATE_UP and z >= LOAD_Z), z
+
+
 def _cpu_per_request(series: Series, r: Range) -> float | None:
     own = _mean_in(series, ("cpu", "proc_cpu_pct"), r.a, r.b)
     n = _n_ok(series, r)
@@ -345,17 +362,15 @@ def _work_ratio(series, base: Range, win: Range, rate_ratio, s_ratio) -> tuple[f
     Then the work per request is measured by CPU time per request instead of wall-clock service."""
     cb, cw = _cpu_per_request(series, base), _cpu_per_request(series, win)
     ob, ow = _other_cores(series, base), _other_cores(series, win)
-    if rate_ratio < LOAD_RATE_UP or None in (cb, cw, ob, ow) or not cb or ow - ob >= 0.5:
+    if not load_rose(series, base, win)[0] or None in (cb, cw, ob, ow) or not cb or ow - ob >= 0.5:
         return s_ratio, ""
     return cw / cb, f"; CPU time per request {cb * 1e3:.2f} -> {cw * 1e3:.2f} ms (work per request x{cw / cb:.2f})"
 
 
 def _load(series, base: Range, win: Range, rate_ratio, s_ratio, share, checked, work_note="") -> Cause | None:
-    expected = base.rate * active_s(series, win.a, win.b)
-    z = (win.n_arrivals - expected) / math.sqrt(expected) if expected > 0 else 0.0
+    rose, z = load_rose(series, base, win)
     ev = [Evidence("arrival rate", base.rate, win.rate, "req/s",
-                   f"x{LOAD_RATE_UP} and Poisson z >= {LOAD_Z} (z={z:.1f})",
-                   rate_ratio >= LOAD_RATE_UP and z >= LOAD_Z)]
+                   f"x{LOAD_RATE_UP} and Poisson z >= {LOAD_Z} (z={z:.1f})", rose)]
     ev.append(Evidence("per-item service time", base.item_service_ns / 1e6, win.item_service_ns / 1e6,
                        "ms", "flat: within +15%", s_ratio < STAGE_SHIFT, primary=False))
     ev.append(Evidence("mean wait", base.wait_ns / 1e6, win.wait_ns / 1e6, "ms", "rises", win.wait_ns > base.wait_ns,
@@ -391,6 +406,12 @@ def _dominant_run(series: Series, r: Range) -> int:
     return int(np.bincount(series.run_idx[m]).argmax())
 
 
+def deployment_change(series: Series, base: Range, win: Range) -> dict:
+    """label/config/model/versions that differ between the runs covering the baseline and the window."""
+    fb, fw = series.fingerprint(_dominant_run(series, base)), series.fingerprint(_dominant_run(series, win))
+    return {k: (fb[k], fw[k]) for k in fb if fb[k] != fw[k]}
+
+
 def _regression(series, base: Range, win: Range, rate_ratio, slowdown_share, checked) -> Cause | None:
     shifted, ev = [], []
     for s in SERVICE_STAGES:
@@ -405,9 +426,7 @@ def _regression(series, base: Range, win: Range, rate_ratio, slowdown_share, che
                            f"x{STAGE_SHIFT} and Mann-Whitney p < {ALPHA} (p={p:.1e})", hit, primary=False))
         if hit:
             shifted.append((s, ratio))
-    ib, iw = _dominant_run(series, base), _dominant_run(series, win)
-    fb, fw = series.fingerprint(ib), series.fingerprint(iw)
-    changed = {k: (fb[k], fw[k]) for k in fb if fb[k] != fw[k]}
+    changed = deployment_change(series, base, win)
     what = "; ".join(f"{k}: {_short(a)} -> {_short(b)}" for k, (a, b) in changed.items())
     ev.append(Evidence(f"deployment change ({what or 'none'})", None, None, "",
                        "label/config/model/versions differ between baseline and window runs", bool(changed)))
@@ -437,7 +456,10 @@ def _short(v) -> str:
     return s if len(s) <= 60 else s[:57] + "..."
 
 
-def _cpu(series, base: Range, win: Range, share, checked) -> Cause | None:
+def _cpu(series, base: Range, win: Range, share, full_share, checked) -> Cause | None:
+    """share: the part of the slowdown common to all stages. When service stretched while the CPU time
+    per request stayed flat (< x1.15), no stage did more work, so every stage's slowdown is waiting to
+    run: ``full_share``. (A regression adds work: CPU per request rises with it.)"""
     ev: list[Evidence] = []
     cores = series.cores
     util = ("cpu", "cpu_util_pct")
@@ -454,15 +476,22 @@ def _cpu(series, base: Range, win: Range, share, checked) -> Cause | None:
         # CPU it burns does not, the threads were runnable and waiting (or the CPU was taken from them).
         nb, nw = _n_ok(series, base), _n_ok(series, win)
         # With more load our own threads contend among themselves, so stretch only counts at flat load.
-        flat_load = base.rate <= 0 or win.rate / base.rate < LOAD_RATE_UP
+        flat_load = not load_rose(series, base, win)[0]
         if nb and nw and base.item_service_ns > 0 and flat_load:
             cpu_b = ob / 100 * active_s(series, base.a, base.b) / nb
             cpu_w = ow / 100 * active_s(series, win.a, win.b) / nw
             svc = win.item_service_ns / base.item_service_ns
             stretch = svc / (cpu_w / cpu_b) if cpu_b > 0 and cpu_w > 0 else 1.0
+            hit = svc >= STAGE_SHIFT and stretch >= 1.3
+            # New code can itself make the process wait (locks, thread pools, saturating its CPU share),
+            # so with a deployment in the window the stretch does not single out neighbours: it is then
+            # supporting evidence only, and claims the common part of the slowdown only.
+            deployed = bool(deployment_change(series, base, win))
             ev.append(Evidence("service time / own CPU time per request", 1.0, stretch, "x",
                                f">= 1.3 with service >= x{STAGE_SHIFT} (service x{svc:.2f}, CPU/request "
-                               f"{cpu_b * 1e3:.2f} -> {cpu_w * 1e3:.2f} ms)", svc >= STAGE_SHIFT and stretch >= 1.3))
+                               f"{cpu_b * 1e3:.2f} -> {cpu_w * 1e3:.2f} ms)", hit, primary=not deployed))
+            if hit and cpu_b > 0 and cpu_w / cpu_b < STAGE_SHIFT and not deployed:
+                share = max(share, full_share)
     for metric, thr, unit, primary in (("steal_pct", 5.0, "%", True), ("cgroup_throttled_frac", 0.05, "", True),
                                        ("psi_cpu_some_avg10", 10.0, "%", False)):
         e = _delta_ev(series, base, win, "cpu", metric, thr, unit, primary)
