@@ -146,11 +146,12 @@ def main(argv=None) -> dict:
     max_batch = a.max_batch or (32 if cuda else 16)
     delay_us = a.delay_us if a.delay_us is not None else (2000 if cuda else 10_000)
     if not cuda:
-        # Two pipelined stages share the cores: compute (torch threads) and decode/preprocess (workers).
-        # Oversubscribing them made OpenMP spin: 14.7 vs 10.8 ms CPU per image on the 2-core dev box.
+        # Compute gets half the cores: with torch's default (all cores) OpenMP spun against the decoders,
+        # 14.7 vs 10.8 ms CPU per image on the 2-core dev box. Decoding keeps a pool of one thread per core
+        # so that it starts at admission (on that box, one run: 2.87x with 2 workers vs 1.47x with 1).
         cores = os.cpu_count() or 1
         a.torch_threads = a.torch_threads or max(1, cores // 2)
-        a.workers = a.workers or max(1, cores - a.torch_threads)
+        a.workers = a.workers or cores
     mix = samples.default_mix()
     card = torch.cuda.get_device_name(device) if cuda else f"{platform.machine()} CPU x{torch.get_num_threads()}"
     print(f"bench_e2e: {model} {a.dtype or 'fp32'} on {device} ({card}); p99 SLO {slo} ms; "
