@@ -191,7 +191,7 @@ def test_set_meta_rejects_non_json():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("AURORA_SLOW"), reason="~70 s on 2 cores; set AURORA_SLOW=1 (or use -m slow)")
+@pytest.mark.skipif(not os.environ.get("AURORA_SLOW"), reason="~70 s on 2 cores; set AURORA_SLOW=1 to run it")
 def test_one_million_requests(tmp_path):
     rec = Recorder(tmp_path / "big", ring_size=10_000)
     base = make_record(0)

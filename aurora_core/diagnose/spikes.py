@@ -47,7 +47,13 @@ ALPHA = 1e-3
 #: "more than 1%" fires on ordinary Poisson bursts; 5x (5% above it) does not, and a real tail spike
 #: (p99 x1.3 or more) puts far more than 5% there.
 TAIL_FACTOR = 5
-_MW_MAX = 4000  # Mann-Whitney on at most this many points a side (subsampled, seeded): O(n log n) anyway
+_MW_MAX = 4000
+#: ``meta.config`` keys (as ``aurora bench`` writes them) that describe the load or the run, not the
+#: deployment.
+RUN_KEYS = frozenset({"scenario", "rate", "load_factor", "calibrate_s", "duration", "concurrency", "count", "steps",
+                      "replay", "replay_speed", "seed", "find_peak", "peak_trial_s", "slo_ms", "min_duration",
+                      "min_queries", "stability_tol", "min_window_queries", "out", "label", "region",
+                      "no_report", "quiet", "connections"})  # Mann-Whitney on at most this many points a side (subsampled, seeded): O(n log n) anyway
 
 
 @dataclass
@@ -80,9 +86,14 @@ class Series:
         return int(cpu.get("logical_cores") or 1)
 
     def fingerprint(self, i: int) -> dict:
-        """What a deployment changes: label, config, model, versions of run i."""
+        """What a deployment changes: label, config, model, versions of run i. Config keys that
+        describe the load or the run (``RUN_KEYS``: rate, duration, output path, ...) are left out, so
+        two benchmark runs at different rates are not taken for a deployment."""
         m = self.runs[i].meta
-        return {k: m.get(k) for k in ("label", "config", "model", "versions")}
+        fp = {k: m.get(k) for k in ("label", "config", "model", "versions")}
+        if isinstance(fp["config"], dict):
+            fp["config"] = {k: v for k, v in fp["config"].items() if k not in RUN_KEYS}
+        return fp
 
 
 def _key(run: RunData) -> tuple[str, str]:
