@@ -43,6 +43,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from aurora_core import errors
+from aurora_core.records import STAGES
 
 log = logging.getLogger("aurora_core.server")
 
@@ -371,8 +372,6 @@ def extract_multipart_image(content_type: str, body: bytes) -> bytes:
 
 
 def _timings(record, server_ns: int) -> dict:
-    from aurora_core.records import STAGES
-
     out: dict[str, float | int | str] = {}
     if record is not None:
         for stage in STAGES:
@@ -393,7 +392,7 @@ async def _until_disconnect(request: Request) -> None:
             return
 
 
-def _as_float_list(top_k):
+def _top_k_json(top_k):
     return [{"class_index": int(c), "probability": float(p)} for c, p in top_k]
 
 
@@ -478,7 +477,7 @@ def create_app(pipeline, config: ServerConfig | None = None, *, registry: Collec
             return error_response(e.http_status, type(e).reason, str(e), rid, config.retry_after_s, reason=e.reason)
         except ClientDisconnect:
             return Response(status_code=499)
-        top = _as_float_list(pred.top_k[: (k or config.top_k)])
+        top = _top_k_json(pred.top_k[: (k or config.top_k)])
         return JSONResponse(
             {"request_id": rid, "top_k": top, "timings": _timings(pred.timings, time.monotonic_ns() - t0)},
             headers={"X-Request-Id": rid},
