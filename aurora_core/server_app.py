@@ -6,10 +6,15 @@ any ASGI server.
 
 Every response to ``/v1/classify`` is either a prediction or one JSON error body::
 
-    {"request_id": "...", "error": {"code": "corrupt_image", "status": 422, "message": "..."}}
+    {"request_id": "...", "error": {"code": "corrupt_image", "reason": "truncated", "status": 422,
+                                    "message": "..."}}
 
-``code`` is stable: the ``reason`` of an ``aurora_core.errors`` error, or one of ``SERVER_CODES``.
-A stack trace is logged on the server, never sent.
+``code`` is stable and coarse: the class-level ``reason`` of an ``aurora_core.errors`` error, or one
+of ``SERVER_CODES``. ``reason`` is the finer stable cause the error carries (equal to ``code`` when
+there is none). A stack trace is logged on the server, never sent.
+
+Outside this app's reach: a request that is not HTTP gets uvicorn's plain-text 400, and a
+connection past uvicorn's ``limit_concurrency`` its plain-text 503.
 
 Admission is the pipeline's queue. The body is read asynchronously on the event loop before the
 request is submitted, so a slow client holds one coroutine and one connection slot, never a
