@@ -163,3 +163,17 @@ def test_span_helper_links(tmp_path):
     run = load_run(tmp_path / "r")
     assert run.spans["request_id"].tolist() == [3] and isinstance(run.spans["name"][0], str)
     assert Span  # the public record type diagnose reads
+
+
+def test_run_parameters_are_not_a_deployment(tmp_path):
+    from aurora_core.diagnose.spikes import build_series
+
+    a = simulate_run(tmp_path / "a", _arrivals()[:50], meta={"label": "v1", "host": "h",
+                     "config": {"max_batch_size": 8, "rate": 40, "out": "x"}}, item_ms=lambda t: 6.0)
+    b = simulate_run(tmp_path / "b", _arrivals()[:50], meta={"label": "v1", "host": "h",
+                     "config": {"max_batch_size": 8, "rate": 60, "out": "y"}}, item_ms=lambda t: 6.0)
+    c = simulate_run(tmp_path / "c", _arrivals()[:50], meta={"label": "v1", "host": "h",
+                     "config": {"max_batch_size": 16, "rate": 40, "out": "x"}}, item_ms=lambda t: 6.0)
+    s = build_series([load_run(a), load_run(b), load_run(c)])[0]
+    fps = [s.fingerprint(i) for i in range(3)]
+    assert sum(fp == fps[0] for fp in fps) == 2 and any(fp["config"]["max_batch_size"] == 16 for fp in fps)
