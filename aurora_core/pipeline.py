@@ -129,6 +129,7 @@ class Pipeline:
         # With more than one worker, encoded requests are decoded by the pool as they arrive.
         self._pool = ThreadPoolExecutor(nw, thread_name_prefix="aurora-decode") if nw > 1 else None
         self._nw = nw
+        self._eager_depth = 4 * self.config.max_batch_size
         self._free: queue.Queue = queue.Queue()
         for i in range(2):
             self._free.put(self._runner.new_slab(i))
@@ -206,9 +207,11 @@ class Pipeline:
         try:
             if self._failure is not None:
                 raise DeviceLost(f"Pipeline: down after a sticky device error ({self._failure}); create a new Pipeline")
-            if self._pool is not None and not isinstance(data, np.ndarray) and not self.batcher.closed:
+            if (self._pool is not None and not isinstance(data, np.ndarray) and not self.batcher.closed
+                    and len(self.batcher) < self._eager_depth):
                 # Decode while the request waits for its batch: the decode leaves the batch's critical path.
-                # Started before admission so that the former thread always finds it.
+                # Started before admission so that the former thread always finds it. Only the first few
+                # batches' worth are decoded ahead, so a deep queue does not hold decoded pixels.
                 req.decoding = self._pool.submit(self._decode_safe, req)
             self.batcher.put(req)
         except AuroraError as e:
@@ -330,13 +333,16 @@ class Pipeline:
         return live
 
     def _decode_all(self, batch: list[Request], failures: list) -> None:
-        """Wait for the decodes started at admission (or decode here when there is no worker pool)."""
+        """Wait for the decodes started at admission; start the others now, on the pool when there is one."""
         for r in batch:
             if isinstance(r.data, np.ndarray):
                 r.image, r.orig_size, r.scale = r.data, tuple(r.data.shape[:2]), 1
-            elif r.decoding is not None:
+            elif r.decoding is None and self._pool is not None:
+                r.decoding = self._pool.submit(self._decode_safe, r)
+        for r in batch:
+            if r.decoding is not None:
                 r.decoding.result()
-            else:
+            elif not isinstance(r.data, np.ndarray):
                 self._decode_safe(r)
             if r.error is not None:
                 failures.append((r, r.error))

@@ -318,6 +318,16 @@ def test_decode_starts_at_admission_while_the_request_waits(harness):
         assert r.arrival_ns <= r.decode_start_ns < r.decode_end_ns < r.batch_closed_ns < r.preprocess_start_ns
 
 
+def test_only_the_first_batches_are_decoded_ahead(harness):
+    h = harness(BatchingConfig(max_batch_size=2, max_queue_delay_us=1000))  # decodes ahead: 4 x 2
+    a, b = h.block()
+    futs = [h.pipe.submit(samples.sample_bytes("coffee_png")) for _ in range(12)]
+    wait_until(lambda: h.pipe.stats()["decoded"] == 8, "the eager decodes")
+    assert h.pipe.stats()["decoded"] == 8  # the other 4 wait for their batch: the former is blocked
+    assert h.release([a, b, *futs]) == ["ok"] * 14
+    assert h.pipe.stats()["decoded"] == 12
+
+
 def test_preprocess_of_next_batch_overlaps_compute(harness):
     h = harness()
     a, b = h.block()
