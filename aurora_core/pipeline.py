@@ -1,13 +1,16 @@
 """``Pipeline``: the serving object. Wires decode, preprocess, the batcher and the runner.
 
 Threads (all daemon, all joined by ``close``):
-  callers        submit(): stamp arrival, admit to the Batcher (or fail at once: Overloaded, closed).
-  aurora-former  takes a free batch slab, waits for the batcher to close a batch, then decodes and
-                 preprocesses every request straight into its row of the slab (itself plus a worker
-                 pool), starts the H2D copy, and hands the slab to the compute thread.
+  callers        submit(): stamp arrival, start decoding encoded bytes on the worker pool (for the
+                 first few batches' worth of queue), admit to the Batcher or fail at once (Overloaded,
+                 PipelineClosed, DeviceLost).
+  aurora-decode  the worker pool: decodes, so a decode overlaps the request's wait in the queue.
+  aurora-former  takes a free batch slab, waits for the batcher to close a batch, waits for its decodes,
+                 preprocesses the batch straight into rows 0..n-1 of the slab (one C++ call, or the
+                 Triton kernel on the device), starts the H2D copy, and hands the slab to compute.
   aurora-compute runs the model on a slab, completes the futures, sends the records to the sinks.
-There are two slabs, so batch N+1 is decoded and preprocessed while batch N computes; the records'
-preprocess spans show it.
+There are two slabs, so batch N+1 is prepared while batch N computes; the records' preprocess spans
+show it. Deadlines apply while a request waits for its batch: once its batch has closed it is computed.
 
 Every admitted request ends in exactly one result or one typed error, and one RequestRecord reaches
 the sinks for every request, including rejected and failed ones.
