@@ -99,7 +99,9 @@ def diagnose(runs, interval_s: float | None = None, min_ratio: float = MIN_RATIO
                 entry["confinement"] = _confinement(i, w, an.verdict, series, dets, verdicts)
             windows.append(entry)
             summary.append(_line(s.name, w, det.baseline, entry))
-        if not det.windows:
+        if det.baseline is None:
+            summary.append(f"{s.name}: no successful requests with a latency: nothing to judge")
+        elif not det.windows:
             summary.append(f"{s.name}: no spike window (p50/p99 stayed within x{min_ratio} of the baseline "
                            "or the change was not significant)")
         out_series.append({
