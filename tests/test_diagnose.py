@@ -177,3 +177,31 @@ def test_run_parameters_are_not_a_deployment(tmp_path):
     s = build_series([load_run(a), load_run(b), load_run(c)])[0]
     fps = [s.fingerprint(i) for i in range(3)]
     assert sum(fp == fps[0] for fp in fps) == 2 and any(fp["config"]["max_batch_size"] == 16 for fp in fps)
+
+
+def test_idle_clocks_before_sparse_traffic(tmp_path):
+    """Busy traffic, then sparse requests (1/s) while the GPU sits at idle clocks: its own case."""
+    from test_incidents import _gpu_samples
+
+    busy = poisson_schedule(RATE, 10, seed=1) / 1e9
+    sparse = 10 + np.cumsum(np.random.default_rng(2).exponential(1.0, 40))
+    arrivals = np.concatenate([busy, sparse[sparse < 40]])
+    build = _gpu_samples([("idle", 10.0, 40.0)], 40.0)
+    clock = {}
+
+    def samples(t0):
+        s = build(t0)
+        clk = [x for x in s if "sm_clock_mhz" in x.values]
+        clock["t"] = np.array([(x.ts_ns - t0) / 1e9 for x in clk])
+        clock["mhz"] = np.array([x.values["sm_clock_mhz"] for x in clk])
+        return s
+
+    def item_ms(t):  # clock-bound: a request that finds the GPU idling runs at the idle clock
+        i = max(int(np.searchsorted(clock["t"], t)) - 1, 0)
+        return 6.0 * clock["mhz"].max() / clock["mhz"][i]
+
+    run = simulate_run(tmp_path / "idle", arrivals, meta={"label": "v1"}, item_ms=item_ms, samples=samples, seed=3)
+    res = diagnose([run])
+    w = _window_at(res, 25.0)
+    assert w["verdict"] == "hardware_idle_clocks", res.data["summary"]
+    assert all(c["cause"] != "hardware" for c in w["causes"])

@@ -46,7 +46,8 @@ hardware     per GPU: any throttle_frac_* (not low_util/sync_boost) >= +0.1, sm_
              baseline, PCIe gen/width below max only in the window, Xid events in the window (primary);
              temp_margin_c <= 5 C, power_w >= 0.97 x power_limit_w (supporting).
 idle clocks  sparse traffic (median inter-arrival >= 0.5 s) with the GPU at idle clocks (idle_clocks
-             >= 0.5 or sm clock <= 0.5 x max) in the window.
+             >= 0.5 or sm clock <= 0.5 x max) in the window. It replaces the generic hardware cause
+             when the clock drop is that cause's only primary finding.
 memory       GPU mem_used / mem_total >= 0.95, swap_used_bytes >= +64 MiB, psi_mem_some_avg10 >= +10,
              OOM / allocator-retry events (primary).
 dependency   a linked user span's mean time >= +15% with Mann-Whitney p < 1e-3 (strength 1; 0.7 when the
@@ -565,11 +566,15 @@ def _hardware(series, base: Range, win: Range, share, checked) -> list[Cause]:
         fired = [e for e in ev if e.passed]
         summary = ", ".join(f"{e.name} {_fmt(e.baseline)} -> {_fmt(e.window)} {e.unit}".strip() for e in fired)
         checked.append(f"hardware {g}: {summary or 'no indicator crossed its threshold'}")
-        if strength:
+        idle = _idle_clocks(series, g, win, share)
+        # Idling lowers the clock by design: when the idle case holds and the clock drop is the only
+        # primary finding, the generic "hardware-bound" reading would name the same thing less exactly.
+        clock_only = [e.name for e in ev if e.passed and e.primary] == [f"{g} SM clock"]
+        if strength and not (idle and clock_only):
             out.append(Cause("hardware", f"Hardware-bound ({g})", share * strength, share, strength,
                              f"{summary}; GPU-side stages explain {share:.0%} of the extra latency", ev))
-        idle = _idle_clocks(series, g, win, share)
         if idle:
+            checked.append(f"idle clocks {g}: {idle.summary}")
             out.append(idle)
     return out
 
