@@ -203,3 +203,16 @@ def test_one_million_requests(tmp_path):
     run = load_run(tmp_path / "big")
     assert run.n_requests == 1_000_000
     assert run.requests["request_id"][-1] == 999_999
+
+
+def test_write_failure_is_reported_at_close(tmp_path):
+    """A failing disk must not reach the request path, and close() must not hide an incomplete file."""
+    rec = Recorder(tmp_path / "w", flush_interval_s=0.01)
+    rec._db.execute("DROP TABLE requests")  # the next batch insert fails on the writer thread
+    for i in range(20):
+        rec(make_record(i))  # still cheap and silent on the calling thread
+    rec.flush()
+    assert rec.write_error is not None
+    assert rec.histograms()["total"].get_total_count() == 20  # in-memory view keeps working
+    with pytest.raises(RuntimeError, match="incomplete"):
+        rec.close()
