@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -98,6 +99,11 @@ class Server:
         on_main = threading.current_thread() is threading.main_thread()
         # uvicorn re-raises the captured signal after a graceful exit; with the default SIGTERM
         # handler that would kill the process (exit 143) after we finished cleanly.
+        # Everything alive now (torch, the model, the app) lives as long as the server: freezing it
+        # keeps the cyclic GC from walking it on every full collection. Measured here: a 233 ms gen-2
+        # pause in the middle of an overload test, which every request in flight paid.
+        gc.collect()
+        gc.freeze()
         saved = {}
         if on_main:
             for sig in (signal.SIGTERM, signal.SIGINT):
