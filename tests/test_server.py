@@ -520,6 +520,10 @@ def test_device_fault_without_fallback_fails_readiness_and_exits_nonzero():
         p.runner.inject_fault("sticky")
         r = c.post("/v1/classify", content=make_jpeg(1))
         assert r.status_code == 503 and error_of(r)["code"] == "device_lost"
+        # The pipeline marks itself down just after failing the batch, on its own thread.
+        deadline = time.monotonic() + 10
+        while srv.state.is_ready() and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert not srv.state.is_ready()
     assert srv.wait(timeout=15) == EXIT_DEVICE_FAULT
     with pytest.raises(httpx.ConnectError):
