@@ -63,8 +63,7 @@ class Server:
     def __init__(self, pipeline, config=None, *, host: str = "127.0.0.1", port: int = 0,
                  cpu_fallback: bool = False, registry=None, max_connections: int | None = None,
                  keepalive_s: int = 5, header_timeout_s: float = 10.0, shutdown_timeout_s: float = 30.0,
-                 log_level: str = "warning",
-                 access_log: bool = False, close_pipeline: bool = False):
+                 log_level: str = "warning", access_log: bool = False, close_pipeline: bool = False):
         import uvicorn
 
         from aurora_core.server_app import ServerConfig, create_app
@@ -96,16 +95,15 @@ class Server:
 
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT (when on the main thread), ``stop()`` or a fatal device fault."""
-        on_main = threading.current_thread() is threading.main_thread()
-        # uvicorn re-raises the captured signal after a graceful exit; with the default SIGTERM
-        # handler that would kill the process (exit 143) after we finished cleanly.
         # Everything alive now (torch, the model, the app) lives as long as the server: freezing it
         # keeps the cyclic GC from walking it on every full collection. Measured here: a 233 ms gen-2
         # pause in the middle of an overload test, which every request in flight paid.
         gc.collect()
         gc.freeze()
+        # uvicorn re-raises the captured signal after a graceful exit; with the default SIGTERM
+        # handler that would kill the process (exit 143) after we finished cleanly.
         saved = {}
-        if on_main:
+        if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 saved[sig] = signal.signal(sig, _ignore_signal)
         try:
