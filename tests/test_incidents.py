@@ -187,7 +187,7 @@ def _capacity(seconds: float = 2.0) -> float:
 
 def test_load_step_near_saturation(tmp_path):
     """Offered rate steps up 20% near saturation, same code: load/queueing, and compare sees no regression."""
-    cap = _capacity()
+    cap = _capacity(1.5)
     r = 0.75 * cap
     run = live_run(tmp_path / "step", step_schedule([(0, r), (5, 1.2 * r)], 10, seed=3), offered_rate=None,
                    meta={"label": "v1", "offered_schedule": [[0, r], [5, 1.2 * r]]})
