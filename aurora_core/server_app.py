@@ -462,7 +462,7 @@ def create_app(pipeline, config: ServerConfig | None = None, *, registry: Collec
               responses=_ERROR_RESPONSES, openapi_extra=_CLASSIFY_BODY)
     async def classify(
         request: Request,
-        k: int | None = Query(None, ge=1, le=1000, description="top-k to return (default: server's)"),
+        k: int | None = Query(None, ge=1, le=1000, description="classes to return (default and maximum: the server's top-k)"),
         timeout_ms: int | None = Query(None, ge=1, le=3_600_000, description="deadline; capped by the server"),
         priority: int = Query(0, ge=0, le=1, description="0 normal, 1 high"),
     ):

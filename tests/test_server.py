@@ -390,6 +390,25 @@ def test_408_slow_body_does_not_block_others(server, client):
     assert status == 408 and json.loads(body)["error"]["code"] == "body_timeout"
 
 
+def test_a_body_trickled_within_the_deadline_is_served(server):
+    data = make_jpeg(11)
+    with socket.create_connection((server.host, server.port), timeout=10) as s:
+        s.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: t\r\nContent-Type: image/jpeg\r\n"
+                  b"Content-Length: %d\r\n\r\n" % len(data))
+        step = len(data) // 8 + 1
+        for i in range(0, len(data), step):  # 8 pieces over ~0.16 s, within body_timeout_s = 0.5
+            s.sendall(data[i:i + step])
+            time.sleep(0.02)
+        buf = b""
+        while b"top_k" not in buf or not buf.rstrip().endswith(b"}"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+    status, _, body = parse_raw(buf)
+    assert status == 200 and json.loads(body)["top_k"]
+
+
 def test_slowloris_headers_are_cut_off_but_slow_answers_are_not():
     gate = threading.Event()
     net = TinyNet(gate=gate)
