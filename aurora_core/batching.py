@@ -118,6 +118,7 @@ class Batcher:
         self._on_drop = on_drop or (lambda r, why: None)
         self._queues = [deque() for _ in range(config.priority_levels)]
         self._size = 0
+        self.admitted = 0  # requests ever admitted; counted here, under the lock put() holds anyway
         self._closed = False
         self._cond = threading.Condition(threading.Lock())
         self._delay_ns = config.max_queue_delay_us * 1000
@@ -141,6 +142,7 @@ class Batcher:
             req.record.enqueue_ns = self._clock()
             self._queues[req.priority].append(req)
             self._size = depth + 1
+            self.admitted += 1
             # Wake the former only when it has something new to do: start a timer, or close a full batch.
             if depth == 0 or depth + 1 >= self.config.max_batch_size:
                 self._cond.notify()

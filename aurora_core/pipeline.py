@@ -171,8 +171,8 @@ class Pipeline:
         errors = {k[4:]: v for k, v in c.items() if k.startswith("err:")}
         rc = self._runner.counters
         return {
-            "submitted": c.get("admitted", 0) + c.get("rejected", 0),
-            "admitted": c.get("admitted", 0),
+            "submitted": self.batcher.admitted + c.get("rejected", 0),
+            "admitted": self.batcher.admitted,
             "completed": c.get("ok", 0),
             "rejected": c.get("rejected", 0),
             "cancelled": c.get("cancelled", 0),
@@ -204,7 +204,8 @@ class Pipeline:
             raise TypeError(f"Pipeline.submit: expected bytes or a uint8 [H, W, 3] array, got {type(data).__name__}")
         if timeout is not None and timeout < 0:
             raise ValueError(f"Pipeline.submit: timeout must be >= 0 seconds, got {timeout}")
-        rec = RequestRecord(request_id=next(self._ids), arrival_ns=arrival, priority=priority, device=self.device)
+        rec = RequestRecord(request_id=next(self._ids), arrival_ns=arrival, priority=priority,
+                            device=self._runner.device_str)
         fut: Future = Future()
         req = Request(data, priority, arrival + int(timeout * 1e9) if timeout is not None else 0, fut, rec)
         try:
@@ -223,7 +224,6 @@ class Pipeline:
             self._count("rejected")
             self._finish(req, exc=e)
             return fut
-        self._count("admitted")
         return fut
 
     def infer(self, data, timeout: float | None = None, priority: int = 0) -> Prediction:
