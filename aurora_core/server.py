@@ -55,9 +55,10 @@ class Server:
     config: ``server_app.ServerConfig``.
     cpu_fallback: whether the pipeline was built with ``cpu_fallback=True``; decides whether a device
         fault ends the process.
-    max_connections: uvicorn's socket-level cap (connections, keep-alive ones included). Past it
-        uvicorn answers a plain 503; the JSON 503 ``too_many_requests`` comes earlier, from
-        ``config.max_concurrent_requests``.
+    max_connections: open connections, idle keep-alive ones included (default: concurrent requests
+        + 64). A request on a connection past it gets the JSON 503 ``too_many_connections`` and the
+        connection is closed; probes are exempt. uvicorn's own cap, with its plain-text 503, sits at
+        twice this as a backstop.
     """
 
     def __init__(self, pipeline, config=None, *, host: str = "127.0.0.1", port: int = 0,
@@ -79,14 +80,16 @@ class Server:
         self.exit_code = EXIT_OK
         self._thread: threading.Thread | None = None
         self._started = threading.Event()
-        limit = max_connections or self.config.max_concurrent_requests + 64
+        self.max_connections = max_connections or self.config.max_concurrent_requests + 64
         uv_config = uvicorn.Config(
             self.app, http=_http_protocol(header_timeout_s), lifespan="off", log_level=log_level,
-            access_log=access_log, limit_concurrency=limit,
+            access_log=access_log, limit_concurrency=2 * self.max_connections,
             timeout_keep_alive=keepalive_s, timeout_graceful_shutdown=int(max(1, shutdown_timeout_s)),
             server_header=False,
         )
         self._uv = _Uvicorn(uv_config, self.state)
+        self.state.max_connections = self.max_connections
+        self.state.connections = lambda: len(self._uv.server_state.connections)
 
     @property
     def url(self) -> str:

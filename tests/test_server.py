@@ -528,6 +528,27 @@ def test_503_too_many_concurrent_requests_probes_exempt():
             srv.stop()
 
 
+def test_503_too_many_connections_is_json_and_frees_the_slot(pipe):
+    with Server(pipe, ServerConfig(), max_connections=4) as srv:
+        idle = [socket.create_connection((srv.host, srv.port)) for _ in range(4)]
+        try:
+            deadline = time.monotonic() + 10
+            while srv.state.connections() < 4 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            status, headers, body = parse_raw(raw_exchange(
+                srv.host, srv.port, b"POST /v1/classify HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n"))
+            assert status == 503 and headers["connection"] == "close" and "retry-after" in headers
+            assert json.loads(body)["error"]["code"] == "too_many_connections"
+            assert httpx.get(srv.url + "/healthz", timeout=10).status_code == 200  # probes still answer
+        finally:
+            for s_ in idle:
+                s_.close()
+        deadline = time.monotonic() + 10
+        while srv.state.connections() > 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert httpx.post(srv.url + "/v1/classify", content=make_jpeg(1), timeout=30).status_code == 200
+
+
 # ---------------------------------------------------------------------------------------------------
 # device faults
 # ---------------------------------------------------------------------------------------------------
