@@ -141,6 +141,25 @@ def _window_at(res, t_s: float, series: int = 0) -> dict:
     return hits[0]
 
 
+def _neighbours_moved(res) -> bool:
+    """Did other processes' CPU use change by >= 0.5 core in some window (diagnose's own indicator)?
+
+    This machine is shared. When a neighbour starts or stops a job during a live run, the run is not
+    the controlled experiment the test describes (diagnose then rightly names CPU contention), so the
+    live tests retry, and skip, saying why, when every attempt was disturbed."""
+    return any(e["name"] == "other processes' CPU" and e["passed"]
+               for w in _windows(res) for c in w["causes"] for e in c["evidence"])
+
+
+def _attempts(make, n: int = 3):
+    """Run ``make(k) -> (res, *rest)`` until a run is undisturbed by neighbours; skip after n tries."""
+    for k in range(n):
+        out = make(k)
+        if not _neighbours_moved(out[0]):
+            return out
+    pytest.skip(f"neighbour CPU load changed during all {n} live attempts")
+
+
 def _t_of(res, run: int, frac: float, series: int = 0) -> float:
     """Series time at ``frac`` of run ``run`` of a series."""
     a, b = res.series[series].run_bounds[run]
@@ -151,14 +170,18 @@ def _t_of(res, run: int, frac: float, series: int = 0) -> float:
 def test_regression_slower_preprocess(tmp_path):
     """AFTER uses the reference preprocessing backend at the same offered rate."""
     rate = 40.0
-    a = live_run(tmp_path / "before", poisson_schedule(rate, 6, seed=1), offered_rate=rate, backend="cpp",
-                 meta={"label": "v1", "config": {"preprocess_backend": "cpp"}})
-    b = live_run(tmp_path / "after", poisson_schedule(rate, 6, seed=2), offered_rate=rate, backend="reference",
-                 meta={"label": "v2", "config": {"preprocess_backend": "reference"}})
+
+    def make(k):
+        a = live_run(tmp_path / f"before{k}", poisson_schedule(rate, 6, seed=1), offered_rate=rate, backend="cpp",
+                     meta={"label": "v1", "config": {"preprocess_backend": "cpp"}})
+        b = live_run(tmp_path / f"after{k}", poisson_schedule(rate, 6, seed=2), offered_rate=rate,
+                     backend="reference", meta={"label": "v2", "config": {"preprocess_backend": "reference"}})
+        return diagnose([a, b]), a, b
+
+    res, a, b = _attempts(make)
     cmp = compare(a, b, n_boot=300)
     assert cmp["load"]["matched"]
     assert cmp["verdict"] == "regression" and "preprocess" in cmp["regressions"]
-    res = diagnose([a, b])
     w = _window_at(res, _t_of(res, 1, 0.5))
     assert w["verdict"] == "regression", res.data["summary"]
     top = w["causes"][0]
@@ -187,11 +210,13 @@ def _capacity(seconds: float = 2.0) -> float:
 
 def test_load_step_near_saturation(tmp_path):
     """Offered rate steps up 20% near saturation, same code: load/queueing, and compare sees no regression."""
-    cap = _capacity(1.5)
-    r = 0.75 * cap
-    run = live_run(tmp_path / "step", step_schedule([(0, r), (5, 1.2 * r)], 10, seed=3), offered_rate=None,
-                   meta={"label": "v1", "offered_schedule": [[0, r], [5, 1.2 * r]]})
-    res = diagnose([run])
+    def make(k):
+        r = 0.8 * _capacity(1.5)  # +20% takes it to 0.96 of the capacity measured just before
+        run = live_run(tmp_path / f"step{k}", step_schedule([(0, r), (5, 1.2 * r)], 10, seed=3), offered_rate=None,
+                       meta={"label": "v1", "offered_schedule": [[0, r], [5, 1.2 * r]]})
+        return diagnose([run]), r
+
+    res, r = _attempts(make)
     assert _window_at(res, _t_of(res, 0, 0.75))["verdict"] == "load", res.data["summary"]
     # The same code at two offered rates, as two runs: compare must not call it a regression.
     before = live_run(tmp_path / "lo", poisson_schedule(r, 3, seed=4), offered_rate=r, meta={"label": "v1"})
@@ -319,9 +344,12 @@ def test_cpu_contention_burner(tmp_path):
 
 def test_dependency_slowdown(tmp_path):
     """A simulated feature-store call (a user span linked to the request) goes from 5 ms to 60 ms at t=5 s."""
-    run = live_run(tmp_path / "dep", poisson_schedule(40, 10, seed=1), offered_rate=40, meta={"label": "v1"},
-                   span_delay=lambda t: 0.005 if t < 5 else 0.060)
-    res = diagnose([run])
+    def make(k):
+        run = live_run(tmp_path / f"dep{k}", poisson_schedule(40, 10, seed=1), offered_rate=40, meta={"label": "v1"},
+                       span_delay=lambda t: 0.005 if t < 5 else 0.060)
+        return (diagnose([run]),)
+
+    (res,) = _attempts(make)
     w = _window_at(res, _t_of(res, 0, 0.75))
     assert w["verdict"] == "dependency", res.data["summary"]
     assert "feature_store" in w["causes"][0]["title"]
