@@ -452,6 +452,9 @@ def _run(args: argparse.Namespace) -> int:
         else:
             scenario = lg.Scenario.replay(args.replay, args.replay_speed)
 
+        if scenario.kind == "server":
+            # aurora compare matches load on the offered rate when both runs carry it.
+            rec.set_meta("offered_rate_per_s", float(rate))
         gate.on = True
         result = _progress_run(gen, scenario, scenario.kind, args.quiet)
         gate.on = False
