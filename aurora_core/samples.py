@@ -22,7 +22,7 @@ SAMPLES = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def sample_bytes(name: str) -> bytes:
     """Encoded bytes of one sample, by its key in SAMPLES."""
     if name not in SAMPLES:
