@@ -12,6 +12,11 @@ Threads (all daemon, all joined by ``close``):
 There are two slabs, so batch N+1 is prepared while batch N computes; the records' preprocess spans
 show it. Deadlines apply while a request waits for its batch: once its batch has closed it is computed.
 
+After a sticky device error with cpu_fallback, a batch already preprocessed on the lost device (its rows
+live in that device's memory) is preprocessed again on the CPU from its decoded images, which are kept
+until such a batch completes; a batch whose device staging hits the error is served on the CPU the same
+way. Only the batch that was running on the device when the error struck gets DeviceLost.
+
 Every admitted request ends in exactly one result or one typed error, and one RequestRecord reaches
 the sinks for every request, including rejected and failed ones.
 """
@@ -68,7 +73,10 @@ class Pipeline:
         batched kernel call per batch) (default: CPU count, at most 8; 1 decodes on the batching thread).
     fast_decode: decode JPEGs at the smallest DCT scale that still covers the resize (fast_min_size).
     decode_limits: max_pixels / max_bytes passed to decode. cuda_graphs / channels_last: runner options.
-    device_preprocess: on CUDA, preprocess with the Triton kernel on the device (None: when available).
+    device_preprocess: "auto" (default): on CUDA, preprocess with the Triton kernel on the device when it
+        loads and warms up, else on the CPU; "on": the Triton kernel, raising when it cannot be used (and
+        on a CPU device); "off": on the CPU into pinned memory, then an async copy. True / False / None
+        mean "on" / "off" / "auto". The kernel is compiled and autotuned during start-up.
     jit_freeze: on the CPU, trace + freeze the model (None: only for torchvision architecture names, whose
         forward() traces faithfully; a user module may have Python control flow that tracing would drop).
     """
@@ -76,7 +84,7 @@ class Pipeline:
     def __init__(self, model=None, spec=None, batching: BatchingConfig | None = None, device="auto", dtype=None, *,
                  weights=None, top_k: int = 5, sink=None, cpu_fallback: bool = False, num_workers: int | None = None,
                  fast_decode: bool = True, decode_limits: dict | None = None, cuda_graphs: bool = True,
-                 channels_last: bool | None = None, device_preprocess: bool | None = None, seed: int = 0,
+                 channels_last: bool | None = None, device_preprocess: str | bool | None = "auto", seed: int = 0,
                  jit_freeze: bool | None = None):
         from aurora_core.ops.preprocess import PreprocessSpec
 
@@ -109,12 +117,27 @@ class Pipeline:
                                input_shape=(3, self.spec.crop, self.spec.crop), input_dtype=self.spec.dtype,
                                top_k=top_k, channels_last=channels_last, cuda_graphs=cuda_graphs,
                                jit_freeze=jit_freeze)
+        mode = _preprocess_mode(device_preprocess)
+        use_triton = False
+        if device.type == "cuda" and mode != "off":
+            use_triton = _triton_available()
+            if mode == "on" and not use_triton:
+                raise RuntimeError("Pipeline: device_preprocess='on' but the Triton preprocessing backend cannot be "
+                                   "used (triton missing or broken, or AURORA_BACKEND names another backend)")
+        elif mode == "on":
+            raise ValueError(f"Pipeline: device_preprocess='on' needs a CUDA device, got {device}")
         net = load_model(model, weights=weights, seed=seed)
         # The runner moves and casts the module in place; keep a CPU copy to rebuild from after a device loss.
         self._fallback_net = copy.deepcopy(net).cpu() if cpu_fallback else None
-        self._runner = Runner(net, device=device, **self._runner_kw)
-        self._device_preprocess = self._runner.is_cuda and (
-            device_preprocess if device_preprocess is not None else _triton_available())
+        self._runner = Runner(net, device=device, preprocess_spec=self.spec if use_triton else None,
+                              **self._runner_kw)
+        if use_triton and self._runner.preprocess_error is not None:
+            if mode == "on":
+                raise RuntimeError(f"Pipeline: device_preprocess='on' but the Triton preprocessing kernel failed "
+                                   f"to warm up: {self._runner.preprocess_error!r}") from self._runner.preprocess_error
+            log.warning("Pipeline: preprocessing on the CPU (the Triton kernel failed to warm up)")
+            use_triton = False
+        self._device_preprocess = use_triton
 
         self._ids = itertools.count()
         self._batch_ids = itertools.count()
@@ -152,6 +175,11 @@ class Pipeline:
     def runner(self) -> Runner:
         """The current runner (replaced by a CPU one after a device loss with cpu_fallback)."""
         return self._runner
+
+    @property
+    def device_preprocess(self) -> bool:
+        """True while batches are preprocessed on the device (Triton kernel)."""
+        return self._device_preprocess
 
     @property
     def ready(self) -> bool:
@@ -313,26 +341,66 @@ class Pipeline:
         failures: list = []
         self._decode_all(batch, failures)
         live = [r for r in batch if r.image is not None]
+        # The runner before the flag: _on_device_lost clears the flag before it swaps the runner, so a
+        # CPU runner is never handed a batch for device preprocessing.
         runner = self._runner
-        slab.on_device, slab.events = False, {}
+        on_device = self._device_preprocess
+        slab.on_device, slab.events, slab.prepared_for = False, {}, runner
         try:
-            if live and self._device_preprocess and runner.is_cuda:
+            if live and on_device:
                 live = self._stage_on_device(live, slab, runner, failures)
             elif live:
                 live = self._preprocess_rows(live, slab, failures)
                 runner.stage(slab)
-        except Exception as e:  # noqa: BLE001 - a sticky error while staging: the batch cannot run
-            self._fail_batch(live, e, runner)
-            live = []
+        except Exception as e:  # noqa: BLE001 - a sticky error while staging: the batch cannot run there
+            live = self._staging_failed(live, slab, e, runner, failures)
+        self._finish_failures(failures, len(batch))
+        self._assign_rows(live, slab)
+        return live
+
+    def _assign_rows(self, live: list[Request], slab) -> None:
+        for i, r in enumerate(live):
+            r.slot = i
+            r.record.batch_size = len(live)
+            if not slab.on_device:
+                # The rows are in host memory, which survives a device loss: the pixels are not needed
+                # again. Device rows do not survive it; their pixels stay until the batch completes.
+                r.image = None
+        slab.n = len(live)
+
+    def _finish_failures(self, failures: list, batch_size: int) -> None:
         for r, e in failures:
             if not isinstance(e, ImageError):
                 log.error("Pipeline: preparing request %d failed: %r", r.record.request_id, e)
-            r.record.batch_size = len(batch)
+            r.record.batch_size = batch_size
             self._finish(r, exc=e)
-        for i, r in enumerate(live):
-            r.slot, r.image = i, None  # the decoded pixels are no longer needed
-            r.record.batch_size = len(live)
-        slab.n = len(live)
+
+    def _staging_failed(self, live, slab, exc: BaseException, runner: Runner, failures: list) -> list[Request]:
+        """The batch never reached the model. After a sticky error, and once the pipeline has fallen
+        back to the CPU, preprocess it on the CPU and serve it there; otherwise fail it."""
+        from aurora_core.runner import is_sticky
+
+        if is_sticky(exc):
+            if not isinstance(exc, DeviceLost):
+                exc = DeviceLost(f"Pipeline: sticky device error: {exc}")
+            self._on_device_lost(exc, runner)
+            new = self._runner
+            if self._failure is None and new is not runner and not new.is_cuda:
+                slab.on_device, slab.events, slab.prepared_for = False, {}, new
+                return self._preprocess_rows(live, slab, failures)
+        self._fail_batch(live, exc, runner)
+        return []
+
+    def _reprepare(self, live: list[Request], slab, runner: Runner) -> list[Request]:
+        """The batch was preprocessed into the memory of a device that has since been lost: preprocess it
+        again, from the decoded images it kept, for ``runner`` (the CPU fallback)."""
+        failures: list = []
+        n = len(live)
+        slab.on_device, slab.events, slab.prepared_for = False, {}, runner
+        live = self._preprocess_rows(live, slab, failures)
+        runner.stage(slab)
+        self._finish_failures(failures, n)
+        self._assign_rows(live, slab)
         return live
 
     def _decode_all(self, batch: list[Request], failures: list) -> None:
@@ -429,14 +497,16 @@ class Pipeline:
             try:
                 if self._failure is not None:
                     raise DeviceLost(f"Pipeline: down after a sticky device error ({self._failure})")
-                if slab.on_device and not runner.is_cuda:
-                    raise DeviceLost("Pipeline: this batch was preprocessed on the lost device")
-                out = runner.run(slab)
+                if slab.on_device and slab.prepared_for is not runner:
+                    live = self._reprepare(live, slab, runner)
+                out = runner.run(slab) if live else None
             except Exception as e:  # noqa: BLE001
-                self._fail_batch(live, e, runner)
+                self._fail_batch([r for r in live if not r.future.done()], e, runner)
                 self._free.put(slab)
                 continue
             self._free.put(slab)
+            if out is None:
+                continue
             try:
                 self._complete(live, out, runner)
             except Exception as e:  # noqa: BLE001 - a bug here must not strand the batch
@@ -463,12 +533,14 @@ class Pipeline:
         sticky = is_sticky(exc)
         if sticky and not isinstance(exc, DeviceLost):
             exc = DeviceLost(f"Pipeline: sticky device error: {exc}")
-        if not sticky:
+        if sticky:
+            # Fall back (or shut down) before these requests end, so that a client retrying on their
+            # DeviceLost already finds the CPU runner rather than the lost device.
+            self._on_device_lost(exc, runner)
+        else:
             log.error("Pipeline: batch failed: %r", exc)
         for r in live:
             self._finish(r, exc=exc)
-        if sticky:
-            self._on_device_lost(exc, runner)
 
     def _on_device_lost(self, exc: BaseException, old: Runner) -> None:
         """Fall back to the CPU when allowed; otherwise shut down so that health checks see it."""
@@ -483,8 +555,9 @@ class Pipeline:
                     kw["dtype"] = None  # fp16 on the CPU is slower than fp32, when it runs at all
                 net, self._fallback_net = self._fallback_net, None
                 self._retired.update(old.counters)
-                self._runner = Runner(net, device="cpu", **kw)
+                # Cleared before the swap: the former thread reads the runner, then this flag (_prepare).
                 self._device_preprocess = False
+                self._runner = Runner(net, device="cpu", **kw)
                 self._ready = True
                 return
             log.error("Pipeline: device %s lost (%s); shutting down", old.device, exc)
@@ -495,6 +568,16 @@ class Pipeline:
                 self._finish(r, exc=DeviceLost(f"Pipeline: device lost before this request ran: {exc}"))
             else:
                 self._finish(r, status="cancelled")
+
+
+def _preprocess_mode(value) -> str:
+    if value is None:
+        return "auto"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, str) and value.lower() in ("auto", "on", "off"):
+        return value.lower()
+    raise ValueError(f"Pipeline: device_preprocess must be 'auto', 'on' or 'off', got {value!r}")
 
 
 def _triton_available() -> bool:

@@ -10,6 +10,9 @@ out-of-memory error splits the rows in halves down to single rows; a row that st
 as failed, its batch-mates are served. A sticky device error (illegal address, device lost) raises
 ``DeviceLost``: the device is unusable and the pipeline decides what happens next.
 
+When the pipeline preprocesses on the device, ``preprocess_spec`` makes the warm-up also compile and
+autotune the Triton preprocessing kernel for that spec, so that the first batch does not pay for it.
+
 Fault injection (tests, drills): ``runner.inject_fault("oom" | "sticky", count=1, min_rows=1)`` makes
 the next ``count`` model executions with at least ``min_rows`` rows raise an injected
 ``torch.cuda.OutOfMemoryError`` or a sticky "illegal memory access" error, on any device.
@@ -130,6 +133,7 @@ class Slab:
     dev: torch.Tensor | None = None
     n: int = 0
     on_device: bool = False         # True when dev was written directly (Triton preprocess)
+    prepared_for: object = None     # the Runner whose device rows these are (the pipeline sets it)
     events: dict = field(default_factory=dict)
     h2d_start_ns: int = 0
     h2d_end_ns: int = 0
@@ -155,11 +159,14 @@ class Runner:
 
     model: nn.Module (moved to ``device``/``dtype``, set to eval). input_shape: (3, crop, crop).
     input_dtype: dtype of the slabs (the preprocess spec's). buckets: ascending batch shapes.
+    preprocess_spec: on CUDA, also warm up the Triton preprocessing kernel for this PreprocessSpec; a
+        failure there is kept in ``preprocess_error`` (the caller decides whether it may preprocess on the
+        CPU instead), ``preprocess_warm`` says whether it succeeded. Ignored on the CPU.
     """
 
     def __init__(self, model: nn.Module, *, device="cpu", dtype=None, buckets=(1,), input_shape=(3, 224, 224),
                  input_dtype=torch.float32, top_k=5, channels_last=None, cuda_graphs=True, warmup=True,
-                 jit_freeze=False):
+                 jit_freeze=False, preprocess_spec=None):
         self.device = torch.device(device)
         self.is_cuda = self.device.type == "cuda"
         if self.is_cuda and self.device.index is None:
@@ -186,6 +193,9 @@ class Runner:
         self.counters = {"graph_replays": 0, "eager_runs": 0, "oom_splits": 0, "batches": 0}
         self._graphs: dict[int, tuple] = {}
         self._static_in: torch.Tensor | None = None
+        self.preprocess_spec = preprocess_spec if self.is_cuda else None
+        self.preprocess_warm = False
+        self.preprocess_error: BaseException | None = None
         if self.is_cuda:
             self._side = torch.cuda.Stream(self.device)
             self._compute = torch.cuda.Stream(self.device)
@@ -245,7 +255,10 @@ class Runner:
         return Slab(index, host, dev)
 
     def warmup(self, cuda_graphs: bool = True) -> None:
-        """Run every bucket once (allocator, cuDNN/oneDNN plans); on CUDA capture one graph per bucket."""
+        """Run every bucket once (allocator, cuDNN/oneDNN plans); on CUDA capture one graph per bucket,
+        and compile + autotune the Triton preprocessing kernel when ``preprocess_spec`` was given."""
+        if self.preprocess_spec is not None and not self.preprocess_warm:
+            self._warmup_preprocess()
         with torch.inference_mode():
             if not self.is_cuda:
                 for b in self.buckets:
@@ -275,6 +288,23 @@ class Runner:
                     log.warning("Runner: CUDA graph capture failed for bucket %d, running eager: %s", b, e)
                     torch.cuda.synchronize(self.device)
             torch.cuda.synchronize(self.device)
+
+    def _warmup_preprocess(self) -> None:
+        """The kernel's first launch per spec compiles every autotune candidate and times them (~6 s on an
+        H200); done here, before the runner reports ready, no request waits for it."""
+        try:
+            from aurora_core.kernels.preprocess import warmup
+
+            with torch.cuda.device(self.device):
+                warmup(self.preprocess_spec, self.device)
+        except Exception as e:
+            if is_sticky(e):  # the device is broken, not the kernel: nothing else would run either
+                raise DeviceLost(f"Runner: sticky device error on {self.device} while warming up "
+                                 f"the preprocessing kernel: {e}") from e
+            log.warning("Runner: warming up the Triton preprocessing kernel on %s failed: %r", self.device, e)
+            self.preprocess_error = e
+            return
+        self.preprocess_warm = True
 
     @property
     def graph_buckets(self) -> tuple[int, ...]:

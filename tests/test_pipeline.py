@@ -26,6 +26,7 @@ from aurora_core.errors import (
 from aurora_core.ops.preprocess import PreprocessSpec
 from aurora_core.pipeline import Pipeline, Prediction
 from aurora_core.records import FIELD_NAMES
+from aurora_core.runner import InjectedStickyError
 from tests.conftest import devices, requires_cuda
 
 SPEC = PreprocessSpec(resize=24, crop=16)
@@ -453,6 +454,147 @@ def test_sticky_error_with_cpu_fallback_continues(harness, device):
     assert queued[0].result(0).timings.device == "cpu" and a.result(0).timings.device.startswith(device)
 
 
+def simulate_device_preprocess(pipe, on_stage=None):
+    """Make a CPU pipeline take its device-preprocessing path: the current runner's stage_images stands in
+    for the Triton kernel (it writes the rows and marks the slab on_device, as the real one does), so the
+    handling of batches staged for a device that is then lost runs without a GPU. on_stage(images) is
+    called first and may raise, like the kernel on a broken device."""
+    from aurora_core.ops.preprocess import preprocess_batch
+
+    def stage_images(slab, images, spec, orig_sizes, scales):
+        if on_stage is not None:
+            on_stage(images)
+        n = len(images)
+        preprocess_batch(images, spec, out=slab.host[:n], orig_sizes=orig_sizes, scales=scales)
+        slab.n, slab.on_device = n, True
+
+    pipe.runner.stage_images = stage_images
+    pipe._device_preprocess = True  # only ever set on CUDA by the constructor
+
+
+def host_preprocess_spy(pipe):
+    """Records the sizes of the batches preprocessed on the host from now on."""
+    sizes = []
+    real = pipe._preprocess_rows
+
+    def spy(live, slab, failures):
+        sizes.append(len(live))
+        return real(live, slab, failures)
+
+    pipe._preprocess_rows = spy
+    return sizes
+
+
+def reference_top_k(imgs, top_k=3):
+    with Pipeline(Tiny(), SPEC, BatchingConfig(max_batch_size=1), device="cpu", top_k=top_k) as p:
+        return [p.infer(x, timeout=WAIT).top_k for x in imgs]
+
+
+def test_batch_staged_on_the_lost_device_is_preprocessed_again_on_the_cpu(harness):
+    """Batch C was preprocessed for the device while batch B ran there; B then hits a sticky error. C's
+    rows are in the lost device's memory: it must be preprocessed again on the CPU and served, not failed
+    (on an H200 it was failed as a second device loss, which shut the CPU fallback down)."""
+    h = harness(cpu_fallback=True)
+    old = h.pipe.runner
+    c_staged = threading.Event()
+    simulate_device_preprocess(h.pipe, lambda imgs: len(imgs) == 3 and c_staged.set())
+    runs = []
+    real_run = old.run
+
+    def run(slab):
+        runs.append(slab.n)
+        if len(runs) == 2:  # batch B: hold it until batch C has been staged for this device
+            assert c_staged.wait(WAIT)
+        return real_run(slab)
+
+    old.run = run
+    a, b = h.block()
+    queued_imgs = [image(i) for i in range(3)]
+    queued = [h.pipe.submit(x) for x in queued_imgs]
+    old.inject_fault("sticky")
+    sizes = host_preprocess_spy(h.pipe)
+    kinds = h.release([a, b, *queued])
+    assert kinds == ["ok", "device_lost", "ok", "ok", "ok"]
+    assert runs == [1, 1] and c_staged.is_set()
+    assert sizes == [3]  # C, once, on the host
+    assert h.pipe.runner is not old and h.pipe.ready and not h.pipe.device_preprocess
+    recs = [f.result(0).timings for f in queued]
+    assert {r.device for r in recs} == {"cpu"} and sorted(r.request_id for r in recs) == sorted(
+        h.batches()[recs[0].batch_id])
+    for got, want in zip([f.result(0).top_k for f in queued], reference_top_k(queued_imgs), strict=True):
+        assert [k for k, _ in got] == [k for k, _ in want]
+        np.testing.assert_allclose([q for _, q in got], [q for _, q in want], rtol=1e-5)
+    check_accounting(h, [a, b, *queued])
+    assert h.pipe.infer(image(5), timeout=WAIT).timings.status == "ok"
+    assert h.pipe.stats()["errors"] == {"device_lost": 1}
+
+
+@pytest.mark.parametrize("fallback", [True, False])
+def test_sticky_error_while_staging_on_the_device(harness, fallback):
+    """The device breaks under the preprocessing kernel (as a poisoned CUDA context does on the next
+    launch): with cpu_fallback that batch never reached the model and is served on the CPU; without,
+    it fails with DeviceLost and the pipeline shuts down."""
+    h = harness(cpu_fallback=fallback)
+    old = h.pipe.runner
+
+    def broken(imgs):
+        raise InjectedStickyError("CUDA error: an illegal memory access was encountered (injected)")
+
+    simulate_device_preprocess(h.pipe, broken)
+    futs = [h.pipe.submit(image(i)) for i in range(3)]
+    for f in futs:
+        try:
+            f.result(WAIT)
+        except DeviceLost:
+            pass
+    if fallback:
+        assert [outcome(f) for f in futs] == ["ok"] * 3
+        assert h.pipe.runner is not old and h.pipe.device == "cpu" and h.pipe.ready
+        assert {f.result(0).timings.device for f in futs} == {"cpu"}
+        check_accounting(h, futs)
+    else:
+        assert [outcome(f) for f in futs] == ["device_lost"] * 3
+        assert not h.pipe.ready
+        late = h.pipe.submit(image(0))
+        assert isinstance(late.exception(0), DeviceLost)
+        check_accounting(h, [*futs, late], n_rejected=1)
+
+
+def test_device_preprocess_modes_on_the_cpu():
+    with Pipeline(Tiny(), SPEC, BatchingConfig(max_batch_size=2), device="cpu", device_preprocess="auto") as p:
+        assert not p.device_preprocess and p.infer(image(0), timeout=WAIT).timings.status == "ok"
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        Pipeline(Tiny(), SPEC, device="cpu", device_preprocess="on")
+    with pytest.raises(ValueError, match="'auto', 'on' or 'off'"):
+        Pipeline(Tiny(), SPEC, device="cpu", device_preprocess="gpu")
+
+
+@requires_cuda
+def test_device_preprocess_on_warms_the_kernel_and_off_stays_on_the_cpu():
+    with Pipeline(Tiny(), SPEC, BatchingConfig(max_batch_size=2), device="cuda", device_preprocess="on") as p:
+        assert p.device_preprocess and p.runner.preprocess_warm
+        assert p.infer(image(0), timeout=WAIT).timings.status == "ok"
+    with Pipeline(Tiny(), SPEC, BatchingConfig(max_batch_size=2), device="cuda", device_preprocess="off") as p:
+        assert not p.device_preprocess and not p.runner.preprocess_warm
+        assert p.infer(image(0), timeout=WAIT).timings.h2d_end_ns > 0
+
+
+@requires_cuda
+def test_device_preprocess_warmup_failure(monkeypatch):
+    """auto: a kernel that fails to warm up leaves preprocessing on the CPU; on: the constructor raises."""
+    import aurora_core.kernels.preprocess as kp
+
+    def boom(spec, device):
+        raise RuntimeError("injected compile failure")
+
+    monkeypatch.setattr(kp, "warmup", boom)
+    with Pipeline(Tiny(), SPEC, BatchingConfig(max_batch_size=2), device="cuda") as p:
+        assert not p.device_preprocess and isinstance(p.runner.preprocess_error, RuntimeError)
+        assert p.infer(image(0), timeout=WAIT).timings.status == "ok"
+    with pytest.raises(RuntimeError, match="failed to warm up"):
+        Pipeline(Tiny(), SPEC, device="cuda", device_preprocess="on")
+
+
 class HungryOnCuda(Tiny):
     """Once armed, asks for far more memory than any GPU has whenever it sees more than one row."""
 
@@ -499,7 +641,7 @@ def outcome_after(f):
 
 
 _STICKY_SCRIPT = """
-import json, numpy as np, torch
+import json, os, sys, numpy as np, torch
 from aurora_core.pipeline import Pipeline
 from aurora_core.batching import BatchingConfig
 from aurora_core.ops.preprocess import PreprocessSpec
@@ -520,8 +662,13 @@ with Pipeline(m, PreprocessSpec(resize=24, crop=16), BatchingConfig(max_batch_si
     m.armed = True
     first = p.submit(img).exception(60)
     later = p.infer(img, timeout=60)
-    print(json.dumps({"first": getattr(first, "reason", repr(first)), "later": later.timings.status,
-                      "device": later.timings.device, "ready": p.ready}))
+    res = {"first": getattr(first, "reason", repr(first)), "later": later.timings.status,
+           "device": later.timings.device, "ready": p.ready}
+print(json.dumps(res))
+sys.stdout.flush()
+# The device-side assert poisoned the CUDA context: torch's destructors abort (SIGABRT) on it at
+# interpreter exit, which would hide the result above behind a -6. Leave without running them.
+os._exit(0)
 """
 
 

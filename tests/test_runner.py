@@ -207,3 +207,53 @@ def test_jit_freeze_matches_eager_and_refuses_a_baked_branch():
     torch.testing.assert_close(torch.tensor(out.probs), p, rtol=1e-3, atol=1e-4)
     assert not Runner(SignBranch(), buckets=(1,), input_shape=SHAPE, jit_freeze=True).frozen
     assert not Runner(Tiny(), buckets=(1,), input_shape=SHAPE).frozen
+
+
+def _spy_kernel_warmup(monkeypatch, fail=None):
+    """Replaces the Triton kernel's warmup; records (spec, device) of each call, raises ``fail`` if given."""
+    import aurora_core.kernels.preprocess as kp
+
+    calls = []
+
+    def warmup(spec, device="cuda"):
+        calls.append((spec, torch.device(device)))
+        if fail is not None:
+            raise fail
+
+    monkeypatch.setattr(kp, "warmup", warmup)
+    return calls
+
+
+def test_preprocess_kernel_is_not_warmed_on_the_cpu(monkeypatch):
+    from aurora_core.ops.preprocess import PreprocessSpec
+
+    calls = _spy_kernel_warmup(monkeypatch)
+    r = Runner(Tiny(), buckets=(1,), input_shape=SHAPE, preprocess_spec=PreprocessSpec(resize=24, crop=16))
+    assert calls == [] and r.preprocess_spec is None and not r.preprocess_warm
+
+
+@requires_cuda
+def test_preprocess_kernel_warmed_once_at_start_up(monkeypatch):
+    from aurora_core.ops.preprocess import PreprocessSpec
+
+    spec = PreprocessSpec(resize=24, crop=16)
+    calls = _spy_kernel_warmup(monkeypatch)
+    r = Runner(Tiny(), device="cuda", buckets=(1, 2), input_shape=SHAPE, preprocess_spec=spec)
+    assert calls == [(spec, r.device)] and r.preprocess_warm and r.preprocess_error is None
+    r.warmup()
+    assert len(calls) == 1  # compiled and tuned already: a second warm-up does not redo it
+
+
+@requires_cuda
+def test_preprocess_kernel_warmup_failure_is_kept_and_the_runner_still_serves(monkeypatch):
+    from aurora_core.ops.preprocess import PreprocessSpec
+
+    _spy_kernel_warmup(monkeypatch, fail=RuntimeError("injected compile failure"))
+    r = Runner(Tiny(), device="cuda", buckets=(1, 2), input_shape=SHAPE,
+               preprocess_spec=PreprocessSpec(resize=24, crop=16))
+    assert not r.preprocess_warm and isinstance(r.preprocess_error, RuntimeError)
+    assert r.run(fill(r, 2)).failed == set()
+    _spy_kernel_warmup(monkeypatch, fail=RuntimeError("CUDA error: an illegal memory access was encountered"))
+    with pytest.raises(DeviceLost):
+        Runner(Tiny(), device="cuda", buckets=(1,), input_shape=SHAPE,
+               preprocess_spec=PreprocessSpec(resize=24, crop=16))
