@@ -2,6 +2,7 @@
 
     python benchmarks/bench_e2e.py                                   # CPU, default model, p99 <= 250 ms
     python benchmarks/bench_e2e.py --device cuda --model resnet50 --dtype fp16 --slo-ms 15 --out e2e.json
+    python benchmarks/bench_e2e.py --device cuda --model resnet50 --dtype fp16 --device-preprocess off
 
 The naive server is a pool of 2 threads, each doing PIL decode + torchvision's eval transform and a
 batch-1 forward of the same model (same architecture, seed and dtype). Both serve the mix
@@ -10,7 +11,10 @@ request queued at once) gives its saturated throughput; then bisection over shor
 finds the highest rate whose p99 latency, measured from each request's *scheduled* send time (so a
 sender that falls behind is charged for it), stays within the SLO and where every request succeeded.
 Prints both rates and their ratio (targets: >= 3x on the CPU; >= 5x and >= 80% of aurora's offline
-throughput on a GPU) and writes a JSON summary to --out.
+throughput on a GPU) and writes a JSON summary to --out. On CUDA, --device-preprocess picks where aurora
+preprocesses: on the GPU (Triton kernel, "on"), on the CPU into pinned memory then a copy ("off"), or the
+GPU when the kernel loads ("auto"). A time budget (--budget-s, 85 s on CUDA) caps the bisection so that
+a run fits a suite's time slot; probes it cut are reported.
 """
 
 from __future__ import annotations
@@ -72,7 +76,7 @@ def offline(submit, mix, n) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def poisson_run(submit, mix, rate, seconds, seed=0) -> dict:
+def poisson_run(submit, mix, rate, seconds, seed=0, grace_s=30.0) -> dict:
     """Open-loop Poisson arrivals at ``rate``/s for ``seconds``; latency from the scheduled send time."""
     rng = np.random.default_rng(seed)
     n = max(100, int(rate * seconds))  # fewer and "p99" is just the maximum
@@ -93,7 +97,7 @@ def poisson_run(submit, mix, rate, seconds, seed=0) -> dict:
         if wait > 0:
             time.sleep(wait / 1e9)
         submit(mix[i % len(mix)]).add_done_callback(lambda f, i=i: finish(f, i))
-    grace = time.monotonic() + max(30.0, seconds * 3)
+    grace = time.monotonic() + max(grace_s, seconds * 3)
     completed = 0
     while completed < n and done.acquire(timeout=max(0.0, grace - time.monotonic())):
         completed += 1
@@ -101,12 +105,18 @@ def poisson_run(submit, mix, rate, seconds, seed=0) -> dict:
             "errors": errors[0], "unfinished": n - completed}
 
 
-def max_rate(name, submit, mix, slo_ms, seconds, sat, steps) -> tuple[float, list]:
-    """Bisection for the highest rate with p99 <= slo_ms and no failures, between 0 and 1.1 x saturation."""
+def max_rate(name, submit, mix, slo_ms, seconds, sat, steps, deadline=None, grace_s=30.0) -> tuple[float, list]:
+    """Bisection for the highest rate with p99 <= slo_ms and no failures, between 0 and 1.1 x saturation.
+    deadline (time.monotonic()): no probe starts that would not end before it, except the first, so that
+    every server is measured at least once."""
     lo, hi, runs = 0.0, 1.1 * sat, []
     for step in range(steps):
         rate = (lo + hi) / 2 if step else 0.8 * sat
-        r = poisson_run(submit, mix, rate, seconds, seed=step)
+        probe_s = max(seconds, 100 / rate) + 1.0  # poisson_run sends at least 100 requests, then drains
+        if step and deadline is not None and time.monotonic() + probe_s > deadline:
+            print(f"  {name:6s} time budget spent: {steps - step} of {steps} probes not run", flush=True)
+            break
+        r = poisson_run(submit, mix, rate, seconds, seed=step, grace_s=grace_s)
         ok = r["p99_ms"] <= slo_ms and r["errors"] == 0 and r["unfinished"] == 0
         r["ok"] = ok
         runs.append(r)
@@ -127,23 +137,38 @@ def main(argv=None) -> dict:
     ap.add_argument("--model", default=None, help="torchvision name (default: the Pipeline's default model)")
     ap.add_argument("--dtype", default=None, help="fp32 (default), fp16 or bf16")
     ap.add_argument("--slo-ms", type=float, default=None, help="p99 bound (default 250 on CPU, 15 on CUDA)")
-    ap.add_argument("--duration", type=float, default=None, help="seconds per probe (default 6 CPU, 4 CUDA)")
+    ap.add_argument("--duration", type=float, default=None, help="seconds per probe (default 6 CPU, 3 CUDA)")
     ap.add_argument("--steps", type=int, default=5, help="bisection probes per server")
     ap.add_argument("--max-batch", type=int, default=None)
     ap.add_argument("--delay-us", type=int, default=None)
     ap.add_argument("--workers", type=int, default=None, help="Pipeline num_workers")
+    ap.add_argument("--device-preprocess", choices=("auto", "on", "off"), default="auto",
+                    help="CUDA: where aurora preprocesses: on = the GPU (Triton kernel; fails when it cannot load), "
+                         "off = the CPU into pinned memory, then a copy, auto = the GPU when the kernel loads")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="wall-clock budget for the whole run; bisection stops early to keep it "
+                         "(default: 85 on CUDA, none on the CPU)")
     ap.add_argument("--torch-threads", type=int, default=None,
                     help="torch intra-op threads while aurora runs (default on the CPU: half the cores, the other "
                          "half decoding and preprocessing; on CUDA: torch's). The naive server always runs with "
                          "torch's default")
     ap.add_argument("--out", default=None, help="write a JSON summary here")
     a = ap.parse_args(argv)
+    t_start = time.monotonic()
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
     cuda = device.startswith("cuda")
+    if a.device_preprocess == "on" and not cuda:
+        ap.error("--device-preprocess on needs a CUDA device")
     model = a.model or ("resnet50" if cuda else "mobilenet_v3_small")
     slo = a.slo_ms if a.slo_ms is not None else (15.0 if cuda else 250.0)
-    seconds = a.duration if a.duration is not None else (4.0 if cuda else 6.0)
+    # CUDA: 3 s probes at ~1000+ requests/s are thousands of requests each, plenty for a p99, and keep a run
+    # (start-up, two offline runs, 2 x 5 probes) inside the 85 s budget.
+    seconds = a.duration if a.duration is not None else (3.0 if cuda else 6.0)
+    # 85 s, not 90: the budget starts after torch has been imported (a few seconds).
+    budget = a.budget_s if a.budget_s is not None else (85.0 if cuda else None)
+    # A GPU probe that has not drained 10 s after its last send is far over a 15 ms SLO anyway.
+    grace_s = 10.0 if cuda else 30.0
     max_batch = a.max_batch or (32 if cuda else 16)
     delay_us = a.delay_us if a.delay_us is not None else (2000 if cuda else 10_000)
     if not cuda:
@@ -156,18 +181,27 @@ def main(argv=None) -> dict:
     mix = samples.default_mix()
     card = torch.cuda.get_device_name(device) if cuda else f"{platform.machine()} CPU x{torch.get_num_threads()}"
     print(f"bench_e2e: {model} {a.dtype or 'fp32'} on {device} ({card}); p99 SLO {slo} ms; "
-          f"{seconds}s probes; max_batch {max_batch}, delay {delay_us} us", flush=True)
+          f"{seconds}s probes; max_batch {max_batch}, delay {delay_us} us; device preprocess "
+          f"{a.device_preprocess if cuda else 'off (CPU)'}; budget {f'{budget:.0f} s' if budget else 'none'}",
+          flush=True)
 
     cfg = BatchingConfig(max_batch_size=max_batch, max_queue_delay_us=delay_us, max_queue_size=100_000)
     default_threads = torch.get_num_threads()
     if a.torch_threads:
         torch.set_num_threads(a.torch_threads)
-    with Pipeline(model, batching=cfg, device=device, dtype=a.dtype, num_workers=a.workers) as pipe:
+    with Pipeline(model, batching=cfg, device=device, dtype=a.dtype, num_workers=a.workers,
+                  device_preprocess=a.device_preprocess if cuda else "off") as pipe:
+        on_gpu = pipe.device_preprocess
+        print(f"aurora ready in {time.monotonic() - t_start:.1f} s; preprocessing on the "
+              f"{'GPU (Triton)' if on_gpu else 'CPU'}", flush=True)
         offline(pipe.submit, mix, 2 * max_batch)  # warm the decoders and allocator
         gc.freeze()  # what a server does after start-up: full collections skip torch's ~200k objects
-        sat_a = offline(pipe.submit, mix, max(200, 8 * max_batch) if not cuda else 4000)
+        sat_a = offline(pipe.submit, mix, max(200, 8 * max_batch) if not cuda else 3000)
         print(f"aurora offline throughput: {sat_a:.1f} images/s", flush=True)
-        rate_a, runs_a = max_rate("aurora", pipe.submit, mix, slo, seconds, sat_a, a.steps)
+        # Aurora's probes may use the budget up to the point that leaves the naive server ~40% of it
+        # (its start-up and offline run are shorter; its probes are as long).
+        deadline_a = t_start + 0.6 * budget if budget else None
+        rate_a, runs_a = max_rate("aurora", pipe.submit, mix, slo, seconds, sat_a, a.steps, deadline_a, grace_s)
         stats = pipe.stats()
     torch.set_num_threads(default_threads)
 
@@ -177,7 +211,8 @@ def main(argv=None) -> dict:
         gc.freeze()
         sat_n = offline(naive.submit, mix, 64 if not cuda else 400)
         print(f"naive offline throughput: {sat_n:.1f} images/s", flush=True)
-        rate_n, runs_n = max_rate("naive", naive.submit, mix, slo, seconds, sat_n, a.steps)
+        deadline_n = t_start + budget - 2 if budget else None
+        rate_n, runs_n = max_rate("naive", naive.submit, mix, slo, seconds, sat_n, a.steps, deadline_n, grace_s)
     finally:
         naive.close()
 
@@ -185,13 +220,18 @@ def main(argv=None) -> dict:
     summary = {
         "device": device, "card": card, "model": model, "dtype": a.dtype or "fp32", "slo_ms": slo,
         "probe_seconds": seconds, "max_batch": max_batch, "delay_us": delay_us,
+        "device_preprocess": a.device_preprocess if cuda else "off", "preprocess_on_gpu": on_gpu,
+        "budget_s": budget, "wall_s": time.monotonic() - t_start,
         "torch_threads_aurora": a.torch_threads or default_threads, "torch_threads_naive": default_threads,
         "aurora_rate": rate_a, "naive_rate": rate_n, "ratio": ratio,
         "aurora_offline": sat_a, "naive_offline": sat_n, "aurora_rate_vs_offline": rate_a / sat_a,
         "aurora_runs": runs_a, "naive_runs": runs_n, "aurora_stats": stats,
     }
-    print(f"max rate at p99 <= {slo} ms: aurora {rate_a:.1f}/s, naive {rate_n:.1f}/s, ratio {ratio:.2f}x "
-          f"(target >= {5 if cuda else 3}x); aurora at {100 * rate_a / sat_a:.0f}% of its offline throughput")
+    print(f"SUMMARY bench_e2e [{model} {a.dtype or 'fp32'} {device}, preprocess on "
+          f"{'GPU' if on_gpu else 'CPU'}]: peak rate at p99 <= {slo:g} ms: aurora {rate_a:.1f}/s, naive "
+          f"{rate_n:.1f}/s, ratio {ratio:.2f}x (target >= {5 if cuda else 3}x); aurora offline "
+          f"{sat_a:.1f} images/s (peak rate at {100 * rate_a / sat_a:.0f}% of it); "
+          f"{summary['wall_s']:.0f} s", flush=True)
     if a.out:
         with open(a.out, "w") as f:
             json.dump(summary, f, indent=2, default=str)
