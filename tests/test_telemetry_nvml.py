@@ -7,7 +7,9 @@ model does not implement raises NVMLError_FunctionNotFound, as a driver without 
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
+import sys
 import threading
 import time
 from unittest import mock
@@ -122,6 +124,78 @@ def test_old_driver_falls_back_to_throttle_reasons_call():
     assert int(v["clocks_event_reasons"]) & pynvml.nvmlClocksThrottleReasonHwSlowdown
     assert v["throttle_frac_hw_slowdown"] == 1.0
     assert be.capabilities()["gpu0"]["supported"]["clocks_event_reasons"] == "nvmlDeviceGetCurrentClocksThrottleReasons"
+
+
+# What an nvidia-ml-py older than the installed one lacks: the clocks-event renames (the H200 suite's
+# release had neither spelling of BoardLimit/Reliability), the clocks-event field ids, GPM, newer
+# event types, nvmlEventSetWait_v2 and the newer value types.
+OLD_PYNVML_LACKS = (
+    [n for n in dir(pynvml) if n.startswith(("nvmlClocksEventReason", "NVML_FI_DEV_CLOCKS_EVENT_REASON_",
+                                             "NVML_GPM_", "nvmlGpm", "c_nvmlGpm"))]
+    + ["nvmlClocksThrottleReasonBoardLimit", "nvmlClocksThrottleReasonReliability",
+       "NVML_FI_DEV_PERF_POLICY_BOARD_LIMIT", "NVML_FI_DEV_PERF_POLICY_RELIABILITY",
+       "nvmlDeviceGetCurrentClocksEventReasons", "nvmlEventTypeGpuUnavailableError",
+       "nvmlEventTypeGpuRecoveryAction", "nvmlEventTypePowerSourceChange", "nvmlEventSetWait_v2",
+       "NVML_VALUE_TYPE_SIGNED_INT", "NVML_VALUE_TYPE_UNSIGNED_SHORT"]
+)
+
+
+def _import_copy(mp, module):
+    """A fresh copy of ``module`` executed now, standing in for it in sys.modules until ``mp`` undoes.
+    A copy rather than importlib.reload: reloading would rebind the classes (ReplayExhausted, ...)
+    that other test modules imported, and their ``pytest.raises`` would stop matching."""
+    spec = importlib.util.spec_from_file_location(module.__name__, module.__file__)
+    copy = importlib.util.module_from_spec(spec)
+    mp.setitem(sys.modules, module.__name__, copy)
+    spec.loader.exec_module(copy)
+    return copy
+
+
+def test_older_nvidia_ml_py_imports_samples_what_exists_and_lists_the_rest_as_missing():
+    import aurora_core.telemetry.nvml as nvml_mod
+    import aurora_core.telemetry.replay as replay_mod
+
+    assert all(hasattr(pynvml, n) for n in OLD_PYNVML_LACKS)  # else this test simulates nothing
+    with pytest.MonkeyPatch.context() as mp:
+        for name in OLD_PYNVML_LACKS:
+            mp.delattr(pynvml, name)
+        # Module-level tables are built at import: import both afresh against the older pynvml.
+        old_nvml = _import_copy(mp, nvml_mod)
+        old_replay = _import_copy(mp, replay_mod)
+        sim, clock = old_replay.SimulatedNvml("thermal", 0.0, 10.0, xid_at=(0.25,)), FakeClock()
+        api = autospec_api(sim, fresh=True)  # an autospec of the reduced module: old functions only
+        assert not hasattr(api, "nvmlDeviceGetCurrentClocksEventReasons")
+        api.nvmlDeviceGetCurrentClocksThrottleReasons.side_effect = sim.nvmlDeviceGetCurrentClocksEventReasons
+        api.nvmlEventSetWait.side_effect = sim.nvmlEventSetWait_v2
+        be = old_nvml.NvmlBackend(api, clock=clock)
+        v = run_ticks(be, sim, clock, 3)[-1][0].values
+        caps = be.capabilities()["gpu0"]
+        missing = be.missing()
+
+        # What this release still names is sampled: the thermal counter through its older field id,
+        # power through the pre-rename bit, idle through the pre-rename GpuIdle bit.
+        assert v["throttle_frac_thermal"] == pytest.approx(1.0)
+        assert caps["supported"]["throttle_frac_thermal"] == f"field {pynvml.NVML_FI_DEV_PERF_POLICY_THERMAL} (counter)"
+        assert int(v["clocks_event_reasons"]) == pynvml.nvmlClocksThrottleReasonSwThermalSlowdown
+        assert v["throttle_frac_power"] == 0.0 and "bit" in caps["supported"]["throttle_frac_power"]
+        assert v["idle_clocks"] == 0.0
+        assert v["power_w"] == pytest.approx(280.0)
+        # The rest is missing, saying which name this nvidia-ml-py lacks; never a value.
+        for metric, name in (("throttle_frac_board_limit", "nvmlClocksThrottleReasonBoardLimit"),
+                             ("throttle_frac_reliability", "nvmlClocksThrottleReasonReliability"),
+                             ("gpm_sm_util_pct", "NVML_GPM_METRIC_SM_UTIL")):
+            assert metric not in v
+            assert name in missing[f"gpu0.{metric}"] and "not in this nvidia-ml-py" in missing[f"gpu0.{metric}"]
+        assert set(missing) == {f"gpu0.{m}" for m in GPM | {"throttle_frac_board_limit", "throttle_frac_reliability"}}
+
+        # Events: the older wait call is used; event types this release lacks are listed.
+        watcher = old_nvml.NvmlEventWatcher(api, clock=clock)
+        events = watcher.poll(0)
+        watcher.close()
+        assert [(e.kind, e.value) for e in events] == [("xid", 79.0)]
+        assert watcher.missing["events.gpu_unavailable"] == "nvmlEventTypeGpuUnavailableError: not in this nvidia-ml-py"
+    assert sys.modules["aurora_core.telemetry.nvml"] is nvml_mod and hasattr(pynvml, "nvmlGpmMetricsGet")
+    assert not nvml_mod.ABSENT and not nvml_mod.EVENTS_ABSENT  # the installed release names them all
 
 
 @pytest.mark.parametrize("counters,via", [("violation", "nvmlDeviceGetViolationStatus"), ("bitmask", "bit")])

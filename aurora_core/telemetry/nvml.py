@@ -6,7 +6,9 @@ same functions, so a replayed trace runs through exactly this code.
 
 Per device, ``probe()`` runs once (and again after a recovery): every candidate field and call is tried
 once; what fails with NotSupported / FunctionNotFound / NoPermission is recorded in ``missing`` with the
-reason and never called again. Each ``tick()`` then reads as many fields as possible with ONE
+reason and never called again. A constant, field id or function that the installed nvidia-ml-py does
+not define (older releases lack the clocks-event names, GPM, newer event types) is missing the same way,
+with the reason "not in this nvidia-ml-py": the module imports with any release. Each ``tick()`` then reads as many fields as possible with ONE
 ``nvmlDeviceGetFieldValues`` call, plus the calls the fields API lacks (utilization, memory, clocks,
 temperature, clocks-event reasons, PCIe link, GPM).
 
@@ -30,95 +32,175 @@ import pynvml
 
 from aurora_core.records import Event, Sample, now_ns
 
+# Optional pynvml names. nvidia-ml-py adds names over releases (the clocks-event renames, new field ids,
+# GPM, new event types) and older ones lack them; a name this release lacks is an unsupported
+# capability, reported in ``missing`` with NOT_IN_PYNVML, never a crash at import and never a copied
+# numeric value (ids were renumbered between releases, see IMPLAUSIBLE_FRAC).
+NOT_IN_PYNVML = "not in this nvidia-ml-py"
+
+
+def pynvml_attr(*names: str):
+    """The first of ``names`` this pynvml defines (new name first, then older spellings), else None."""
+    for name in names:
+        value = getattr(pynvml, name, None)
+        if value is not None:
+            return value
+    return None
+
+
+def _reason_bit(suffix: str) -> int | None:
+    # nvmlClocksEventReason* replaced nvmlClocksThrottleReason*; some bits only exist under one name.
+    return pynvml_attr(f"nvmlClocksEventReason{suffix}", f"nvmlClocksThrottleReason{suffix}")
+
+
+def _reason_bit_names(suffix: str) -> str:
+    return f"nvmlClocksEventReason{suffix}/nvmlClocksThrottleReason{suffix}"
+
+
+#: metric -> "NAME: not in this nvidia-ml-py" for each pynvml name it would use that is absent here.
+ABSENT: dict[str, list[str]] = {}
+
+
+def _note_absent(metric: str, name: str) -> None:
+    ABSENT.setdefault(metric, []).append(f"{name}: {NOT_IN_PYNVML}")
+
+
 # Errors that mean "this device or driver cannot give this reading", as opposed to a failure.
-_UNSUPPORTED = (
-    pynvml.NVML_ERROR_NOT_SUPPORTED,
-    pynvml.NVML_ERROR_FUNCTION_NOT_FOUND,
-    pynvml.NVML_ERROR_NO_PERMISSION,
-    pynvml.NVML_ERROR_INVALID_ARGUMENT,
-    pynvml.NVML_ERROR_NOT_FOUND,
+_UNSUPPORTED = tuple(
+    v for v in (pynvml_attr(n) for n in (
+        "NVML_ERROR_NOT_SUPPORTED", "NVML_ERROR_FUNCTION_NOT_FOUND", "NVML_ERROR_NO_PERMISSION",
+        "NVML_ERROR_INVALID_ARGUMENT", "NVML_ERROR_NOT_FOUND")) if v is not None
 )
 
-# fieldValue.valueType -> attribute of the c_nvmlValue_t union that holds it.
+# fieldValue.valueType -> attribute of the c_nvmlValue_t union that holds it (unknown types: ullVal).
 _VALUE_ATTR = {
-    pynvml.NVML_VALUE_TYPE_DOUBLE: "dVal",
-    pynvml.NVML_VALUE_TYPE_UNSIGNED_INT: "uiVal",
-    pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG: "ulVal",
-    pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG: "ullVal",
-    pynvml.NVML_VALUE_TYPE_SIGNED_LONG_LONG: "sllVal",
-    pynvml.NVML_VALUE_TYPE_SIGNED_INT: "siVal",
-    pynvml.NVML_VALUE_TYPE_UNSIGNED_SHORT: "usVal",
+    code: attr
+    for code, attr in (
+        (pynvml_attr("NVML_VALUE_TYPE_DOUBLE"), "dVal"),
+        (pynvml_attr("NVML_VALUE_TYPE_UNSIGNED_INT"), "uiVal"),
+        (pynvml_attr("NVML_VALUE_TYPE_UNSIGNED_LONG"), "ulVal"),
+        (pynvml_attr("NVML_VALUE_TYPE_UNSIGNED_LONG_LONG"), "ullVal"),
+        (pynvml_attr("NVML_VALUE_TYPE_SIGNED_LONG_LONG"), "sllVal"),
+        (pynvml_attr("NVML_VALUE_TYPE_SIGNED_INT"), "siVal"),
+        (pynvml_attr("NVML_VALUE_TYPE_UNSIGNED_SHORT"), "usVal"),
+    )
+    if code is not None
 }
+
+# (cause, cumulative-time field id names in order of preference, ViolationStatus policy name or None,
+#  clocks-event reason bit suffix).
+_THROTTLE_SPEC: tuple[tuple[str, tuple[str, ...], str | None, str], ...] = (
+    ("power", ("NVML_FI_DEV_CLOCKS_EVENT_REASON_SW_POWER_CAP",), "NVML_PERF_POLICY_POWER", "SwPowerCap"),
+    ("thermal", ("NVML_FI_DEV_CLOCKS_EVENT_REASON_SW_THERM_SLOWDOWN", "NVML_FI_DEV_PERF_POLICY_THERMAL"),
+     "NVML_PERF_POLICY_THERMAL", "SwThermalSlowdown"),
+    ("sync_boost", ("NVML_FI_DEV_CLOCKS_EVENT_REASON_SYNC_BOOST",), "NVML_PERF_POLICY_SYNC_BOOST", "SyncBoost"),
+    ("board_limit", ("NVML_FI_DEV_PERF_POLICY_BOARD_LIMIT",), "NVML_PERF_POLICY_BOARD_LIMIT", "BoardLimit"),
+    ("low_util", ("NVML_FI_DEV_PERF_POLICY_LOW_UTILIZATION",), "NVML_PERF_POLICY_LOW_UTILIZATION", "GpuIdle"),
+    ("reliability", ("NVML_FI_DEV_PERF_POLICY_RELIABILITY",), "NVML_PERF_POLICY_RELIABILITY", "Reliability"),
+    ("hw_slowdown", (), None, "HwSlowdown"),
+    ("hw_thermal", ("NVML_FI_DEV_CLOCKS_EVENT_REASON_HW_THERM_SLOWDOWN",), None, "HwThermalSlowdown"),
+    ("power_brake", ("NVML_FI_DEV_CLOCKS_EVENT_REASON_HW_POWER_BRAKE_SLOWDOWN",), None, "HwPowerBrakeSlowdown"),
+)
+
+
+def _throttle_causes() -> tuple[tuple[str, tuple[int, ...], int | None, int | None], ...]:
+    out = []
+    for cause, id_names, policy_name, suffix in _THROTTLE_SPEC:
+        metric = f"throttle_frac_{cause}"
+        ids = []
+        for name in id_names:
+            fid = pynvml_attr(name)
+            if fid is None:
+                _note_absent(metric, name)
+            else:
+                ids.append(fid)
+        policy = pynvml_attr(policy_name) if policy_name else None
+        if policy_name and policy is None:
+            _note_absent(metric, policy_name)
+        bit = _reason_bit(suffix)
+        if bit is None:
+            _note_absent(metric, _reason_bit_names(suffix))
+        out.append((cause, tuple(ids), policy, bit))
+    return tuple(out)
+
 
 #: Throttle causes: (metric suffix, cumulative-time field ids in order of preference,
-#: nvmlDeviceGetViolationStatus policy for the fallback or None, clocks-event reason bit).
+#: nvmlDeviceGetViolationStatus policy for the fallback or None, clocks-event reason bit or None).
 #: Counters are nanoseconds of throttled time; they cannot miss a short episode the way the bitmask
 #: snapshot can, so the bitmask is only the last resort (and the only source for hw_slowdown).
-THROTTLE_CAUSES: tuple[tuple[str, tuple[int, ...], int | None, int], ...] = (
-    ("power", (pynvml.NVML_FI_DEV_CLOCKS_EVENT_REASON_SW_POWER_CAP,), pynvml.NVML_PERF_POLICY_POWER,
-     pynvml.nvmlClocksEventReasonSwPowerCap),
-    ("thermal", (pynvml.NVML_FI_DEV_CLOCKS_EVENT_REASON_SW_THERM_SLOWDOWN, pynvml.NVML_FI_DEV_PERF_POLICY_THERMAL),
-     pynvml.NVML_PERF_POLICY_THERMAL, pynvml.nvmlClocksEventReasonSwThermalSlowdown),
-    ("sync_boost", (pynvml.NVML_FI_DEV_CLOCKS_EVENT_REASON_SYNC_BOOST,), pynvml.NVML_PERF_POLICY_SYNC_BOOST,
-     pynvml.nvmlClocksEventReasonSyncBoost),
-    ("board_limit", (pynvml.NVML_FI_DEV_PERF_POLICY_BOARD_LIMIT,), pynvml.NVML_PERF_POLICY_BOARD_LIMIT,
-     pynvml.nvmlClocksThrottleReasonBoardLimit),
-    ("low_util", (pynvml.NVML_FI_DEV_PERF_POLICY_LOW_UTILIZATION,), pynvml.NVML_PERF_POLICY_LOW_UTILIZATION,
-     pynvml.nvmlClocksEventReasonGpuIdle),
-    ("reliability", (pynvml.NVML_FI_DEV_PERF_POLICY_RELIABILITY,), pynvml.NVML_PERF_POLICY_RELIABILITY,
-     pynvml.nvmlClocksThrottleReasonReliability),
-    ("hw_slowdown", (), None, pynvml.nvmlClocksEventReasonHwSlowdown),
-    ("hw_thermal", (pynvml.NVML_FI_DEV_CLOCKS_EVENT_REASON_HW_THERM_SLOWDOWN,), None,
-     pynvml.nvmlClocksEventReasonHwThermalSlowdown),
-    ("power_brake", (pynvml.NVML_FI_DEV_CLOCKS_EVENT_REASON_HW_POWER_BRAKE_SLOWDOWN,), None,
-     pynvml.nvmlClocksEventReasonHwPowerBrakeSlowdown),
-)
+#: Ids, policies and bits this nvidia-ml-py lacks are left out (None) and listed in ABSENT.
+THROTTLE_CAUSES = _throttle_causes()
+
+_IDLE_BIT = _reason_bit("GpuIdle")
+if _IDLE_BIT is None:
+    _note_absent("idle_clocks", _reason_bit_names("GpuIdle"))
+
+
+def _resolve(spec, what: Callable[[str], str]) -> dict:
+    """{pynvml value: payload} for the names this pynvml has; the others go to ABSENT."""
+    out = {}
+    for name, payload in spec:
+        value = pynvml_attr(name)
+        if value is None:
+            _note_absent(what(payload), name)
+        else:
+            out[value] = payload
+    return out
+
 
 #: Gauge fields: field id -> (metric, scale). Read in the one batched call when supported.
-GAUGE_FIELDS: dict[int, tuple[str, float]] = {
-    pynvml.NVML_FI_DEV_POWER_INSTANT: ("power_w", 1e-3),
-    pynvml.NVML_FI_DEV_POWER_CURRENT_LIMIT: ("power_limit_w", 1e-3),
-    pynvml.NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION: ("energy_mj", 1.0),
-    pynvml.NVML_FI_DEV_PCIE_REPLAY_COUNTER: ("pcie_replay_count", 1.0),
-    pynvml.NVML_FI_DEV_ECC_SBE_VOL_TOTAL: ("ecc_sbe", 1.0),
-    pynvml.NVML_FI_DEV_ECC_DBE_VOL_TOTAL: ("ecc_dbe", 1.0),
-    pynvml.NVML_FI_DEV_REMAPPED_PENDING: ("remapped_rows_pending", 1.0),
-}
+GAUGE_FIELDS: dict[int, tuple[str, float]] = _resolve((
+    ("NVML_FI_DEV_POWER_INSTANT", ("power_w", 1e-3)),
+    ("NVML_FI_DEV_POWER_CURRENT_LIMIT", ("power_limit_w", 1e-3)),
+    ("NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION", ("energy_mj", 1.0)),
+    ("NVML_FI_DEV_PCIE_REPLAY_COUNTER", ("pcie_replay_count", 1.0)),
+    ("NVML_FI_DEV_ECC_SBE_VOL_TOTAL", ("ecc_sbe", 1.0)),
+    ("NVML_FI_DEV_ECC_DBE_VOL_TOTAL", ("ecc_dbe", 1.0)),
+    ("NVML_FI_DEV_REMAPPED_PENDING", ("remapped_rows_pending", 1.0)),
+), lambda p: p[0])
 
 #: Cumulative byte counters -> rate metric (bytes/s over the interval).
-RATE_FIELDS: dict[int, str] = {
-    pynvml.NVML_FI_DEV_PCIE_COUNT_TX_BYTES: "pcie_tx_bytes_s",
-    pynvml.NVML_FI_DEV_PCIE_COUNT_RX_BYTES: "pcie_rx_bytes_s",
-}
+RATE_FIELDS: dict[int, str] = _resolve((
+    ("NVML_FI_DEV_PCIE_COUNT_TX_BYTES", "pcie_tx_bytes_s"),
+    ("NVML_FI_DEV_PCIE_COUNT_RX_BYTES", "pcie_rx_bytes_s"),
+), lambda p: p)
 
+_GPM_SPEC = (
+    ("NVML_GPM_METRIC_SM_UTIL", "gpm_sm_util_pct"),
+    ("NVML_GPM_METRIC_SM_OCCUPANCY", "gpm_sm_occupancy_pct"),
+    ("NVML_GPM_METRIC_ANY_TENSOR_UTIL", "gpm_tensor_active_pct"),
+    ("NVML_GPM_METRIC_DRAM_BW_UTIL", "gpm_dram_bw_util_pct"),
+)
 #: GPM metric id -> metric name (Hopper and newer).
-GPM_METRICS: dict[int, str] = {
-    pynvml.NVML_GPM_METRIC_SM_UTIL: "gpm_sm_util_pct",
-    pynvml.NVML_GPM_METRIC_SM_OCCUPANCY: "gpm_sm_occupancy_pct",
-    pynvml.NVML_GPM_METRIC_ANY_TENSOR_UTIL: "gpm_tensor_active_pct",
-    pynvml.NVML_GPM_METRIC_DRAM_BW_UTIL: "gpm_dram_bw_util_pct",
-}
+GPM_METRICS: dict[int, str] = _resolve(_GPM_SPEC, lambda p: p)
+#: What GPM needs from pynvml as a whole; without any of these no GPM metric is read.
+_GPM_NEEDS = ("nvmlGpmQueryDeviceSupport", "nvmlGpmSampleAlloc", "nvmlGpmSampleGet", "nvmlGpmMetricsGet",
+              "nvmlGpmSampleFree", "c_nvmlGpmMetricsGet_t", "NVML_GPM_METRICS_GET_VERSION")
 
+_EVENT_SPEC = (
+    ("nvmlEventTypeXidCriticalError", "xid"),
+    ("nvmlEventTypeDoubleBitEccError", "ecc_dbe"),
+    ("nvmlEventTypeSingleBitEccErrorStorm", "ecc_sbe_storm"),
+    ("nvmlEventTypeDramRetirementEvent", "dram_retirement"),
+    ("nvmlEventTypeDramRetirementFailure", "dram_retirement_failure"),
+    ("nvmlEventTypeFatalPoisonError", "fatal_poison"),
+    ("nvmlEventTypeGpuUnavailableError", "gpu_unavailable"),
+    ("nvmlEventTypeGpuRecoveryAction", "gpu_recovery_action"),
+    ("nvmlEventTypePowerSourceChange", "power_source_change"),
+)
 #: Event-set types worth an Event (critical or clock-affecting), name used as Event.kind.
-EVENT_KINDS: dict[int, str] = {
-    pynvml.nvmlEventTypeXidCriticalError: "xid",
-    pynvml.nvmlEventTypeDoubleBitEccError: "ecc_dbe",
-    pynvml.nvmlEventTypeSingleBitEccErrorStorm: "ecc_sbe_storm",
-    pynvml.nvmlEventTypeDramRetirementEvent: "dram_retirement",
-    pynvml.nvmlEventTypeDramRetirementFailure: "dram_retirement_failure",
-    pynvml.nvmlEventTypeFatalPoisonError: "fatal_poison",
-    pynvml.nvmlEventTypeGpuUnavailableError: "gpu_unavailable",
-    pynvml.nvmlEventTypeGpuRecoveryAction: "gpu_recovery_action",
-    pynvml.nvmlEventTypePowerSourceChange: "power_source_change",
-}
+EVENT_KINDS: dict[int, str] = {pynvml_attr(n): k for n, k in _EVENT_SPEC if pynvml_attr(n) is not None}
+#: "events.<kind>" -> reason, for event types this nvidia-ml-py lacks (reported by NvmlEventWatcher).
+EVENTS_ABSENT: dict[str, str] = {f"events.{k}": f"{n}: {NOT_IN_PYNVML}" for n, k in _EVENT_SPEC
+                                 if pynvml_attr(n) is None}
 
 GPU_METRICS: tuple[str, ...] = (
     "util_gpu_busy_pct", "util_mem_busy_pct", "mem_used_bytes", "mem_total_bytes",
     "sm_clock_mhz", "sm_clock_max_mhz", "sm_clock_app_mhz", "mem_clock_mhz", "mem_clock_max_mhz",
     "temp_c", "temp_slowdown_c", "temp_margin_c", "power_w", "power_limit_w", "energy_mj",
-    "clocks_event_reasons", *(f"throttle_frac_{c[0]}" for c in THROTTLE_CAUSES), "idle_clocks",
+    "clocks_event_reasons", *(f"throttle_frac_{c[0]}" for c in _THROTTLE_SPEC), "idle_clocks",
     "pcie_tx_bytes_s", "pcie_rx_bytes_s", "pcie_gen", "pcie_gen_max", "pcie_width", "pcie_width_max",
-    "pcie_replay_count", "ecc_sbe", "ecc_dbe", "remapped_rows_pending", *GPM_METRICS.values(),
+    "pcie_replay_count", "ecc_sbe", "ecc_dbe", "remapped_rows_pending", *(m for _, m in _GPM_SPEC),
 )
 
 IMPLAUSIBLE_FRAC = 1.5  # a throttle counter advancing faster than this (s per s) is not believed
@@ -141,6 +223,27 @@ def _unsupported(exc: BaseException) -> bool:
 
 # A reader returns a dict of metric -> value. Each entry: (name for reasons, metrics it can give, fn).
 _Reader = tuple[str, tuple[str, ...], Callable[[object, object], dict[str, float]]]
+
+
+#: pynvml constants each reader passes (its function is the name before "("): a reader whose function
+#: or constant this nvidia-ml-py lacks is never called, and its metrics say why.
+_READER_CONSTS: dict[str, tuple[str, ...]] = {
+    "nvmlDeviceGetClockInfo(SM)": ("NVML_CLOCK_SM",),
+    "nvmlDeviceGetClockInfo(MEM)": ("NVML_CLOCK_MEM",),
+    "nvmlDeviceGetApplicationsClock(SM)": ("NVML_CLOCK_SM",),
+    "nvmlDeviceGetTemperature": ("NVML_TEMPERATURE_GPU",),
+    "nvmlDeviceGetTotalEccErrors": ("NVML_MEMORY_ERROR_TYPE_CORRECTED", "NVML_MEMORY_ERROR_TYPE_UNCORRECTED",
+                                    "NVML_VOLATILE_ECC"),
+    "nvmlDeviceGetPcieThroughput": ("NVML_PCIE_UTIL_TX_BYTES", "NVML_PCIE_UTIL_RX_BYTES"),
+    "nvmlDeviceGetMaxClockInfo(SM)": ("NVML_CLOCK_SM",),
+    "nvmlDeviceGetMaxClockInfo(MEM)": ("NVML_CLOCK_MEM",),
+    "nvmlDeviceGetTemperatureThreshold(SLOWDOWN)": ("NVML_TEMPERATURE_THRESHOLD_SLOWDOWN",),
+}
+
+
+def lacking(names) -> list[str]:
+    """The pynvml names (functions, constants, structs) among ``names`` this nvidia-ml-py lacks."""
+    return [n for n in names if not hasattr(pynvml, n)]
 
 
 def _call_readers() -> list[_Reader]:
@@ -314,7 +417,8 @@ class NvmlBackend:
                 raise
 
         covered: dict[str, str] = {}
-        reasons: dict[str, str] = {}
+        # Names this nvidia-ml-py lacks come first in a metric's reason; what is tried later is appended.
+        reasons: dict[str, str] = {m: "; ".join(why) for m, why in ABSENT.items()}
 
         # 1. One batched call over every candidate field; keep the ids that answered.
         candidates = list(GAUGE_FIELDS) + list(RATE_FIELDS)
@@ -322,7 +426,11 @@ class NvmlBackend:
             candidates += [i for i in ids if i not in candidates]
         ok_ids: set[int] = set()
         try:
-            for fv in api.nvmlDeviceGetFieldValues(h, candidates):
+            if lacking(("nvmlDeviceGetFieldValues",)):
+                for fid in candidates:
+                    reasons[f"field{fid}"] = f"nvmlDeviceGetFieldValues: {NOT_IN_PYNVML}"
+                candidates = []
+            for fv in (api.nvmlDeviceGetFieldValues(h, candidates) if candidates else ()):
                 if fv.nvmlReturn == pynvml.NVML_SUCCESS:
                     ok_ids.add(int(fv.fieldId))
                 elif fv.nvmlReturn == pynvml.NVML_ERROR_GPU_IS_LOST:
@@ -357,8 +465,11 @@ class NvmlBackend:
                     dev.fields.append(chosen)
                 covered[metric] = f"field {chosen} (counter)"
                 continue
-            why = "; ".join(f"field {i}: {reasons.get(f'field{i}', '?')}" for i in ids) or "no counter in NVML"
-            if policy is not None:
+            why = "; ".join([*ABSENT.get(metric, ()), *(f"field {i}: {reasons.get(f'field{i}', '?')}" for i in ids)])
+            why = why or "no counter in NVML"
+            if policy is not None and lacking(("nvmlDeviceGetViolationStatus",)):
+                why += f"; nvmlDeviceGetViolationStatus: {NOT_IN_PYNVML}"
+            elif policy is not None:
                 try:
                     api.nvmlDeviceGetViolationStatus(h, policy)
                     dev.violation[cause] = policy
@@ -374,6 +485,12 @@ class NvmlBackend:
         readers = [(r, False) for r in _call_readers()] + [(r, True) for r in _static_readers()]
         for (name, metrics, fn), static in readers:
             if all(m in covered for m in metrics):
+                continue
+            absent = lacking((name.split("(")[0], *_READER_CONSTS.get(name, ())))
+            if absent:
+                for m in metrics:
+                    reasons.setdefault(m, "")
+                    reasons[m] = (reasons[m] + "; " if reasons[m] else "") + f"{name}: {', '.join(absent)} {NOT_IN_PYNVML}"
                 continue
             try:
                 values = fn(api, h)
@@ -392,22 +509,29 @@ class NvmlBackend:
                 dev.readers.append((name, metrics, fn))
 
         # 4. Throttle causes without any counter fall back to the clocks-event bitmask snapshot.
-        for cause, *_ in THROTTLE_CAUSES:
+        for cause, _, _, bit in THROTTLE_CAUSES:
             metric = f"throttle_frac_{cause}"
-            if metric not in covered and "clocks_event_reasons" in covered:
+            if metric not in covered and "clocks_event_reasons" in covered and bit is not None:
                 covered[metric] = "clocks_event_reasons bit (snapshot; can miss short episodes)"
-        if "clocks_event_reasons" in covered:
+        if "clocks_event_reasons" in covered and _IDLE_BIT is not None:
             covered["idle_clocks"] = "clocks_event_reasons GpuIdle bit"
-        else:
-            reasons["idle_clocks"] = "needs clocks_event_reasons: " + reasons.get("clocks_event_reasons", "?")
+        elif "clocks_event_reasons" not in covered:
+            reasons["idle_clocks"] = "; ".join(
+                [*ABSENT.get("idle_clocks", ()), "needs clocks_event_reasons: " + reasons.get("clocks_event_reasons", "?")])
         if "temp_c" in covered and "temp_slowdown_c" in covered:
             covered["temp_margin_c"] = "temp_slowdown_c - temp_c"
         else:
             reasons["temp_margin_c"] = "needs temp_c and temp_slowdown_c"
 
         # 5. GPM (Hopper+): device support, then two sample buffers that alternate.
+        gpm_absent = lacking(_GPM_NEEDS)
         try:
-            if api.nvmlGpmQueryDeviceSupport(h).isSupportedDevice:
+            if gpm_absent:
+                for m in GPM_METRICS.values():
+                    reasons[m] = f"GPM: {', '.join(gpm_absent)} {NOT_IN_PYNVML}"
+            elif not GPM_METRICS:
+                pass  # every metric id is absent: ABSENT already says so for each
+            elif api.nvmlGpmQueryDeviceSupport(h).isSupportedDevice:
                 dev.gpm_samples = [api.nvmlGpmSampleAlloc(), api.nvmlGpmSampleAlloc()]
                 for m in GPM_METRICS.values():
                     covered[m] = "nvmlGpmMetricsGet"
@@ -530,10 +654,11 @@ class NvmlBackend:
         bits = v.get("clocks_event_reasons")
         if bits is not None:
             b = int(bits)
-            v["idle_clocks"] = 1.0 if b & pynvml.nvmlClocksEventReasonGpuIdle else 0.0
+            if _IDLE_BIT is not None:
+                v["idle_clocks"] = 1.0 if b & _IDLE_BIT else 0.0
             for cause, *_, bit in THROTTLE_CAUSES:
                 m = f"throttle_frac_{cause}"
-                if m in d.supported and "bit" in d.supported[m]:
+                if bit is not None and m in d.supported and "bit" in d.supported[m]:
                     v[m] = 1.0 if b & bit else 0.0
         if "temp_c" in v and "temp_slowdown_c" in v:
             v["temp_margin_c"] = v["temp_slowdown_c"] - v["temp_c"]
@@ -578,13 +703,21 @@ class NvmlEventWatcher:
         self.api = api
         self.clock = clock or getattr(api, "clock", None) or now_ns
         self.sets: list[tuple[int, object]] = []
-        self.missing: dict[str, str] = {}
+        self.missing: dict[str, str] = dict(EVENTS_ABSENT)
         self.ready = False
+        # nvmlEventSetWait_v2 came later; the older call has the same arguments and result.
+        self._wait_fn = next((n for n in ("nvmlEventSetWait_v2", "nvmlEventSetWait") if not lacking((n,))), None)
 
     def setup(self) -> None:
         api = self.api
         api.nvmlInit()  # reference-counted by NVML: pairs with the nvmlShutdown in close()
         self.ready = True
+        absent = lacking(("nvmlDeviceGetSupportedEventTypes", "nvmlEventSetCreate", "nvmlDeviceRegisterEvents"))
+        if self._wait_fn is None:
+            absent.append("nvmlEventSetWait_v2/nvmlEventSetWait")
+        if absent or not EVENT_KINDS:
+            self.missing["events"] = f"{', '.join(absent) or 'every event type'}: {NOT_IN_PYNVML}"
+            return
         for i in range(api.nvmlDeviceGetCount()):
             h = api.nvmlDeviceGetHandleByIndex(i)
             try:
@@ -627,7 +760,7 @@ class NvmlEventWatcher:
         per_set = max(1, timeout_ms // len(self.sets))
         for i, es in self.sets:
             try:
-                data = self.api.nvmlEventSetWait_v2(es, per_set)
+                data = getattr(self.api, self._wait_fn)(es, per_set)
             except pynvml.NVMLError as exc:
                 if getattr(exc, "value", None) == pynvml.NVML_ERROR_TIMEOUT:
                     continue

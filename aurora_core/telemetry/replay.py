@@ -42,14 +42,18 @@ from collections.abc import Callable, Iterable
 import pynvml
 
 from aurora_core.records import Event, Sample, now_ns
-from aurora_core.telemetry.nvml import NvmlBackend, NvmlEventWatcher, handle_key
+from aurora_core.telemetry.nvml import NvmlBackend, NvmlEventWatcher, handle_key, pynvml_attr
 
 FORMAT = "aurora-nvml-trace"
 VERSION = 1
 
 # Calls whose arguments are opaque buffers or event sets: matched by function name and order only.
-_ORDER_ONLY = {"nvmlEventSetWait_v2", "nvmlGpmMetricsGet", "nvmlGpmSampleFree", "nvmlEventSetFree",
+_ORDER_ONLY = {"nvmlEventSetWait_v2", "nvmlEventSetWait", "nvmlGpmMetricsGet", "nvmlGpmSampleFree", "nvmlEventSetFree",
                "nvmlDeviceRegisterEvents"}
+
+
+# Absent from nvidia-ml-py releases without GPM; such a pynvml never returns one.
+_GPM_GET_T = pynvml_attr("c_nvmlGpmMetricsGet_t")
 
 
 class ReplayExhausted(RuntimeError):
@@ -67,7 +71,7 @@ def encode(x, handles: dict[int, int] | None = None):
         return {"b": x.decode("latin-1")}
     if isinstance(x, (list, tuple)):
         return [encode(v, handles) for v in x]
-    if isinstance(x, pynvml.c_nvmlGpmMetricsGet_t):
+    if _GPM_GET_T is not None and isinstance(x, _GPM_GET_T):
         return {"gpm": [[int(m.metricId), int(m.nvmlReturn), float(m.value)]
                         for m in list(x.metrics)[: int(x.numMetrics)]]}
     if isinstance(x, ctypes.Union):
@@ -315,27 +319,45 @@ def replay_trace(trace, base_ns: int = 0, events: bool = True) -> tuple[list[Sam
 
 
 # -- synthetic GPU -------------------------------------------------------------------------------
+def _ids(*names: str) -> tuple[int, ...]:
+    """The pynvml values of ``names`` that this nvidia-ml-py defines (the simulated GPU only answers
+    for ids and bits the backend can name; an absent one stays absent, as in the backend)."""
+    return tuple(v for v in (pynvml_attr(n) for n in names) if v is not None)
+
+
+def _bits(*suffixes: str) -> int:
+    out = 0
+    for suffix in suffixes:
+        out |= pynvml_attr(f"nvmlClocksEventReason{suffix}", f"nvmlClocksThrottleReason{suffix}") or 0
+    return out
+
+
 #: episode kind -> (throttle counter field ids that accumulate, reason bits, SM clock factor).
 EPISODES: dict[str, tuple[tuple[int, ...], int, float]] = {
     "none": ((), 0, 1.0),
-    "thermal": ((pynvml.NVML_FI_DEV_CLOCKS_EVENT_REASON_SW_THERM_SLOWDOWN, pynvml.NVML_FI_DEV_PERF_POLICY_THERMAL),
-                pynvml.nvmlClocksEventReasonSwThermalSlowdown, 0.75),
-    "power": ((pynvml.NVML_FI_DEV_CLOCKS_EVENT_REASON_SW_POWER_CAP,), pynvml.nvmlClocksEventReasonSwPowerCap, 0.8),
-    "hw_slowdown": ((), pynvml.nvmlClocksEventReasonHwSlowdown, 0.5),
-    "hw_thermal": ((pynvml.NVML_FI_DEV_CLOCKS_EVENT_REASON_HW_THERM_SLOWDOWN,),
-                   pynvml.nvmlClocksEventReasonHwThermalSlowdown | pynvml.nvmlClocksEventReasonHwSlowdown, 0.5),
-    "power_brake": ((pynvml.NVML_FI_DEV_CLOCKS_EVENT_REASON_HW_POWER_BRAKE_SLOWDOWN,),
-                    pynvml.nvmlClocksEventReasonHwPowerBrakeSlowdown | pynvml.nvmlClocksEventReasonHwSlowdown, 0.5),
-    "idle": ((pynvml.NVML_FI_DEV_PERF_POLICY_LOW_UTILIZATION,), pynvml.nvmlClocksEventReasonGpuIdle, 210 / 1980),
+    "thermal": (_ids("NVML_FI_DEV_CLOCKS_EVENT_REASON_SW_THERM_SLOWDOWN", "NVML_FI_DEV_PERF_POLICY_THERMAL"),
+                _bits("SwThermalSlowdown"), 0.75),
+    "power": (_ids("NVML_FI_DEV_CLOCKS_EVENT_REASON_SW_POWER_CAP"), _bits("SwPowerCap"), 0.8),
+    "hw_slowdown": ((), _bits("HwSlowdown"), 0.5),
+    "hw_thermal": (_ids("NVML_FI_DEV_CLOCKS_EVENT_REASON_HW_THERM_SLOWDOWN"),
+                   _bits("HwThermalSlowdown", "HwSlowdown"), 0.5),
+    "power_brake": (_ids("NVML_FI_DEV_CLOCKS_EVENT_REASON_HW_POWER_BRAKE_SLOWDOWN"),
+                    _bits("HwPowerBrakeSlowdown", "HwSlowdown"), 0.5),
+    "idle": (_ids("NVML_FI_DEV_PERF_POLICY_LOW_UTILIZATION"), _bits("GpuIdle"), 210 / 1980),
 }
 
-_POLICY_FIELD = {  # nvmlDeviceGetViolationStatus policy -> the field id holding the same counter
-    pynvml.NVML_PERF_POLICY_POWER: pynvml.NVML_FI_DEV_CLOCKS_EVENT_REASON_SW_POWER_CAP,
-    pynvml.NVML_PERF_POLICY_THERMAL: pynvml.NVML_FI_DEV_PERF_POLICY_THERMAL,
-    pynvml.NVML_PERF_POLICY_SYNC_BOOST: pynvml.NVML_FI_DEV_CLOCKS_EVENT_REASON_SYNC_BOOST,
-    pynvml.NVML_PERF_POLICY_BOARD_LIMIT: pynvml.NVML_FI_DEV_PERF_POLICY_BOARD_LIMIT,
-    pynvml.NVML_PERF_POLICY_LOW_UTILIZATION: pynvml.NVML_FI_DEV_PERF_POLICY_LOW_UTILIZATION,
-    pynvml.NVML_PERF_POLICY_RELIABILITY: pynvml.NVML_FI_DEV_PERF_POLICY_RELIABILITY,
+# nvmlDeviceGetViolationStatus policy -> the field id holding the same counter (pairs this pynvml names).
+_POLICY_FIELD = {
+    pol[0]: fid[0]
+    for pol, fid in (
+        (_ids("NVML_PERF_POLICY_POWER"), _ids("NVML_FI_DEV_CLOCKS_EVENT_REASON_SW_POWER_CAP")),
+        (_ids("NVML_PERF_POLICY_THERMAL"), _ids("NVML_FI_DEV_PERF_POLICY_THERMAL")),
+        (_ids("NVML_PERF_POLICY_SYNC_BOOST"), _ids("NVML_FI_DEV_CLOCKS_EVENT_REASON_SYNC_BOOST")),
+        (_ids("NVML_PERF_POLICY_BOARD_LIMIT"), _ids("NVML_FI_DEV_PERF_POLICY_BOARD_LIMIT")),
+        (_ids("NVML_PERF_POLICY_LOW_UTILIZATION"), _ids("NVML_FI_DEV_PERF_POLICY_LOW_UTILIZATION")),
+        (_ids("NVML_PERF_POLICY_RELIABILITY"), _ids("NVML_FI_DEV_PERF_POLICY_RELIABILITY")),
+    )
+    if pol and fid
 }
 
 
@@ -422,20 +444,24 @@ class SimulatedNvml:
     def nvmlDeviceGetFieldValues(self, h, ids):
         self._check()
         arr = (pynvml.c_nvmlFieldValue_t * len(ids))()
-        counter_ids = {f for f, *_ in _POLICY_FIELD.items()} | set(_POLICY_FIELD.values()) | {
-            pynvml.NVML_FI_DEV_CLOCKS_EVENT_REASON_SW_THERM_SLOWDOWN,
-            pynvml.NVML_FI_DEV_CLOCKS_EVENT_REASON_HW_THERM_SLOWDOWN,
-            pynvml.NVML_FI_DEV_CLOCKS_EVENT_REASON_HW_POWER_BRAKE_SLOWDOWN}
+        counter_ids = {f for f, *_ in _POLICY_FIELD.items()} | set(_POLICY_FIELD.values()) | set(_ids(
+            "NVML_FI_DEV_CLOCKS_EVENT_REASON_SW_THERM_SLOWDOWN",
+            "NVML_FI_DEV_CLOCKS_EVENT_REASON_HW_THERM_SLOWDOWN",
+            "NVML_FI_DEV_CLOCKS_EVENT_REASON_HW_POWER_BRAKE_SLOWDOWN"))
         gauges = {
-            pynvml.NVML_FI_DEV_POWER_INSTANT: self._power_w() * 1000.0,
-            pynvml.NVML_FI_DEV_POWER_CURRENT_LIMIT: self.LIMIT_W * 1000.0,
-            pynvml.NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION: self._energy_mj(),
-            pynvml.NVML_FI_DEV_PCIE_REPLAY_COUNTER: 0,
-            pynvml.NVML_FI_DEV_ECC_SBE_VOL_TOTAL: 0,
-            pynvml.NVML_FI_DEV_ECC_DBE_VOL_TOTAL: 0,
-            pynvml.NVML_FI_DEV_REMAPPED_PENDING: 0,
-            pynvml.NVML_FI_DEV_PCIE_COUNT_TX_BYTES: 2e9 * self.t_s,
-            pynvml.NVML_FI_DEV_PCIE_COUNT_RX_BYTES: 6e9 * self.t_s,
+            fid[0]: value
+            for fid, value in (
+                (_ids("NVML_FI_DEV_POWER_INSTANT"), self._power_w() * 1000.0),
+                (_ids("NVML_FI_DEV_POWER_CURRENT_LIMIT"), self.LIMIT_W * 1000.0),
+                (_ids("NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION"), self._energy_mj()),
+                (_ids("NVML_FI_DEV_PCIE_REPLAY_COUNTER"), 0),
+                (_ids("NVML_FI_DEV_ECC_SBE_VOL_TOTAL"), 0),
+                (_ids("NVML_FI_DEV_ECC_DBE_VOL_TOTAL"), 0),
+                (_ids("NVML_FI_DEV_REMAPPED_PENDING"), 0),
+                (_ids("NVML_FI_DEV_PCIE_COUNT_TX_BYTES"), 2e9 * self.t_s),
+                (_ids("NVML_FI_DEV_PCIE_COUNT_RX_BYTES"), 6e9 * self.t_s),
+            )
+            if fid
         }
         for i, fid in enumerate(ids):
             fv = arr[i]
@@ -524,8 +550,10 @@ class SimulatedNvml:
         return s
 
     def nvmlGpmMetricsGet(self, mg):
-        values = {pynvml.NVML_GPM_METRIC_SM_UTIL: self._util() * 0.9, pynvml.NVML_GPM_METRIC_SM_OCCUPANCY: 41.0,
-                  pynvml.NVML_GPM_METRIC_ANY_TENSOR_UTIL: self._util() * 0.5, pynvml.NVML_GPM_METRIC_DRAM_BW_UTIL: 37.0}
+        values = {mid[0]: v for mid, v in ((_ids("NVML_GPM_METRIC_SM_UTIL"), self._util() * 0.9),
+                                           (_ids("NVML_GPM_METRIC_SM_OCCUPANCY"), 41.0),
+                                           (_ids("NVML_GPM_METRIC_ANY_TENSOR_UTIL"), self._util() * 0.5),
+                                           (_ids("NVML_GPM_METRIC_DRAM_BW_UTIL"), 37.0)) if mid}
         for i in range(mg.numMetrics):
             m = mg.metrics[i]
             m.value = values.get(int(m.metricId), 0.0)
