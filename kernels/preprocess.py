@@ -78,6 +78,24 @@ def _round_u8(x):
     return tl.minimum(tl.maximum(tl.floor(x + 0.5), 0.0), 255.0)
 
 
+@triton.jit
+def _bf16_rne(x):
+    # fp32 -> bf16 precision, round to nearest even, in integer ops (finite x). The GPU's fp32 -> bf16
+    # cast rounds to nearest already, but Triton's interpreter (3.8, create_fp_trunc) truncates: up to
+    # one bf16 ulp, 0.9 of a uint8 level at |x| >= 2, so CPU tests saw other bf16 bits than the GPU
+    # writes. Rounded here, the cast after it is exact on both.
+    b = x.to(tl.int32, bitcast=True)
+    b = (b + 0x7FFF + ((b >> 16) & 1)) & -65536
+    return b.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _store_out(ptr, y, mask):
+    if ptr.dtype.element_ty == tl.bfloat16:  # resolved at compile time
+        y = _bf16_rne(y)
+    tl.store(ptr, y.to(ptr.dtype.element_ty), mask=mask)
+
+
 # Keyed on the crop only, so tuning happens once (call warmup() at start-up), never mid-serving.
 @triton.autotune(configs=_configs(), key=["CROP"])
 @triton.jit
@@ -209,11 +227,11 @@ def _preprocess_kernel(
     optr = out + n * so_n + cy_idx[:, None].to(tl.int64) * so_y + cx_idx[None, :].to(tl.int64) * so_x
     # Padding (crop larger than the resized image) is 0, as torchvision's CenterCrop pads.
     v = tl.where(ok, _round_u8(acc0 / sum_y[:, None]), 0.0)
-    tl.store(optr, ((v - m0) * r0).to(out.dtype.element_ty), mask=store)
+    _store_out(optr, (v - m0) * r0, store)
     v = tl.where(ok, _round_u8(acc1 / sum_y[:, None]), 0.0)
-    tl.store(optr + so_c, ((v - m1) * r1).to(out.dtype.element_ty), mask=store)
+    _store_out(optr + so_c, (v - m1) * r1, store)
     v = tl.where(ok, _round_u8(acc2 / sum_y[:, None]), 0.0)
-    tl.store(optr + 2 * so_c, ((v - m2) * r2).to(out.dtype.element_ty), mask=store)
+    _store_out(optr + 2 * so_c, (v - m2) * r2, store)
 
 
 # ---------------------------------------------------------------------------------------------------
