@@ -317,10 +317,12 @@ def s_e2e(suite: Suite, cap: float) -> dict:
         outdir = tempfile.mkdtemp(prefix=f"e2e_{label}_")
         # bench_e2e's --out is the JSON summary file; a directory-style --out is given a file inside it.
         out_arg = os.path.join(outdir, "e2e.json") if _out_is_file(help_text) else outdir
-        rc, text = suite.run(base + ["--out", out_arg] + args, per_run)
+        # bench_e2e bounds its own bisection; give it the slot minus start-up and model load.
+        budget = ["--budget-s", f"{max(20.0, per_run - 25):.0f}"] if "--budget-s" in help_text else []
+        rc, text = suite.run(base + ["--out", out_arg] + args + budget, per_run)
         res[label] = {
             "rc": rc,
-            "cmd": " ".join(base[1:] + ["--out", out_arg] + args),
+            "cmd": " ".join(base[1:] + ["--out", out_arg] + args + budget),
             "stdout_tail": text[-3000:],
         }
         res[label]["files"] = _collect_jsons(outdir)
