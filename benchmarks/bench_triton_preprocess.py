@@ -1,4 +1,4 @@
-"""Triton preprocessing kernel vs the torch eager chain vs the C++ CPU kernel (pytest-benchmark).
+"""Triton preprocessing kernel (banded and dense) vs the torch eager chain vs the C++ CPU kernel.
 
     python -m pytest benchmarks/bench_triton_preprocess.py --benchmark-only      # on a CUDA machine
 
@@ -51,7 +51,7 @@ def _inputs(size: str, batch: int, spec, device):
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("provider", ["triton", "torch_eager", "cpp"])
+@pytest.mark.parametrize("provider", ["triton_banded", "triton_dense", "torch_eager", "cpp"])
 @pytest.mark.parametrize("batch", [8, 64])
 @pytest.mark.parametrize("size", ["0.3mp", "2.5mp", "10mp"])
 def test_preprocess_gpu(benchmark, provider, size, batch):
@@ -59,11 +59,12 @@ def test_preprocess_gpu(benchmark, provider, size, batch):
     imgs, shapes, geo, packed, offsets, strides, moved = _inputs(size, batch, spec, "cuda")
     benchmark.group = f"{size} x{batch}"
     out = torch.empty((batch, 3, spec.crop, spec.crop), dtype=spec.dtype, device="cuda")
-    if provider == "triton":
+    if provider.startswith("triton_"):
         ip, fp = K.make_params(offsets, strides, shapes, geo, "cuda")
+        impl = provider.removeprefix("triton_")
 
         def fn():
-            K.launch_params(packed, ip, fp, spec, out)
+            K.launch_params(packed, ip, fp, spec, out, impl)
             _sync()
     elif provider == "torch_eager":
         mean = torch.tensor(spec.mean, device="cuda").view(1, 3, 1, 1)
@@ -92,12 +93,13 @@ def test_preprocess_gpu(benchmark, provider, size, batch):
         benchmark.extra_info.update(gbps=round(moved / sec / 1e9, 1), images_per_s=round(batch / sec, 1))
 
 
-def test_preprocess_interpreter_smoke(benchmark):
+@pytest.mark.parametrize("impl", ["banded", "dense"])
+def test_preprocess_interpreter_smoke(benchmark, impl):
     """Runs everywhere: the kernel on a tiny spec (interpreted on CPU-only machines), checked once."""
     spec = PreprocessSpec(resize=16, crop=12)
     device = "cuda" if HAS_CUDA else "cpu"
     imgs = [np.ascontiguousarray(decode(sample_bytes("0.3mp"))[::8, ::8]), np.full((5, 7, 3), 77, np.uint8)]
-    out = benchmark(lambda: K.preprocess_batch_triton(imgs, spec, device=device))
+    out = benchmark(lambda: K.preprocess_batch_triton(imgs, spec, device=device, impl=impl))
     assert out.shape == (2, 3, 12, 12) and torch.isfinite(out).all()
     # A flat image stays flat: every output pixel is (77/255 - mean) / std.
     flat = (77 / 255 - torch.tensor(spec.mean)) / torch.tensor(spec.std)

@@ -9,8 +9,9 @@ does not poison the next), records its error and lets the suite go on:
   setup        install carried wheels (.wheels/), build and install aurora_core (editable, with _C)
   card         the GPU (torch properties, nvidia-smi), driver, versions
   copy_bw      device-to-device copy bandwidth ceiling (bytes read + written)
-  kernels      Triton kernel vs torch eager chain vs the C++ CPU kernel, batch 1/8/64/256 x 0.3/2.5/10 MP
-  correctness  Triton kernel (and C++) vs preprocess_ref on the sample photos, on the GPU
+  kernels      Triton kernel (banded and dense, side by side) vs torch eager chain vs the C++ CPU kernel,
+               batch 64/256/1/8 x 0.3/2.5/10 MP and a mix
+  correctness  Triton kernel (both implementations, and C++) vs preprocess_ref on the sample photos, on the GPU
   decode       nvJPEG (GpuDecoder) vs CPU decode throughput
   tests        the GPU-relevant pytest subset
   e2e          benchmarks/bench_e2e.py, GPU vs CPU preprocessing, with an NVML trace recorded alongside
@@ -570,6 +571,19 @@ def _footprint(K, shape, geo_row, crop):
     return (r_hi - r_lo) * (c_hi - c_lo) * 3
 
 
+# The copy ceiling of the first H200 run (benchmarks/RESULTS.md, run 1): used for "% of copy" when the
+# copy_bw section is skipped and AURORA_COPY_GBPS is not set. Only meaningful on that card.
+RUN1_H200_COPY_GBPS = 4273.0
+# The kernels worker stops starting new cases this many seconds before its budget ends, so that the
+# correctness worker after it (which compiles and tunes float32 kernels of both implementations) still
+# finds its time in a tight suite budget (e.g. AURORA_SUITE_BUDGET_S=170 with copy_bw/e2e skipped).
+KERNELS_RESERVE_S = 45.0
+
+
+def _impls(K) -> tuple[str, ...]:
+    return tuple(getattr(K, "IMPLS", ("dense",)))
+
+
 def w_kernels(budget: float) -> dict:
     import numpy as np
     import torch
@@ -579,6 +593,7 @@ def w_kernels(budget: float) -> dict:
 
     t_end = time.monotonic() + budget
     K = _kernel_module()
+    impls = _impls(K)
     spec = _spec(dtype=torch.float16)
     dev = torch.device(DEV)
     mean = torch.tensor(spec.mean, device=dev).view(1, 3, 1, 1)
@@ -586,39 +601,59 @@ def w_kernels(budget: float) -> dict:
     max_bytes = int(os.environ.get("AURORA_SUITE_MAX_INPUT_GIB", "3")) * GiB
     rows, notes = [], []
     ceiling = float(os.environ.get("AURORA_COPY_GBPS", "0")) or None
+    ceiling_src = "copy_bw section of this run" if ceiling else None
+    if ceiling is None and not SELFTEST:
+        ceiling, ceiling_src = (
+            RUN1_H200_COPY_GBPS,
+            "from run 1 (H200, benchmarks/RESULTS.md): not measured here",
+        )
+        notes.append(f"% of copy uses {ceiling:.0f} GB/s {ceiling_src}")
 
     if not SELFTEST:
-        t = time.monotonic()
-        K.warmup(spec, DEV)  # compile + autotune once on a mixed batch, as a server does at start-up
-        notes.append(f"compile + autotune {time.monotonic() - t:.1f}s")
+        for impl in impls:
+            t = time.monotonic()
+            K.warmup(spec, DEV, **({"impl": impl} if len(impls) > 1 else {}))  # compile + autotune once
+            notes.append(f"{impl}: compile + autotune {time.monotonic() - t:.1f}s")
     photos = _photos()
     mixed = [photos[i][1] for i in (0, 0, 0, 0, 0, 0, 1, 2)]  # the default request mix's sizes
     cases = [(label, [img]) for label, img in photos] + [("mix 6x0.3+2.5+10MP", mixed)]
-    for label, pattern in cases:
-        for batch in (1, 8) if SELFTEST else (1, 8, 64, 256):
-            if time.monotonic() > t_end - 10:
-                notes.append(f"stopped before {label} x{batch}: time budget")
-                break
-            imgs = [pattern[i % len(pattern)] for i in range(batch)]
-            nbytes = sum(im.nbytes for im in imgs)
-            row = {"case": label, "batch": batch, "input_mb": round(nbytes / 1e6, 1)}
-            rows.append(row)
-            if nbytes > max_bytes:
-                row["skipped"] = f"input {nbytes / GiB:.1f} GiB > cap {max_bytes / GiB:.0f} GiB"
-                continue
-            try:
-                _bench_case(K, spec, imgs, row, dev, mean, std, F, preprocess_batch, np, torch, ceiling)
-            except Exception as e:
-                row["error"] = f"{type(e).__name__}: {e}"[:300]
-                traceback.print_exc()
-            print(json.dumps(row), flush=True)
-            _save_partial({"rows": rows, "notes": notes})
-            if DEV == "cuda":
-                torch.cuda.empty_cache()
-    return {"rows": rows, "notes": notes, "spec": "resize 256, crop 224, fp16 out", "copy_gbps": ceiling}
+    # Large batches first: they carry the targets; batch 1 shows the launch-bound end; 8 goes last, the
+    # first to fall to the time budget.
+    plan = [
+        (label, pattern, b) for b in ((1, 8) if SELFTEST else (64, 256, 1, 8)) for label, pattern in cases
+    ]
+    for label, pattern, batch in plan:
+        if time.monotonic() > t_end - max(10.0, min(KERNELS_RESERVE_S, budget / 3)):
+            notes.append(f"stopped before {label} x{batch}: time budget")
+            break
+        imgs = [pattern[i % len(pattern)] for i in range(batch)]
+        nbytes = sum(im.nbytes for im in imgs)
+        row = {"case": label, "batch": batch, "input_mb": round(nbytes / 1e6, 1)}
+        rows.append(row)
+        if nbytes > max_bytes:
+            row["skipped"] = f"input {nbytes / GiB:.1f} GiB > cap {max_bytes / GiB:.0f} GiB"
+            continue
+        try:
+            _bench_case(K, impls, spec, imgs, row, dev, mean, std, F, preprocess_batch, np, torch, ceiling)
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {e}"[:300]
+            traceback.print_exc()
+        print(json.dumps(row), flush=True)
+        _save_partial({"rows": rows, "notes": notes})
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
+    return {
+        "rows": rows,
+        "notes": notes,
+        "spec": "resize 256, crop 224, fp16 out",
+        "copy_gbps": ceiling,
+        "copy_gbps_source": ceiling_src,
+        "impls": list(impls),
+        "default_impl": K.impl_name() if hasattr(K, "impl_name") else "dense",
+    }
 
 
-def _bench_case(K, spec, imgs, row, dev, mean, std, F, preprocess_batch, np, torch, ceiling):
+def _bench_case(K, impls, spec, imgs, row, dev, mean, std, F, preprocess_batch, np, torch, ceiling):
     crop, batch = spec.crop, len(imgs)
     shapes = [im.shape[:2] for im in imgs]
     geo = K._geometry(shapes, spec, None, None)
@@ -628,22 +663,33 @@ def _bench_case(K, spec, imgs, row, dev, mean, std, F, preprocess_batch, np, tor
     strides = [(3 * s[1], 3, 1) for s in shapes]
     out = torch.empty((batch, 3, crop, crop), dtype=spec.dtype, device=dev)
     ip, fp = K.make_params(offsets, strides, shapes, geo, dev)
-    out.fill_(float("nan"))
-    K.launch_params(packed, ip, fp, spec, out)  # autotunes on the first call per key
-    _sync()
-    if torch.isnan(out).any():
-        raise RuntimeError("Triton kernel left output unwritten")
-    t_tri = _bench(lambda: K.launch_params(packed, ip, fp, spec, out))
     foot = sum(_footprint(K, s, g, crop) for s, g in zip(shapes, geo, strict=True))
     moved = foot + out.numel() * out.element_size()
-    row.update(
-        triton_ms=round(t_tri, 4),
-        bytes_moved_mb=round(moved / 1e6, 2),
-        triton_gbps=round(moved / t_tri / 1e6, 1),
-    )
+    row["bytes_moved_mb"] = round(moved / 1e6, 2)
+    default = K.impl_name() if hasattr(K, "impl_name") else impls[0]
+    results = {}
+    for impl in impls:
+        kw = {"impl": impl} if len(impls) > 1 else {}
+        out.fill_(float("nan"))
+        K.launch_params(packed, ip, fp, spec, out, **kw)  # autotunes on the first call per key
+        _sync()
+        if torch.isnan(out).any():
+            raise RuntimeError(f"Triton kernel ({impl}) left output unwritten")
+        results[impl] = out.clone()
+        t = _bench(lambda kw=kw: K.launch_params(packed, ip, fp, spec, out, **kw))
+        row[f"{impl}_ms"] = round(t, 4)
+        row[f"{impl}_gbps"] = round(moved / t / 1e6, 1)
+        if ceiling:
+            row[f"{impl}_pct_copy"] = round(100 * moved / t / 1e6 / ceiling, 1)
+    # The default implementation's figures under the names the report's target line reads.
+    t_tri = row[f"{default}_ms"]
+    row.update(triton_impl=default, triton_ms=t_tri, triton_gbps=row[f"{default}_gbps"])
     if ceiling:
-        row["pct_copy_bw"] = round(100 * moved / t_tri / 1e6 / ceiling, 1)
-    tri_ref = out.clone()
+        row["pct_copy_bw"] = row[f"{default}_pct_copy"]
+    tri_ref = results[default]
+    if len(results) > 1:
+        a, b = (results[i].float() for i in impls[:2])
+        row[f"{impls[0]}_vs_{impls[1]}_max_levels"] = round(float((a - b).abs().max()) * 0.229 * 255, 2)
 
     # The whole call from host arrays: validation, packing, one H2D copy, tables, launch.
     if batch <= 64 and packed.numel() <= 600 * MiB:
@@ -673,6 +719,8 @@ def _bench_case(K, spec, imgs, row, dev, mean, std, F, preprocess_batch, np, tor
 
     t_eager = _bench(eager)
     row.update(eager_ms=round(t_eager, 3), speedup_vs_eager=round(t_eager / t_tri, 2))
+    for impl in impls:
+        row[f"{impl}_vs_eager"] = round(t_eager / row[f"{impl}_ms"], 2)
     # Eager does not round to uint8 between passes or before normalizing; it agrees to a few levels.
     row["eager_vs_triton_max_levels"] = round(
         float((out.float() - tri_ref.float()).abs().max()) * 0.229 * 255, 2
@@ -701,11 +749,16 @@ def w_correctness(budget: float) -> dict:
     from aurora_core.samples import SAMPLES, sample_bytes
 
     K = _kernel_module()
+    impls = _impls(K)
     spec = _spec()
     scale255 = np.array(spec.std)[:, None, None] * 255
     rows = []
-    worst = 0.0
+    worst = {impl: 0.0 for impl in impls}
     batch_imgs, batch_refs = [], []
+
+    def kw(impl):
+        return {"impl": impl} if len(impls) > 1 else {}
+
     for name in ("0.3mp", "coffee_png") if SELFTEST else SAMPLES:
         data = sample_bytes(name)
         for mode in ("exact", "fast"):
@@ -713,19 +766,15 @@ def w_correctness(budget: float) -> dict:
             if mode == "fast":
                 d = decode_ex(data, min_size=fast_min_size(d.orig_size, spec))
             ref = preprocess_ref(d.image, spec, orig_size=d.orig_size, scale=d.scale).numpy()
-            got = K.preprocess_batch_triton(
-                [d.image], spec, orig_sizes=[d.orig_size], scales=[d.scale], device=DEV
-            )
-            err = np.abs(got[0].cpu().numpy() - ref) * scale255
-            row = {
-                "image": name,
-                "mode": mode,
-                "size": list(d.image.shape[:2]),
-                "scale": d.scale,
-                "triton_max_levels": round(float(err.max()), 3),
-                "triton_frac_off": round(float((err > 0.5).mean()), 4),
-            }
-            worst = max(worst, float(err.max()))
+            row = {"image": name, "mode": mode, "size": list(d.image.shape[:2]), "scale": d.scale}
+            for impl in impls:
+                got = K.preprocess_batch_triton(
+                    [d.image], spec, orig_sizes=[d.orig_size], scales=[d.scale], device=DEV, **kw(impl)
+                )
+                err = np.abs(got[0].cpu().numpy() - ref) * scale255
+                row[f"{impl}_max_levels"] = round(float(err.max()), 3)
+                row[f"{impl}_frac_off"] = round(float((err > 0.5).mean()), 4)
+                worst[impl] = max(worst[impl], float(err.max()))
             try:
                 cpp = preprocess_batch(
                     [d.image], spec, orig_sizes=[d.orig_size], scales=[d.scale], backend="cpp"
@@ -734,27 +783,38 @@ def w_correctness(budget: float) -> dict:
             except Exception as e:
                 row["cpp_max_levels"] = f"error: {type(e).__name__}: {e}"[:160]
             rows.append(row)
-            _save_partial({"rows": rows, "worst_single_levels": round(worst, 3)})
+            _save_partial({"rows": rows, "worst_single_levels": round(max(worst.values()), 3)})
             batch_imgs.append(d)
             batch_refs.append(ref)
     # All of them in one launch, mixed sizes and scales, as CUDA tensors (the GPU-decode path).
-    got = K.preprocess_batch_triton(
-        [torch.from_numpy(d.image).to(DEV) for d in batch_imgs],
-        spec,
-        orig_sizes=[d.orig_size for d in batch_imgs],
-        scales=[d.scale for d in batch_imgs],
-    )
-    mixed = max(
-        float((np.abs(g.cpu().numpy() - r) * scale255).max()) for g, r in zip(got, batch_refs, strict=True)
-    )
+    mixed = {}
+    for impl in impls:
+        got = K.preprocess_batch_triton(
+            [torch.from_numpy(d.image).to(DEV) for d in batch_imgs],
+            spec,
+            orig_sizes=[d.orig_size for d in batch_imgs],
+            scales=[d.scale for d in batch_imgs],
+            **kw(impl),
+        )
+        mixed[impl] = max(
+            float((np.abs(g.cpu().numpy() - r) * scale255).max())
+            for g, r in zip(got, batch_refs, strict=True)
+        )
     res = {
         "rows": rows,
-        "worst_single_levels": round(worst, 3),
-        "mixed_batch_worst_levels": round(mixed, 3),
+        "impls": list(impls),
+        "worst_single_levels": round(max(worst.values()), 3),
+        "mixed_batch_worst_levels": round(max(mixed.values()), 3),
+        "per_impl": {
+            i: {"worst_single": round(worst[i], 3), "mixed_batch": round(mixed[i], 3)} for i in impls
+        },
         "bound_levels": 1.0,
     }
-    if max(worst, mixed) > 1.0 + 1e-3:
-        res["error"] = f"Triton kernel off by {max(worst, mixed):.3f} levels (> 1)"
+    bad = {i: max(worst[i], mixed[i]) for i in impls if max(worst[i], mixed[i]) > 1.0 + 1e-3}
+    if bad:
+        res["error"] = "Triton kernel off by more than 1 level: " + ", ".join(
+            f"{i} {v:.3f}" for i, v in bad.items()
+        )
     return res
 
 
@@ -979,11 +1039,16 @@ def render_markdown(results: dict) -> str:
                     "case",
                     "batch",
                     "input_mb",
-                    "triton_ms",
-                    "triton_gbps",
-                    "pct_copy_bw",
+                    "banded_ms",
+                    "banded_gbps",
+                    "banded_pct_copy",
+                    "dense_ms",
+                    "dense_gbps",
+                    "dense_pct_copy",
+                    "banded_vs_dense_max_levels",
                     "eager_ms",
-                    "speedup_vs_eager",
+                    "banded_vs_eager",
+                    "dense_vs_eager",
                     "triton_from_host_ms",
                     "cpp_cpu_ms",
                     "speedup_vs_cpp",
@@ -994,6 +1059,11 @@ def render_markdown(results: dict) -> str:
         ]
         if k.get("notes"):
             out += ["", "Notes: " + "; ".join(k["notes"])]
+        out += [
+            "",
+            f"Copy ceiling {k.get('copy_gbps')} GB/s ({k.get('copy_gbps_source')}); from-host, cpp and the "
+            f"target line below use the default implementation ({k.get('default_impl')}).",
+        ]
         big = [r for r in k["rows"] if r.get("batch", 0) >= 64 and isinstance(r.get("triton_ms"), float)]
         if big:
             pct = [r["pct_copy_bw"] for r in big if isinstance(r.get("pct_copy_bw"), float)]
@@ -1014,7 +1084,17 @@ def render_markdown(results: dict) -> str:
             "",
             _table(
                 c["rows"],
-                ["image", "mode", "size", "scale", "triton_max_levels", "triton_frac_off", "cpp_max_levels"],
+                [
+                    "image",
+                    "mode",
+                    "size",
+                    "scale",
+                    "banded_max_levels",
+                    "banded_frac_off",
+                    "dense_max_levels",
+                    "dense_frac_off",
+                    "cpp_max_levels",
+                ],
             ),
         ]
     d = s.get("decode", {})

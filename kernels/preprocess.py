@@ -8,24 +8,41 @@ crop's pixels are computed), PIL's rounding to uint8 after the horizontal and af
 (which may be a slot range of a bigger batch tensor, any strides).
 
 How the work is split. Images are packed back to back in one uint8 buffer; a small int64/float32
-table holds each image's offset, strides, size, crop origin and resampling scale. The grid is
-(crop tiles, images): one program owns a BY x BX tile of one image's crop. It walks the source rows
-the tile needs in chunks of BR, and for each chunk the source columns in chunks of BK: the horizontal
-pass is a tensor-core product  P[BR, BK] @ Wx[BK, BX]  and the vertical pass  Wy[BY, BR] @ H[BR, BX].
-The triangle weights are computed in registers from the tile's coordinates (no host tables). Pixel
-values 0..255 are exact in fp16; each weight matrix is split into an fp16 high and low part, so the
-two products together carry ~22 bits of weight precision (one fp16 product alone keeps 11 bits: up to
-~0.12 of a level at 255, enough to flip PIL's roundings). The source bytes are read once per tile,
-plus the filter margin. The rounding after the horizontal pass follows classic Pillow; Pillow 13 was
-seen to run the vertical pass first on some tall images, so a pixel can differ by one level there.
+table holds each image's offset, strides, size, crop origin and resampling scale. Two implementations
+share that entry, the grid (crop tiles, images: one program owns a BY x BX tile of one image's crop)
+and the numerics (fp32 sums, PIL's uint8 rounding after the horizontal pass, the vertical pass as a
+tensor-core product with hi/lo fp16 weights, bf16 rounded to nearest; only the horizontal weights
+differ: fp32 in banded, hi/lo fp16 in dense, which may flip PIL's rounding by one level on rare
+pixels); env AURORA_TRITON_IMPL (or ``impl=``) picks one, "banded" by default:
 
-Where it stops being fast (by count; see benchmarks/gpu_suite.py for measurements). The weight
-matrices are dense bands, so tensor-core work per output pixel grows as ~12 * BX * s^2 flops for a
-downscale factor s (3 channels, hi/lo), against ~3 * s^2 bytes read: for 10 MP photos (s ~ 10) that
-is ~1.2 GFLOP per image, so large downscales lean on the tensor cores and the byte gathers (stride 3,
-not vectorized) rather than on DRAM. Batches of 1 fill 98 programs: a fraction of the SMs. CPU inputs
-pay one host-to-device copy of the packed bytes, which for large photos costs more than the kernel.
-Under TRITON_INTERPRET=1 it runs on the CPU for tests only (slow: small shapes).
+- banded (``_banded_kernel``): the program walks the source rows of its tile's vertical windows in
+  chunks of BR. For each chunk the horizontal pass reads only the filter taps: per output column,
+  PIL's window (first source column xmin, at most ceil(support) * 2 + 1 taps, the count per image,
+  so small and large images share a launch without padding to the largest), TK taps per step as a
+  [BR, BX, TK] gather whose adjacent lanes read adjacent pixels, weighted and summed in fp32, then
+  rounded to uint8. The vertical pass is  Wy[BY, BR] @ H[BR, BX]  over the chunk. The source window is
+  read once per tile plus the filter margin; the tap weights are computed in registers (no host
+  tables).
+- dense (``_preprocess_kernel``, the first version): both passes as tensor-core products over the
+  tile's whole source window,  P[BR, BK] @ Wx[BK, BX]  then  Wy[BY, BR] @ H[BR, BX].
+
+The triangle weights are computed in registers from the tile's coordinates. Pixel values 0..255 are
+exact in fp16; each tensor-core weight matrix is split into an fp16 high and low part, so the two
+products together carry ~22 bits of weight precision (one fp16 product alone keeps 11 bits: up to
+~0.12 of a level at 255, enough to flip PIL's roundings). The rounding after the horizontal pass
+follows classic Pillow; Pillow 13 was seen to run the vertical pass first on some tall images, so a
+pixel can differ by one level there.
+
+Where it stops being fast. Dense: its horizontal product costs ~12 * BX * s^2 flops per output pixel
+for a downscale factor s against ~3 * s^2 bytes read, so it is compute-bound; on an H200 it reached
+3.5 to 7.3% of the copy bandwidth (benchmarks/RESULTS.md, run 1). Banded (by count, not yet measured
+on a GPU): the horizontal pass issues ~2 byte loads per source byte of the window (neighbouring
+triangles overlap), unvectorized (stride-3 pixels, arbitrary offsets), so at large s it leans on the
+load units and L1 rather than on DRAM; the vertical product still costs ~6 * BY * s MACs per pixel
+(cheap next to the gathers); a TK step wastes lanes when the tap count is not a multiple of TK (5
+taps at s < 2 fill 5 of 8). Both: batches of 1 fill only ~49-98 programs (a fraction of the SMs);
+CPU inputs pay one host-to-device copy of the packed bytes, which for large photos costs more than the
+kernel. Under TRITON_INTERPRET=1 it runs on the CPU for tests only (slow: small shapes).
 """
 
 from __future__ import annotations
@@ -234,6 +251,156 @@ def _preprocess_kernel(
     _store_out(optr + 2 * so_c, (v - m2) * r2, store)
 
 
+def _banded_configs():
+    if _INTERPRET:
+        # Big tiles: the interpreter's cost is per program and per op, not per element.
+        return [triton.Config({"BY": 32, "BX": 32, "BR": 16, "TK": 8}, num_warps=4)]
+    # BR x BX is the horizontal-pass tile, TK the taps gathered per step (adjacent lanes read adjacent
+    # pixels of one output column's window: TK = 8 puts 24 contiguous bytes under 8 lanes, where TK = 1
+    # spreads a warp's 32 lanes over 32 windows). BY sets how many crop rows share one pass over the
+    # window's source rows (the filter margin, ~2 * scale rows, is redone per tile). BR >= 16: it is the
+    # K of the vertical tl.dot. Untimed on a GPU so far: the autotuner picks per card.
+    return [
+        triton.Config({"BY": 32, "BX": 32, "BR": 16, "TK": 8}, num_warps=4),
+        triton.Config({"BY": 64, "BX": 32, "BR": 16, "TK": 8}, num_warps=8),
+        triton.Config({"BY": 32, "BX": 32, "BR": 16, "TK": 4}, num_warps=4),
+        triton.Config({"BY": 32, "BX": 32, "BR": 32, "TK": 1}, num_warps=4),
+    ]
+
+
+@triton.autotune(configs=_banded_configs(), key=["CROP"])
+@triton.jit
+def _banded_kernel(
+    src,  # uint8 packed images
+    iparams,  # int64 [N, _NI]
+    fparams,  # float32 [N, _NF]
+    out,  # [N, 3, CROP, CROP] any strides
+    so_n,
+    so_c,
+    so_y,
+    so_x,
+    m0,
+    m1,
+    m2,  # mean * 255
+    r0,
+    r1,
+    r2,  # 1 / (std * 255)
+    CROP: tl.constexpr,
+    BY: tl.constexpr,
+    BX: tl.constexpr,
+    BR: tl.constexpr,
+    TK: tl.constexpr,
+):
+    tiles_x = tl.cdiv(CROP, BX)
+    ty = tl.program_id(0) // tiles_x
+    tx = tl.program_id(0) % tiles_x
+    n = tl.program_id(1).to(tl.int64)
+
+    ip = iparams + n * 10
+    off = tl.load(ip + 0)
+    h_in = tl.load(ip + 1).to(tl.int32)
+    w_in = tl.load(ip + 2).to(tl.int32)
+    # In-image offsets fit in int32 (the host checks H * W * 3 < 2**31); only the base is 64-bit.
+    s_row = tl.load(ip + 3).to(tl.int32)
+    s_col = tl.load(ip + 4).to(tl.int32)
+    s_ch = tl.load(ip + 5).to(tl.int32)
+    top = tl.load(ip + 6).to(tl.int32)
+    left = tl.load(ip + 7).to(tl.int32)
+    rh = tl.load(ip + 8).to(tl.int32)
+    rw = tl.load(ip + 9).to(tl.int32)
+    sy = tl.load(fparams + n * 2 + 0)
+    sx = tl.load(fparams + n * 2 + 1)
+    fsy = tl.maximum(sy, 1.0)
+    fsx = tl.maximum(sx, 1.0)
+    ssy = 1.0 / fsy
+    ssx = 1.0 / fsx
+
+    cy_idx = ty * BY + tl.arange(0, BY)
+    cx_idx = tx * BX + tl.arange(0, BX)
+    oy = top + cy_idx
+    ox = left + cx_idx
+    in_crop_y = cy_idx < CROP
+    in_crop_x = cx_idx < CROP
+    ok_y = in_crop_y & (oy >= 0) & (oy < rh)
+    ok_x = in_crop_x & (ox >= 0) & (ox < rw)
+    cen_y = (oy.to(tl.float32) + 0.5) * sy
+    cen_x = (ox.to(tl.float32) + 0.5) * sx
+    vy = (cen_y - 0.5) * ssy
+    vx = (cen_x - 0.5) * ssx
+
+    # PIL's per-column window: xmin = (int)(center - support + 0.5) clipped to 0, xmax likewise clipped
+    # to the width, at most ceil(support) * 2 + 1 taps. The tap count is per image (a runtime loop
+    # bound), so a 0.3 MP image next to a 10 MP one in the batch runs 5 taps, not 23.
+    xmin = tl.maximum((cen_x - fsx + 0.5).to(tl.int32), 0)
+    xmax = tl.minimum((cen_x + fsx + 0.5).to(tl.int32), w_in)
+    ntx = tl.ceil(fsx).to(tl.int32) * 2 + 1
+    kk = tl.arange(0, TK)
+    sum_x = tl.zeros([BX], dtype=tl.float32)
+    for k0 in range(0, ntx, TK):
+        j = xmin[:, None] + (k0 + kk)[None, :]  # [BX, TK] source columns
+        wk = tl.maximum(1.0 - tl.abs(j.to(tl.float32) * ssx - vx[:, None]), 0.0)
+        sum_x += tl.sum(tl.where(j < xmax[:, None], wk, 0.0), axis=1)
+    sum_x = tl.where(sum_x > 0.0, sum_x, 1.0)
+
+    # The rows the tile's vertical windows span, as in the dense kernel.
+    oy_lo = tl.maximum(top + ty * BY, 0)
+    oy_hi = tl.minimum(tl.minimum(top + ty * BY + BY, top + CROP), rh) - 1
+    r_lo = tl.maximum(((oy_lo.to(tl.float32) + 0.5) * sy - fsy + 0.5).to(tl.int32), 0)
+    r_hi = tl.minimum(((oy_hi.to(tl.float32) + 0.5) * sy + fsy + 0.5).to(tl.int32) + 1, h_in)
+
+    acc0 = tl.zeros([BY, BX], dtype=tl.float32)
+    acc1 = tl.zeros([BY, BX], dtype=tl.float32)
+    acc2 = tl.zeros([BY, BX], dtype=tl.float32)
+    sum_y = tl.zeros([BY], dtype=tl.float32)
+    base = src + off
+    for rr in range(r_lo, r_hi, BR):
+        rows = rr + tl.arange(0, BR)
+        row_ok = rows < r_hi
+        row_off = rows[:, None, None] * s_row
+        h0 = tl.zeros([BR, BX], dtype=tl.float32)
+        h1 = tl.zeros([BR, BX], dtype=tl.float32)
+        h2 = tl.zeros([BR, BX], dtype=tl.float32)
+        # Horizontal pass over the taps only: each source byte of the window is gathered by the ~2
+        # output columns whose triangles cover it, instead of by all BX columns of a dense band.
+        for k0 in range(0, ntx, TK):
+            j = xmin[:, None] + (k0 + kk)[None, :]  # [BX, TK]
+            col_ok = (j < xmax[:, None]) & ok_x[:, None]
+            wk = tl.where(col_ok, tl.maximum(1.0 - tl.abs(j.to(tl.float32) * ssx - vx[:, None]), 0.0), 0.0)
+            ptr = base + (row_off + (j * s_col)[None, :, :])  # [BR, BX, TK]
+            m = row_ok[:, None, None] & col_ok[None, :, :]
+            w3 = wk[None, :, :]
+            h0 += tl.sum(tl.load(ptr, mask=m, other=0).to(tl.float32) * w3, axis=2)
+            h1 += tl.sum(tl.load(ptr + s_ch, mask=m, other=0).to(tl.float32) * w3, axis=2)
+            h2 += tl.sum(tl.load(ptr + 2 * s_ch, mask=m, other=0).to(tl.float32) * w3, axis=2)
+        # Vertical pass: the tile's rows as a tensor-core product over the BR window rows, with the
+        # same hi/lo fp16 weight split as the dense kernel (its BY * scale flops per pixel are cheap
+        # next to the gathers; a row-indexed gather of the rounded rows would need shared memory).
+        wy = tl.maximum(1.0 - tl.abs((rows.to(tl.float32) * ssy)[None, :] - vy[:, None]), 0.0)
+        sum_y += tl.sum(tl.where(row_ok[None, :], wy, 0.0), axis=1)
+        wy_hi, wy_lo = _split_fp16(wy)
+        # PIL rounds the horizontal pass to uint8 before the vertical one; integers are exact in fp16.
+        q = _round_u8(h0 / sum_x[None, :]).to(tl.float16)
+        acc0 = tl.dot(wy_hi, q, acc0)
+        acc0 = tl.dot(wy_lo, q, acc0)
+        q = _round_u8(h1 / sum_x[None, :]).to(tl.float16)
+        acc1 = tl.dot(wy_hi, q, acc1)
+        acc1 = tl.dot(wy_lo, q, acc1)
+        q = _round_u8(h2 / sum_x[None, :]).to(tl.float16)
+        acc2 = tl.dot(wy_hi, q, acc2)
+        acc2 = tl.dot(wy_lo, q, acc2)
+
+    sum_y = tl.where(sum_y > 0.0, sum_y, 1.0)
+    ok = ok_y[:, None] & ok_x[None, :]
+    store = in_crop_y[:, None] & in_crop_x[None, :]
+    optr = out + n * so_n + cy_idx[:, None].to(tl.int64) * so_y + cx_idx[None, :].to(tl.int64) * so_x
+    v = tl.where(ok, _round_u8(acc0 / sum_y[:, None]), 0.0)
+    _store_out(optr, (v - m0) * r0, store)
+    v = tl.where(ok, _round_u8(acc1 / sum_y[:, None]), 0.0)
+    _store_out(optr + so_c, (v - m1) * r1, store)
+    v = tl.where(ok, _round_u8(acc2 / sum_y[:, None]), 0.0)
+    _store_out(optr + 2 * so_c, (v - m2) * r2, store)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Host side: geometry, packing, launch.
 
@@ -428,25 +595,38 @@ def make_params(offsets, strides, shapes, geo, device):
 _tune_lock = threading.Lock()
 _tuned: set = set()
 
+IMPLS = ("banded", "dense")
 
-def launch_params(packed, iparams, fparams, spec, out):
-    """The launch alone, on packed bytes and prebuilt tables (what the kernel benchmarks time)."""
-    n, crop = iparams.shape[0], int(spec.crop)
-    key = (crop, out.dtype, packed.device)  # what the autotuner keys on (its key, plus arg dtypes)
+
+def impl_name(impl: str | None = None) -> str:
+    """The implementation to run: `impl`, else env AURORA_TRITON_IMPL, else "banded"."""
+    name = impl or os.environ.get("AURORA_TRITON_IMPL") or "banded"
+    if name not in IMPLS:
+        raise ValueError(f"preprocess_batch_triton: impl must be one of {IMPLS}, got {name!r}")
+    return name
+
+
+def launch_params(packed, iparams, fparams, spec, out, impl=None):
+    """The launch alone, on packed bytes and prebuilt tables (what the kernel benchmarks time).
+
+    impl: "banded" or "dense" (default: env AURORA_TRITON_IMPL, else "banded")."""
+    n, crop, impl = iparams.shape[0], int(spec.crop), impl_name(impl)
+    key = (impl, crop, out.dtype, packed.device)  # what the autotuner keys on (its key, plus arg dtypes)
     if key not in _tuned:
         # Triton's autotuner is not thread-safe: the first launch per key tunes alone.
         with _tune_lock:
-            _launch(packed, iparams, fparams, spec, out, n, crop)
+            _launch(packed, iparams, fparams, spec, out, n, crop, impl)
             _tuned.add(key)
         return out
-    return _launch(packed, iparams, fparams, spec, out, n, crop)
+    return _launch(packed, iparams, fparams, spec, out, n, crop, impl)
 
 
-def _launch(packed, iparams, fparams, spec, out, n, crop):
+def _launch(packed, iparams, fparams, spec, out, n, crop, impl):
     mean = [float(m) * 255.0 for m in spec.mean]
     rstd = [1.0 / (float(s) * 255.0) for s in spec.std]
     grid = lambda meta: (triton.cdiv(crop, meta["BY"]) * triton.cdiv(crop, meta["BX"]), n)  # noqa: E731
-    _preprocess_kernel[grid](
+    kernel = _banded_kernel if impl == "banded" else _preprocess_kernel
+    kernel[grid](
         packed,
         iparams,
         fparams,
@@ -462,10 +642,10 @@ def _launch(packed, iparams, fparams, spec, out, n, crop):
     return out
 
 
-def launch(packed, offsets, strides, shapes, geo, spec, out):
+def launch(packed, offsets, strides, shapes, geo, spec, out, impl=None):
     """Run the kernel on an already packed buffer."""
     iparams, fparams = make_params(offsets, strides, shapes, geo, packed.device)
-    return launch_params(packed, iparams, fparams, spec, out)
+    return launch_params(packed, iparams, fparams, spec, out, impl)
 
 
 def prepare(imgs, spec, *, orig_sizes=None, scales=None, device=None):
@@ -484,20 +664,22 @@ def prepare(imgs, spec, *, orig_sizes=None, scales=None, device=None):
 
 
 def preprocess_batch_triton(
-    imgs, spec, out=None, *, orig_sizes=None, scales=None, device=None
+    imgs, spec, out=None, *, orig_sizes=None, scales=None, device=None, impl=None
 ) -> torch.Tensor:
     """Resize, center-crop, normalize and lay out a batch in one Triton launch.
 
     imgs (list of uint8 [H_i, W_i, 3], numpy or torch, CPU or CUDA; CHW-contiguous tensors viewed as
     HWC are read without a copy), spec (PreprocessSpec), out (optional Tensor[N, 3, crop, crop] of
     spec.dtype on the target device; may be a view), orig_sizes/scales (full-resolution (H0, W0) and
-    DCT scale of each image; the image then stands for the extent (H0/s, W0/s)).
+    DCT scale of each image; the image then stands for the extent (H0/s, W0/s)), impl ("banded" or
+    "dense"; default env AURORA_TRITON_IMPL, else "banded": both give the same result within one level).
     Returns Tensor[N, 3, crop, crop] of spec.dtype: `out` when given.
     Runs on CUDA, or on the CPU under TRITON_INTERPRET=1.
     """
     if isinstance(imgs, (np.ndarray, torch.Tensor)) and imgs.ndim == 3:
         imgs = [imgs]
     imgs = list(imgs)
+    impl = impl_name(impl)  # a bad name fails before any packing
     dev = _pick_device(imgs, out, device)
     if dev.type != "cuda" and not _INTERPRET:
         raise ValueError(
@@ -518,10 +700,10 @@ def preprocess_batch_triton(
             )
         if out.device != packed.device and not (out.device.type == packed.device.type == "cuda"):
             raise ValueError(f"preprocess_batch_triton: out is on {out.device}, images go to {packed.device}")
-    return launch(packed, offsets, strides, shapes, geo, spec, out)
+    return launch(packed, offsets, strides, shapes, geo, spec, out, impl)
 
 
-def warmup(spec, device="cuda") -> None:
+def warmup(spec, device="cuda", impl=None) -> None:
     """Compile and autotune for `spec` on a photo-like batch (a 0.3 MP and a 10 MP image), once.
 
     The first launch for a crop size compiles each candidate config and times them (seconds); a
@@ -532,6 +714,6 @@ def warmup(spec, device="cuda") -> None:
         rng.integers(0, 256, (480, 640, 3), dtype=np.uint8),
         rng.integers(0, 256, (2592, 3872, 3), dtype=np.uint8),
     ]
-    preprocess_batch_triton(imgs * 4, spec, device=device)
+    preprocess_batch_triton(imgs * 4, spec, device=device, impl=impl)
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)

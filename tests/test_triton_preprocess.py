@@ -1,7 +1,8 @@
 """The Triton preprocessing kernel against the torchvision/PIL eval transform, within one uint8 level.
 
 Runs on the CPU under TRITON_INTERPRET=1 (set by conftest) with a small spec so the interpreter stays
-fast; the CUDA tests use the real 256/224 spec.
+fast; the CUDA tests use the real 256/224 spec. Every test runs once per implementation (banded and
+dense, selected through AURORA_TRITON_IMPL as a user would), so both stay held to the same bounds.
 """
 
 from __future__ import annotations
@@ -46,6 +47,12 @@ K = _import_kernel()
 pytestmark = pytest.mark.skipif(
     not has_cuda and os.environ.get("TRITON_INTERPRET") != "1", reason="needs CUDA or TRITON_INTERPRET=1"
 )
+
+
+@pytest.fixture(autouse=True, params=["banded", "dense"])
+def impl(request, monkeypatch):
+    monkeypatch.setenv("AURORA_TRITON_IMPL", request.param)
+    return request.param
 
 
 class Spec:
@@ -324,29 +331,72 @@ from triton.compiler import ASTSource
 spec = importlib.util.spec_from_file_location("_aurora_preprocess_aot", sys.argv[1])
 mod = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(mod)
+banded = sys.argv[2] == "banded"
+kernel, configs = (mod._banded_kernel, mod._banded_configs) if banded else (mod._preprocess_kernel, mod._configs)
 sig = {"src": "*u8", "iparams": "*i64", "fparams": "*fp32", "out": "*bf16"}
 sig.update({k: "i32" for k in ("so_n", "so_c", "so_y", "so_x")})
 sig.update({k: "fp32" for k in ("m0", "m1", "m2", "r0", "r1", "r2")})
-sig.update({k: "constexpr" for k in ("CROP", "BY", "BX", "BR", "BK")})
-cfg = mod._configs()[0]
-src = ASTSource(fn=mod._preprocess_kernel.fn, signature=sig, constexprs={"CROP": 224, **cfg.kwargs})
-ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg.num_warps}).asm["ptx"]
-print("mma" in ptx, "ld.local" in ptx)
+sig.update({k: "constexpr" for k in ["CROP"] + list(configs()[0].kwargs)})
+for cfg in configs():
+    src = ASTSource(fn=kernel.fn, signature=sig, constexprs={"CROP": 224, **cfg.kwargs})
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg.num_warps}).asm["ptx"]
+    print("mma" in ptx, "ld.local" in ptx)
 """
 
 
-def test_kernel_compiles_for_hopper_without_a_gpu():
-    # The interpreter runs Python, not the compiler: compile to sm_90 here (ptxas ships with triton) so
-    # that a kernel the Triton compiler rejects fails in CI rather than on the one GPU run. A separate
-    # process, because triton.jit picks interpreted or compiled once per process.
+def test_kernel_compiles_for_hopper_without_a_gpu(impl):
+    # The interpreter runs Python, not the compiler: compile every config to sm_90 here (ptxas ships
+    # with triton) so that a kernel the Triton compiler rejects fails in CI rather than on the one GPU
+    # run. A separate process, because triton.jit picks interpreted or compiled once per process.
     import subprocess
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run(
-        [sys.executable, "-c", _AOT, K.__file__], capture_output=True, text=True, env=env, timeout=300
+        [sys.executable, "-c", _AOT, K.__file__, impl], capture_output=True, text=True, env=env, timeout=600
     )
     if "ImportError" in r.stderr and "triton.compiler" in r.stderr:  # pragma: no cover - other triton layouts
         pytest.skip("triton without the AOT compile API")
     assert r.returncode == 0, r.stderr[-2000:]
-    # The two passes run on the tensor cores, and nothing spills to local memory.
-    assert r.stdout.split()[-2:] == ["True", "False"], r.stdout
+    # The (vertical) passes run on the tensor cores, and nothing spills to local memory, in every config.
+    lines = r.stdout.split("\n")
+    results = [ln.split() for ln in lines if ln.strip()]
+    n_cfg = len(K._banded_configs() if impl == "banded" else K._configs())
+    assert len(results) >= 1 and all(x == ["True", "False"] for x in results), r.stdout
+    # Under the interpreter the config lists hold one entry; the subprocess compiles the real ones.
+    assert len(results) >= n_cfg, r.stdout
+
+
+def test_impl_is_chosen_by_env_and_banded_by_default(monkeypatch):
+    monkeypatch.delenv("AURORA_TRITON_IMPL")
+    assert K.impl_name() == "banded"
+    monkeypatch.setenv("AURORA_TRITON_IMPL", "dense")
+    assert K.impl_name() == "dense" and K.impl_name("banded") == "banded"
+    monkeypatch.setenv("AURORA_TRITON_IMPL", "sparse")
+    with pytest.raises(ValueError, match="preprocess_batch_triton: impl must be one of"):
+        K.preprocess_batch_triton([np.zeros((4, 4, 3), np.uint8)], _spec(), device=_device())
+
+
+def test_mixed_tap_counts_in_one_launch_match_single_launches():
+    # Strong downscales (21 horizontal taps for 200 -> 21 wide) next to an upscale (3 taps)
+    # and 1-pixel images in one launch: each image's taps are its own, so the batch equals the images
+    # launched alone, bit for bit, and each stays within a level of the oracle.
+    spec = _spec()
+    imgs = _rand_images([(150, 200), (5, 3), (1, 1), (40, 260), (13, 17)], seed=29)
+    out = K.preprocess_batch_triton(imgs, spec, device=_device())
+    for i, img in enumerate(imgs):
+        alone = K.preprocess_batch_triton([img], spec, device=_device())
+        torch.testing.assert_close(out[i : i + 1], alone, rtol=0, atol=0)
+        err = np.abs(_unnormalize(out[i], spec) - _oracle_u8(img, spec))
+        assert err.max() <= 1.0 + 1e-3, f"{img.shape}: {err.max()}"
+
+
+def test_banded_and_dense_agree():
+    # The two implementations share the vertical pass and differ only in the horizontal weights'
+    # precision (fp32 in the banded one, an fp16 hi/lo pair in the dense one): PIL-style rounding may
+    # flip at most one level, on a few pixels.
+    spec = _spec()
+    imgs = _rand_images([(100, 37), (33, 200), (150, 200), (17, 23)], seed=31)
+    b = K.preprocess_batch_triton(imgs, spec, device=_device(), impl="banded")
+    d = K.preprocess_batch_triton(imgs, spec, device=_device(), impl="dense")
+    diff = (b - d).abs().cpu().double().numpy() * (np.array(STD)[:, None, None] * 255)
+    assert diff.max() <= 1.0 + 1e-3 and (diff > 0.5).mean() < 0.01, (diff.max(), (diff > 0.5).mean())
