@@ -20,8 +20,12 @@ deepens the queue at the same load. When the load is not matched, nothing is jud
 effect must not read as a regression, and on a shared CPU even per-request service times rise with
 load); the verdict says so and asks for a run at matched load.
 
-A stage regresses when its p50 or p99 rose by more than ``threshold`` (relative, default 10%), the
-bootstrap interval of that difference lies above 0, and the Mann-Whitney p-value is below ``alpha``.
+A stage regresses when its p50 or p99 rose significantly beyond ``threshold`` (relative, default 10%):
+the lower end of the bootstrap interval of the difference lies above ``threshold`` x BEFORE's value
+(not merely above 0), and the Mann-Whitney p-value is below ``alpha``. A rise whose interval still
+reaches below the threshold is not shown to exceed it: two live runs of unchanged code on a shared
+host differ by that much (a null pair here measured wait p50 +10.3%, interval from +3.8%, p=2e-4:
+hand-off waits of ~0.8 ms moved by 0.08 ms of scheduler noise), and a gate must not fail on it.
 """
 
 from __future__ import annotations
@@ -139,8 +143,9 @@ def compare(before, after, threshold: float = 0.10, alpha: float = 0.01, n_boot:
         as_ = a if a.size <= _MW_MAX else rng.choice(a, _MW_MAX, replace=False)
         p = float(stats.mannwhitneyu(as_, bs, alternative="greater").pvalue)
         row["mw_p_greater"] = float(f"{p:.3g}")
+        # Significantly beyond the threshold: the whole interval above threshold x BEFORE (module doc).
         worse = [n for n in ("p50", "p99")
-                 if row[f"{n}_rel"] is not None and row[f"{n}_rel"] > threshold and row[f"{n}_ci_ms"][0] > 0]
+                 if row[f"{n}_rel"] is not None and row[f"{n}_ci_ms"][0] > threshold * row[n][0]]
         if not matched:
             row["regression"] = False
             row["note"] = "not judged: load not matched"
@@ -148,7 +153,7 @@ def compare(before, after, threshold: float = 0.10, alpha: float = 0.01, n_boot:
             row["regression"] = bool(worse) and p < alpha
             if row["regression"]:
                 regressions.append(s)
-                row["note"] = f"{'/'.join(worse)} up beyond {threshold:.0%}, CI above 0, Mann-Whitney p={p:.1e}"
+                row["note"] = f"{'/'.join(worse)} up beyond {threshold:.0%} (whole CI), Mann-Whitney p={p:.1e}"
         rows.append(row)
     verdict = "load not matched" if not matched else ("regression" if regressions else "no regression")
     return {
