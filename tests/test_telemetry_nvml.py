@@ -18,7 +18,7 @@ import pynvml
 import pytest
 
 from aurora_core.records import RequestRecord
-from aurora_core.telemetry.nvml import GPU_METRICS, NvmlBackend, NvmlEventWatcher
+from aurora_core.telemetry.nvml import GPU_METRICS, SLOW_EVERY, NvmlBackend, NvmlEventWatcher
 from aurora_core.telemetry.replay import SimulatedNvml
 from aurora_core.telemetry.sampler import TelemetrySampler
 
@@ -433,3 +433,79 @@ def test_wedged_nvml_does_not_pile_up_threads():
     finally:
         s.stop()
         release.set()
+
+
+SLOW_FIELD_IDS = {pynvml.NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION, pynvml.NVML_FI_DEV_POWER_CURRENT_LIMIT,
+                  pynvml.NVML_FI_DEV_PCIE_REPLAY_COUNTER, pynvml.NVML_FI_DEV_ECC_SBE_VOL_TOTAL,
+                  pynvml.NVML_FI_DEV_ECC_DBE_VOL_TOTAL, pynvml.NVML_FI_DEV_REMAPPED_PENDING}
+
+
+def test_slow_every_default_live_and_from_trace_header():
+    assert NvmlBackend().slow_every == SLOW_EVERY == 10  # the live driver: 1 Hz at 10 Hz
+    # other APIs: the cadence their trace was made at; traces before the split read all every tick
+    assert NvmlBackend(autospec_api(SimulatedNvml())).slow_every == 1
+    replay = mock.Mock(spec=["header"], header={"format": "aurora-nvml-trace", "slow_every": 5})
+    assert NvmlBackend(replay).slow_every == 5
+    with pytest.raises(ValueError):
+        NvmlBackend(slow_every=0)
+
+
+def test_slow_group_once_per_slow_every_ticks_fast_group_every_tick():
+    sim, clock = SimulatedNvml("thermal", 0.85, 1.75, severity=0.6), FakeClock()
+    api = autospec_api(sim)
+    be = NvmlBackend(api, clock=clock, slow_every=10)
+    ticks = run_ticks(be, sim, clock, 25)
+    calls = [c.args[1] for c in api.nvmlDeviceGetFieldValues.call_args_list[1:]]  # [0] is the probe
+    fast = [ids for ids in calls if not SLOW_FIELD_IDS & set(ids)]
+    slow = [ids for ids in calls if SLOW_FIELD_IDS & set(ids)]
+    assert len(fast) == 25 and len(slow) == 3  # ticks 0, 10, 20
+    assert all(set(ids) == SLOW_FIELD_IDS for ids in slow)  # the second call holds the slow fields only
+    for fid in (pynvml.NVML_FI_DEV_POWER_INSTANT, pynvml.NVML_FI_DEV_PCIE_COUNT_TX_BYTES,
+                pynvml.NVML_FI_DEV_PCIE_COUNT_RX_BYTES, pynvml.NVML_FI_DEV_CLOCKS_EVENT_REASON_SW_THERM_SLOWDOWN):
+        assert all(fid in ids for ids in fast), fid
+    # slow calls: probe + 3; fast calls: probe + 25
+    for fn in ("nvmlDeviceGetApplicationsClock", "nvmlDeviceGetCurrPcieLinkGeneration",
+               "nvmlDeviceGetCurrPcieLinkWidth"):
+        assert getattr(api, fn).call_count == 1 + 3, fn
+    for fn in ("nvmlDeviceGetUtilizationRates", "nvmlDeviceGetTemperature", "nvmlDeviceGetCurrentClocksEventReasons"):
+        assert getattr(api, fn).call_count == 1 + 25, fn
+
+    # Slow values are carried: every sample has them, as read at the last slow tick (<= 10 x 0.1 s old).
+    energy = [t[0].values["energy_mj"] for t in ticks]
+    assert energy[:10] == [energy[0]] * 10 and energy[10:20] == [energy[10]] * 10 and energy[10] > energy[0]
+    assert all(t[0].values["sm_clock_app_mhz"] == sim.APP_SM and t[0].values["stale_age_s"] == 0.0 for t in ticks)
+    assert "every 10 ticks" in be.capabilities()["gpu0"]["supported"]["energy_mj"]
+    assert "every" not in be.capabilities()["gpu0"]["supported"]["throttle_frac_thermal"]
+
+    # Throttled fractions and PCIe rates (per-tick counters) are the same as reading everything each tick.
+    sim1, clock1 = SimulatedNvml("thermal", 0.85, 1.75, severity=0.6), FakeClock()
+    every_tick = run_ticks(NvmlBackend(autospec_api(sim1), clock=clock1, slow_every=1), sim1, clock1, 25)
+    per_tick = [m for m in ticks[-1][0].values if m.startswith(("throttle_frac_", "pcie_tx", "pcie_rx", "power_w"))]
+    assert "throttle_frac_thermal" in per_tick and "pcie_tx_bytes_s" in per_tick
+    for a, b in zip(ticks, every_tick, strict=True):
+        assert {m: a[0].values.get(m) for m in per_tick} == {m: b[0].values.get(m) for m in per_tick}
+    assert "throttle_frac_thermal" not in ticks[0][0].values  # the first tick has no interval yet
+    assert max(t[0].values["throttle_frac_thermal"] for t in ticks[1:]) == pytest.approx(0.6)
+
+
+def test_slow_field_failing_at_a_slow_read_is_absent_until_the_next_not_carried():
+    sim, clock = SimulatedNvml(), FakeClock()
+    api = autospec_api(sim)
+    fail = {"on": False}
+
+    def fields(h, ids):
+        arr = sim.nvmlDeviceGetFieldValues(h, ids)
+        for fv in arr:
+            if fail["on"] and fv.fieldId == pynvml.NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION:
+                fv.nvmlReturn = pynvml.NVML_ERROR_UNKNOWN
+        return arr
+
+    api.nvmlDeviceGetFieldValues.side_effect = fields
+    be = NvmlBackend(api, clock=clock, slow_every=4)
+    first = run_ticks(be, sim, clock, 4)
+    assert all("energy_mj" in t[0].values for t in first)
+    fail["on"] = True
+    failed = run_ticks(be, sim, clock, 4)  # tick 4 is a slow tick whose energy read fails
+    assert all("energy_mj" not in t[0].values and "power_limit_w" in t[0].values for t in failed)
+    fail["on"] = False
+    assert "energy_mj" in run_ticks(be, sim, clock, 1)[0][0].values
