@@ -318,12 +318,13 @@ class Pipeline:
                 batch = self.batcher.next_batch()
                 if batch is None:
                     return
-                self._count("batches_prepared")
                 try:
                     live = self._prepare(batch, slab)
                 except Exception as e:  # noqa: BLE001 - a bug here must not strand the batch
                     self._fail_batch([r for r in batch if not r.future.done()], e, self._runner)
                     live = []
+                # Counted once its rows are written (not when it closes), so "prepared" means preprocessed.
+                self._count("batches_prepared")
                 if live:
                     self._ready_q.put((live, slab))
                 else:
