@@ -219,15 +219,38 @@ def _capacity(seconds: float = 2.0) -> float:
         return n / (time.perf_counter() - t0)
 
 
+def _queue_grew(run, step_s: float = 5.0, factor: float = 2.0) -> bool:
+    """Did the queue wait's p90 after the step exceed ``factor`` x its p90 before it (the run's own records)?"""
+    req = load_run(run).requests
+    t = (req["arrival_ns"] - req["arrival_ns"].min()) / 1e9
+    wait = (req["batch_closed_ns"] - req["enqueue_ns"]) / 1e6
+    ok = (req["batch_closed_ns"] > 0) & (req["enqueue_ns"] > 0)
+    before, after = wait[ok & (t < step_s)], wait[ok & (t >= step_s)]
+    return len(before) > 10 and len(after) > 10 and np.percentile(after, 90) > factor * np.percentile(before, 90)
+
+
 def test_load_step_near_saturation(tmp_path):
     """Offered rate steps up 20% near saturation, same code: load/queueing, and compare sees no regression."""
     def make(k):
         r = 0.8 * _capacity(1.5)  # +20% takes it to 0.96 of the capacity measured just before
         run = live_run(tmp_path / f"step{k}", step_schedule([(0, r), (5, 1.2 * r)], 10, seed=3), offered_rate=None,
                        meta={"label": "v1", "offered_schedule": [[0, r], [5, 1.2 * r]]})
-        return diagnose([run]), r
+        return diagnose([run]), r, run
 
-    res, r = _attempts(make)
+    def no_incident(res) -> bool:
+        # The capacity probe is a 1.5 s estimate on a shared machine: when it ran high, +20% stays below
+        # saturation and no queue builds, so there is no spike to diagnose. That attempt is not the
+        # incident the test describes: retry it, as a run disturbed by neighbours is retried.
+        return _neighbours_moved(res) or not _queue_grew(last_run[0])
+
+    last_run = [None]
+
+    def make_tracked(k):
+        out = make(k)
+        last_run[0] = out[2]
+        return out
+
+    res, r, _ = _attempts(make_tracked, disturbed=no_incident)
     assert _window_at(res, _t_of(res, 0, 0.75))["verdict"] == "load", res.data["summary"]
     # The same code at two offered rates, as two runs: compare must not call it a regression.
     before = live_run(tmp_path / "lo", poisson_schedule(r, 3, seed=4), offered_rate=r, meta={"label": "v1"})
