@@ -24,3 +24,27 @@ def devices() -> list[str]:
 
 has_cuda = _HAS_CUDA
 requires_cuda = pytest.mark.skipif(not _HAS_CUDA, reason="needs a CUDA device")
+
+
+class Tiny(torch.nn.Module):
+    """conv -> pool -> linear: a seeded 10-class classifier small enough for every pipeline/runner test.
+
+    ``gate`` (an object with ``pass_through()``) blocks forward until a test opens it; ``rows_seen``
+    records each batch's padded size."""
+
+    def __init__(self, gate=None, classes: int = 10):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 8, 3, stride=2)
+        self.fc = torch.nn.Linear(8, classes)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g))
+        self.gate = gate
+        self.rows_seen: list[int] = []
+
+    def forward(self, x):
+        self.rows_seen.append(x.shape[0])
+        if self.gate is not None:
+            self.gate.pass_through()
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))

@@ -11,7 +11,6 @@ from concurrent.futures import CancelledError
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from aurora_core import samples
 from aurora_core.batching import BatchingConfig
@@ -27,7 +26,7 @@ from aurora_core.ops.preprocess import PreprocessSpec
 from aurora_core.pipeline import Pipeline, Prediction
 from aurora_core.records import FIELD_NAMES
 from aurora_core.runner import InjectedStickyError
-from tests.conftest import devices, requires_cuda
+from tests.conftest import Tiny, devices, requires_cuda
 
 SPEC = PreprocessSpec(resize=24, crop=16)
 WAIT = 20  # s: bound on every wait; the happy path takes milliseconds
@@ -54,23 +53,6 @@ class Gate:
     def pass_through(self):
         self.entered.set()
         assert self._open.wait(WAIT), "test gate never opened"
-
-
-class Tiny(nn.Module):
-    def __init__(self, gate: Gate | None = None, classes=10):
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.conv = nn.Conv2d(3, 8, 3, stride=2)
-        self.fc = nn.Linear(8, classes)
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=g))
-        self.gate = gate
-
-    def forward(self, x):
-        if self.gate is not None:
-            self.gate.pass_through()
-        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
 
 
 def image(seed, h=20, w=28):
@@ -645,7 +627,7 @@ import json, os, sys, numpy as np, torch
 from aurora_core.pipeline import Pipeline
 from aurora_core.batching import BatchingConfig
 from aurora_core.ops.preprocess import PreprocessSpec
-from tests.test_pipeline import Tiny
+from tests.conftest import Tiny
 
 class Poisoned(Tiny):
     armed = False

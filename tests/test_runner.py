@@ -4,31 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from aurora_core.errors import DeviceLost
 from aurora_core.runner import Runner, is_oom, is_sticky, load_model, resolve_dtype
-from tests.conftest import devices, requires_cuda
+from tests.conftest import Tiny, devices, requires_cuda
 
 SHAPE = (3, 16, 16)
-
-
-class Tiny(nn.Module):
-    """conv -> pool -> linear: a 10-class classifier small enough for every test."""
-
-    def __init__(self, classes=10):
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.conv = nn.Conv2d(3, 8, 3, stride=2)
-        self.fc = nn.Linear(8, classes)
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=g))
-        self.rows_seen: list[int] = []
-
-    def forward(self, x):
-        self.rows_seen.append(x.shape[0])
-        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
 
 
 def fill(runner, n, seed=1):
