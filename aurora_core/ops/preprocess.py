@@ -13,6 +13,7 @@ is computed from (H0, W0) exactly as torchvision computes it.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Sequence
@@ -129,6 +130,8 @@ def _as_image(img, op: str) -> np.ndarray:
 def _origin(arr: np.ndarray, orig_size, scale, op: str) -> tuple[tuple[int, int], int]:
     """Checked ((H0, W0), scale): the image must have ceil(H0 / scale) x ceil(W0 / scale) pixels."""
     h, w = arr.shape[:2]
+    if orig_size is None and type(scale) is int and scale == 1:  # a full-size decode: the common call
+        return (h, w), 1
     if isinstance(scale, bool) or not isinstance(scale, (int, np.integer)) or not 1 <= scale <= 64:
         raise ValueError(f"{op}: expected scale as an int in 1..64 (the DCT denominator), got {scale!r}.")
     if orig_size is None:
@@ -172,6 +175,7 @@ def _numpy_out(out: torch.Tensor) -> np.ndarray:
     return (out.view(torch.int16) if out.dtype == torch.bfloat16 else out).numpy()
 
 
+@functools.lru_cache(maxsize=64)
 def _spec_kwargs(spec: PreprocessSpec) -> dict:
     return dict(resize=spec.resize, crop=spec.crop, mean=list(spec.mean), std=list(spec.std),
                 dtype=_DTYPE_NAMES[spec.dtype])
