@@ -10,18 +10,20 @@
 //
 // What it is based on: the coefficients are exactly PIL's ImagingResample (Resample.c,
 // precompute_coeffs: triangle filter, support widened by the scale when downscaling, pixel-center
-// rounding of the bounds), computed in double and applied in float32 without PIL's intermediate uint8
-// rounding, so the result is within one uint8 level of PIL's. Computing only the crop box comes from
-// Pillow-SIMD. Unlike PIL (horizontal first) it runs the vertical pass first, because that pass is the
-// expensive one (~2 * scale taps over ~crop * scale columns) and vertically it is a plain multiply-add
-// over contiguous bytes that vectorizes without shuffles.
+// rounding of the bounds), computed in double and applied without PIL's intermediate uint8 rounding
+// (vertical pass in 16-bit fixed point with 2^-16 .. 2^-22 units under AVX2, float32 otherwise;
+// horizontal pass in float32), so the result is within one uint8 level of PIL's. Computing only the
+// crop box comes from Pillow-SIMD. Unlike PIL (horizontal first) it runs the vertical pass first,
+// because that pass is the expensive one (~2 * scale taps over ~crop * scale columns) and vertically it
+// is a plain multiply-add over contiguous bytes.
 // A source that is not a whole number of pixels (a JPEG decoded at DCT scale 1/s stands for the
 // extent orig / s, not ceil(orig / s)) is handled by mapping output pixels onto that fractional extent.
 //
 // Where it stops being fast: the first pass costs ~6 * scale^2 * crop^2 multiply-adds and reads a
 // ~crop * scale square of the source about twice, so a large downscale (10 MP and up) is bound by
 // memory, and by cache contention on a shared machine; below ~0.3 MP fixed costs (transposes, the
-// Python wrapper's ~30 us) weigh. Without AVX2/FMA (AURORA_PORTABLE=1, non-x86) a simpler row-at-a-time
+// Python wrapper's ~15 us) weigh. An image that arrives cold (evicted from the caches, as in a server
+// or a round-robin benchmark) costs up to ~2x its warm time at 0.3-2.5 MP: DRAM misses on short rows. Without AVX2/FMA (AURORA_PORTABLE=1, non-x86) a simpler row-at-a-time
 // path relies on the compiler's auto-vectorization.
 
 #include "preprocess.h"
@@ -64,6 +66,11 @@ struct Coeffs {
   // The same weights blocked by 8 outputs: wblk[(b * taps + k) * 8 + i] = w[(8 b + i) * taps + k], the
   // last output repeated to fill the final block (the horizontal pass computes 8 outputs at a time).
   std::vector<float> wblk;
+  // The same weights in fixed point for the AVX2 vertical pass: per output, (taps + 1) / 2 int32 words
+  // each holding two int16 weights (taps 2j and 2j + 1, the odd tail padded with 0), in units of
+  // 2^-ishift, rounded so that each output's weights sum to exactly 2^ishift.
+  std::vector<int32_t> wpair;
+  int ishift = 14;
 };
 
 double triangle(double x) {
@@ -129,6 +136,28 @@ std::shared_ptr<const Coeffs> build_coeffs(int64_t in_size, double extent, int64
     for (int64_t k = 0; k < taps; ++k)
       for (int64_t i = 0; i < 8; ++i)
         c->wblk[(b * taps + k) * 8 + i] = c->w[std::min(8 * b + i, count - 1) * taps + k];
+  // Largest shift keeping every weight (plus the rounding fix-up) in int16 and sums of 255 * 2^ishift in
+  // int32: 2^-18 .. 2^-20 units on a large downscale, far below float's error after ~20 taps.
+  float wmax = 0.0f;
+  for (float v : c->w) wmax = std::max(wmax, v);
+  while (c->ishift < 22 && std::ldexp(static_cast<double>(wmax), c->ishift + 1) < 32000.0) ++c->ishift;
+  const int64_t pairs = (taps + 1) / 2;
+  c->wpair.assign(static_cast<size_t>(count * pairs), 0);
+  std::vector<int32_t> q(static_cast<size_t>(2 * pairs));
+  for (int64_t i = 0; i < count; ++i) {
+    int64_t sum = 0, big = 0;
+    std::fill(q.begin(), q.end(), 0);
+    for (int64_t k = 0; k < taps; ++k) {
+      q[k] = static_cast<int32_t>(std::lround(std::ldexp(static_cast<double>(c->w[i * taps + k]), c->ishift)));
+      sum += q[k];
+      if (q[k] > q[big]) big = k;
+    }
+    q[big] += static_cast<int32_t>((int64_t(1) << c->ishift) - sum);
+    for (int64_t j = 0; j < pairs; ++j)
+      c->wpair[i * pairs + j] =
+          static_cast<int32_t>(static_cast<uint32_t>(static_cast<uint16_t>(q[2 * j])) |
+                               (static_cast<uint32_t>(static_cast<uint16_t>(q[2 * j + 1])) << 16));
+  }
   return c;
 }
 
@@ -172,55 +201,72 @@ CoeffCache& cache() {
   return *c;
 }
 
+#ifndef AURORA_AVX2
 // Vertical pass: dst[e] = sum_k w[k] * src[k * stride + e] for e < n (taps consecutive source rows).
+void vertical_pass(float* dst, const uint8_t* src, int64_t stride, const float* w, int64_t taps, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = 0.0f;
+  for (int64_t k = 0; k < taps; ++k) {
+    const uint8_t* p = src + k * stride;
+    const float wk = w[k];
+    for (int64_t i = 0; i < n; ++i) dst[i] += wk * static_cast<float>(p[i]);
+  }
+}
+#else
+// Vertical pass: dst[e] = sum_k w[k] * src[k * stride + e] for e < n (taps consecutive source rows), in
+// fixed point: two source rows interleaved into 16-bit pairs feed one vpmaddwd (16 multiply-adds per
+// uop, against 8 per FMA plus a conversion uop in float): 6-11% off the whole call at 0.3-10 MP here,
+// and as accurate (weights in units of 2^-16 .. 2^-22). wp: (taps + 1) / 2 weight pairs (Coeffs::wpair).
 // pf, pf_rows: source rows the next output row adds (same columns), prefetched into L2 as this row goes.
-void vertical_pass(float* dst, const uint8_t* src, int64_t stride, const float* w, int64_t taps, int64_t n,
-                   const uint8_t* pf, int64_t pf_rows) {
+void vertical_pass_i16(float* dst, const uint8_t* src, int64_t stride, const int32_t* wp, int64_t taps,
+                       int ishift, int64_t n, const uint8_t* pf, int64_t pf_rows) {
+  const float unit = std::ldexp(1.0f, -ishift);
+  const __m256 vunit = _mm256_set1_ps(unit);
+  const __m256i zero = _mm256_setzero_si256();
   int64_t e = 0;
-#ifdef AURORA_AVX2
-  // 8 bytes -> 8 floats straight from memory (vpmovzxbd m64): 3 uops per 8 multiply-adds.
-  auto cvt8 = [](const uint8_t* p) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-  };
   for (; e + 32 <= n; e += 32) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    const uint8_t* p = src + e;
+    __m256i a0 = zero, a1 = zero, a2 = zero, a3 = zero;
     // In a serving process the image arrives cold (decoded, then evicted by other work within ~10 ms
     // on this shared host: a call after 10 ms of anything else took ~2x as long at 0.3-2.5 MP). The
     // rows of the next output row, fetched one output row ahead, took 5-12% off such cold calls.
     if ((e & 63) == 0)
       for (int64_t i = 0; i < pf_rows; ++i)
         _mm_prefetch(reinterpret_cast<const char*>(pf + i * stride + e), _MM_HINT_T1);
-    for (int64_t k = 0; k < taps; ++k, p += stride) {
-      const __m256 wk = _mm256_broadcast_ss(w + k);
+    const uint8_t* p = src + e;
+    for (int64_t k = 0; k < taps; k += 2, p += 2 * stride) {
+      const __m256i w = _mm256_set1_epi32(wp[k / 2]);
       // The hardware prefetcher loses track of ~2 * scale concurrent row streams; prefetching 256 bytes
       // ahead on each cut the 10 MP median from 7.9-12.6 ms to 4.7-4.9 ms CPU time here (128: 5.4,
       // 1024: 6.5).
       _mm_prefetch(reinterpret_cast<const char*>(p + 256), _MM_HINT_T0);
-      a0 = _mm256_fmadd_ps(cvt8(p), wk, a0);
-      a1 = _mm256_fmadd_ps(cvt8(p + 8), wk, a1);
-      a2 = _mm256_fmadd_ps(cvt8(p + 16), wk, a2);
-      a3 = _mm256_fmadd_ps(cvt8(p + 24), wk, a3);
+      const __m256i ra = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+      __m256i rb = ra;  // odd tail: the pair's second weight is 0; reread the row rather than run past
+      if (k + 1 < taps) {
+        _mm_prefetch(reinterpret_cast<const char*>(p + stride + 256), _MM_HINT_T0);
+        rb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + stride));
+      }
+      const __m256i lo = _mm256_unpacklo_epi8(ra, rb), hi = _mm256_unpackhi_epi8(ra, rb);
+      // Lanes hold elements [0..3 | 16..19], [4..7 | 20..23], [8..11 | 24..27], [12..15 | 28..31].
+      a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(_mm256_unpacklo_epi8(lo, zero), w));
+      a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(_mm256_unpackhi_epi8(lo, zero), w));
+      a2 = _mm256_add_epi32(a2, _mm256_madd_epi16(_mm256_unpacklo_epi8(hi, zero), w));
+      a3 = _mm256_add_epi32(a3, _mm256_madd_epi16(_mm256_unpackhi_epi8(hi, zero), w));
     }
-    _mm256_storeu_ps(dst + e, a0);
-    _mm256_storeu_ps(dst + e + 8, a1);
-    _mm256_storeu_ps(dst + e + 16, a2);
-    _mm256_storeu_ps(dst + e + 24, a3);
+    auto put = [&](float* d, __m256i v) { _mm256_storeu_ps(d, _mm256_mul_ps(_mm256_cvtepi32_ps(v), vunit)); };
+    put(dst + e, _mm256_permute2x128_si256(a0, a1, 0x20));
+    put(dst + e + 8, _mm256_permute2x128_si256(a2, a3, 0x20));
+    put(dst + e + 16, _mm256_permute2x128_si256(a0, a1, 0x31));
+    put(dst + e + 24, _mm256_permute2x128_si256(a2, a3, 0x31));
   }
-  for (; e + 8 <= n; e += 8) {
-    __m256 a = _mm256_setzero_ps();
-    const uint8_t* p = src + e;
-    for (int64_t k = 0; k < taps; ++k, p += stride) a = _mm256_fmadd_ps(cvt8(p), _mm256_broadcast_ss(w + k), a);
-    _mm256_storeu_ps(dst + e, a);
-  }
-#endif
-  for (int64_t i = e; i < n; ++i) dst[i] = 0.0f;
-  for (int64_t k = 0; k < taps; ++k) {
-    const uint8_t* p = src + k * stride;
-    const float wk = w[k];
-    for (int64_t i = e; i < n; ++i) dst[i] += wk * static_cast<float>(p[i]);
+  for (; e < n; ++e) {
+    int32_t acc = 0;
+    for (int64_t k = 0; k < taps; ++k) {
+      const int32_t wk = static_cast<int16_t>(static_cast<uint32_t>(wp[k / 2]) >> (16 * (k & 1)));
+      acc += wk * src[k * stride + e];
+    }
+    dst[e] = static_cast<float>(acc) * unit;
   }
 }
+#endif
 
 #ifndef AURORA_AVX2
 // Horizontal pass + normalization: t[4 x + c] = a[c] * sum_k w[x][k] * row[3 (start[x] + k) + c] + b[c].
@@ -397,7 +443,7 @@ void preprocess_image(const ImageView& im, const Spec& spec, void* out) {
   thread_local std::vector<float> vt, strip;
   vt.resize(static_cast<size_t>(n8 * 8));
   strip.resize(static_cast<size_t>(8 * kStrip));
-  const int64_t plane = crop * crop, vtaps = cv->taps, htaps = ch->taps;
+  const int64_t plane = crop * crop, vtaps = cv->taps, htaps = ch->taps, vpairs = (vtaps + 1) / 2;
   for (int64_t y0 = 0; y0 < crop; y0 += 8) {
     const int64_t ny = std::min<int64_t>(8, crop - y0);
     for (int64_t e0 = 0; e0 < n; e0 += kStrip) {
@@ -412,8 +458,8 @@ void preprocess_image(const ImageView& im, const Spec& spec, void* out) {
           pf_rows = std::max<int64_t>(0, a1 - a0);
           pf = col0 + a0 * stride + e0;
         }
-        vertical_pass(dst, col0 + cv->start[y] * stride + e0, stride, cv->w.data() + y * vtaps, vtaps, len, pf,
-                      pf_rows);
+        vertical_pass_i16(dst, col0 + cv->start[y] * stride + e0, stride, cv->wpair.data() + y * vpairs, vtaps,
+                          cv->ishift, len, pf, pf_rows);
         for (int64_t i = len; i < len8; ++i) dst[i] = 0.0f;
       }
       for (int64_t j = 0; j < len8; j += 8) {
@@ -423,24 +469,27 @@ void preprocess_image(const ImageView& im, const Spec& spec, void* out) {
         for (int i = 0; i < 8; ++i) _mm256_storeu_ps(vt.data() + (e0 + j + i) * 8, blk[i]);
       }
     }
-    for (int c = 0; c < 3; ++c) {
-      const __m256 va = _mm256_set1_ps(a[c]), vb = _mm256_set1_ps(b[c]);
-      for (int64_t x0 = 0; x0 < crop; x0 += 8) {
-        const int64_t nx = std::min<int64_t>(8, crop - x0);
-        const float* p[8];
-        for (int64_t i = 0; i < 8; ++i) {
-          const int64_t x = x0 + std::min(i, nx - 1);
-          p[i] = vt.data() + ((ch->start[x] - ch->lo) * 3 + c) * 8;
-        }
-        const float* w = ch->wblk.data() + (x0 / 8) * htaps * 8;
+    // Channels innermost: the three channel passes of an 8-column block read the same vt lines (8 columns
+    // x taps x 96 bytes, in L1); channel-outermost reread all of vt from L2 three times per group.
+    for (int64_t x0 = 0; x0 < crop; x0 += 8) {
+      const int64_t nx = std::min<int64_t>(8, crop - x0);
+      const float* p[8];
+      for (int64_t i = 0; i < 8; ++i) {
+        const int64_t x = x0 + std::min(i, nx - 1);
+        p[i] = vt.data() + (ch->start[x] - ch->lo) * 24;
+      }
+      const float* wb = ch->wblk.data() + (x0 / 8) * htaps * 8;
+      for (int c = 0; c < 3; ++c) {
+        const float* w = wb;
         __m256 acc[8];
         for (auto& v : acc) v = _mm256_setzero_ps();
         for (int64_t k = 0; k < htaps; ++k, w += 8) {
-          const int64_t off = k * 24;  // next source pixel, same channel
+          const int64_t off = k * 24 + c * 8;  // source pixel k of the window, channel c
           for (int i = 0; i < 8; ++i)
             acc[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(w + i), _mm256_loadu_ps(p[i] + off), acc[i]);
         }
         transpose8(acc);  // acc[r] = output row y0 + r, columns x0 .. x0 + 7
+        const __m256 va = _mm256_set1_ps(a[c]), vb = _mm256_set1_ps(b[c]);
         for (int64_t r = 0; r < ny; ++r)
           store8(out, c * plane + (y0 + r) * crop + x0, spec.type, _mm256_fmadd_ps(acc[r], va, vb), nx);
       }
@@ -452,8 +501,7 @@ void preprocess_image(const ImageView& im, const Spec& spec, void* out) {
   row.resize(static_cast<size_t>(n + 4));
   t.resize(static_cast<size_t>(4 * crop + 4));
   for (int64_t y = 0; y < crop; ++y) {
-    vertical_pass(row.data(), col0 + cv->start[y] * stride, stride, cv->w.data() + y * cv->taps, cv->taps, n,
-                  nullptr, 0);
+    vertical_pass(row.data(), col0 + cv->start[y] * stride, stride, cv->w.data() + y * cv->taps, cv->taps, n);
     horizontal_pass(t.data(), row.data(), *ch, crop, a, b);
     store_row(out, spec.type, crop, y, t.data());
   }
