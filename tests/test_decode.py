@@ -261,6 +261,30 @@ def test_scaled_shape_and_pixels_with_orientation(h0, w0, orientation):
             np.testing.assert_array_equal(r.image, ref)
 
 
+@pytest.mark.parametrize("name", ["retina_1.6mp", "2.5mp"])
+@pytest.mark.parametrize("s", [2, 4, 8])
+def test_scaled_pixel_is_the_mean_of_its_source_block(name, s):
+    """Pixel (i, j) at 1/s stands for source pixels [s*i, s*i + s) x [s*j, s*j + s), with no half-pixel
+    offset: the mapping onto the extent (H0 / s, W0 / s) that preprocess relies on. Measured: 0.31 to 0.59
+    levels from the block mean on average, 0.9 to 6.0 from a block shifted by one source pixel."""
+    data = sample_bytes(name)
+    full = decode(data).astype(np.float32)
+    h0, w0 = full.shape[:2]
+    scaled = decode_ex(data, min_size=(ceil_div(h0, s), ceil_div(w0, s))).image.astype(np.float32)
+    h, w = h0 // s - 2, w0 // s - 2  # whole blocks, leaving one block of margin for the shifts
+
+    def distance(shift: int) -> float:
+        src = full[s + shift:s + shift + h * s, s + shift:s + shift + w * s]
+        block_mean = src.reshape(h, s, w, s, 3).mean(axis=(1, 3))
+        return float(np.abs(scaled[1:1 + h, 1:1 + w] - block_mean).mean())
+
+    aligned = distance(0)
+    print(f"{name} 1/{s}: {aligned:.2f} levels from the block mean, {distance(-1):.2f} / {distance(1):.2f} "
+          "shifted by -1 / +1")
+    assert aligned < 0.7
+    assert 2 * aligned < min(distance(-1), distance(1))
+
+
 def test_scale_is_the_largest_power_of_two_meeting_min_size():
     data = sample_bytes("2.5mp")  # 1280 x 1920
     cases = {(1280, 1920): 1, (641, 10): 1, (640, 960): 2, (321, 1): 2, (320, 480): 4, (161, 240): 4,
