@@ -105,7 +105,8 @@ CANCELLED = "cancelled"
 
 
 class Batcher:
-    """Thread-safe priority queue that hands out closed batches.
+    """Thread-safe priority queue that hands out closed batches, numbered in the order they close
+    (``record.batch_id``), to any number of consumer threads.
 
     clock: ns clock (injectable for tests of the delay rule through ``poll``).
     on_drop(request, reason): called outside the lock for requests dropped at batch formation.
@@ -122,6 +123,8 @@ class Batcher:
         self._closed = False
         self._cond = threading.Condition(threading.Lock())
         self._delay_ns = config.max_queue_delay_us * 1000
+        self.batches = 0  # batches handed out; a batch's id is its index in this order
+        self._idle = 0  # consumers waiting in next_batch
 
     def __len__(self) -> int:
         return self._size
@@ -143,8 +146,9 @@ class Batcher:
             self._queues[req.priority].append(req)
             self._size = depth + 1
             self.admitted += 1
-            # Wake the former only when it has something new to do: start a timer, or close a full batch.
-            if depth == 0 or depth + 1 >= self.config.max_batch_size:
+            # Wake a consumer only when one waits and has something new to do: start a timer, or close a
+            # full batch. Under a saturating load nobody waits, and a notify per request was pure cost.
+            if self._idle and (depth == 0 or depth + 1 >= self.config.max_batch_size):
                 self._cond.notify()
 
     def close(self) -> None:
@@ -187,7 +191,11 @@ class Batcher:
                         if left <= 0:
                             return None
                         wait_ns = left if wait_ns is None else min(wait_ns, left)
-                    self._cond.wait(None if wait_ns is None else wait_ns / 1e9)
+                    self._idle += 1
+                    try:
+                        self._cond.wait(None if wait_ns is None else wait_ns / 1e9)
+                    finally:
+                        self._idle -= 1
             self._report(dropped)
             if batch:
                 return batch
@@ -213,7 +221,10 @@ class Batcher:
                     dropped.append((r, CANCELLED))
                 else:
                     r.record.batch_closed_ns = now
+                    r.record.batch_id = self.batches
                     batch.append(r)
+        if batch:
+            self.batches += 1
         return batch, dropped, None
 
     def _report(self, dropped) -> None:
