@@ -524,11 +524,18 @@ void preprocess_image(const ImageView& im, const Spec& spec, void* out) {
 void preprocess_batch(const std::vector<ImageView>& ims, const Spec& spec, void* out,
                       int64_t out_stride_bytes, int num_threads) {
   const size_t count = ims.size();
+  // Largest source first, so that the last image a thread takes is a small one and the threads finish
+  // together (a 2.5 MP image taken last by one thread left the other idle for ~1 ms).
+  std::vector<size_t> order(count);
+  for (size_t i = 0; i < count; ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(),
+                   [&](size_t a, size_t b) { return ims[a].h * ims[a].w > ims[b].h * ims[b].w; });
   std::atomic<size_t> next{0};
   std::exception_ptr error;
   std::mutex error_mu;
   auto work = [&]() {
-    for (size_t i = next.fetch_add(1); i < count; i = next.fetch_add(1)) {
+    for (size_t j = next.fetch_add(1); j < count; j = next.fetch_add(1)) {
+      const size_t i = order[j];
       try {
         preprocess_image(ims[i], spec, static_cast<uint8_t*>(out) + static_cast<int64_t>(i) * out_stride_bytes);
       } catch (...) {
