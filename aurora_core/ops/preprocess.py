@@ -88,12 +88,15 @@ def resized_geometry(orig_size: tuple[int, int], spec: PreprocessSpec) -> tuple[
 def fast_min_size(orig_size: tuple[int, int], spec: PreprocessSpec = PreprocessSpec()) -> tuple[int, int]:
     """``min_size=(h, w)`` that fast mode passes to decode for an original (H0, W0) image.
 
-    It asks for at least twice the resized size, so that a DCT-scaled decode is still downscaled 2x or
-    more by the antialiased resampler: that is the condition under which fast mode's error against
-    exact mode is bounded (mean <= 0.6, max <= 8 uint8 levels on natural photos; see the tests).
+    It asks for four times the resized size, so that the antialiased resampler still downscales a
+    DCT-scaled decode 4x or more: then fast mode stays within mean 0.6 and max 8 uint8 levels of exact
+    mode on the 1.6, 2.5 and 10 MP sample photos at every resize from 16 to half the shorter side
+    (worst: mean 0.35, max 7.96). At 2x, the block mean the scaled IDCT takes before the resampler, and
+    libjpeg-turbo's colour clip after the reduction at saturated edges, cost up to mean 1.16 and max 19
+    (3x: 0.50 and 11.4). See benchmarks/fast_mode_error.py and tests/test_preprocess.py.
     """
     new_h, new_w, _, _ = resized_geometry(orig_size, spec)
-    return 2 * new_h, 2 * new_w
+    return 4 * new_h, 4 * new_w
 
 
 def _describe(x) -> str:
@@ -308,7 +311,7 @@ def preprocess_ref(img, spec: PreprocessSpec = PreprocessSpec(), *, orig_size=No
 def load(data, spec: PreprocessSpec = PreprocessSpec(), fast: bool = True, **decode_limits) -> torch.Tensor:
     """Decode ``data`` (JPEG/PNG bytes) and preprocess it: returns Tensor[3, crop, crop] of spec.dtype.
 
-    fast=True lets decode use a JPEG DCT scale (1/2, 1/4, 1/8) that keeps at least twice the resized size
+    fast=True lets decode use a JPEG DCT scale (1/2, 1/4, 1/8) that keeps at least 4x the resized size
     (``fast_min_size``); the resampler then maps onto the exact fractional extent. fast=False decodes at
     full size (exact mode: within one uint8 level of torchvision's transform).
     decode_limits: max_pixels, max_bytes, passed to aurora_core.decode.decode_ex.
