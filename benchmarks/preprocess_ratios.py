@@ -1,10 +1,13 @@
 """Print the preprocess ratio table, every figure measured in this one run.
 
 Providers are timed round-robin (one call of each in turn, repeated), so that a noisy neighbour slows
-all of them alike; figures are medians. Single-image numbers run on one thread (torch, OpenCV, aurora)
-and are reported twice: wall time, and the calling thread's CPU time (time.thread_time), which leaves
-out the time a loaded machine keeps the thread descheduled. The batch figure compares preprocess_batch
-of 64 decoded images on 2 threads against 1, in wall time only (CPU time would miss the worker).
+all of them alike; figures are medians. Round-robin also means each call starts cold, its image and
+output evicted by the other providers' work, as a request in a server does: aurora's 0.3 MP call costs
+~2x its back-to-back (warm) time here, torch's barely changes (it streams the whole image in order).
+Single-image numbers run on one thread (torch, OpenCV, aurora) and are reported twice: wall time, and
+the calling thread's CPU time (time.thread_time), which leaves out the time a loaded machine keeps the
+thread descheduled. The batch figure compares preprocess_batch of 64 decoded images on 2 threads
+against 1, in wall time only (CPU time would miss the worker).
 
 Run: python benchmarks/preprocess_ratios.py [--repeat 3] [--rounds 20]
 """
