@@ -124,6 +124,24 @@ def test_all_dropped_gives_empty_batch():
     assert b.poll() == []
 
 
+def test_batches_are_numbered_in_the_order_they_close():
+    clk = FakeClock()
+    b = Batcher(BatchingConfig(max_batch_size=2, max_queue_delay_us=0), clock=clk)
+    reqs = [make(rid=i) for i in range(5)]
+    for r in reqs[:3]:
+        b.put(r)
+    reqs[1].future.cancel()
+    assert ids(b.poll()) == [0, 2]
+    b.put(reqs[3])
+    reqs[3].future.cancel()
+    assert b.poll() == []
+    b.put(reqs[4])
+    assert ids(b.poll()) == [4]
+    # A batch whose every request was dropped is no batch: it takes no number.
+    assert [r.record.batch_id for r in reqs] == [0, -1, 0, -1, 1]
+    assert b.batches == 2
+
+
 def test_overload_and_queue_depth():
     clk = FakeClock()
     b = Batcher(BatchingConfig(max_batch_size=8, max_queue_size=3), clock=clk)
@@ -189,3 +207,40 @@ def test_many_producers_one_consumer_nothing_lost_or_duplicated():
     assert not c.is_alive()
     assert sorted(got) == list(range(n_threads * per))
     assert max(sizes) <= cfg.max_batch_size
+
+
+def test_two_consumers_share_the_batches_nothing_lost_or_duplicated():
+    """The pipeline's two batch workers both wait on the batcher: every request goes to exactly one of
+    them, batch numbers are unique and contiguous, and close() releases both."""
+    cfg = BatchingConfig(max_batch_size=5, max_queue_delay_us=100, max_queue_size=10_000)
+    b = Batcher(cfg)
+    n_threads, per = 4, 300
+    got: list[list[int]] = [[], []]
+    batch_ids: list[list[int]] = [[], []]
+
+    def produce(t):
+        for i in range(per):
+            b.put(make(priority=i % 2, rid=t * per + i))
+
+    def consume(k):
+        while True:
+            batch = b.next_batch(timeout=10)
+            if batch is None:
+                return
+            assert len({r.record.batch_id for r in batch}) == 1
+            batch_ids[k].append(batch[0].record.batch_id)
+            got[k].extend(ids(batch))
+
+    cs = [threading.Thread(target=consume, args=(k,)) for k in range(2)]
+    ps = [threading.Thread(target=produce, args=(t,)) for t in range(n_threads)]
+    for t in cs + ps:
+        t.start()
+    for p in ps:
+        p.join(10)
+    b.close()
+    for c in cs:
+        c.join(10)
+    assert not any(c.is_alive() for c in cs)
+    assert sorted(got[0] + got[1]) == list(range(n_threads * per))
+    assert sorted(batch_ids[0] + batch_ids[1]) == list(range(b.batches))
+    assert all(ids_ == sorted(ids_) for ids_ in batch_ids)  # each consumer gets them in closing order

@@ -372,6 +372,23 @@ def test_many_threads_and_asyncio_nothing_lost_or_duplicated(harness):
     assert st["completed"] == st["admitted"] == total and st["errors"] == {}
 
 
+def test_batches_reach_the_model_in_the_order_they_closed():
+    """Two workers prepare batches side by side; uneven image sizes make one batch's preparation outlast
+    the next one's, and the model must still take them in batch_id order."""
+    recs = []
+    cfg = BatchingConfig(max_batch_size=4, max_queue_delay_us=300, max_queue_size=10_000)
+    with Pipeline(Tiny(), SPEC, cfg, device="cpu", sink=recs.append, num_workers=2) as pipe:
+        futs = [pipe.submit(image(i, *((600, 800) if i % 9 == 0 else (20, 28)))) for i in range(120)]
+        for f in futs:
+            assert f.result(WAIT).timings.status == "ok"
+    start: dict[int, int] = {}
+    for r in recs:
+        assert start.setdefault(r.batch_id, r.compute_start_ns) == r.compute_start_ns
+    assert sorted(start) == list(range(len(start)))
+    in_id_order = [start[b] for b in sorted(start)]
+    assert in_id_order == sorted(in_id_order)
+
+
 def test_async_cancel_before_batching(harness):
     h = harness()
     a, b = h.block()
