@@ -31,6 +31,7 @@ import copy
 import itertools
 import logging
 import os
+import sys
 import threading
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -70,6 +71,8 @@ class Pipeline:
     cpu_fallback: after a sticky device error, continue on the CPU instead of shutting down.
     num_workers: threads that decode (from admission on, while the request waits) and preprocess (one
         batched kernel call per batch) (default: CPU count, at most 8; 1 decodes on the batching thread).
+        With the model on the CPU, the decoding threads run at a lower OS priority (Linux nice +10): they
+        fill the cycles the model leaves, instead of taking turns with it on its core.
     fast_decode: decode JPEGs at the smallest DCT scale that still covers the resize (fast_min_size).
     decode_limits: max_pixels / max_bytes passed to decode. cuda_graphs / channels_last: runner options.
     device_preprocess: "auto" (default): on CUDA, preprocess with the Triton kernel on the device when it
@@ -151,7 +154,11 @@ class Pipeline:
         if nw < 1:
             raise ValueError(f"Pipeline: num_workers must be >= 1, got {nw}")
         # With more than one worker, encoded requests are decoded by the pool as they arrive.
-        self._pool = ThreadPoolExecutor(nw, thread_name_prefix="aurora-decode") if nw > 1 else None
+        # On the CPU the model's thread is the bottleneck stage, and the decoders shared its core with it as
+        # equals: mobilenet_v3_small, default mix, 2-core box, offline 166 -> 191 images/s (medians of 5).
+        self._pool = ThreadPoolExecutor(
+            nw, thread_name_prefix="aurora-decode",
+            initializer=_lower_priority if self._runner.device.type == "cpu" else None) if nw > 1 else None
         self._nw = nw
         self._eager_depth = 4 * self.config.max_batch_size
         # Both workers wait on the batcher itself, and the model runs batches in the order they closed
@@ -573,6 +580,16 @@ class Pipeline:
                 self._finish(r, exc=DeviceLost(f"Pipeline: device lost before this request ran: {exc}"))
             else:
                 self._finish(r, status="cancelled")
+
+
+def _lower_priority() -> None:
+    """Run the calling thread at nice +10 (Linux: per thread; elsewhere, or when refused, a no-op)."""
+    if sys.platform == "linux":
+        try:
+            tid = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + 10))
+        except OSError:
+            pass
 
 
 def _preprocess_mode(value) -> str:

@@ -4,6 +4,8 @@ blocks on an event, so requests pile up in a known state and every count below i
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import threading
 import time
 from concurrent.futures import CancelledError
@@ -387,6 +389,17 @@ def test_batches_reach_the_model_in_the_order_they_closed():
     assert sorted(start) == list(range(len(start)))
     in_id_order = [start[b] for b in sorted(start)]
     assert in_id_order == sorted(in_id_order)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
+def test_cpu_decoders_run_below_the_model_thread():
+    """With the model on the CPU, the decode pool yields to the model's thread (nice +10)."""
+    def nice():
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    with Pipeline(Tiny(), SPEC, BatchingConfig(max_batch_size=2), device="cpu", num_workers=2) as pipe:
+        assert pipe._pool.submit(nice).result(WAIT) == min(19, nice() + 10)
+        assert pipe.infer(samples.sample_bytes("0.3mp"), timeout=WAIT).timings.status == "ok"
 
 
 def test_async_cancel_before_batching(harness):
