@@ -249,7 +249,7 @@ class Pipeline:
             if (self._pool is not None and not isinstance(data, np.ndarray) and not self.batcher.closed
                     and len(self.batcher) < self._eager_depth):
                 # Decode while the request waits for its batch: the decode leaves the batch's critical path.
-                # Started before admission so that the former thread always finds it. Only the first few
+                # Started before admission so that the batch worker always finds it. Only the first few
                 # batches' worth are decoded ahead, so a deep queue does not hold decoded pixels.
                 req.decoding = self._pool.submit(self._decode_safe, req)
             self.batcher.put(req)
@@ -567,7 +567,7 @@ class Pipeline:
                     kw["dtype"] = None  # fp16 on the CPU is slower than fp32, when it runs at all
                 net, self._fallback_net = self._fallback_net, None
                 self._retired.update(old.counters)
-                # Cleared before the swap: the former thread reads the runner, then this flag (_prepare).
+                # Cleared before the swap: a batch worker reads the runner, then this flag (_prepare).
                 self._device_preprocess = False
                 self._runner = Runner(net, device="cpu", **kw)
                 self._ready = True

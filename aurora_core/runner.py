@@ -2,8 +2,8 @@
 
 The runner owns the model and the device side of the batch buffers. The pipeline fills a host batch
 buffer (``Slab.host``, pinned on CUDA), calls ``stage`` (on CUDA: an async H2D copy on a side stream,
-so it overlaps the previous batch's compute), then ``run`` on the compute thread, which returns the
-top-k of every real row.
+so it overlaps the previous batch's compute), then ``run``, which returns the top-k of every real row.
+The pipeline's two batch workers call ``run`` one batch at a time, in batch order.
 
 On CUDA every bucket gets one CUDA graph (captured after warm-up; eager when capture fails). An
 out-of-memory error splits the rows in halves down to single rows; a row that still fails is reported
