@@ -10,9 +10,12 @@ Policy (what a caller can rely on):
   (Python ints, so no overflow); for JPEG, libjpeg-turbo's own view of the header must agree with ours,
   so the size we checked is the size it allocates.
 * Corrupt data raises ``CorruptImage``, never a grey-padded image: libjpeg-turbo runs with
-  ``strict=True`` (warnings such as "premature end of data" are errors), every PNG chunk CRC is checked,
-  and Pillow's ``LOAD_TRUNCATED_IMAGES`` is left off. Progressive JPEGs with more than ``MAX_SCANS``
-  scans are rejected before decoding.
+  ``strict=True`` (warnings such as "premature end of data" are errors); every PNG chunk CRC is checked,
+  and PNG pixels are decoded by libspng (from the pyspng wheel) with its own CRC and zlib Adler-32 checks
+  on and no progressive decode, so an IDAT stream that is cut, one row short or fails Adler-32 is an
+  error. Without libspng, Pillow decodes PNG, with ``LOAD_TRUNCATED_IMAGES`` off (it then accepts a
+  complete zlib stream that is short of rows, filling them with zeros). Progressive JPEGs with more
+  than ``MAX_SCANS`` scans are rejected before decoding.
 * Alpha is dropped, as ``PIL.Image.convert("RGB")`` and torchvision's ``ImageReadMode.RGB`` do: the
   colour channels are returned as stored, not composited over a background.
 * 16-bit PNG samples become 8 bits by keeping the high byte (``v >> 8``), for every colour type (Pillow
@@ -39,12 +42,14 @@ Stable ``reason`` strings:
 * ``CorruptImage``: truncated, bad_header, bad_checksum (PNG CRC), zero_size, too_many_scans,
   too_many_markers (header walks are bounded), decode_failed (the pixel decoder rejected the data).
 
-Threads: everything here is re-entrant; libjpeg-turbo runs with the GIL released.
+Threads: everything here is re-entrant; libjpeg-turbo and libspng run with the GIL released.
 """
 
 from __future__ import annotations
 
+import ctypes
 import io
+import logging
 import operator
 import re
 import struct
@@ -414,6 +419,81 @@ def _png_header(op: str, buf: memoryview, max_pixels: int) -> _Header:
 
 
 def _decode_png(buf: memoryview, hdr: _Header) -> np.ndarray:
+    return _decode_png_pillow(buf, hdr) if _SPNG is None else _decode_png_spng(buf, hdr)
+
+
+def _load_spng():
+    """libspng's C API, from the library the pyspng wheel ships, or None (Pillow is used then).
+
+    Not ``pyspng.load``: it sets SPNG_CRC_USE, which also skips zlib's Adler-32 check, so an IDAT altered
+    under valid chunk CRCs decodes to wrong pixels (2484 of 3000 mutations of 1-3 bit flips did; Pillow
+    and libspng's defaults rejected all but 7, which decoded to Pillow's pixels), and it holds the GIL
+    while decoding; ctypes calls release it.
+    """
+    try:
+        from pyspng import _pyspng_c
+
+        lib = ctypes.CDLL(_pyspng_c.__file__)
+        ptr, size = ctypes.c_void_p, ctypes.c_size_t
+        sigs = {"spng_ctx_new": ([ctypes.c_int], ptr), "spng_ctx_free": ([ptr], None),
+                "spng_set_chunk_limits": ([ptr, size, size], ctypes.c_int),
+                "spng_set_png_buffer": ([ptr, ptr, size], ctypes.c_int),
+                "spng_decoded_image_size": ([ptr, ctypes.c_int, ctypes.POINTER(size)], ctypes.c_int),
+                "spng_decode_image": ([ptr, ptr, size, ctypes.c_int, ctypes.c_int], ctypes.c_int),
+                "spng_strerror": ([ctypes.c_int], ctypes.c_char_p)}
+        for name, (args, res) in sigs.items():
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = args, res
+        return lib
+    except (ImportError, OSError, AttributeError) as e:
+        logging.getLogger("aurora_core").info("decode: libspng unavailable (%r); decoding PNG with Pillow", e)
+        return None
+
+
+_SPNG = _load_spng()
+_SPNG_FMT_RGB8 = 4  # enum spng_format; alpha and tRNS are dropped, 16-bit samples keep the high byte
+_SPNG_EMEM = 2
+# Ancillary chunks libspng inflates and keeps (zTXt, iTXt, iCCP): at most 8 MB each, 64 MB in all, as
+# Pillow's MAX_TEXT_MEMORY. A 200 MB zTXt bomb then fails in 15 ms; with pyspng's 64 MB per chunk it took
+# 130-240 ms. (Pillow stops at 1 MB per chunk; libspng's limit counts its buffers too, so at 1 MB it
+# already refused a 0.9 MB zTXt that Pillow reads.)
+_SPNG_CHUNK_LIMIT, _SPNG_CACHE_LIMIT = 8 << 20, 64 << 20
+
+
+def _decode_png_spng(buf: memoryview, hdr: _Header) -> np.ndarray:
+    """libspng with its defaults (chunk CRCs and Adler-32 checked, no gamma, no progressive/partial decode).
+
+    Same pixels as ``_decode_png_pillow`` for every colour type, bit depth, tRNS and interlacing
+    (tests/test_decode.py), in less time: 7.0 ms against 12.1 ms on the 600x400 RGB coffee sample, 2.9
+    against 3.3 ms on it as a palette PNG (decode() with its header checks; 2-core box, load 4).
+    """
+    lib = _SPNG
+    src = np.frombuffer(buf, np.uint8)  # no copy; buf stays alive for the call
+    out = np.empty((hdr.height, hdr.width, 3), np.uint8)  # the size the limits were checked on
+    n = ctypes.c_size_t()
+    ctx = lib.spng_ctx_new(0)
+    if not ctx:
+        raise MemoryError("decode: libspng could not allocate a decoder context")
+    try:
+        err = (lib.spng_set_chunk_limits(ctx, _SPNG_CHUNK_LIMIT, _SPNG_CACHE_LIMIT)
+               or lib.spng_set_png_buffer(ctx, src.ctypes.data, src.nbytes)
+               or lib.spng_decoded_image_size(ctx, _SPNG_FMT_RGB8, ctypes.byref(n)))
+        if not err and n.value != out.nbytes:
+            raise CorruptImage(f"decode: PNG: libspng would decode {n.value} bytes, IHDR says "
+                               f"{hdr.width}x{hdr.height}x3", reason="bad_header")
+        err = err or lib.spng_decode_image(ctx, out.ctypes.data, out.nbytes, _SPNG_FMT_RGB8, 0)
+    finally:
+        lib.spng_ctx_free(ctx)
+    if err == _SPNG_EMEM:
+        raise MemoryError("decode: libspng ran out of memory decoding a PNG")
+    if err:
+        raise CorruptImage(f"decode: PNG data is corrupt: libspng: {lib.spng_strerror(err).decode()}",
+                           reason="decode_failed")
+    return out
+
+
+def _decode_png_pillow(buf: memoryview, hdr: _Header) -> np.ndarray:
+    """The fallback when libspng is missing, and the oracle the libspng path is tested against."""
     try:
         with Image.open(io.BytesIO(buf), formats=["PNG"]) as im:
             im.load()

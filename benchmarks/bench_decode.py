@@ -4,15 +4,22 @@ bare simplejpeg (no limits, no header walk, no EXIF) as the baseline for our che
 Run: python -m pytest benchmarks/bench_decode.py --benchmark-only --benchmark-columns=median,iqr,rounds
      (CI: --benchmark-disable as a smoke test). One group per photo; megapixels/s of the source image
      in extra_info. Huffman decoding is most of a JPEG decode, so 1/8 saves far less than 64x.
+     test_decode_png: aurora (libspng) against its Pillow fallback, both after the same header checks,
+     on the coffee PNG (8-bit RGB) and the same picture as an 8-bit palette PNG.
 """
 
 from __future__ import annotations
 
+import functools
+import io
+
 import numpy as np
 import pytest
 import simplejpeg
+from PIL import Image
 
-from aurora_core.decode import decode_ex, probe
+from aurora_core import decode as dec
+from aurora_core.decode import decode, decode_ex, probe
 from aurora_core.samples import sample_bytes
 
 PHOTOS = ["0.3mp", "2.5mp", "10mp"]
@@ -39,4 +46,33 @@ def test_decode(benchmark, photo, provider):
     out = benchmark(fn)
     assert out.shape == expect and out.dtype == np.uint8
     if benchmark.stats is not None:  # None under --benchmark-disable
+        benchmark.extra_info["mp_per_s"] = h * w / 1e6 / benchmark.stats.stats.median
+
+
+@functools.cache
+def png_kind(kind: str) -> bytes:
+    data = sample_bytes("coffee_png")
+    if kind == "palette":
+        b = io.BytesIO()
+        Image.open(io.BytesIO(data)).convert("RGB").quantize(256).save(b, "PNG")
+        data = b.getvalue()
+    return data
+
+
+def pillow_png(data: bytes) -> np.ndarray:
+    """The Pillow fallback path, after the same header checks as decode."""
+    mv = memoryview(data)
+    return dec._decode_png_pillow(mv, dec._inspect("decode", mv, 50_000_000, 32 << 20))
+
+
+@pytest.mark.parametrize("provider", ["pillow", "aurora"])
+@pytest.mark.parametrize("kind", ["rgb", "palette"])
+def test_decode_png(benchmark, kind, provider):
+    data = png_kind(kind)
+    _, h, w = probe(data)
+    benchmark.group = f"decode png {kind} ({w}x{h})"
+    fn = pillow_png if provider == "pillow" else decode
+    out = benchmark(fn, data)
+    assert out.shape == (h, w, 3) and out.dtype == np.uint8
+    if benchmark.stats is not None:
         benchmark.extra_info["mp_per_s"] = h * w / 1e6 / benchmark.stats.stats.median

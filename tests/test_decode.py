@@ -368,6 +368,53 @@ def test_png_alpha_is_dropped_not_composited():
     np.testing.assert_array_equal(decode(png_bytes(a, 6, 8))[..., 0], 200)
 
 
+def pillow_path(data: bytes) -> np.ndarray:
+    """The Pillow PNG path (the fallback when libspng is missing), after the same header checks."""
+    return dec._decode_png_pillow(memoryview(data), dec._inspect("test", memoryview(data), 50_000_000, 32 << 20))
+
+
+def test_png_uses_libspng():
+    assert dec._SPNG is not None, "pyspng is a runtime dependency; its libspng should load"
+
+
+@pytest.mark.parametrize("trns", [False, True])
+@pytest.mark.parametrize("interlace", [False, True])
+@pytest.mark.parametrize("color, depth", PNG_CASES)
+def test_png_libspng_matches_the_pillow_path(color, depth, interlace, trns):
+    rng = np.random.default_rng(color * 100 + depth + 7)
+    h, w = 17, 9
+    hi = 2**depth
+    a = rng.integers(0, hi, (h, w, CHANNELS[color]))
+    a[0] = hi - 1
+    plte = rng.integers(0, 256, (min(hi, 256), 3)) if color == 3 else None
+    t = None  # tRNS: libspng must ignore it as Pillow's path does (alpha is dropped)
+    if trns and color == 0:
+        t = struct.pack(">H", int(a[3, 3, 0]))
+    elif trns and color == 2:
+        t = struct.pack(">HHH", *(int(x) for x in a[3, 3]))
+    elif trns and color == 3:
+        t = bytes(range(min(hi, 256) // 2))
+    data = png_bytes(a, color, depth, plte=plte, trns=t, interlace=interlace)
+    out = decode(data)
+    assert out.dtype == np.uint8 and out.flags.c_contiguous and out.flags.writeable
+    np.testing.assert_array_equal(out, pillow_path(data))
+
+
+def test_png_libspng_matches_pillow_on_the_sample_and_applies_no_gamma():
+    data = sample_bytes("coffee_png")
+    np.testing.assert_array_equal(decode(data), pillow_path(data))
+    a = photo(10, 12).astype(np.int64)
+    plain = png_bytes(a, 2, 8)
+    gamma = plain[:33] + png_chunk(b"gAMA", struct.pack(">I", 100000)) + png_chunk(b"sBIT", b"\5\5\5") + plain[33:]
+    np.testing.assert_array_equal(decode(gamma), a.astype(np.uint8))
+
+
+def test_png_without_libspng_falls_back_to_pillow(monkeypatch):
+    data = png_bytes(photo(5, 7).astype(np.int64), 2, 8, interlace=True)
+    monkeypatch.setattr(dec, "_SPNG", None)
+    np.testing.assert_array_equal(decode(data), photo(5, 7))
+
+
 # ---------------------------------------------------------------------------------------------------
 # EXIF
 

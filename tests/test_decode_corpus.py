@@ -16,6 +16,7 @@ import pytest
 import simplejpeg
 from PIL import Image, ImageOps
 
+from aurora_core import decode as dec
 from aurora_core.decode import MAX_SCANS, decode, decode_ex, probe
 from aurora_core.errors import CorruptImage, ImageError, ImageTooLarge, UnsupportedFormat
 from aurora_core.samples import sample_bytes
@@ -346,6 +347,80 @@ def test_every_png_bit_flip_is_an_error():
         b[k // 8] ^= 1 << (k % 8)
         with pytest.raises(ImageError):  # the CRC catches every flip after the signature
             decode(bytes(b))
+
+
+def png_rgb_idat(h: int = 30, w: int = 40) -> tuple[bytes, bytes]:
+    """(the raw filtered scanlines, their zlib stream) of an 8-bit RGB PNG of a photo crop."""
+    raw = b"".join(b"\0" + row.tobytes() for row in photo(h, w))
+    return raw, zlib.compress(raw)
+
+
+def rgb_png(idat: bytes, h: int = 30, w: int = 40, extra: bytes = b"") -> bytes:
+    png = ihdr_png(w, h, color=2, idat=idat)
+    return png[:33] + extra + png[33:]  # extra chunks go right after the IHDR (8 + 25 bytes)
+
+
+def pillow_png_path(data: bytes):
+    """The Pillow PNG path's result: an array, or the ImageError it raises."""
+    try:
+        return dec._decode_png_pillow(memoryview(data), dec._inspect("test", memoryview(data), 50_000_000, 32 << 20))
+    except ImageError as e:
+        return e
+
+
+def test_png_adler32_mismatch_is_an_error():
+    # Valid chunk CRCs around a zlib stream whose Adler-32 is wrong: the pixels may be wrong, so refuse
+    # them (Pillow does; pyspng.load() does not, it turns off libspng's CRC and Adler-32 checks).
+    _, z = png_rgb_idat()
+    assert not isinstance(pillow_png_path(rgb_png(z)), Exception)
+    bad = rgb_png(z[:-4] + bytes(4))
+    assert isinstance(pillow_png_path(bad), CorruptImage)
+    with pytest.raises(CorruptImage) as e:
+        decode(bad)
+    assert e.value.reason == "decode_failed"
+
+
+@pytest.mark.parametrize("cut", ["row", "byte", "stream_end"])
+def test_png_short_or_cut_deflate_stream_is_an_error(cut):
+    raw, z = png_rgb_idat()
+    # A complete zlib stream one row short: the Pillow path returns an image with a black last row;
+    # libspng refuses it ("IDAT stream too short"), which is the contract (never a padded image).
+    idat = {"row": zlib.compress(raw[:-121]), "byte": zlib.compress(raw[:-1]), "stream_end": z[: len(z) // 2]}[cut]
+    with pytest.raises(CorruptImage) as e:
+        decode(rgb_png(idat))
+    assert e.value.reason == "decode_failed"
+
+
+def test_png_idat_mutations_under_valid_crcs_raise_or_decode_like_pillow():
+    # The mutated stream gets fresh chunk CRCs, so only zlib (inflate, Adler-32) and the PNG filter
+    # decoding can notice. Whatever libspng accepts, Pillow must accept with the same pixels.
+    rng = np.random.default_rng(5)
+    _, z = png_rgb_idat(20, 24)
+    rejected = 0
+    for _ in range(300):
+        b = bytearray(z)
+        for _ in range(int(rng.integers(1, 4))):
+            b[int(rng.integers(0, len(b)))] ^= 1 << int(rng.integers(0, 8))
+        data = rgb_png(bytes(b), 20, 24)
+        try:
+            out = decode(data)
+        except CorruptImage as e:
+            assert e.reason == "decode_failed"
+            rejected += 1
+            continue
+        ref = pillow_png_path(data)
+        assert not isinstance(ref, Exception), f"libspng decoded an IDAT that Pillow rejects: {ref}"
+        np.testing.assert_array_equal(out, ref)
+    assert rejected > 250
+
+
+def test_png_text_bomb_is_refused_and_ordinary_text_is_not():
+    _, z = png_rgb_idat()
+    bomb = png_chunk(b"zTXt", b"k\0\0" + zlib.compress(bytes(200 << 20), 9))
+    with pytest.raises(CorruptImage):
+        decode(rgb_png(z, extra=bomb))
+    text = png_chunk(b"zTXt", b"k\0\0" + zlib.compress(bytes(900 << 10))) + png_chunk(b"tEXt", b"k\0" + b"v" * 5000)
+    np.testing.assert_array_equal(decode(rgb_png(z, extra=text)), photo(30, 40))
 
 
 @pytest.mark.parametrize("name", ["BASE", "PROG"])
