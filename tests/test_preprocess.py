@@ -499,3 +499,79 @@ def test_cuda_choice_prefers_triton():
     assert _dispatch.backend_for(torch.device("cuda")) == want
     assert _dispatch.backend_for("cpu") == "cpp"
     assert _dispatch.backend_for(np.zeros(3)) == "cpp"
+
+
+# ---------------------------------------------------------------- memory safety and fixed-point range
+
+_GUARD_CHILD = r"""
+import ctypes, mmap, sys
+import numpy as np
+import aurora_core._C as C
+
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+PAGE = mmap.PAGESIZE
+mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+cases = 0
+for h, w in [(1, 1), (1, 37), (37, 1), (2, 2), (3, 5), (5, 3), (17, 301), (301, 17), (63, 65), (2, 700),
+             (700, 3), (250, 249)]:
+    for s in (1, 8):
+        oh, ow = (h - 1) * s + 1, (w - 1) * s + 1
+        n = h * w * 3
+        pages = (n + PAGE - 1) // PAGE
+        m = mmap.mmap(-1, (pages + 2) * PAGE)
+        base = ctypes.addressof(ctypes.c_char.from_buffer(m))
+        # Image flush against an inaccessible page on each side in turn: a read of one byte before its
+        # first or after its last byte faults.
+        for off in (PAGE, (pages + 1) * PAGE - n):
+            img = np.frombuffer(m, np.uint8, n, off).reshape(h, w, 3)
+            img[...] = np.arange(n, dtype=np.uint8).reshape(h, w, 3)
+            assert libc.mprotect(base, PAGE, 0) == 0 and libc.mprotect(base + (pages + 1) * PAGE, PAGE, 0) == 0
+            for resize in (1, 2, 3, 7, 64, 224):
+                for crop in sorted({1, (resize + 1) // 2, resize}):
+                    for dtype in ("float32", "bfloat16"):
+                        out = np.empty((3, crop, crop), np.float32 if dtype == "float32" else np.int16)
+                        C.preprocess(img, out, resize=resize, crop=crop, mean=mean, std=std, dtype=dtype,
+                                     orig_size=(oh, ow), scale=s)
+                        cases += 1
+            libc.mprotect(base, PAGE, 3)
+            libc.mprotect(base + (pages + 1) * PAGE, PAGE, 3)
+            del img
+print("ok", cases)
+"""
+
+
+@needs_cpp
+def test_kernel_reads_only_the_image():
+    """Images flush against PROT_NONE pages (odd and even tap counts, windows at the last row and column,
+    DCT-scaled extents): a read past either end, e.g. the partner row of an odd tap count paired for the
+    vertical pass, kills the child with SIGSEGV instead of going unnoticed behind a zero weight."""
+    import os
+    import subprocess
+    import sys
+
+    import aurora_core
+
+    # The child imports the same aurora_core as this process (not whatever its cwd would give).
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(aurora_core.__file__)))
+    r = subprocess.run([sys.executable, "-c", _GUARD_CHILD], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0 and r.stdout.startswith("ok"), (r.returncode, r.stdout[-500:], r.stderr[-2000:])
+
+
+@needs_cpp
+@pytest.mark.parametrize("hw, resize, orig_size, scale", [
+    ((2000, 2000), 1, None, 1),       # 4000 vertical taps at the finest fixed-point unit
+    ((3001, 1500), 2, None, 1),
+    ((250, 250), 1, (1999, 1993), 8),  # DCT-scaled, fractional extent
+    ((1, 4000), 256, None, 1),         # upscale one row to 256, long side 1,024,000
+    ((4000, 1), 256, None, 1),
+    ((5, 7), 512, None, 1),
+])
+def test_constant_images_exact_at_extreme_scales(hw, resize, orig_size, scale):
+    """Constant images come back as the constant: the fixed-point vertical weights sum to exactly one and
+    255 times their sum fits the int32 accumulator, at the largest tap counts and at upscales."""
+    spec = PreprocessSpec(resize=resize, crop=resize)
+    for v in (255, 0, 137):
+        img = np.full((*hw, 3), v, np.uint8)
+        got = levels(preprocess(img, spec, orig_size=orig_size, scale=scale), spec)
+        assert (got - v).abs().max().item() < 1e-3, (hw, resize, v)
