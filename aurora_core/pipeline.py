@@ -328,10 +328,11 @@ class Pipeline:
             if batch is None:
                 return
             bid = batch[0].record.batch_id  # the model takes batches in this order, whichever worker has them
+            prepared_by = self._runner
             try:
                 live = self._prepare(batch, slab)
             except Exception as e:  # noqa: BLE001 - a bug here must not strand the batch
-                self._fail_batch([r for r in batch if not r.future.done()], e, self._runner)
+                self._fail_batch([r for r in batch if not r.future.done()], e, prepared_by)
                 live = []
             # Counted once its rows are written (not when it closes), so "prepared" means preprocessed.
             self._count("batches_prepared")
@@ -540,19 +541,25 @@ class Pipeline:
             r.future.set_result(Prediction(list(zip(out.indices[r.slot], out.probs[r.slot], strict=True)), rec))
 
     def _fail_batch(self, live, exc: BaseException, runner: Runner) -> None:
+        """End every request of ``live`` with ``exc``. Never raises: a batch worker that died here would
+        strand these requests and, holding its turn, every later batch."""
         from aurora_core.runner import is_sticky
 
         sticky = is_sticky(exc)
         if sticky and not isinstance(exc, DeviceLost):
             exc = DeviceLost(f"Pipeline: sticky device error: {exc}")
-        if sticky:
-            # Fall back (or shut down) before these requests end, so that a client retrying on their
-            # DeviceLost already finds the CPU runner rather than the lost device.
-            self._on_device_lost(exc, runner)
-        else:
-            log.error("Pipeline: batch failed: %r", exc)
-        for r in live:
-            self._finish(r, exc=exc)
+        try:
+            if sticky:
+                # Fall back (or shut down) before these requests end, so that a client retrying on their
+                # DeviceLost already finds the CPU runner rather than the lost device.
+                self._on_device_lost(exc, runner)
+            else:
+                log.error("Pipeline: batch failed: %r", exc)
+        except Exception:  # noqa: BLE001
+            log.exception("Pipeline: handling a failed batch raised")
+        finally:
+            for r in live:
+                self._finish(r, exc=exc)
 
     def _on_device_lost(self, exc: BaseException, old: Runner) -> None:
         """Fall back to the CPU when allowed; otherwise shut down so that health checks see it."""
@@ -569,10 +576,15 @@ class Pipeline:
                 self._retired.update(old.counters)
                 # Cleared before the swap: a batch worker reads the runner, then this flag (_prepare).
                 self._device_preprocess = False
-                self._runner = Runner(net, device="cpu", **kw)
-                self._ready = True
-                return
-            log.error("Pipeline: device %s lost (%s); shutting down", old.device, exc)
+                try:
+                    self._runner = Runner(net, device="cpu", **kw)
+                except Exception:  # noqa: BLE001 - no fallback after all: shut down below
+                    log.exception("Pipeline: the CPU fallback runner could not be built")
+                else:
+                    self._ready = True
+                    return
+            else:
+                log.error("Pipeline: device %s lost (%s); shutting down", old.device, exc)
             self._failure = exc
         self.batcher.close()
         for r in self.batcher.drain_all():

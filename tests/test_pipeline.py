@@ -307,8 +307,9 @@ def test_only_the_first_batches_are_decoded_ahead(harness):
     h = harness(BatchingConfig(max_batch_size=2, max_queue_delay_us=1000))  # decodes ahead: 4 x 2
     a, b = h.block()
     futs = [h.pipe.submit(samples.sample_bytes("coffee_png")) for _ in range(12)]
-    wait_until(lambda: h.pipe.stats()["decoded"] == 8, "the eager decodes")
-    assert h.pipe.stats()["decoded"] == 8  # the other 4 wait for their batch: the former is blocked
+    wait_until(lambda: h.pipe.stats()["decoded"] >= 8, "the eager decodes")
+    time.sleep(0.3)  # time for a wrong extra decode (~10 ms each) to show
+    assert h.pipe.stats()["decoded"] == 8  # the other 4 wait for their batch: both workers are blocked
     assert h.release([a, b, *futs]) == ["ok"] * 14
     assert h.pipe.stats()["decoded"] == 12
 
@@ -464,6 +465,28 @@ def test_sticky_error_with_cpu_fallback_continues(harness, device):
     assert h.pipe.infer(image(5), timeout=WAIT).timings.status == "ok"
     assert h.pipe.stats()["errors"] == {"device_lost": 1} and h.pipe.stats()["completed"] == 5
     assert queued[0].result(0).timings.device == "cpu" and a.result(0).timings.device.startswith(device)
+
+
+def test_sticky_error_when_the_cpu_fallback_cannot_be_built_shuts_down(harness, monkeypatch):
+    """The fallback runner fails to build (e.g. out of host memory): the pipeline shuts down as without a
+    fallback, and every request still ends (before, the batch's requests hung and its worker died)."""
+    import aurora_core.pipeline as pipeline_mod
+
+    h = harness(cpu_fallback=True)
+    a, b = h.block()
+    queued = [h.pipe.submit(image(i)) for i in range(3)]
+
+    def no_runner(*args, **kw):
+        raise MemoryError("no host memory for the fallback runner")
+
+    monkeypatch.setattr(pipeline_mod, "Runner", no_runner)
+    h.pipe.runner.inject_fault("sticky")
+    kinds = h.release([a, b, *queued])
+    assert kinds == ["ok"] + ["device_lost"] * 4
+    assert not h.pipe.ready
+    late = h.pipe.submit(image(0))
+    assert isinstance(late.exception(0), DeviceLost)
+    check_accounting(h, [a, b, *queued, late], n_rejected=1)
 
 
 def simulate_device_preprocess(pipe, on_stage=None):
