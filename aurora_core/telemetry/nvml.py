@@ -22,7 +22,9 @@ live H200 (driver 580.159.04, trace tests/data/nvml/live_h200_e2e_load.jsonl) on
 counter; nvmlDeviceGetApplicationsClock took 0.63 ms and nvmlDeviceGetCurrPcieLinkWidth 0.09 ms per call,
 against tens of µs for the fast calls; the whole sampler (cpu + gpu0) then cost 8.4% of one core at
 10 Hz, against a 1% target. From the same trace's per-field latencies, the split leaves ~1.4 ms of NVML
-time per fast tick plus ~0.4 ms per tick amortised for the slow set, against ~5.3 ms. Between slow
+time per fast tick plus ~0.4 ms per tick amortised for the slow set, against ~5.3 ms (an estimate from
+the trace; measured after the split on the same H200: 3.9% of one core for cpu + gpu0, still above the
+target; benchmarks/RESULTS.md, run 4). Between slow
 ticks every sample CARRIES the last slow values forward: they can be up to ``slow_every`` x period old
 (1 s by default); ``capabilities()`` says so per metric. A slow value that failed at its last slow read
 is absent until the next one that succeeds, never carried from an older read. The throttle-time
@@ -362,6 +364,8 @@ class _Device:
     handle: object
     info: dict[str, str] = field(default_factory=dict)
     fields: list[int] = field(default_factory=list)          # ids read by the batched call(s), probe order
+    fast_ids: list[int] = field(default_factory=list)        # fields read every tick (set by init)
+    slow_ids: list[int] = field(default_factory=list)        # fields read on slow ticks only
     counter_field: dict[str, int] = field(default_factory=dict)  # cause -> chosen counter field id
     violation: dict[str, int] = field(default_factory=dict)   # cause -> policy read by ViolationStatus
     readers: list[_Reader] = field(default_factory=list)
@@ -423,6 +427,10 @@ class NvmlBackend:
         self.api.nvmlInit()
         n = self.api.nvmlDeviceGetCount()
         devices = [self._probe(i) for i in range(n)]
+        for d in devices:
+            slow = {f for f in d.fields if self.slow_every > 1 and GAUGE_FIELDS.get(f, ("",))[0] in SLOW_METRICS}
+            d.fast_ids = [f for f in d.fields if f not in slow]
+            d.slow_ids = [f for f in d.fields if f in slow]
         self.devices = devices
         self._n_read = 0  # the first tick after a (re-)init reads the slow set: no carried value predates it
         self.n_sources = n
@@ -667,10 +675,8 @@ class NvmlBackend:
         t_s = now_ns / 1e9
         counters: dict[str, float] = {}
         split = self.slow_every > 1
-        fast_ids = [f for f in d.fields if not (split and GAUGE_FIELDS.get(f, ("",))[0] in SLOW_METRICS)]
-        slow_ids = [f for f in d.fields if f not in fast_ids]
         fresh_slow: dict[str, float] = {}
-        for ids in (fast_ids, slow_ids if slow else []):
+        for ids in (d.fast_ids, d.slow_ids if slow else []):
             if not ids:
                 continue
             for fv in api.nvmlDeviceGetFieldValues(h, ids):
