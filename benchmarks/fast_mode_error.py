@@ -85,7 +85,7 @@ def summary(a: torch.Tensor, b: torch.Tensor, orig: tuple[int, int]) -> str:
 
 
 def scales_for(orig: tuple[int, int]) -> list[int]:
-    """DCT scales whose decode still covers the resized size (fast mode takes the largest keeping 2x)."""
+    """DCT scales whose decode still covers the resized size (fast mode takes the largest keeping 4x: fast_min_size)."""
     nh, nw, _, _ = resized_geometry(orig, SPEC)
     return [s for s in (2, 4, 8) if ceil_div(orig[0], s) >= nh and ceil_div(orig[1], s) >= nw]
 

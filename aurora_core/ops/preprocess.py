@@ -90,10 +90,10 @@ def fast_min_size(orig_size: tuple[int, int], spec: PreprocessSpec = PreprocessS
 
     It asks for four times the resized size, so that the antialiased resampler still downscales a
     DCT-scaled decode 4x or more: then fast mode stays within mean 0.6 and max 8 uint8 levels of exact
-    mode on the 1.6, 2.5 and 10 MP sample photos at every resize from 16 to half the shorter side
-    (worst: mean 0.35, max 7.96). At 2x, the block mean the scaled IDCT takes before the resampler, and
-    libjpeg-turbo's colour clip after the reduction at saturated edges, cost up to mean 1.16 and max 19
-    (3x: 0.50 and 11.4). See benchmarks/fast_mode_error.py and tests/test_preprocess.py.
+    mode on the 1.6, 2.5 and 10 MP sample photos, at the default spec and at the rule's tightest spec for
+    each scale (tests/test_preprocess.py; worst measured mean 0.35, max 6.6). At 2x, the block mean the
+    scaled IDCT takes before the resampler, and libjpeg-turbo's colour clip after the reduction at
+    saturated edges, cost up to mean 1.16 and max 19. See benchmarks/fast_mode_error.py.
     """
     new_h, new_w, _, _ = resized_geometry(orig_size, spec)
     return 4 * new_h, 4 * new_w
