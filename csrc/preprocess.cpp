@@ -63,6 +63,7 @@ struct Coeffs {
   std::vector<int64_t> start;  // first source pixel per output; start + taps <= in_size
   std::vector<float> w;        // count * taps
   int64_t lo = 0, hi = 0;      // source pixels [lo, hi) used by any output
+#ifdef AURORA_AVX2  // the layouts below feed only the AVX2 passes; the portable path reads w
   // The same weights blocked by 8 outputs: wblk[(b * taps + k) * 8 + i] = w[(8 b + i) * taps + k], the
   // last output repeated to fill the final block (the horizontal pass computes 8 outputs at a time).
   std::vector<float> wblk;
@@ -71,6 +72,7 @@ struct Coeffs {
   // 2^-ishift, rounded so that each output's weights sum to exactly 2^ishift.
   std::vector<int32_t> wpair;
   int ishift = 14;
+#endif
 };
 
 double triangle(double x) {
@@ -130,6 +132,7 @@ std::shared_ptr<const Coeffs> build_coeffs(int64_t in_size, double extent, int64
     c->lo = std::min(c->lo, s);
     c->hi = std::max(c->hi, s + taps);
   }
+#ifdef AURORA_AVX2
   const int64_t blocks = (count + 7) / 8;
   c->wblk.resize(static_cast<size_t>(blocks * taps * 8));
   for (int64_t b = 0; b < blocks; ++b)
@@ -158,6 +161,7 @@ std::shared_ptr<const Coeffs> build_coeffs(int64_t in_size, double extent, int64
           static_cast<int32_t>(static_cast<uint32_t>(static_cast<uint16_t>(q[2 * j])) |
                                (static_cast<uint32_t>(static_cast<uint16_t>(q[2 * j + 1])) << 16));
   }
+#endif
   return c;
 }
 
