@@ -179,6 +179,43 @@ def test_run_parameters_are_not_a_deployment(tmp_path):
     assert sum(fp == fps[0] for fp in fps) == 2 and any(fp["config"]["max_batch_size"] == 16 for fp in fps)
 
 
+def _bench_parser():
+    import argparse
+
+    from aurora_core import bench
+
+    p = argparse.ArgumentParser(add_help=False)
+    bench.add_arguments(p)
+    return p
+
+
+def test_every_bench_option_is_a_deployment_setting_or_a_run_key():
+    """``aurora bench`` writes all its options into ``meta.config``. Its "pipeline" group is the deployment;
+    every other group must be one that ``RUN_KEYS`` is read from, so a new group fails here until sorted."""
+    from aurora_core.diagnose.spikes import RUN_GROUPS, RUN_KEYS
+
+    p = _bench_parser()
+    groups = {g.title: {a.dest for a in g._group_actions} for g in p._action_groups if g._group_actions}
+    assert set(groups) <= {"pipeline", *RUN_GROUPS}, set(groups)
+    assert set(vars(p.parse_args([]))) <= RUN_KEYS | groups["pipeline"]
+    assert {"rate", "duration", "seed", "scenario", "slo_ms", "out", "connections"} <= RUN_KEYS
+    assert not {"model", "weights", "device", "dtype", "max_batch_size", "buckets", "url"} & RUN_KEYS
+
+
+def test_a_new_load_option_is_left_out_of_the_fingerprint(monkeypatch):
+    from aurora_core import bench
+    from aurora_core.diagnose import spikes
+
+    add = bench.add_arguments
+
+    def with_new_option(p):
+        add(p)
+        p.add_argument_group("load").add_argument("--burst-size", type=int, default=1)
+
+    monkeypatch.setattr(bench, "add_arguments", with_new_option)
+    assert "burst_size" in spikes._run_keys() and "burst_size" not in spikes.RUN_KEYS
+
+
 def test_idle_clocks_before_sparse_traffic(tmp_path):
     """Busy traffic, then sparse requests (1/s) while the GPU sits at idle clocks: its own case."""
     from test_incidents import _gpu_samples

@@ -47,13 +47,29 @@ ALPHA = 1e-3
 #: "more than 1%" fires on ordinary Poisson bursts; 5x (5% above it) does not, and a real tail spike
 #: (p99 x1.3 or more) puts far more than 5% there.
 TAIL_FACTOR = 5
-_MW_MAX = 4000
-#: ``meta.config`` keys (as ``aurora bench`` writes them) that describe the load or the run, not the
-#: deployment.
-RUN_KEYS = frozenset({"scenario", "rate", "load_factor", "calibrate_s", "duration", "concurrency", "count", "steps",
-                      "replay", "replay_speed", "seed", "find_peak", "peak_trial_s", "slo_ms", "min_duration",
-                      "min_queries", "stability_tol", "min_window_queries", "out", "label", "region",
-                      "no_report", "quiet", "connections"})  # Mann-Whitney on at most this many points a side (subsampled, seeded): O(n log n) anyway
+_MW_MAX = 4000  # Mann-Whitney on at most this many points a side (subsampled, seeded): O(n log n) anyway
+#: ``aurora bench`` option groups that describe the load or the run, not the deployment. bench writes
+#: every parsed option into ``meta.config``; its "pipeline" group is the deployment.
+RUN_GROUPS = ("load", "verdict", "output")
+#: Options of the "pipeline" group that set how the load is applied, not what is deployed.
+RUN_OPTIONS = frozenset({"connections"})
+
+
+def _run_keys() -> frozenset[str]:
+    """``meta.config`` keys that describe the load or the run, read off ``aurora bench``'s own option
+    groups so that a new load/verdict/output option is left out of the fingerprint with no list to edit."""
+    import argparse
+
+    from aurora_core import bench
+
+    p = argparse.ArgumentParser(add_help=False)
+    bench.add_arguments(p)
+    # argparse has no public accessor for its groups; these two attributes are stable since Python 2.7.
+    return RUN_OPTIONS | {a.dest for g in p._action_groups if g.title in RUN_GROUPS for a in g._group_actions}
+
+
+#: ``meta.config`` keys left out of a run's fingerprint (see ``Series.fingerprint``).
+RUN_KEYS = _run_keys()
 
 
 @dataclass
