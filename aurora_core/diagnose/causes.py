@@ -278,7 +278,8 @@ def analyze(series: Series, baseline: Window, window: Window) -> Analysis:
     # 2. load versus slowdown in the wait
     rate_ratio = win.rate / base.rate if base.rate > 0 else math.inf
     s_ratio = win.item_service_ns / base.item_service_ns if base.item_service_ns > 0 else 1.0
-    work_ratio, work_note = _work_ratio(series, base, win, rate_ratio, s_ratio)
+    rose, z = load_rose(series, base, win)
+    work_ratio, work_note = _work_ratio(series, base, win, rose, s_ratio)
     lr, ls = max(math.log(rate_ratio), 0.0) if math.isfinite(rate_ratio) else 1.0, max(math.log(work_ratio), 0.0)
     f_load = lr / (lr + ls) if lr + ls > 0 else 0.0
     wait_share = shares.get("wait", 0.0)
@@ -298,8 +299,8 @@ def analyze(series: Series, baseline: Window, window: Window) -> Analysis:
 
     common_share = part(SERVICE_STAGES, lambda s: common[s])
 
-    load = _load(series, base, win, rate_ratio, s_ratio, f_load * wait_share, checked, work_note)
-    cpu = _cpu(series, base, win, common_share, slowdown_share(SERVICE_STAGES), checked)
+    load = _load(series, base, win, rose, z, rate_ratio, s_ratio, f_load * wait_share, checked, work_note)
+    cpu = _cpu(series, base, win, rose, common_share, slowdown_share(SERVICE_STAGES), checked)
     hw = _hardware(series, base, win, slowdown_share(GPU_STAGES), checked)
     mem = _memory(series, base, win, slowdown_share(SERVICE_STAGES), checked)
     # With no outside cause in evidence (neighbours' CPU, steal, cgroup quota, GPU, memory), a slowdown
@@ -355,7 +356,7 @@ def _other_cores(series: Series, r: Range) -> float | None:
     return None if util is None or own is None else max(util / 100 * series.cores - own / 100, 0.0)
 
 
-def _work_ratio(series, base: Range, win: Range, rate_ratio, s_ratio) -> tuple[float, str]:
+def _work_ratio(series, base: Range, win: Range, rose: bool, s_ratio) -> tuple[float, str]:
     """The service ratio used to split wait between load and slowdown.
 
     When the load rose, other processes took no more CPU, and this process's CPU time per request did
@@ -363,13 +364,14 @@ def _work_ratio(series, base: Range, win: Range, rate_ratio, s_ratio) -> tuple[f
     Then the work per request is measured by CPU time per request instead of wall-clock service."""
     cb, cw = _cpu_per_request(series, base), _cpu_per_request(series, win)
     ob, ow = _other_cores(series, base), _other_cores(series, win)
-    if not load_rose(series, base, win)[0] or None in (cb, cw, ob, ow) or not cb or ow - ob >= 0.5:
+    if not rose or None in (cb, cw, ob, ow) or not cb or ow - ob >= 0.5:
         return s_ratio, ""
     return cw / cb, f"; CPU time per request {cb * 1e3:.2f} -> {cw * 1e3:.2f} ms (work per request x{cw / cb:.2f})"
 
 
-def _load(series, base: Range, win: Range, rate_ratio, s_ratio, share, checked, work_note="") -> Cause | None:
-    rose, z = load_rose(series, base, win)
+def _load(series, base: Range, win: Range, rose: bool, z: float, rate_ratio, s_ratio, share, checked,
+          work_note="") -> Cause | None:
+    """rose, z: ``load_rose`` of (base, win)."""
     ev = [Evidence("arrival rate", base.rate, win.rate, "req/s",
                    f"x{LOAD_RATE_UP} and Poisson z >= {LOAD_Z} (z={z:.1f})", rose)]
     ev.append(Evidence("per-item service time", base.item_service_ns / 1e6, win.item_service_ns / 1e6,
@@ -457,10 +459,11 @@ def _short(v) -> str:
     return s if len(s) <= 60 else s[:57] + "..."
 
 
-def _cpu(series, base: Range, win: Range, share, full_share, checked) -> Cause | None:
+def _cpu(series, base: Range, win: Range, rose: bool, share, full_share, checked) -> Cause | None:
     """share: the part of the slowdown common to all stages. When service stretched while the CPU time
     per request stayed flat (< x1.15), no stage did more work, so every stage's slowdown is waiting to
-    run: ``full_share``. (A regression adds work: CPU per request rises with it.)"""
+    run: ``full_share``. (A regression adds work: CPU per request rises with it.) rose: ``load_rose``
+    of (base, win)."""
     ev: list[Evidence] = []
     cores = series.cores
     util = ("cpu", "cpu_util_pct")
@@ -477,8 +480,7 @@ def _cpu(series, base: Range, win: Range, share, full_share, checked) -> Cause |
         # CPU it burns does not, the threads were runnable and waiting (or the CPU was taken from them).
         nb, nw = _n_ok(series, base), _n_ok(series, win)
         # With more load our own threads contend among themselves, so stretch only counts at flat load.
-        flat_load = not load_rose(series, base, win)[0]
-        if nb and nw and base.item_service_ns > 0 and flat_load:
+        if nb and nw and base.item_service_ns > 0 and not rose:
             cpu_b = ob / 100 * active_s(series, base.a, base.b) / nb
             cpu_w = ow / 100 * active_s(series, win.a, win.b) / nw
             svc = win.item_service_ns / base.item_service_ns
