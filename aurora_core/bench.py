@@ -41,8 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-queue-size", type=int, default=None, help="admission limit (Overloaded past it)")
     g.add_argument("--url", default=None, help="benchmark an HTTP server (POST raw bytes, e.g. "
                    "http://127.0.0.1:8000/v1/classify) instead of an in-process Pipeline")
-    g.add_argument("--connections", type=int, default=64, help="HTTP connections (with --url)")
     g = p.add_argument_group("load")
+    g.add_argument("--connections", type=int, default=64, help="HTTP connections (with --url)")
     g.add_argument("--scenario", default="server", choices=SCENARIOS)
     g.add_argument("--rate", type=float, default=None, help="queries/s for server/step "
                    "(default: calibrated, --load-factor of capacity)")

@@ -51,8 +51,6 @@ _MW_MAX = 4000  # Mann-Whitney on at most this many points a side (subsampled, s
 #: ``aurora bench`` option groups that describe the load or the run, not the deployment. bench writes
 #: every parsed option into ``meta.config``; its "pipeline" group is the deployment.
 RUN_GROUPS = ("load", "verdict", "output")
-#: Options of the "pipeline" group that set how the load is applied, not what is deployed.
-RUN_OPTIONS = frozenset({"connections"})
 
 
 def _run_keys() -> frozenset[str]:
@@ -65,7 +63,7 @@ def _run_keys() -> frozenset[str]:
     p = argparse.ArgumentParser(add_help=False)
     bench.add_arguments(p)
     # argparse has no public accessor for its groups; these two attributes are stable since Python 2.7.
-    return RUN_OPTIONS | {a.dest for g in p._action_groups if g.title in RUN_GROUPS for a in g._group_actions}
+    return frozenset({a.dest for g in p._action_groups if g.title in RUN_GROUPS for a in g._group_actions})
 
 
 #: ``meta.config`` keys left out of a run's fingerprint (see ``Series.fingerprint``).
