@@ -110,24 +110,30 @@ def max_rate(name, submit, mix, slo_ms, seconds, sat, steps, deadline=None, grac
     deadline (time.monotonic()): no probe starts that would not end before it, except the first, so that
     every server is measured at least once."""
     lo, hi, runs = 0.0, 1.1 * sat, []
+    longest = 0.0  # measured wall time of the slowest probe so far, its drain included
     for step in range(steps):
         rate = (lo + hi) / 2 if step else 0.8 * sat
-        probe_s = max(seconds, 100 / rate) + 1.0  # poisson_run sends at least 100 requests, then drains
+        # poisson_run sends at least 100 requests, then drains the backlog: up to grace_s when overloaded,
+        # which the send time alone does not predict, so the slowest probe so far counts too.
+        probe_s = max(max(seconds, 100 / rate) + 1.0, longest)
         if step and deadline is not None and time.monotonic() + probe_s > deadline:
             print(f"  {name:6s} time budget spent: {steps - step} of {steps} probes not run", flush=True)
             break
+        t0 = time.monotonic()
         r = poisson_run(submit, mix, rate, seconds, seed=step, grace_s=grace_s)
+        r["wall_s"] = time.monotonic() - t0
         ok = r["p99_ms"] <= slo_ms and r["errors"] == 0 and r["unfinished"] == 0
         r["ok"] = ok
         runs.append(r)
         print(f"  {name:6s} {rate:8.1f}/s  p50 {r['p50_ms']:8.1f} ms  p99 {r['p99_ms']:8.1f} ms  "
-              f"errors {r['errors']}  {'ok' if ok else 'over SLO'}", flush=True)
+              f"errors {r['errors']}  {'ok' if ok else 'over SLO'}  ({r['wall_s']:.1f} s)", flush=True)
         if ok:
             lo = rate
         else:
             hi = rate
         if r["unfinished"]:
             time.sleep(2)  # let the backlog of a badly overloaded run drain before the next probe
+        longest = max(longest, time.monotonic() - t0)
     return lo, runs
 
 
