@@ -125,6 +125,7 @@ class Batcher:
         self._delay_ns = config.max_queue_delay_us * 1000
         self.batches = 0  # batches handed out; a batch's id is its index in this order
         self._idle = 0  # consumers waiting in next_batch
+        self._timer_held = False  # an idle consumer waits for the forming batch's deadline
 
     def __len__(self) -> int:
         return self._size
@@ -181,24 +182,39 @@ class Batcher:
         while True:
             with self._cond:
                 while True:
-                    batch, dropped, wait_ns = self._take_locked(self._clock())
+                    batch, dropped, due_in = self._take_locked(self._clock())
                     if batch is not None or dropped:
                         break
                     if self._closed and self._size == 0:
                         return None
+                    # One idle consumer sleeps until the forming batch is due; the others until notified.
+                    # With every idle consumer on the timer, each deadline woke them all to race for one
+                    # batch, on the batch's critical path.
+                    timer = due_in is not None and not self._timer_held
+                    wait_ns = due_in if timer else None
                     if give_up is not None:
                         left = give_up - now_ns()
                         if left <= 0:
+                            self._hand_over_timer_locked()
                             return None
                         wait_ns = left if wait_ns is None else min(wait_ns, left)
                     self._idle += 1
+                    self._timer_held |= timer
                     try:
                         self._cond.wait(None if wait_ns is None else wait_ns / 1e9)
                     finally:
                         self._idle -= 1
+                        if timer:
+                            self._timer_held = False
+                self._hand_over_timer_locked()
             self._report(dropped)
             if batch:
                 return batch
+
+    def _hand_over_timer_locked(self) -> None:
+        """A consumer leaves while requests wait and nobody times them: wake an idle one to do it."""
+        if self._size and self._idle and not self._timer_held:
+            self._cond.notify()
 
     def _take_locked(self, now: int):
         """(batch or None, dropped, ns until due or None)."""

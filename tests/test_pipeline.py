@@ -403,6 +403,17 @@ def test_cpu_decoders_run_below_the_model_thread():
         assert pipe.infer(samples.sample_bytes("0.3mp"), timeout=WAIT).timings.status == "ok"
 
 
+@pytest.mark.skipif(not os.path.exists(f"/proc/{os.getpid()}/timerslack_ns"),
+                    reason="per-thread timer slack is Linux's (4.6+)")
+def test_batch_workers_wait_with_1us_timer_slack():
+    """A batch worker's timed wait is the queue delay: its timer slack is 1 us, not the default 50 us."""
+    with Pipeline(Tiny(), SPEC, BatchingConfig(max_batch_size=2), device="cpu", num_workers=1) as pipe:
+        assert pipe.infer(np.zeros((8, 8, 3), np.uint8), timeout=WAIT).timings.status == "ok"
+        for t in pipe._workers:
+            with open(f"/proc/{t.native_id}/timerslack_ns") as f:  # a thread id works as a /proc pid
+                assert int(f.read()) == 1000, t.name
+
+
 def test_async_cancel_before_batching(harness):
     h = harness()
     a, b = h.block()
