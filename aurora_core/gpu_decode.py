@@ -170,28 +170,38 @@ class GpuDecoder:
         self._lock = threading.Lock()
 
     def decode_batch(
-        self, datas: Sequence, *, consumer_stream: torch.cuda.Stream | None = None
+        self, datas: Sequence, *, consumer_stream: torch.cuda.Stream | None = None, return_exceptions: bool = False
     ) -> list[GpuDecoded]:
-        """Decode every input; raises the first input's typed error (checked before any decoding).
+        """Decode every input; raises the first input's typed error (checked before any decoding), or with
+        ``return_exceptions`` puts each bad input's error in its place and decodes the others. A sticky
+        CUDA error always raises.
 
         consumer_stream: the stream that will read the images (default: the caller's current stream).
         """
-        routed = [route(d, self.max_pixels, self.max_bytes) for d in datas]
+        routed = []
+        for d in datas:
+            try:
+                routed.append(route(d, self.max_pixels, self.max_bytes))
+            except Exception as e:
+                if not return_exceptions:
+                    raise
+                routed.append(("error", e))
         if self.stream is None:
-            return self._decode(datas, routed)
+            return self._decode(datas, routed, return_exceptions)
         consumer = consumer_stream or torch.cuda.current_stream(self.device)
         with self._lock, torch.cuda.stream(self.stream):
             # Everything that touches decoder output (orientation, uploads) runs on the decoder stream.
-            results = self._decode(datas, routed)
+            results = self._decode(datas, routed, return_exceptions)
             done = torch.cuda.Event()
             done.record(self.stream)
         consumer.wait_event(done)
         for r in results:
-            r.image.record_stream(consumer)
+            if isinstance(r, GpuDecoded):
+                r.image.record_stream(consumer)
         return results
 
-    def _decode(self, datas, routed) -> list[GpuDecoded]:
-        results: list[GpuDecoded | None] = [None] * len(datas)
+    def _decode(self, datas, routed, return_exceptions: bool) -> list:
+        results: list = [e if r == "error" else None for r, e in routed]
         gpu_idx = [i for i, (r, _) in enumerate(routed) if r == "gpu"]
         rejected: list[int] = []
         if gpu_idx:
@@ -210,7 +220,13 @@ class GpuDecoder:
             self.stats["gpu_rejected"] += len(rejected)
 
         for i in sorted([i for i, (r, _) in enumerate(routed) if r == "cpu"] + rejected):
-            d = _cpu.decode_ex(datas[i], max_pixels=self.max_pixels, max_bytes=self.max_bytes)
+            try:
+                d = _cpu.decode_ex(datas[i], max_pixels=self.max_pixels, max_bytes=self.max_bytes)
+            except Exception as e:
+                if not return_exceptions:
+                    raise
+                results[i] = e
+                continue
             img = torch.from_numpy(d.image)
             if self.device.type == "cuda":
                 img = img.pin_memory().to(self.device, non_blocking=True)
@@ -219,15 +235,23 @@ class GpuDecoder:
         return results  # type: ignore[return-value]
 
     def _run_nvjpeg(self, tensors, idx, rejected) -> dict[int, torch.Tensor]:
+        # A sticky CUDA error is the device failing, not nvJPEG rejecting an image: it propagates, so that
+        # the caller fails over instead of decoding on the CPU for a device that can no longer take the pixels.
+        from aurora_core.runner import is_sticky
+
         try:
             return dict(zip(idx, self._nvjpeg(tensors, self.device), strict=True))
-        except Exception:
-            pass  # one bad image fails the whole batch: find it one by one
+        except Exception as e:
+            if is_sticky(e):
+                raise
+            # one bad image fails the whole batch: find it one by one
         out = {}
         for i, t in zip(idx, tensors, strict=True):
             try:
                 out[i] = self._nvjpeg([t], self.device)[0]
-            except Exception:
+            except Exception as e:
+                if is_sticky(e):
+                    raise
                 rejected.append(i)
         return out
 

@@ -4,7 +4,8 @@ Threads (all daemon, all joined by ``close``):
   callers        submit(): stamp arrival, start decoding encoded bytes on the worker pool (for the
                  first few batches' worth of queue), admit to the Batcher or fail at once (Overloaded,
                  PipelineClosed, DeviceLost).
-  aurora-decode  the worker pool: decodes, so a decode overlaps the request's wait in the queue.
+  aurora-decode  the worker pool: decodes, so a decode overlaps the request's wait in the queue. With
+                 gpu_decode, a batch worker decodes its batch's JPEGs on the device instead, in one call.
   aurora-batch-0, aurora-batch-1
                  two identical batch workers, each with its own batch slab. A worker waits for the batcher
                  to close a batch, waits for its decodes, preprocesses it straight into rows 0..n-1 of its
@@ -79,6 +80,11 @@ class Pipeline:
         loads and warms up, else on the CPU; "on": the Triton kernel, raising when it cannot be used (and
         on a CPU device); "off": on the CPU into pinned memory, then an async copy. True / False / None
         mean "on" / "off" / "auto". The kernel is compiled and autotuned during start-up.
+    gpu_decode: "off" (default), "on" or "auto": decode JPEGs on the device with nvJPEG
+        (``aurora_core.gpu_decode.GpuDecoder``) in one batched call per batch, instead of on the CPU pool from
+        admission. Needs CUDA and device preprocessing, which then reads the decoded planes in place; other
+        formats and images nvJPEG rejects are decoded on the CPU by the same call, with the same limits and
+        errors. "auto" uses it when nvJPEG works here. A GpuDecoder instance is used as given.
     jit_freeze: on the CPU, trace + freeze the model (None: only for torchvision architecture names, whose
         forward() traces faithfully; a user module may have Python control flow that tracing would drop).
     """
@@ -87,7 +93,7 @@ class Pipeline:
                  weights=None, top_k: int = 5, sink=None, cpu_fallback: bool = False, num_workers: int | None = None,
                  fast_decode: bool = True, decode_limits: dict | None = None, cuda_graphs: bool = True,
                  channels_last: bool | None = None, device_preprocess: str | bool | None = "auto", seed: int = 0,
-                 jit_freeze: bool | None = None):
+                 jit_freeze: bool | None = None, gpu_decode="off"):
         from aurora_core.ops.preprocess import PreprocessSpec
 
         if spec is not None and not isinstance(spec, PreprocessSpec):
@@ -120,6 +126,8 @@ class Pipeline:
                                top_k=top_k, channels_last=channels_last, cuda_graphs=cuda_graphs,
                                jit_freeze=jit_freeze)
         mode = _preprocess_mode(device_preprocess)
+        if isinstance(gpu_decode, str | bool) or gpu_decode is None:
+            _preprocess_mode(gpu_decode, "gpu_decode")  # a bad value fails before the model loads
         use_triton = False
         if device.type == "cuda" and mode != "off":
             use_triton = _triton_available()
@@ -140,6 +148,7 @@ class Pipeline:
             log.warning("Pipeline: preprocessing on the CPU (the Triton kernel failed to warm up)")
             use_triton = False
         self._device_preprocess = use_triton
+        self._gpu_decoder = _gpu_decoder(gpu_decode, device, use_triton, self._limits)
 
         self._ids = itertools.count()
         self._stats_lock = threading.Lock()
@@ -186,6 +195,11 @@ class Pipeline:
     def device_preprocess(self) -> bool:
         """True while batches are preprocessed on the device (Triton kernel)."""
         return self._device_preprocess
+
+    @property
+    def gpu_decode(self) -> bool:
+        """True while JPEGs are decoded on the device (nvJPEG), one batched call per batch."""
+        return self._gpu_decoder is not None
 
     @property
     def ready(self) -> bool:
@@ -246,8 +260,8 @@ class Pipeline:
         try:
             if self._failure is not None:
                 raise DeviceLost(f"Pipeline: down after a sticky device error ({self._failure}); create a new Pipeline")
-            if (self._pool is not None and not isinstance(data, np.ndarray) and not self.batcher.closed
-                    and len(self.batcher) < self._eager_depth):
+            if (self._pool is not None and self._gpu_decoder is None and not isinstance(data, np.ndarray)
+                    and not self.batcher.closed and len(self.batcher) < self._eager_depth):
                 # Decode while the request waits for its batch: the decode leaves the batch's critical path.
                 # Started before admission so that the batch worker always finds it. Only the first few
                 # batches' worth are decoded ahead, so a deep queue does not hold decoded pixels.
@@ -405,7 +419,7 @@ class Pipeline:
             new = self._runner
             if self._failure is None and new is not runner and not new.is_cuda:
                 slab.on_device, slab.events, slab.prepared_for = False, {}, new
-                return self._preprocess_rows(live, slab, failures)
+                return self._preprocess_rows(_host_pixels(live, failures), slab, failures)
         self._fail_batch(live, exc, runner)
         return []
 
@@ -415,29 +429,51 @@ class Pipeline:
         failures: list = []
         n = len(live)
         slab.on_device, slab.events, slab.prepared_for = False, {}, runner
-        live = self._preprocess_rows(live, slab, failures)
+        live = self._preprocess_rows(_host_pixels(live, failures), slab, failures)
         runner.stage(slab)
         self._finish_failures(failures, n)
         self._assign_rows(live, slab)
         return live
 
     def _decode_all(self, batch: list[Request], failures: list) -> None:
-        """Wait for the decodes started at admission; start the others now, on the pool when there is one."""
+        """Wait for the decodes started at admission; start the others now: on the device when the pipeline
+        decodes there, else on the pool when there is one."""
         encoded = []
+        gpu = self._gpu_decoder
         for r in batch:
             if isinstance(r.data, np.ndarray):
                 r.image, r.orig_size = r.data, r.data.shape[:2]
             else:
                 encoded.append(r)
-                if r.decoding is None and self._pool is not None:
+                if r.decoding is None and self._pool is not None and gpu is None:
                     r.decoding = self._pool.submit(self._decode_safe, r)
+        if gpu is not None:
+            self._decode_on_device([r for r in encoded if r.decoding is None], gpu)
         for r in encoded:
             if r.decoding is not None:
                 r.decoding.result()
-            else:
+            elif r.image is None and r.error is None:
                 self._decode_safe(r)
             if r.error is not None:
                 failures.append((r, r.error))
+
+    def _decode_on_device(self, reqs: list[Request], gpu) -> None:
+        """One batched GpuDecoder call; a bad input fails alone. A sticky device error propagates: the
+        whole batch then fails over."""
+        if not reqs:
+            return
+        t0 = now_ns()
+        # The Triton kernel reads the planes on the runner's staging stream.
+        results = gpu.decode_batch([r.data for r in reqs], consumer_stream=self._runner.stage_stream,
+                                   return_exceptions=True)
+        t1 = now_ns()  # nvJPEG may still be running: these stamps bracket the host's part
+        for r, d in zip(reqs, results, strict=True):
+            r.record.decode_start_ns, r.record.decode_end_ns = t0, t1
+            if isinstance(d, Exception):
+                r.image, r.error = None, d
+            else:
+                r.image, r.orig_size, r.scale = d.image, d.orig_size, d.scale
+        self._count("decoded", len(reqs))
 
     def _decode_safe(self, r: Request) -> None:
         try:
@@ -568,6 +604,7 @@ class Pipeline:
             if self._failure is not None or old is not self._runner:
                 return  # already handled: the runner that failed has been replaced or the pipeline is down
             self._ready = False
+            self._gpu_decoder = None  # decode on the CPU pool from now on
             if self._cpu_fallback and self._fallback_net is not None:
                 log.error("Pipeline: device %s lost (%s); continuing on the CPU", old.device, exc)
                 kw = dict(self._runner_kw)
@@ -618,14 +655,45 @@ def _precise_timers() -> None:
             pass
 
 
-def _preprocess_mode(value) -> str:
+def _host_pixels(live: list[Request], failures: list) -> list[Request]:
+    """The requests whose decoded pixels are in host memory; the others, decoded on a device that has been
+    lost, go to ``failures`` with DeviceLost."""
+    keep = []
+    for r in live:
+        if isinstance(r.image, torch.Tensor) and r.image.is_cuda:
+            failures.append((r, DeviceLost("Pipeline: the device this request was decoded on was lost")))
+        else:
+            keep.append(r)
+    return keep
+
+
+def _gpu_decoder(value, device: torch.device, on_device: bool, limits: dict):
+    """The GpuDecoder a pipeline decodes with, or None (see Pipeline's gpu_decode)."""
+    from aurora_core.gpu_decode import GpuDecoder, nvjpeg_available
+
+    if isinstance(value, GpuDecoder):
+        return value
+    mode = _preprocess_mode(value, "gpu_decode")
+    if mode == "off":
+        return None
+    usable = device.type == "cuda" and on_device and nvjpeg_available(device)
+    if usable:
+        return GpuDecoder(device, **limits)
+    if mode == "on":
+        raise ValueError(f"Pipeline: gpu_decode='on' needs a CUDA device, preprocessing on it (device_preprocess) "
+                         f"and a working nvJPEG (torchvision); got device {device}, device preprocessing "
+                         f"{'on' if on_device else 'off'}")
+    return None
+
+
+def _preprocess_mode(value, name: str = "device_preprocess") -> str:
     if value is None:
         return "auto"
     if isinstance(value, bool):
         return "on" if value else "off"
     if isinstance(value, str) and value.lower() in ("auto", "on", "off"):
         return value.lower()
-    raise ValueError(f"Pipeline: device_preprocess must be 'auto', 'on' or 'off', got {value!r}")
+    raise ValueError(f"Pipeline: {name} must be 'auto', 'on' or 'off', got {value!r}")
 
 
 def _triton_available() -> bool:

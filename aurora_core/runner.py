@@ -243,6 +243,11 @@ class Runner:
             raise ValueError(f"Runner: the model must return logits [B, classes], got shape {tuple(out.shape)}")
         return int(out.shape[1])
 
+    @property
+    def stage_stream(self):
+        """The stream that stages batches (copies, device preprocessing); None on the CPU."""
+        return self._side if self.is_cuda else None
+
     def new_slab(self, index: int) -> Slab:
         """A batch buffer sized for the largest bucket; pinned host memory on CUDA."""
         shape = (self.buckets[-1], *self.input_shape)

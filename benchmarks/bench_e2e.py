@@ -151,6 +151,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--device-preprocess", choices=("auto", "on", "off"), default="auto",
                     help="CUDA: where aurora preprocesses: on = the GPU (Triton kernel; fails when it cannot load), "
                          "off = the CPU into pinned memory, then a copy, auto = the GPU when the kernel loads")
+    ap.add_argument("--gpu-decode", choices=("auto", "on", "off"), default="off",
+                    help="CUDA: decode JPEGs with nvJPEG, one batched call per batch (Pipeline gpu_decode); needs "
+                         "device preprocessing")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="wall-clock budget for the whole run; bisection stops early to keep it "
                          "(default: 85 on CUDA, none on the CPU)")
@@ -196,10 +199,13 @@ def main(argv=None) -> dict:
     if a.torch_threads:
         torch.set_num_threads(a.torch_threads)
     with Pipeline(model, batching=cfg, device=device, dtype=a.dtype, num_workers=a.workers,
-                  device_preprocess=a.device_preprocess if cuda else "off") as pipe:
+                  device_preprocess=a.device_preprocess if cuda else "off",
+                  gpu_decode=a.gpu_decode if cuda else "off") as pipe:
         on_gpu = pipe.device_preprocess
+        gpu_decode = pipe.gpu_decode
         print(f"aurora ready in {time.monotonic() - t_start:.1f} s; preprocessing on the "
-              f"{'GPU (Triton)' if on_gpu else 'CPU'}", flush=True)
+              f"{'GPU (Triton)' if on_gpu else 'CPU'}; decoding on the {'GPU (nvJPEG)' if gpu_decode else 'CPU'}",
+              flush=True)
         offline(pipe.submit, mix, 2 * max_batch)  # warm the decoders and allocator
         gc.freeze()  # what a server does after start-up: full collections skip torch's ~200k objects
         sat_a = offline(pipe.submit, mix, max(200, 8 * max_batch) if not cuda else 3000)
@@ -228,6 +234,7 @@ def main(argv=None) -> dict:
         "device": device, "card": card, "model": model, "dtype": a.dtype or "fp32", "slo_ms": slo,
         "probe_seconds": seconds, "max_batch": max_batch, "delay_us": delay_us,
         "device_preprocess": a.device_preprocess if cuda else "off", "preprocess_on_gpu": on_gpu,
+        "decode_on_gpu": gpu_decode,
         "budget_s": budget, "wall_s": time.monotonic() - t_start,
         "torch_threads_aurora": a.torch_threads or default_threads, "torch_threads_naive": default_threads,
         "aurora_rate": rate_a, "naive_rate": rate_n, "ratio": ratio,

@@ -299,7 +299,11 @@ def s_e2e(suite: Suite, cap: float) -> dict:
         *extra,
     ]
     res: dict = {"preprocess_flag": flag or "none found in --help: CPU-preprocessing variant not run"}
-    runs = [("gpu_preprocess", gpu_args)] + ([("cpu_preprocess", cpu_args)] if flag else [])
+    runs = [("gpu_preprocess", gpu_args)]
+    if "--gpu-decode" in help_text:
+        runs.append(("gpu_decode", gpu_args + ["--gpu-decode", "on"]))
+    if flag:
+        runs.append(("cpu_preprocess", cpu_args))
 
     trace = os.path.join(suite.out, "nvml_trace.jsonl")
     t_end = time.monotonic() + cap - 15  # keep time to collect the telemetry trace
@@ -1149,7 +1153,7 @@ def render_markdown(results: dict) -> str:
             "",
             f"preprocess flag: {e.get('preprocess_flag')}",
         ]
-        for label in ("gpu_preprocess", "cpu_preprocess"):
+        for label in ("gpu_preprocess", "gpu_decode", "cpu_preprocess"):
             r = e.get(label)
             if isinstance(r, dict):
                 out += [

@@ -130,6 +130,29 @@ def test_corrupt_data_nvjpeg_rejects_raises_the_cpu_decoders_error():
         GpuDecoder("cpu", nvjpeg=_fake_nvjpeg(fail_on={corrupt})).decode_batch([corrupt])
 
 
+def test_return_exceptions_fails_each_bad_input_alone():
+    small = _jpeg(_photo(10, 10))
+    sos = small.index(b"\xff\xda")
+    corrupt = small[: sos + 20] + bytes([0xFF, 0xD0]) * 50 + small[-2:]  # passes routing, fails decoding
+    datas = [_jpeg(), small[:300], corrupt, small, _png()]  # 48x64 images are over max_pixels
+    res = GpuDecoder("cpu", nvjpeg=_fake_nvjpeg(fail_on={corrupt}), max_pixels=1000).decode_batch(
+        datas, return_exceptions=True)
+    assert [type(r).__name__ for r in res] == ["ImageTooLarge", "CorruptImage", "CorruptImage", "GpuDecoded",
+                                               "ImageTooLarge"]
+    assert res[1].reason == "truncated" and res[3].backend == "gpu"
+
+
+def test_a_sticky_device_error_in_nvjpeg_is_not_an_image_to_fall_back_on():
+    from aurora_core.runner import InjectedStickyError
+
+    def broken(tensors, device):
+        raise InjectedStickyError("CUDA error: an illegal memory access was encountered (injected)")
+
+    for kw in ({}, {"return_exceptions": True}):
+        with pytest.raises(InjectedStickyError):
+            GpuDecoder("cpu", nvjpeg=broken).decode_batch([_jpeg(), _jpeg(_photo(seed=4))], **kw)
+
+
 def test_wrong_size_from_the_gpu_decoder_is_not_trusted():
     def lying(tensors, device):
         return [torch.zeros(3, 7, 7, dtype=torch.uint8) for _ in tensors]
@@ -175,3 +198,98 @@ def test_cuda_nvjpeg_matches_cpu_decode_on_sample_photos():
         # nvJPEG's IDCT and chroma upsampling differ from libjpeg-turbo's by a level or two on edges;
         # a swapped channel or a wrong rotation costs tens of levels.
         assert np.abs(got.astype(int) - ref.astype(int)).mean() < 3.0, data[:4]
+
+
+# ---- in the Pipeline (gpu_decode=), with the PIL stand-in for nvJPEG ----------------------------
+
+def _pipe(dec=None, **kw):
+    from aurora_core.batching import BatchingConfig
+    from aurora_core.ops.preprocess import PreprocessSpec
+    from aurora_core.pipeline import Pipeline
+    from tests.conftest import Tiny
+
+    cfg = BatchingConfig(max_batch_size=8, max_queue_delay_us=200_000)  # one batch for a burst of 6
+    return Pipeline(Tiny(), PreprocessSpec(resize=24, crop=16), cfg, device="cpu", num_workers=2, top_k=3,
+                    fast_decode=False, gpu_decode=dec or "off", **kw)
+
+
+def test_pipeline_decodes_each_batch_with_one_gpu_decoder_call():
+    calls = []
+    fake = _fake_nvjpeg()
+    dec = GpuDecoder("cpu", nvjpeg=lambda ts, d: (calls.append(len(ts)), fake(ts, d))[1])
+    truncated = _jpeg()[:300]
+    datas = [_jpeg(seed_arr) for seed_arr in (_photo(40, 60, 1), _photo(50, 30, 2))] + [
+        _jpeg(orientation=6), _png(), truncated, _jpeg(mode="L")]
+    with _pipe(dec) as pipe, _pipe() as ref:
+        futs = [pipe.submit(d) for d in datas]
+        want = [ref.submit(d) for d in datas]
+        for f, w in zip(futs, want, strict=True):
+            if w.exception(20) is not None:
+                assert type(f.exception(20)) is type(w.exception()) and f.exception().reason == w.exception().reason
+                continue
+            got, exp = f.result(20), w.result()
+            assert [i for i, _ in got.top_k] == [i for i, _ in exp.top_k]
+            assert np.allclose([p for _, p in got.top_k], [p for _, p in exp.top_k], atol=0.02)
+        st = pipe.stats()
+    # One batch: the four routable JPEGs in one nvJPEG call, the PNG on the CPU; the truncated JPEG fails
+    # its header check alone.
+    assert calls == [4]
+    assert dec.stats == {"gpu": 4, "cpu": 1, "gpu_rejected": 0}
+    assert st["decoded"] == 6 and st["completed"] == 5 and st["errors"] == {"truncated": 1}
+
+
+def test_pipeline_gpu_decode_rejects_what_it_cannot_do():
+    with pytest.raises(ValueError, match="gpu_decode='on' needs a CUDA device"):
+        _pipe("on")
+    with pytest.raises(ValueError, match="gpu_decode must be"):
+        _pipe("sometimes")
+    with _pipe("auto") as pipe:  # no CUDA here: "auto" decodes on the CPU pool
+        assert not pipe.gpu_decode
+        assert pipe.infer(_jpeg(), timeout=20).timings.status == "ok"
+
+
+def test_sticky_error_in_the_gpu_decoder_fails_over_to_the_cpu():
+    """A sticky CUDA error inside nvJPEG is the device failing: the batch gets DeviceLost (it is not
+    decoded on the CPU for a device that is gone), the pipeline falls back, and later requests are
+    decoded on the CPU pool."""
+    from aurora_core.runner import InjectedStickyError
+
+    bad = _jpeg(_photo(30, 30, 9))
+    fake = _fake_nvjpeg()
+
+    def nvjpeg(ts, d):
+        if any(t.numpy().tobytes() == bad for t in ts):
+            raise InjectedStickyError("CUDA error: an illegal memory access was encountered (injected)")
+        return fake(ts, d)
+
+    dec = GpuDecoder("cpu", nvjpeg=nvjpeg)
+    with _pipe(dec, cpu_fallback=True) as pipe:
+        assert pipe.infer(_jpeg(), timeout=20).timings.status == "ok"
+        futs = [pipe.submit(d) for d in (bad, _jpeg(_photo(20, 40, 3)))]
+        assert [f.exception(20).reason for f in futs] == ["device_lost", "device_lost"]
+        assert pipe.ready and not pipe.gpu_decode
+        assert pipe.infer(bad, timeout=20).timings.status == "ok"  # the CPU pool decodes it now
+        assert dec.stats["gpu"] == 1
+
+
+@requires_cuda
+def test_cuda_pipeline_with_gpu_decode_matches_cpu_decoding():
+    """The real path: nvJPEG into the Triton kernel on the runner's staging stream. Needs triton too."""
+    from aurora_core.batching import BatchingConfig
+    from aurora_core.ops.preprocess import PreprocessSpec
+    from aurora_core.pipeline import Pipeline
+    from aurora_core.samples import SAMPLES, sample_bytes
+    from tests.conftest import Tiny
+
+    datas = [sample_bytes(k) for k in SAMPLES] + [_jpeg(orientation=6), _jpeg()[:300]]
+    spec, cfg = PreprocessSpec(resize=64, crop=56), BatchingConfig(max_batch_size=16, max_queue_delay_us=100_000)
+    kw = dict(device="cuda", top_k=3, fast_decode=False, cuda_graphs=False, device_preprocess="on")
+    with Pipeline(Tiny(), spec, cfg, gpu_decode="on", **kw) as pipe, Pipeline(Tiny(), spec, cfg, **kw) as ref:
+        futs, want = [pipe.submit(d) for d in datas], [ref.submit(d) for d in datas]
+        for f, w in zip(futs, want, strict=True):
+            if w.exception(60) is not None:
+                assert f.exception(60).reason == w.exception().reason
+                continue
+            got, exp = f.result(60), w.result()
+            assert np.allclose([p for _, p in got.top_k], [p for _, p in exp.top_k], atol=0.03)
+        assert pipe._gpu_decoder.stats["gpu"] >= len(SAMPLES) - 1
