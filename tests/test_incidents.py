@@ -21,6 +21,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -48,97 +49,103 @@ def _burner(seconds: float) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", code])
 
 
-def live_run(path, schedule_ns: np.ndarray, *, meta: dict, offered_rate: float | None = None, backend: str | None = None,
-             model=None, burner_at_s: float | None = None, span_delay=None, samples=(), warmup: int = 20):
-    """One recorded run of the pipeline under an open-loop schedule.
-
-    span_delay(t_s) -> seconds: a simulated external call made before each request enters the pipeline,
-    recorded as a user span "feature_store" linked to the request. samples: extra telemetry (replayed),
-    callable(t0_ns) -> list of Sample.
-    """
+def _pipeline(sink=None):
+    """The pipeline every live case runs: the tiny CNN on the CPU, batches of up to 8 closed after 1 ms."""
     from aurora_core.batching import BatchingConfig
     from aurora_core.pipeline import Pipeline
+
+    return Pipeline(tiny_model(), batching=BatchingConfig(max_batch_size=8, max_queue_delay_us=1000, max_queue_size=4096),
+                    device="cpu", sink=sink, num_workers=2)
+
+
+def live_runs(paths, schedule_ns: np.ndarray, *, meta: dict, offered_rate: float | None = None,
+              backend: str | None = None, burner_at_s: float | None = None, span_delay=None, block_s: float = 1.0):
+    """Recorded runs of the pipeline under one open-loop schedule, one run per path.
+
+    Each run has its own Pipeline and Recorder, and they take the schedule in turn, in ``block_s`` blocks
+    (A/B/A/B...); one CPU sampler feeds every Recorder. span_delay(t_s) -> seconds: a simulated external
+    call made before each request enters the pipeline, recorded as a user span "feature_store" linked to
+    the request. burner_at_s: CPU-burning processes (two per core) start at that run time.
+    """
     from aurora_core.telemetry.sampler import TelemetrySampler
 
     torch.set_num_threads(1)
-    old = os.environ.get("AURORA_BACKEND")
-    if backend:
-        os.environ["AURORA_BACKEND"] = backend
     data = DATA.read_bytes()
-    meta = dict(meta)
     if offered_rate is not None:
-        meta["offered_rate_per_s"] = offered_rate
-    rec = Recorder(path, meta=meta)
-    on = [False]  # warm-up requests are not part of the run
-
-    def sink(r):
-        if on[0]:
-            rec(r)
-
+        meta = {**meta, "offered_rate_per_s": offered_rate}
+    recs = [Recorder(p, meta=meta) for p in paths]
+    on = [False]  # warm-up requests are not part of the runs
     burners: list[subprocess.Popen] = []
     pool = ThreadPoolExecutor(32) if span_delay else None
-    pipe = Pipeline(model or tiny_model(), batching=BatchingConfig(max_batch_size=8, max_queue_delay_us=1000,
-                                                                   max_queue_size=4096),
-                    device="cpu", sink=sink, num_workers=2)
+    pipes = []
+
+    def handle(pipe, rec, delay):
+        t0 = now_ns()
+        time.sleep(delay)
+        t1 = now_ns()
+        p = pipe.submit(data).result(timeout=60)
+        rec.add_span(Span("feature_store", t0, t1, p.timings.request_id))
+
     try:
-        for _ in range(warmup):
-            pipe.infer(data)
-        if pool:  # start the handler threads now, not during the first requests
-            list(pool.map(time.sleep, [0.001] * 64))
-
-        def handle(delay):
-            t0 = now_ns()
-            time.sleep(delay)
-            t1 = now_ns()
-            p = pipe.submit(data).result(timeout=60)
-            rec.add_span(Span("feature_store", t0, t1, p.timings.request_id))
-
-        futs = []
-        with TelemetrySampler(callbacks=[rec.add_sample], event_callbacks=[rec.add_event], period_s=0.1, gpu=False):
-            time.sleep(0.5)  # let the sampler's first readings settle before traffic starts
-            on[0] = True
-            t0 = now_ns()
-            for sample in samples(t0) if callable(samples) else samples:
-                rec.add_sample(sample)
-            for off in schedule_ns:
-                if burner_at_s is not None and not burners and now_ns() - t0 >= burner_at_s * 1e9:
-                    burners = [_burner(15) for _ in range(2 * (os.cpu_count() or 1))]
-                dt = (t0 + int(off) - now_ns()) / 1e9
-                if dt > 0:
-                    time.sleep(dt)
-                if span_delay:
-                    futs.append(pool.submit(handle, span_delay(off / 1e9)))
-                else:
-                    futs.append(pipe.submit(data))
-            for f in futs:
-                f.result(timeout=60)
+        with mock.patch.dict(os.environ, {"AURORA_BACKEND": backend} if backend else {}):
+            for rec in recs:
+                pipes.append(_pipeline(sink=lambda r, rec=rec: on[0] and rec(r)))
+            for pipe in pipes:
+                for _ in range(20):
+                    pipe.infer(data)
+            if pool:  # start the handler threads now, not during the first requests
+                list(pool.map(time.sleep, [0.001] * 64))
+            futs = []
+            with TelemetrySampler(callbacks=[r.add_sample for r in recs], event_callbacks=[r.add_event for r in recs],
+                                  period_s=0.1, gpu=False):
+                time.sleep(0.5)  # let the sampler's first readings settle before traffic starts
+                on[0] = True
+                t0 = now_ns()
+                for off in schedule_ns:
+                    if burner_at_s is not None and not burners and now_ns() - t0 >= burner_at_s * 1e9:
+                        burners = [_burner(15) for _ in range(2 * (os.cpu_count() or 1))]
+                    dt = (t0 + int(off) - now_ns()) / 1e9
+                    if dt > 0:
+                        time.sleep(dt)
+                    i = int(off / 1e9 // block_s) % len(pipes)
+                    if span_delay:
+                        futs.append(pool.submit(handle, pipes[i], recs[i], span_delay(off / 1e9)))
+                    else:
+                        futs.append(pipes[i].submit(data))
+                for f in futs:
+                    f.result(timeout=60)
     finally:
         for b in burners:
             b.kill()
             b.wait()
         if pool:
             pool.shutdown()
-        pipe.close()
-        rec.close()
-        if backend:
-            if old is None:
-                os.environ.pop("AURORA_BACKEND", None)
-            else:
-                os.environ["AURORA_BACKEND"] = old
-    return Path(path)
+        for pipe in pipes:
+            pipe.close()
+        for rec in recs:
+            rec.close()
+    return [Path(p) for p in paths]
+
+
+def live_run(path, schedule_ns: np.ndarray, **kw) -> Path:
+    """One recorded run of the pipeline (``live_runs`` with one path)."""
+    return live_runs([path], schedule_ns, **kw)[0]
 
 
 def _windows(res):
     return [w for s in res.data["series"] for w in s["windows"]]
 
 
-def _window_at(res, t_s: float, series: int = 0) -> dict:
-    """The spike window of a series that covers series time ``t_s`` (when the incident was injected).
+def _windows_at(res, t_s: float, series: int = 0) -> list[dict]:
+    """The spike windows of a series that cover series time ``t_s`` (when the incident was injected).
 
     Tests look there rather than at the worst window: on this shared machine a neighbour's job can
     make another, real, window elsewhere in the run."""
-    s = res.data["series"][series]
-    hits = [w for w in s["windows"] if w["start_s"] <= t_s < w["end_s"]]
+    return [w for w in res.data["series"][series]["windows"] if w["start_s"] <= t_s < w["end_s"]]
+
+
+def _window_at(res, t_s: float, series: int = 0) -> dict:
+    hits = _windows_at(res, t_s, series)
     assert hits, f"no spike window covers t={t_s:.1f} s: {res.data['summary']}"
     return hits[0]
 
@@ -153,24 +160,40 @@ def _neighbours_moved(res) -> bool:
                for w in _windows(res) for c in w["causes"] for e in c["evidence"])
 
 
-def _attempts(make, n: int = 3, disturbed=_neighbours_moved, fail_if=lambda: False):
-    """Run ``make(k) -> (res, *rest)`` until a run is undisturbed by neighbours; skip after n tries
-    (fail instead when ``fail_if()``)."""
+INCONCLUSIVE = "inconclusive"
+
+
+def _disturbed(res, *_) -> str | None:
+    """The usual reason to retry a live attempt: neighbours' CPU load moved during it."""
+    return "neighbours' CPU load moved" if _neighbours_moved(res) else None
+
+
+def _attempts(make, n: int = 3, retry=_disturbed):
+    """Run ``make(k) -> (res, *rest)`` until ``retry(res, *rest)`` gives no reason to retry; return that attempt.
+
+    A reason is INCONCLUSIVE (diagnose named no cause where the incident was) or says how the attempt
+    was disturbed. A wrong cause is never retried: the test's own asserts fail it. When all n attempts
+    were retried, the test fails if every one was inconclusive, and skips, giving the reasons, otherwise."""
+    reasons = []
     for k in range(n):
         out = make(k)
-        if not disturbed(out[0]):
+        reason = retry(*out)
+        if reason is None:
             return out
-    assert not fail_if(), f"every one of {n} attempts was inconclusive: {out[0].data['summary']}"
-    pytest.skip(f"no clean incident in {n} live attempts (neighbour CPU load moved, or as the test says)")
+        reasons.append(reason)
+    assert reasons != [INCONCLUSIVE] * n, f"every one of {n} attempts was inconclusive: {out[0].data['summary']}"
+    pytest.skip(f"no clean incident in {n} live attempts: {'; '.join(reasons)}")
 
 
-def _contended(res) -> bool:
-    """For the null pair: neighbours moved, or diagnose named CPU contention by any of its signals.
+def _contended(res, *_) -> str | None:
+    """For the null pair, a reason to retry: neighbours moved, or diagnose named CPU contention by any of its signals.
 
     The pair's own load is constant by construction, so contention there (threads stretched past
     their CPU time, PSI or run queue up) comes from other processes: a disturbed attempt, not a
     false claim. Any other cause claimed still fails the test."""
-    return _neighbours_moved(res) or any(w["verdict"] == "cpu_contention" for w in _windows(res))
+    if _neighbours_moved(res) or any(w["verdict"] == "cpu_contention" for w in _windows(res)):
+        return "CPU contention from neighbours"
+    return None
 
 
 def _t_of(res, run: int, frac: float, series: int = 0) -> float:
@@ -203,13 +226,9 @@ def test_regression_slower_preprocess(tmp_path):
 
 def _capacity(seconds: float = 2.0) -> float:
     """Requests/s the pipeline sustains right now (closed burst): the load case runs relative to it."""
-    from aurora_core.batching import BatchingConfig
-    from aurora_core.pipeline import Pipeline
-
     torch.set_num_threads(1)
     data = DATA.read_bytes()
-    with Pipeline(tiny_model(), batching=BatchingConfig(max_batch_size=8, max_queue_delay_us=1000, max_queue_size=4096),
-                  device="cpu", num_workers=2) as pipe:
+    with _pipeline() as pipe:
         for _ in range(20):
             pipe.infer(data)
         n, t0 = 0, time.perf_counter()
@@ -239,30 +258,21 @@ def test_load_step_near_saturation(tmp_path):
                        meta={"label": "v1", "offered_schedule": [[0, r], [5, 1.2 * r]]})
         return diagnose([run]), r, run
 
-    def no_incident(res) -> bool:
+    def retry(res, r, run):
+        if _neighbours_moved(res):
+            return "neighbours' CPU load moved"
         # The capacity probe is a 1.5 s estimate on a shared machine: when it ran high, +20% stays below
-        # saturation and no queue builds, so there is no spike to diagnose. That attempt is not the
-        # incident the test describes: retry it, as a run disturbed by neighbours is retried.
-        if _neighbours_moved(res) or not _queue_grew(last_run[0]):
-            return True
-        # Near saturation the run's own tail decides where the spike starts. On this 2-core VM (second
-        # session, quiet, old and new pipeline alike) about one attempt in three put no window over 7.5 s,
-        # or one diagnose left inconclusive (a late 8.2-10 s spike, or a window against a baseline that
-        # already held a spike). Neither names a wrong cause; retry them, and fail below on a wrong cause
-        # or when every attempt was inconclusive.
-        hits = [w for w in _windows(res) if w["start_s"] <= _t_of(res, 0, 0.75) < w["end_s"]]
-        inconclusive[0] += not hits or hits[0]["verdict"] == "inconclusive"
-        return not hits or hits[0]["verdict"] == "inconclusive"
+        # saturation and no queue builds, so there is no incident to diagnose.
+        if not _queue_grew(run):
+            return "no queue built after the step (capacity probe ran high)"
+        # Near saturation the run's own tail decides where the spike starts. On this 2-core VM (quiet,
+        # old and new pipeline alike) about one attempt in three put no window over 7.5 s, or one that
+        # diagnose left inconclusive (a late 8.2-10 s spike, or a window against a baseline that already
+        # held a spike). Neither names a wrong cause, so they are retried, and fail only all together.
+        hits = _windows_at(res, _t_of(res, 0, 0.75))
+        return INCONCLUSIVE if not hits or hits[0]["verdict"] == "inconclusive" else None
 
-    last_run = [None]
-    inconclusive = [0]
-
-    def make_tracked(k):
-        out = make(k)
-        last_run[0] = out[2]
-        return out
-
-    res, r, _ = _attempts(make_tracked, n=4, disturbed=no_incident, fail_if=lambda: inconclusive[0] == 4)
+    res, r, _ = _attempts(make, n=4, retry=retry)
     assert _window_at(res, _t_of(res, 0, 0.75))["verdict"] == "load", res.data["summary"]
     # The same code at two offered rates, as two runs: compare must not call it a regression.
     before = live_run(tmp_path / "lo", poisson_schedule(r, 3, seed=4), offered_rate=r, meta={"label": "v1"})
@@ -401,66 +411,23 @@ def test_dependency_slowdown(tmp_path):
     assert "feature_store" in w["causes"][0]["title"]
 
 
-def interleaved_pair(dir_, schedule_ns: np.ndarray, *, meta: dict, offered_rate: float, block_s: float = 1.0):
-    """Two runs of one configuration, A/B alternating in ``block_s`` blocks of one seeded schedule.
-
-    Two Pipelines of the same config and model, each with its own Recorder; one CPU sampler feeds both.
-    Back-to-back runs were tried first and are no null pair here: the neighbours' load drifts from one
-    run to the next (per-item compute differed by 15-19% in 2 of 7 undisturbed pairs, a real slowdown
-    compare rightly reports). Alternating blocks (A/B/A/B...) expose both runs to the same drift."""
-    from aurora_core.batching import BatchingConfig
-    from aurora_core.pipeline import Pipeline
-    from aurora_core.telemetry.sampler import TelemetrySampler
-
-    torch.set_num_threads(1)
-    data = DATA.read_bytes()
-    on = [False]  # warm-up requests are not part of the runs
-    recs = [Recorder(Path(dir_) / name, meta={**meta, "offered_rate_per_s": offered_rate}) for name in ("a", "b")]
-    pipes = []
-    try:
-        for rec in recs:
-            pipes.append(Pipeline(tiny_model(), batching=BatchingConfig(max_batch_size=8, max_queue_delay_us=1000,
-                                                                        max_queue_size=4096),
-                                  device="cpu", sink=lambda r, rec=rec: on[0] and rec(r), num_workers=2))
-        for pipe in pipes:
-            for _ in range(20):
-                pipe.infer(data)
-        futs = []
-        with TelemetrySampler(callbacks=[r.add_sample for r in recs], event_callbacks=[r.add_event for r in recs],
-                              period_s=0.1, gpu=False):
-            time.sleep(0.5)
-            on[0] = True
-            t0 = now_ns()
-            for off in schedule_ns:
-                dt = (t0 + int(off) - now_ns()) / 1e9
-                if dt > 0:
-                    time.sleep(dt)
-                futs.append(pipes[int(off / 1e9 // block_s) % 2].submit(data))
-            for f in futs:
-                f.result(timeout=60)
-    finally:
-        for pipe in pipes:
-            pipe.close()
-        for rec in recs:
-            rec.close()
-    return Path(dir_) / "a", Path(dir_) / "b"
-
-
 def test_null_same_config(tmp_path):
     """Two live runs of one configuration, no change: no cause is claimed, compare finds no regression.
 
-    Same Pipeline config, model, offered rate and label, one seeded schedule, interleaved in 1 s blocks
-    (``interleaved_pair``). A neighbour's job starting or stopping during the runs makes it no longer a
-    null pair (diagnose then rightly names CPU contention), so the shared retry/skip rule applies, with
-    ``_contended`` as the test of a disturbed attempt."""
+    Same Pipeline config, model, offered rate and label, one seeded schedule, served A/B/A/B in 1 s
+    blocks (``live_runs`` with two paths). Back-to-back runs were tried first and are no null pair here:
+    the neighbours' load drifts from one run to the next (per-item compute differed by 15-19% in 2 of 7
+    undisturbed pairs, a real slowdown compare rightly reports); alternating blocks expose both runs to
+    the same drift. A neighbour's job starting or stopping during the runs makes it no longer a null
+    pair (diagnose then rightly names CPU contention), so such attempts are retried (``_contended``)."""
     rate = 40.0
 
     def make(k):
-        a, b = interleaved_pair(tmp_path / f"null{k}", poisson_schedule(rate, 12, seed=1), offered_rate=rate,
-                                meta={"label": "v1", "config": {"batching": "max8/1ms"}})
+        a, b = live_runs([tmp_path / f"null{k}" / "a", tmp_path / f"null{k}" / "b"], poisson_schedule(rate, 12, seed=1),
+                         offered_rate=rate, meta={"label": "v1", "config": {"batching": "max8/1ms"}})
         return diagnose([a, b]), a, b
 
-    res, a, b = _attempts(make, disturbed=_contended)
+    res, a, b = _attempts(make, retry=_contended)
     claimed = [w for w in _windows(res) if w["verdict"] != "inconclusive"]
     assert claimed == [], res.data["summary"]
     cmp = compare(a, b, n_boot=300)
