@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -109,7 +110,7 @@ def test_prometheus_from_replayed_throttle_trace():
 
 def check_trace(trace: dict) -> list[dict]:
     """Structure every Chrome-trace consumer relies on; returns the events."""
-    text = json.dumps(trace)
+    text = json.dumps(trace, allow_nan=False)  # NaN/Infinity are not JSON (and hang Perfetto's loader)
     evs = json.loads(text)["traceEvents"]
     last = -1.0
     for e in evs:
@@ -172,3 +173,22 @@ def test_export_run_from_recorder(tmp_path):
             "gpu0 xid", "request 3"} <= names
     thermal = [e["args"]["value"] for e in evs if e["name"] == "gpu0 throttle_frac_thermal"]
     assert max(thermal) == pytest.approx(1.0)
+
+
+def test_export_run_leaves_out_non_finite_values(tmp_path):
+    """NaN and infinities from a failed read: the counter skips the point, the event keeps null."""
+    recorder = pytest.importorskip("aurora_core.recorder")
+    t0 = now_ns()
+    with recorder.Recorder(path=tmp_path / "run") as r:
+        r(RequestRecord(request_id=0, arrival_ns=t0, completion_ns=t0 + MS))
+        for k, v in enumerate([250.0, math.nan, math.inf, -math.inf, 260.0]):
+            r.add_sample(Sample(t0 + k * 1000, "gpu0", {"power_w": v}))
+        r.add_event(Event(t0 + 10, "gpu0", "gpu_lost", math.nan, "lost"))
+    out = export_run(tmp_path / "run", tmp_path / "trace.json")
+
+    def reject(token):
+        raise AssertionError(f"{token} in the trace")
+
+    evs = json.loads(open(out).read(), parse_constant=reject)["traceEvents"]
+    assert [(e["ts"], e["args"]["value"]) for e in evs if e["name"] == "gpu0 power_w"] == [(0.0, 250.0), (4.0, 260.0)]
+    assert [e["args"] for e in evs if e["name"] == "gpu0 gpu_lost"] == [{"value": None, "detail": "lost"}]

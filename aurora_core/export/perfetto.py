@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import heapq
 import json
+import math
 from collections.abc import Iterable
 
 from aurora_core.records import FIELD_NAMES, STAGES, Event, RequestRecord, Sample, Span
@@ -111,10 +112,11 @@ def trace_events(records: Iterable[RequestRecord] = (), samples: Iterable[Sample
                     "pid": PID_SPANS, "tid": span_lanes.take(sp.start_ns, end),
                     "args": {"request_id": sp.request_id, "attrs": sp.attrs}})
 
-    # Counter tracks.
+    # Counter tracks. A non-finite value (a failed read) is left out: written as NaN or Infinity it makes
+    # the trace processor spin forever on load, so the UI never opens the trace.
     for s in samples:
         for metric, x in s.values.items():
-            if metric in COUNTER_METRICS or metric.startswith("throttle_frac_"):
+            if (metric in COUNTER_METRICS or metric.startswith("throttle_frac_")) and math.isfinite(x):
                 out.append({"name": f"{s.source} {metric}", "ph": "C", "ts": us(s.ts_ns), "pid": PID_TELEMETRY,
                             "args": {"value": x}})
     for r in records:
@@ -123,7 +125,7 @@ def trace_events(records: Iterable[RequestRecord] = (), samples: Iterable[Sample
                         "args": {"value": r.queue_depth}})
     for e in events:
         out.append({"name": f"{e.source} {e.kind}", "ph": "i", "s": "g", "ts": us(e.ts_ns), "pid": PID_TELEMETRY,
-                    "tid": 0, "args": {"value": e.value, "detail": e.detail}})
+                    "tid": 0, "args": {"value": e.value if math.isfinite(e.value) else None, "detail": e.detail}})
 
     # Longer slices first at equal ts, so parents precede the children they contain.
     out.sort(key=lambda ev: (ev["ts"], -ev.get("dur", 0)))
@@ -146,7 +148,7 @@ def write_chrome_trace(out_path, records=(), samples=(), events=(), spans=(), me
                        max_requests: int | None = None) -> str:
     trace = to_chrome_trace(records, samples, events, spans, metadata, max_requests)
     with open(out_path, "w", encoding="utf-8") as f:
-        json.dump(trace, f, separators=(",", ":"))
+        json.dump(trace, f, separators=(",", ":"), allow_nan=False)  # NaN is not JSON; fail here, not in the UI
     return str(out_path)
 
 
