@@ -13,6 +13,7 @@ COMMANDS = {
     "compare": ("aurora_core.diagnose.compare_cli", "gate a deployment: compare two runs statistically"),
     "serve": ("aurora_core.server", "run the reference HTTP server"),
     "telemetry": ("aurora_core.telemetry.cli", "record or show hardware telemetry"),
+    "trace": ("aurora_core.export.perfetto", "write a run file as a Chrome trace for the Perfetto UI"),
 }
 
 

@@ -175,6 +175,23 @@ def test_export_run_from_recorder(tmp_path):
     assert max(thermal) == pytest.approx(1.0)
 
 
+def test_aurora_trace_command(tmp_path, capsys):
+    recorder = pytest.importorskip("aurora_core.recorder")
+    from aurora_core.cli import main
+
+    t0 = now_ns()
+    with recorder.Recorder(path=tmp_path / "run") as r:
+        for i in range(3):
+            r(rec(i, t0, batch=i))
+    assert main(["trace", str(tmp_path / "run"), "--max-requests", "2"]) == 0
+    trace = json.loads((tmp_path / "run" / "trace.json").read_text())
+    names = {e["name"] for e in check_trace(trace)}
+    assert {"request 0", "request 1"} <= names and "request 2" not in names
+    assert "trace.json" in capsys.readouterr().out
+    assert main(["trace", str(tmp_path / "nowhere")]) == 2
+    assert "no run file" in capsys.readouterr().err
+
+
 def test_export_run_leaves_out_non_finite_values(tmp_path):
     """NaN and infinities from a failed read: the counter skips the point, the event keeps null."""
     recorder = pytest.importorskip("aurora_core.recorder")

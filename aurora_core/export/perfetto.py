@@ -180,3 +180,30 @@ def export_run(run_path, out_path, max_requests: int | None = 200_000) -> str:
                   str(sp["attrs"][i])) for i in range(len(sp.get("name", [])))]
     meta = {k: run.meta[k] for k in ("run_id", "host", "label", "region") if k in run.meta}
     return write_chrome_trace(out_path, records, samples, events, spans, metadata=meta)
+
+
+# ---- ``aurora trace`` -------------------------------------------------------------------------------
+
+def add_arguments(p) -> None:
+    p.add_argument("run", help="a run directory (holding run.aurora.sqlite) or the run file")
+    p.add_argument("--out", default=None, help="trace file to write (default: trace.json beside the run file)")
+    p.add_argument("--max-requests", type=int, default=200_000,
+                   help="request slices to write at most (telemetry and events are always complete)")
+
+
+def run(args) -> int:
+    import sys
+    from pathlib import Path
+
+    from aurora_core.recorder import find_run_file
+
+    try:
+        src = find_run_file(args.run)
+    except FileNotFoundError as e:
+        print(f"aurora trace: {e}", file=sys.stderr)
+        return 2
+    out = args.out or str(Path(src).with_name("trace.json"))
+    export_run(src, out, max_requests=args.max_requests)
+    print(f"wrote {out}: open it in https://ui.perfetto.dev (or chrome://tracing)")
+    return 0
+
