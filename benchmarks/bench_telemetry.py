@@ -2,6 +2,7 @@
 throughput with and without the sampler in one run (target: no measurable change).
 
 Run: python benchmarks/bench_telemetry.py [--seconds 10] [--requests 96] [--rounds 3] [--breakdown-seconds 3]
+     python benchmarks/bench_telemetry.py --replay tests/data/nvml/live_h200_e2e_load.jsonl [--baseline OLD_NVML_PY]
      python -m pytest benchmarks/bench_telemetry.py --benchmark-only   (CI: --benchmark-disable)
 
 Overhead: the sampler's threads measure their own CPU time (time.thread_time); it is divided by the
@@ -18,7 +19,10 @@ off/on so that drift on a shared machine hits both sides alike.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import shutil
 import statistics
+import sys
 import time
 
 import pytest
@@ -46,6 +50,186 @@ def source_breakdown(seconds: float, period_s: float = 0.1, with_gpu: bool = Tru
         out["gpu poller only"] = sampler_overhead(seconds, period_s, gpu=True, cpu=False, events=False)
         out["gpu poller + events"] = sampler_overhead(seconds, period_s, gpu=True, cpu=False)
     return out
+
+
+def _load_nvml_module(path: str):
+    """Another version of aurora_core/telemetry/nvml.py (e.g. ``git show HEAD~1:...``) as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("baseline_nvml", path)
+    mod = sys.modules["baseline_nvml"] = importlib.util.module_from_spec(spec)  # dataclasses look it up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+_STUB_C = """
+int nvml_ok(void) { return 0; }
+int nvml_one(unsigned int *n) { *n = 1; return 0; }
+int nvml_gpm_supported(void *h, unsigned int *s) { s[1] = 1; return 0; }
+"""
+
+
+@contextlib.contextmanager
+def stub_driver():
+    """The ``pynvml`` module on a stand-in libnvidia-ml (built here with ``cc``): every call succeeds at
+    once with zeroed outputs, one GPU, GPM supported (x86-64 and arm64 callers clean up the arguments
+    these functions ignore). pynvml's own wrappers and ctypes calls run as live; the driver does not."""
+    import ctypes
+    import subprocess
+    import tempfile
+
+    import pynvml
+
+    with tempfile.TemporaryDirectory() as d:
+        subprocess.run(["cc", "-O2", "-shared", "-fPIC", "-o", f"{d}/stub.so", "-x", "c", "-"], input=_STUB_C,
+                       text=True, check=True)
+        lib = ctypes.CDLL(f"{d}/stub.so")
+
+        class Lib:
+            def __getattr__(self, name):
+                if name.startswith("nvmlDeviceGetCount"):
+                    return lib.nvml_one
+                return lib.nvml_gpm_supported if name == "nvmlGpmQueryDeviceSupport" else lib.nvml_ok
+
+        saved = pynvml.nvmlLib, dict(pynvml._nvmlGetFunctionPointer_cache)
+        pynvml.nvmlLib = Lib()
+        pynvml._nvmlGetFunctionPointer_cache.clear()
+        try:
+            yield pynvml
+        finally:
+            pynvml.nvmlLib = saved[0]
+            pynvml._nvmlGetFunctionPointer_cache.clear()
+            pynvml._nvmlGetFunctionPointer_cache.update(saved[1])
+
+
+def replay_cost(path: str, ticks: int = 2000, rounds: int = 5, baseline: str | None = None) -> dict:
+    """Python CPU time per GPU tick with NVML answering at once: a trace replayed by ``TickReplayNvml``.
+
+    Per round, on this thread, ``ticks`` each at the live slow cadence (``nvml.SLOW_EVERY``), init
+    excluded: ``NvmlBackend.tick()`` on the replay ("backend"); the sampler's GPU poller loop on it
+    (tick, CPU accounting, capabilities, publish, a 1 us wait between ticks: "sampler"); and the backend
+    on the real pynvml over ``stub_driver`` ("pynvml"), which adds pynvml's wrappers (all zeros, so
+    its values differ from the trace's). With ``baseline`` (the path of another nvml.py) the same loops
+    run its backend too, interleaved round by round. The driver's time is in none of them (see
+    ``trace_driver_us``). Returns medians in us per tick, per variant.
+    """
+    from unittest import mock
+
+    from aurora_core.telemetry import nvml
+    from aurora_core.telemetry.replay import TickReplayNvml
+
+    variants = {"current": nvml}
+    if baseline:
+        variants = {"baseline": _load_nvml_module(baseline), **variants}
+
+    def backend_loop(mod) -> float:
+        be = mod.NvmlBackend(TickReplayNvml(path, nvml.SLOW_EVERY))
+        be.tick()  # init and probe: not per-tick work
+        t0 = time.thread_time()
+        for _ in range(ticks):
+            be.tick()
+        dt = time.thread_time() - t0
+        assert be.healthy, be.error
+        return dt / ticks
+
+    def sampler_loop(mod) -> float:
+        t0 = [0.0, 0]
+
+        def count(_s):
+            t0[1] += 1
+            if t0[1] == 1:
+                t0[0] = time.thread_time()  # after the first tick, which initialises NVML
+            elif t0[1] == ticks + 1:
+                s._stop.set()
+
+        s = TelemetrySampler(callbacks=[count], period_s=1e-6, gpu=True, cpu=False, events=False,
+                             nvml_api=TickReplayNvml(path, nvml.SLOW_EVERY))
+        s._api = s.nvml_api
+        with mock.patch.object(nvml, "NvmlBackend", mod.NvmlBackend):
+            s._gpu_loop(s._gpu_gen)  # the poller thread's loop, on this thread, until `count` stops it
+        return (time.thread_time() - t0[0]) / ticks
+
+    def pynvml_loop(mod) -> float:
+        with stub_driver() as api:
+            be = mod.NvmlBackend(api)
+            be.tick()
+            t0 = time.thread_time()
+            for _ in range(ticks):
+                be.tick()
+            dt = time.thread_time() - t0
+            assert be.healthy and be.devices[0].gpm_samples, be.error
+            be.shutdown()
+        return dt / ticks
+
+    loops = {"backend": backend_loop, "sampler": sampler_loop}
+    if shutil.which("cc"):
+        loops["pynvml"] = pynvml_loop
+    runs: dict[str, dict[str, list[float]]] = {v: {k: [] for k in loops} for v in variants}
+    for _ in range(rounds):
+        for name, mod in variants.items():
+            for k, loop in loops.items():
+                runs[name][k].append(1e6 * loop(mod))
+    out = {"ticks": ticks, "rounds": rounds, "slow_every": nvml.SLOW_EVERY}
+    for name, r in runs.items():
+        out[name] = {f"{k}_tick_us": statistics.median(v) for k, v in r.items()}
+        out[name].update({f"{k}_all": [round(x, 1) for x in v] for k, v in r.items()})
+    return out
+
+
+def trace_driver_us(path: str) -> dict:
+    """Driver time per tick priced from a live trace's ``dur_ns``, for the calls this code makes.
+
+    The calls are those ``NvmlBackend`` makes on ``TickReplayNvml`` over one slow cycle after init; each
+    is priced at the median recorded duration of the same function and int arguments. A field-values
+    call asking for fewer ids than were recorded is priced per recorded call as its duration minus the
+    ``latencyUsec`` of the ids it did not ask for (the per-field latencies add up to ~97% of the call).
+    Wall time of the calls, an upper bound on their CPU time. Returns us: a fast tick, a slow tick, the
+    mean per tick at the live slow cadence, and init (nvmlInit and the probe, once per sampler start).
+    """
+    from aurora_core.telemetry.nvml import SLOW_EVERY, NvmlBackend
+    from aurora_core.telemetry.replay import TickReplayNvml, read_trace
+
+    lines = [e for e in read_trace(path)[1:] if "dur_ns" in e]
+    api = TickReplayNvml(path, SLOW_EVERY)
+    calls: list[tuple] = []
+
+    class Logged:
+        def __getattr__(self, name):
+            target = getattr(api, name)
+            if not name.startswith("nvml") or not callable(target):
+                return target
+
+            def call(*args):
+                calls.append((name, *(tuple(a) if isinstance(a, list) else a for a in args if type(a) in (int, list))))
+                return target(*args)
+            return call
+
+    be = NvmlBackend(Logged())
+    be.tick()
+    init = list(calls)  # nvmlInit, the probe and the first (slow) read
+    per_tick = []
+    for _ in range(SLOW_EVERY):
+        calls.clear()
+        be.tick()
+        per_tick.append(list(calls))
+
+    def price(call: tuple) -> float:
+        name, *args = call
+        if name == "nvmlDeviceGetFieldValues":
+            want = set(args[0])
+            durs = [e["dur_ns"] / 1e3 - sum(f["f"]["latencyUsec"] for f in e["ret"]["a"] if f["f"]["fieldId"] not in want)
+                    for e in lines if e["fn"] == name and "ret" in e and want <= {f["f"]["fieldId"] for f in e["ret"]["a"]}]
+        else:
+            durs = [e["dur_ns"] / 1e3 for e in lines if e["fn"] == name and [a for a in e["args"] if type(a) is int] == args]
+        return statistics.median(durs) if durs else float("nan")
+
+    slow = max(range(len(per_tick)), key=lambda i: len(per_tick[i]))  # the one with the second field call
+    cost = [sum(price(c) for c in tick) for tick in per_tick]
+    fast = [c for i, c in enumerate(cost) if i != slow]
+    return {"fast_tick_us": statistics.median(fast), "slow_tick_us": cost[slow], "mean_tick_us": sum(cost) / len(cost),
+            "init_us": sum(price(c) for c in init) - cost[slow],
+            "fast_calls": [c[0] for c in per_tick[(slow + 1) % len(per_tick)]],
+            "priced": {" ".join(map(str, c))[:60]: round(price(c)) for c in per_tick[slow]}}
 
 
 def pipeline_throughput(requests: int, rounds: int, period_s: float = 0.1) -> dict:
@@ -86,6 +270,16 @@ def test_sampler_overhead(benchmark):
     assert result["samples"] > 0
 
 
+def test_replay_cost(benchmark):
+    from pathlib import Path
+
+    trace = Path(__file__).parent.parent / "tests" / "data" / "nvml" / "live_h200_e2e_load.jsonl"
+    benchmark.group = "telemetry sampler"
+    result = benchmark.pedantic(replay_cost, args=(str(trace), 50, 1), rounds=1, iterations=1)
+    benchmark.extra_info.update(result)
+    assert result["current"]["backend_tick_us"] > 0 and trace_driver_us(str(trace))["fast_tick_us"] > 0
+
+
 @pytest.mark.slow
 def test_pipeline_with_and_without_sampler(benchmark):
     benchmark.group = "telemetry sampler"
@@ -99,11 +293,35 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=10.0, help="sampler-alone run length")
     ap.add_argument("--period", type=float, default=0.1, help="sampling period, s")
     ap.add_argument("--requests", type=int, default=96, help="requests per throughput round")
-    ap.add_argument("--rounds", type=int, default=3, help="off/on round pairs")
+    ap.add_argument("--rounds", type=int, default=3, help="off/on round pairs (--replay: rounds per loop)")
     ap.add_argument("--breakdown-seconds", type=float, default=3.0, help="per-source run length (0: skip)")
     ap.add_argument("--skip-pipeline", action="store_true")
+    ap.add_argument("--replay", metavar="PATH", help="instead: Python CPU us per GPU tick replaying this NVML trace "
+                    "(no GPU needed), and the trace's driver time per tick")
+    ap.add_argument("--ticks", type=int, default=2000, help="--replay: ticks per loop")
+    ap.add_argument("--baseline", metavar="NVML_PY", help="--replay: also time this nvml.py, interleaved "
+                    "(e.g. from git show HEAD~1:aurora_core/telemetry/nvml.py)")
     args = ap.parse_args()
     from aurora_core.telemetry.nvml import SLOW_EVERY
+
+    if args.replay:
+        d = trace_driver_us(args.replay)
+        print(f"driver time from the trace's dur_ns: fast tick {d['fast_tick_us']:.0f} us, slow tick "
+              f"{d['slow_tick_us']:.0f} us, mean {d['mean_tick_us']:.0f} us per tick = {d['mean_tick_us'] / 1e4 / args.period:.2f}% "
+              f"of one core at {1 / args.period:g} Hz; init {d['init_us'] / 1e3:.1f} ms once")
+        print(f"  slow tick calls (us): {d['priced']}")
+        r = replay_cost(args.replay, args.ticks, args.rounds, args.baseline)
+        print(f"Python per GPU tick, NVML replayed at no cost ({r['ticks']} ticks x {r['rounds']} rounds, "
+              f"slow set every {r['slow_every']}; medians):")
+        for name in ("baseline", "current"):
+            if name in r:
+                x = r[name]
+                print(f"  {name:8s} backend.tick {x['backend_tick_us']:6.1f} us, sampler loop {x['sampler_tick_us']:6.1f} us "
+                      f"= {x['sampler_tick_us'] / 1e4 / args.period:.3f}% of one core at {1 / args.period:g} Hz, "
+                      f"backend.tick on pynvml + stub driver {x.get('pynvml_tick_us', float('nan')):6.1f} us")
+                print(f"           all rounds: backend {x['backend_all']} sampler {x['sampler_all']} "
+                      f"pynvml {x.get('pynvml_all', 'no cc')}")
+        return
 
     o = sampler_overhead(args.seconds, args.period)
     print(f"sampler alone (defaults, NVML slow set every {SLOW_EVERY} ticks): {o['sampler_cpu_s'] * 1e3:.1f} ms CPU "

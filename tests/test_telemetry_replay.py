@@ -257,3 +257,35 @@ def test_record_through_the_threaded_sampler_then_replay(tmp_path):
         want = {k: v for k, v in a.values.items() if k != "sampler_cpu_s"}
         assert b.values == pytest.approx(want, rel=1e-9)  # float rounding of a shifted time base only
         assert b.ts_ns - replayed[0].ts_ns == a.ts_ns - live[0].ts_ns
+
+
+@pytest.mark.skipif(not LIVE_TRACES, reason="no trace captured on a real GPU committed yet")
+def test_tick_replay_answers_as_recorded_and_serves_the_live_cadence():
+    """``TickReplayNvml`` (bench_telemetry --replay) gives the exact replay's samples on the cadence the
+    trace was recorded at, and at the live cadence the same per-tick values with the slow ones carried."""
+    from aurora_core.telemetry.nvml import SLOW_EVERY, SLOW_METRICS
+    from aurora_core.telemetry.replay import TickReplayNvml
+
+    path = LIVE_TRACES[0]
+    exact, _, caps = replay_trace(path, base_ns=0)
+    be = NvmlBackend(TickReplayNvml(path, slow_every=1))
+    assert [(s.ts_ns, s.values) for s in exact] == [(s.ts_ns, s.values) for _ in exact for s in be.tick()]
+    assert be.capabilities() == caps
+
+    be = NvmlBackend(TickReplayNvml(path, slow_every=SLOW_EVERY))
+    live = [s for _ in range(2 * len(exact) + 5) for s in be.tick()]
+    assert be.healthy and be.slow_every == SLOW_EVERY
+    assert [s.ts_ns for s in live[: len(exact)]] == [s.ts_ns for s in exact]
+    assert all(b.ts_ns > a.ts_ns for a, b in zip(live, live[1:], strict=False))  # it loops, time moving on
+    slow_seen = 0
+    for k, (a, b) in enumerate(zip(exact, live, strict=False)):
+        assert a.values.keys() == b.values.keys(), k
+        for m, x in a.values.items():
+            if m not in SLOW_METRICS:
+                assert b.values[m] == x, (k, m)
+            elif k % SLOW_EVERY == 0:
+                assert b.values[m] == x, (k, m)
+                slow_seen += 1
+            else:
+                assert b.values[m] == live[k - k % SLOW_EVERY].values[m], (k, m)  # carried from the slow tick
+    assert slow_seen >= 9 * (len(exact) // SLOW_EVERY)

@@ -22,6 +22,10 @@ then recorded as missing); a function whose entries are used up raises ``ReplayE
 The replay clock is the time of the current tick marker, mapped onto ``base_ns``; the backend stamps
 samples and computes counter rates with the tick time in both live and replayed runs.
 
+``TickReplayNvml`` answers each call from the current tick's recorded answers, decoded once, whatever
+the order or the set of field ids asked for: ``benchmarks/bench_telemetry.py --replay`` times the
+backend's Python on it at the live slow cadence, from a trace recorded with every field each tick.
+
 ``make_synthetic_trace`` produces traces with throttle episodes by running the same backend against
 ``SimulatedNvml``, a small GPU model, through the recorder. The committed files in tests/data/nvml/ are
 made by ``python -m aurora_core.telemetry.replay tests/data/nvml`` (see ``write_test_traces``).
@@ -290,6 +294,101 @@ class ReplayNvml:
                 return pynvml.c_nvmlGpmSample_t()
             return decode(ret)
 
+        return call
+
+
+class TickReplayNvml:
+    """A trace's answers per tick, decoded once, for measuring the backend's own Python cost.
+
+    Unlike ``ReplayNvml`` calls are not matched in order: a call gets the current tick's last recorded
+    answer for its function and int arguments (the first tick's when the current tick has none), and
+    ``nvmlDeviceGetFieldValues`` any subset of the recorded field ids, so a backend with another slow
+    cadence runs on a trace recorded with one call per tick. The ticks repeat forever, time moving on. A
+    call costs about a dict lookup, so a CPU clock or profile of the backend shows its own work, not
+    the driver's and not the decoding. header: the trace's, with ``slow_every`` (the backend's cadence).
+    """
+
+    def __init__(self, trace, slow_every: int, base_ns: int = 0):
+        lines = read_trace(trace)
+        self.header = {**lines[0], "slow_every": slow_every}
+        self.base_ns = base_ns
+        self._ticks: list[tuple[int, dict]] = []   # (trace time, {key: ("ret" | "err", value)})
+        self._first: dict = {}
+        for e in lines[1:]:
+            if "tick" in e:
+                self._ticks.append((int(e["t_ns"]), {}))
+            elif self._ticks and "fn" in e:
+                answers = self._ticks[-1][1]
+                key = (e["fn"], *(a for a in e["args"] if type(a) is int))
+                if "err" in e:
+                    answer = ("err", e["err"])
+                elif e["fn"] == "nvmlDeviceGetFieldValues":  # per id; a probe's ids and the read's, merged
+                    before = answers[key][1] if answers.get(key, ("err",))[0] == "ret" else {}
+                    answer = ("ret", {**before, **{int(fv.fieldId): fv for fv in decode(e["ret"])}})
+                elif e["fn"] == "nvmlGpmMetricsGet":
+                    mg = _GPM_GET_T()
+                    mg.numMetrics = len(e["ret"]["gpm"])
+                    for i, (mid, rc, val) in enumerate(e["ret"]["gpm"]):
+                        mg.metrics[i].metricId, mg.metrics[i].nvmlReturn, mg.metrics[i].value = mid, rc, val
+                    answer = ("ret", mg)
+                else:
+                    answer = ("ret", decode(e["ret"]))
+                answers[key] = answer  # the last: a tick's read comes after the probe in the same tick
+        if not self._ticks:
+            raise ValueError("TickReplayNvml: the trace has no tick")
+        for _, answers in self._ticks:
+            for key, answer in answers.items():
+                self._first.setdefault(key, answer)
+        period = int(round(float(self.header.get("period_s", 0.1)) * 1e9))
+        self._lap_ns = self._ticks[-1][0] - self._ticks[0][0] + period
+        self._i = -1
+        self.t_ns = self._ticks[0][0]
+        self._arrays: dict = {}  # (tick, field ids) -> the field values array for them
+
+    def clock(self) -> int:
+        return self.base_ns + self.t_ns
+
+    def mark_tick(self) -> int:
+        self._i += 1
+        lap, i = divmod(self._i, len(self._ticks))
+        self.t_ns = self._ticks[i][0] + lap * self._lap_ns
+        return self.base_ns + self.t_ns
+
+    def _answer(self, key):
+        answer = self._ticks[self._i % len(self._ticks)][1].get(key) or self._first.get(key)
+        if answer is None:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_FUNCTION_NOT_FOUND)
+        if answer[0] == "err":
+            raise pynvml.NVMLError(answer[1])
+        return answer[1]
+
+    def nvmlDeviceGetFieldValues(self, handle, ids):
+        key = (self._i % len(self._ticks), tuple(ids))
+        arr = self._arrays.get(key)
+        if arr is None:
+            fields = self._answer(("nvmlDeviceGetFieldValues",))
+            arr = (pynvml.c_nvmlFieldValue_t * len(ids))()
+            for i, fid in enumerate(ids):
+                arr[i].fieldId = fid
+                if fid in fields:
+                    arr[i] = fields[fid]
+                else:
+                    arr[i].nvmlReturn = pynvml.NVML_ERROR_NOT_SUPPORTED
+            self._arrays[key] = arr
+        return arr
+
+    def nvmlGpmSampleAlloc(self):
+        return pynvml.c_nvmlGpmSample_t()
+
+    def __getattr__(self, name: str):
+        target = getattr(pynvml, name)
+        if not (name.startswith("nvml") and callable(target)):
+            return target
+
+        def call(*args):
+            return self._answer((name, *(a for a in args if type(a) is int)))
+
+        setattr(self, name, call)  # later look-ups find it without __getattr__
         return call
 
 
