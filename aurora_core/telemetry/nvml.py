@@ -24,9 +24,12 @@ against tens of µs for the fast calls; the whole sampler (cpu + gpu0) then cost
 10 Hz, against a 1% target. From the same trace's per-field latencies, the split leaves ~1.4 ms of NVML
 time per fast tick plus ~0.4 ms per tick amortised for the slow set, against ~5.3 ms (an estimate from
 the trace; measured after the split on the same H200: 3.9% of one core for cpu + gpu0, still above the
-target; benchmarks/RESULTS.md, run 4). Between slow
-ticks every sample CARRIES the last slow values forward: they can be up to ``slow_every`` x period old
-(1 s by default); ``capabilities()`` says so per metric. A slow value that failed at its last slow read
+target; benchmarks/RESULTS.md, run 4). The Python side of a tick is small against that: ~0.07 ms
+(0.12 ms with the sampler loop around it) on the 2-core dev VM, replaying that trace with no driver
+time (``benchmarks/bench_telemetry.py --replay``), against ~1.3 ms of driver time per fast tick in the
+trace (~1.7 ms per tick with the slow set amortised). Between slow ticks every sample CARRIES the
+last slow values forward: they can be up to ``slow_every`` x period old (1 s by default);
+``capabilities()`` says so per metric. A slow value that failed at its last slow read
 is absent until the next one that succeeds, never carried from an older read. The throttle-time
 counters stay per tick: their deltas per interval are the throttled fractions. ``stale_age_s`` is
 unchanged: 0 on a good tick (the fast set was read now), the age of the last good tick otherwise.
@@ -232,6 +235,18 @@ SLOW_METRICS: frozenset[str] = frozenset({
 #: loses no energy, it only moves the end of the interval it covers.
 SLOW_EVERY = 10
 
+
+class _FieldValue(ctypes.Structure):
+    """``c_nvmlFieldValue_t`` (same fields, same layout) without pynvml's Python-level
+    ``__getattribute__``, a bytes-to-str shim that costs ~0.8 µs per read: a tick views the returned
+    array as these and reads its 4 numbers per field at C speed (11 fields: 34 -> 9 µs, dev VM)."""
+
+    _fields_ = pynvml.c_nvmlFieldValue_t._fields_
+
+
+_SUCCESS = pynvml.NVML_SUCCESS
+_GPU_IS_LOST = pynvml.NVML_ERROR_GPU_IS_LOST
+_NO_PLAN = (None, 0.0, False, ())  # a field id the probe did not ask for: read nothing from it
 IMPLAUSIBLE_FRAC = 1.5  # a throttle counter advancing faster than this (s per s) is not believed
 BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)  # re-init delays after a failure, then stays at the last
 
@@ -369,6 +384,11 @@ class _Device:
     counter_field: dict[str, int] = field(default_factory=dict)  # cause -> chosen counter field id
     violation: dict[str, int] = field(default_factory=dict)   # cause -> policy read by ViolationStatus
     readers: list[_Reader] = field(default_factory=list)
+    # Per-tick plans, built by init from the above so that a tick only looks things up (see _plan).
+    field_plan: dict[int, tuple[str | None, float, bool, tuple[str, ...]]] = field(default_factory=dict)
+    reader_plan: list[tuple[Callable, bool]] = field(default_factory=list)  # (fn, slow) in reader order
+    violation_plan: list[tuple[str, int]] = field(default_factory=list)      # (metric, policy)
+    bit_plan: list[tuple[str, int]] = field(default_factory=list)            # (metric, bit) from the bitmask
     slow: dict[str, float] = field(default_factory=dict)      # last slow-tick values, carried forward
     static: dict[str, float] = field(default_factory=dict)
     gpm_samples: list = field(default_factory=list)           # [previous, current] when GPM works
@@ -428,13 +448,29 @@ class NvmlBackend:
         n = self.api.nvmlDeviceGetCount()
         devices = [self._probe(i) for i in range(n)]
         for d in devices:
-            slow = {f for f in d.fields if self.slow_every > 1 and GAUGE_FIELDS.get(f, ("",))[0] in SLOW_METRICS}
-            d.fast_ids = [f for f in d.fields if f not in slow]
-            d.slow_ids = [f for f in d.fields if f in slow]
+            self._plan(d)
         self.devices = devices
         self._n_read = 0  # the first tick after a (re-)init reads the slow set: no carried value predates it
         self.n_sources = n
         self.healthy = True
+
+    def _plan(self, d: _Device) -> None:
+        """What each tick reads and where each value goes, decided once per probe so that a tick only
+        looks things up (with _FieldValue: 113 -> 70 µs of Python per tick on the dev VM, replaying the
+        live H200 trace: ``benchmarks/bench_telemetry.py --replay``)."""
+        split = self.slow_every > 1
+        slow = {f for f in d.fields if split and GAUGE_FIELDS.get(f, ("",))[0] in SLOW_METRICS}
+        d.fast_ids = [f for f in d.fields if f not in slow]
+        d.slow_ids = [f for f in d.fields if f in slow]
+        for fid in d.fields:
+            gauge, scale = GAUGE_FIELDS.get(fid, (None, 0.0))
+            counters = ([RATE_FIELDS[fid]] if fid in RATE_FIELDS else []) + [
+                f"throttle_frac_{cause}" for cause, cfid in d.counter_field.items() if cfid == fid]
+            d.field_plan[fid] = (gauge, scale, fid in slow, tuple(counters))
+        d.reader_plan = [(fn, split and all(m in SLOW_METRICS for m in metrics)) for _, metrics, fn in d.readers]
+        d.violation_plan = [(f"throttle_frac_{cause}", policy) for cause, policy in d.violation.items()]
+        d.bit_plan = [(m, bit) for m, bit in ((f"throttle_frac_{cause}", bit) for cause, *_, bit in THROTTLE_CAUSES)
+                      if bit is not None and "bit" in d.supported.get(m, "")]
 
     def shutdown(self) -> None:
         self._free_gpm()
@@ -674,37 +710,33 @@ class NvmlBackend:
         v: dict[str, float] = dict(d.static)
         t_s = now_ns / 1e9
         counters: dict[str, float] = {}
-        split = self.slow_every > 1
         fresh_slow: dict[str, float] = {}
+        plan = d.field_plan
         for ids in (d.fast_ids, d.slow_ids if slow else []):
             if not ids:
                 continue
-            for fv in api.nvmlDeviceGetFieldValues(h, ids):
-                fid = int(fv.fieldId)
-                if fv.nvmlReturn != pynvml.NVML_SUCCESS:
-                    if fv.nvmlReturn == pynvml.NVML_ERROR_GPU_IS_LOST:
-                        raise pynvml.NVMLError(fv.nvmlReturn)
+            values = api.nvmlDeviceGetFieldValues(h, ids)
+            for fv in (_FieldValue * len(values)).from_buffer(values):
+                rc = fv.nvmlReturn
+                if rc != _SUCCESS:
+                    if rc == _GPU_IS_LOST:
+                        raise pynvml.NVMLError(rc)
                     continue  # missing this tick, never a fake value
+                gauge, scale, gauge_slow, counter_metrics = plan.get(int(fv.fieldId), _NO_PLAN)
                 x = float(getattr(fv.value, _VALUE_ATTR.get(fv.valueType, "ullVal")))
-                if fid in GAUGE_FIELDS:
-                    name, scale = GAUGE_FIELDS[fid]
-                    (fresh_slow if split and name in SLOW_METRICS else v)[name] = x * scale
-                if fid in RATE_FIELDS:
-                    counters[RATE_FIELDS[fid]] = x
-                for cause, cfid in d.counter_field.items():
-                    if cfid == fid:
-                        counters[f"throttle_frac_{cause}"] = x
-        for cause, policy in d.violation.items():
-            counters[f"throttle_frac_{cause}"] = float(api.nvmlDeviceGetViolationStatus(h, policy).violationTime)
-        for _, metrics, fn in d.readers:
-            is_slow = split and all(m in SLOW_METRICS for m in metrics)
-            if is_slow and not slow:
-                continue
-            for m, x in fn(api, h).items():
-                if is_slow:
-                    fresh_slow.setdefault(m, x)
-                else:
+                if gauge is not None:
+                    (fresh_slow if gauge_slow else v)[gauge] = x * scale
+                for m in counter_metrics:
+                    counters[m] = x
+        for m, policy in d.violation_plan:
+            counters[m] = float(api.nvmlDeviceGetViolationStatus(h, policy).violationTime)
+        for fn, is_slow in d.reader_plan:
+            if not is_slow:
+                for m, x in fn(api, h).items():
                     v.setdefault(m, x)
+            elif slow:
+                for m, x in fn(api, h).items():
+                    fresh_slow.setdefault(m, x)
         if slow:
             d.slow = fresh_slow  # replaced, not merged: a reading that failed now is not carried from before
         for m, x in d.slow.items():
@@ -733,10 +765,8 @@ class NvmlBackend:
             b = int(bits)
             if _IDLE_BIT is not None:
                 v["idle_clocks"] = 1.0 if b & _IDLE_BIT else 0.0
-            for cause, *_, bit in THROTTLE_CAUSES:
-                m = f"throttle_frac_{cause}"
-                if bit is not None and m in d.supported and "bit" in d.supported[m]:
-                    v[m] = 1.0 if b & bit else 0.0
+            for m, bit in d.bit_plan:
+                v[m] = 1.0 if b & bit else 0.0
         if "temp_c" in v and "temp_slowdown_c" in v:
             v["temp_margin_c"] = v["temp_slowdown_c"] - v["temp_c"]
         if d.gpm_samples:
@@ -752,13 +782,15 @@ class NvmlBackend:
             mg.version = pynvml.NVML_GPM_METRICS_GET_VERSION
             mg.numMetrics = len(GPM_METRICS)
             mg.sample1, mg.sample2 = prev, cur
+            metrics = mg.metrics  # each attribute read of a pynvml struct is a Python call
             for i, mid in enumerate(GPM_METRICS):
-                mg.metrics[i].metricId = mid
-            mg = self.api.nvmlGpmMetricsGet(mg)
+                metrics[i].metricId = mid
+            metrics = self.api.nvmlGpmMetricsGet(mg).metrics
             for i in range(len(GPM_METRICS)):
-                m = mg.metrics[i]
-                if m.nvmlReturn == pynvml.NVML_SUCCESS and int(m.metricId) in GPM_METRICS:
-                    out[GPM_METRICS[int(m.metricId)]] = float(m.value)
+                m = metrics[i]
+                name = GPM_METRICS.get(int(m.metricId))
+                if name is not None and m.nvmlReturn == _SUCCESS:
+                    out[name] = float(m.value)
         d.gpm_samples = [cur, prev]
         d.gpm_have_prev = True
         return out
