@@ -10,8 +10,15 @@ wall time. On a machine without NVML this is the CPU backend only; on a GPU mach
 the NVML poller and the event thread, with the default settings (NVML slow set every
 ``nvml.SLOW_EVERY`` ticks). After the combined run, a per-source breakdown runs the CPU backend alone,
 the NVML poller alone (events off) and the NVML poller with the event thread, ``--breakdown-seconds``
-each (GPU rows only where NVML works). Before the slow cadence an H200 measured 8.4% of one core at
-10 Hz for cpu + gpu0, 0.8% of it the CPU backend. Throughput: the real ``aurora_core.Pipeline`` (CPU:
+each (GPU rows only where NVML works). Each GPU row includes one nvmlInit + probe (25.6 ms of driver
+time in the live H200 trace, ~0.9% of one core over a 3 s row): use a long ``--breakdown-seconds`` for
+the per-tick cost. Before the slow cadence an H200 measured 8.4% of one core at 10 Hz for cpu + gpu0,
+0.8% of it the CPU backend.
+
+``--replay TRACE`` splits the GPU tick without a GPU: the Python CPU time per tick with NVML answering
+at once (``replay_cost``), and the driver time per tick priced from the trace (``trace_driver_us``).
+
+Throughput: the real ``aurora_core.Pipeline`` (CPU:
 mobilenet_v3_small, random weights; CUDA: resnet50) on the shipped sample mix; rounds alternate
 off/on so that drift on a shared machine hits both sides alike.
 """
