@@ -2,7 +2,8 @@
 throughput with and without the sampler in one run (target: no measurable change).
 
 Run: python benchmarks/bench_telemetry.py [--seconds 10] [--requests 96] [--rounds 3] [--breakdown-seconds 3]
-     python benchmarks/bench_telemetry.py --replay tests/data/nvml/live_h200_e2e_load.jsonl [--baseline OLD_NVML_PY]
+     python benchmarks/bench_telemetry.py --replay tests/data/nvml/live_h200_e2e_load.jsonl --ticks 200 --rounds 41 \
+         [--baseline OLD_NVML_PY]
      python -m pytest benchmarks/bench_telemetry.py --benchmark-only   (CI: --benchmark-disable)
 
 Overhead: the sampler's threads measure their own CPU time (time.thread_time); it is divided by the
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import shutil
 import statistics
 import sys
@@ -76,37 +78,42 @@ int nvml_gpm_supported(void *h, unsigned int *s) { s[1] = 1; return 0; }
 """
 
 
+@functools.cache
+def _stub_lib():
+    import ctypes
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        subprocess.run(["cc", "-O2", "-shared", "-fPIC", "-o", f"{d}/stub.so", "-x", "c", "-"], input=_STUB_C,
+                       text=True, check=True)
+        return ctypes.CDLL(f"{d}/stub.so")  # stays mapped when the file goes
+
+
 @contextlib.contextmanager
 def stub_driver():
     """The ``pynvml`` module on a stand-in libnvidia-ml (built here with ``cc``): every call succeeds at
     once with zeroed outputs, one GPU, GPM supported (x86-64 and arm64 callers clean up the arguments
     these functions ignore). pynvml's own wrappers and ctypes calls run as live; the driver does not."""
-    import ctypes
-    import subprocess
-    import tempfile
-
     import pynvml
 
-    with tempfile.TemporaryDirectory() as d:
-        subprocess.run(["cc", "-O2", "-shared", "-fPIC", "-o", f"{d}/stub.so", "-x", "c", "-"], input=_STUB_C,
-                       text=True, check=True)
-        lib = ctypes.CDLL(f"{d}/stub.so")
+    lib = _stub_lib()
 
-        class Lib:
-            def __getattr__(self, name):
-                if name.startswith("nvmlDeviceGetCount"):
-                    return lib.nvml_one
-                return lib.nvml_gpm_supported if name == "nvmlGpmQueryDeviceSupport" else lib.nvml_ok
+    class Lib:
+        def __getattr__(self, name):
+            if name.startswith("nvmlDeviceGetCount"):
+                return lib.nvml_one
+            return lib.nvml_gpm_supported if name == "nvmlGpmQueryDeviceSupport" else lib.nvml_ok
 
-        saved = pynvml.nvmlLib, dict(pynvml._nvmlGetFunctionPointer_cache)
-        pynvml.nvmlLib = Lib()
+    saved = pynvml.nvmlLib, dict(pynvml._nvmlGetFunctionPointer_cache)
+    pynvml.nvmlLib = Lib()
+    pynvml._nvmlGetFunctionPointer_cache.clear()
+    try:
+        yield pynvml
+    finally:
+        pynvml.nvmlLib = saved[0]
         pynvml._nvmlGetFunctionPointer_cache.clear()
-        try:
-            yield pynvml
-        finally:
-            pynvml.nvmlLib = saved[0]
-            pynvml._nvmlGetFunctionPointer_cache.clear()
-            pynvml._nvmlGetFunctionPointer_cache.update(saved[1])
+        pynvml._nvmlGetFunctionPointer_cache.update(saved[1])
 
 
 def replay_cost(path: str, ticks: int = 2000, rounds: int = 5, baseline: str | None = None) -> dict:
@@ -179,7 +186,11 @@ def replay_cost(path: str, ticks: int = 2000, rounds: int = 5, baseline: str | N
     out = {"ticks": ticks, "rounds": rounds, "slow_every": nvml.SLOW_EVERY}
     for name, r in runs.items():
         out[name] = {f"{k}_tick_us": statistics.median(v) for k, v in r.items()}
+        out[name].update({f"{k}_min_us": min(v) for k, v in r.items()})
         out[name].update({f"{k}_all": [round(x, 1) for x in v] for k, v in r.items()})
+    if baseline:  # per round, so that drift on a shared machine cancels
+        out["ratio"] = {k: statistics.median(c / b for b, c in zip(runs["baseline"][k], runs["current"][k], strict=True))
+                        for k in loops}
     return out
 
 
@@ -305,7 +316,7 @@ def main() -> None:
     ap.add_argument("--skip-pipeline", action="store_true")
     ap.add_argument("--replay", metavar="PATH", help="instead: Python CPU us per GPU tick replaying this NVML trace "
                     "(no GPU needed), and the trace's driver time per tick")
-    ap.add_argument("--ticks", type=int, default=2000, help="--replay: ticks per loop")
+    ap.add_argument("--ticks", type=int, default=200, help="--replay: ticks per loop (short loops, many rounds)")
     ap.add_argument("--baseline", metavar="NVML_PY", help="--replay: also time this nvml.py, interleaved "
                     "(e.g. from git show HEAD~1:aurora_core/telemetry/nvml.py)")
     args = ap.parse_args()
@@ -326,8 +337,11 @@ def main() -> None:
                 print(f"  {name:8s} backend.tick {x['backend_tick_us']:6.1f} us, sampler loop {x['sampler_tick_us']:6.1f} us "
                       f"= {x['sampler_tick_us'] / 1e4 / args.period:.3f}% of one core at {1 / args.period:g} Hz, "
                       f"backend.tick on pynvml + stub driver {x.get('pynvml_tick_us', float('nan')):6.1f} us")
-                print(f"           all rounds: backend {x['backend_all']} sampler {x['sampler_all']} "
-                      f"pynvml {x.get('pynvml_all', 'no cc')}")
+                print(f"           min: backend {x['backend_min_us']:.1f}, sampler {x['sampler_min_us']:.1f}, pynvml "
+                      f"{x.get('pynvml_min_us', float('nan')):.1f} us")
+        if "ratio" in r:
+            print("  current / baseline, median of per-round ratios: "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in r["ratio"].items()))
         return
 
     o = sampler_overhead(args.seconds, args.period)
