@@ -24,7 +24,7 @@ against tens of µs for the fast calls; the whole sampler (cpu + gpu0) then cost
 10 Hz, against a 1% target. From the same trace's per-field latencies, the split leaves ~1.4 ms of NVML
 time per fast tick plus ~0.4 ms per tick amortised for the slow set, against ~5.3 ms (an estimate from
 the trace; measured after the split on the same H200: 3.9% of one core for cpu + gpu0, still above the
-target; benchmarks/RESULTS.md, run 4). The Python side of a tick is small against that: ~0.07 ms
+target; benchmarks/RESULTS.md, run 4). The Python side of a tick is small against that: ~0.08 ms
 (0.12 ms with the sampler loop around it) on the 2-core dev VM, replaying that trace with no driver
 time (``benchmarks/bench_telemetry.py --replay``), against ~1.3 ms of driver time per fast tick in the
 trace (~1.7 ms per tick with the slow set amortised). Between slow ticks every sample CARRIES the
@@ -456,8 +456,8 @@ class NvmlBackend:
 
     def _plan(self, d: _Device) -> None:
         """What each tick reads and where each value goes, decided once per probe so that a tick only
-        looks things up (with _FieldValue: 113 -> 70 µs of Python per tick on the dev VM, replaying the
-        live H200 trace: ``benchmarks/bench_telemetry.py --replay``)."""
+        looks things up (with _FieldValue: 124 -> 84 µs of Python per tick on the dev VM, median of 41
+        interleaved rounds replaying the live H200 trace: ``benchmarks/bench_telemetry.py --replay``)."""
         split = self.slow_every > 1
         slow = {f for f in d.fields if split and GAUGE_FIELDS.get(f, ("",))[0] in SLOW_METRICS}
         d.fast_ids = [f for f in d.fields if f not in slow]
