@@ -509,3 +509,101 @@ def test_slow_field_failing_at_a_slow_read_is_absent_until_the_next_not_carried(
     assert all("energy_mj" not in t[0].values and "power_limit_w" in t[0].values for t in failed)
     fail["on"] = False
     assert "energy_mj" in run_ticks(be, sim, clock, 1)[0][0].values
+
+
+HW_THERM = pynvml.NVML_FI_DEV_CLOCKS_EVENT_REASON_HW_THERM_SLOWDOWN
+HW_BRAKE = pynvml.NVML_FI_DEV_CLOCKS_EVENT_REASON_HW_POWER_BRAKE_SLOWDOWN
+SW_THERM = pynvml.NVML_FI_DEV_CLOCKS_EVENT_REASON_SW_THERM_SLOWDOWN
+PCIE_TX, PCIE_RX = pynvml.NVML_FI_DEV_PCIE_COUNT_TX_BYTES, pynvml.NVML_FI_DEV_PCIE_COUNT_RX_BYTES
+# NVML latencyUsec per field as on the live H200 (tests/data/nvml/live_h200_e2e_load.jsonl): the probe's
+# cold call, then the warm reads. Unlisted fields: 0.
+PROBE_US = {HW_THERM: 223, HW_BRAKE: 223, SW_THERM: 109, PCIE_TX: 83, PCIE_RX: 80}
+WARM_US = {HW_THERM: 292, HW_BRAKE: 292, SW_THERM: 0, PCIE_TX: 145, PCIE_RX: 84}
+
+
+def priced_api(sim):
+    """The autospec API on ``sim`` whose field values carry H200-like latencies, and whose PCIe byte
+    counters are 32-bit and wrap, as the real driver's do (NVML_VALUE_TYPE_UNSIGNED_INT)."""
+    api = autospec_api(sim)
+    n = {"calls": 0}
+
+    def fields(h, ids):
+        arr = sim.nvmlDeviceGetFieldValues(h, ids)
+        lat = PROBE_US if n["calls"] == 0 else WARM_US
+        n["calls"] += 1
+        for fv in arr:
+            fv.latencyUsec = lat.get(fv.fieldId, 0)
+            if fv.fieldId in (PCIE_TX, PCIE_RX):
+                fv.valueType = pynvml.NVML_VALUE_TYPE_UNSIGNED_INT
+                fv.value.uiVal = fv.value.ullVal % (1 << 32)
+        return arr
+
+    api.nvmlDeviceGetFieldValues.side_effect = fields
+    return api
+
+
+def throttled_s(ticks, metric):
+    """Throttled seconds the samples report: each fraction times the real interval since the previous
+    read of its counter (the first tick reads every counter)."""
+    reads = [ticks[0][0]] + [t[0] for t in ticks[1:] if metric in t[0].values]
+    return sum(b.values[metric] * (b.ts_ns - a.ts_ns) / 1e9 for a, b in zip(reads, reads[1:], strict=False))
+
+
+def test_costly_counter_goes_slow_and_keeps_every_throttled_ns_cheap_and_narrow_ones_stay_per_tick():
+    # HW thermal episode over [0.85, 2.05) s at 0.6: 0.72 s throttled in all.
+    runs = {}
+    for every in (1, 10):
+        sim, clock = SimulatedNvml("hw_thermal", 0.85, 2.05, severity=0.6), FakeClock()
+        api = priced_api(sim)
+        be = NvmlBackend(api, clock=clock, slow_every=every)
+        runs[every] = (be, api, run_ticks(be, sim, clock, 35))
+    be, api, ticks = runs[10]
+    calls = [c.args[1] for c in api.nvmlDeviceGetFieldValues.call_args_list[3:]]  # after the probe and tick 0
+    fast = [ids for ids in calls if pynvml.NVML_FI_DEV_POWER_INSTANT in ids]
+    slow = [ids for ids in calls if pynvml.NVML_FI_DEV_POWER_INSTANT not in ids]
+    assert len(fast) == 35 - 1 and len(slow) == 3  # ticks 10, 20, 30
+    assert all(HW_THERM in ids and HW_BRAKE in ids for ids in slow)
+    assert not any(HW_THERM in ids or HW_BRAKE in ids for ids in fast)
+    # cheap (0 us once warm, 109 us at the cold probe) and 32-bit (they wrap) counters: every tick
+    assert all(SW_THERM in ids and PCIE_TX in ids and PCIE_RX in ids for ids in fast)
+
+    for k, t in enumerate(ticks):
+        assert ("throttle_frac_hw_thermal" in t[0].values) == (k > 0 and k % 10 == 0), k
+        assert ("throttle_frac_thermal" in t[0].values) == (k > 0), k
+        assert ("pcie_rx_bytes_s" in t[0].values) == (k > 0), k
+    every_tick = runs[1][2]
+    for metric in ("throttle_frac_hw_thermal", "throttle_frac_thermal"):
+        assert throttled_s(ticks, metric) == pytest.approx(throttled_s(every_tick, metric), abs=1e-9), metric
+    assert throttled_s(ticks, "throttle_frac_hw_thermal") == pytest.approx(0.6 * 1.2, abs=1e-9)
+    # the 1 s reads: 0.25 s of the episode at 0.6 in the first, 0.95 s in the second
+    assert [t[0].values["throttle_frac_hw_thermal"] for t in ticks[10::10]] == pytest.approx([0.15, 0.57, 0.0])
+
+    caps = be.capabilities()["gpu0"]
+    for m in ("throttle_frac_hw_thermal", "throttle_frac_power_brake"):
+        assert "every 10 ticks" in caps["cadence"][m] and "took 292 us" in caps["cadence"][m], m
+    assert "throttle_frac_thermal" not in caps["cadence"] and caps["field_latency_us"]["throttle_frac_thermal"] == 0
+    assert "every tick although" in caps["cadence"]["pcie_tx_bytes_s"]
+    assert caps["field_latency_us"]["pcie_tx_bytes_s"] == 145
+    assert runs[1][0].capabilities()["gpu0"]["cadence"] == {}  # one cadence: nothing to say
+
+
+@pytest.mark.parametrize("every", [1, 10])
+def test_a_32bit_byte_counter_that_wraps_gives_its_rate(every):
+    sim, clock = SimulatedNvml(), FakeClock()
+    be = NvmlBackend(priced_api(sim), clock=clock, slow_every=every)
+    ticks = run_ticks(be, sim, clock, 12)  # RX at 6 GB/s: the 32-bit counter wraps at ~0.72 s
+    rx = [t[0].values.get("pcie_rx_bytes_s") for t in ticks[1:]]
+    assert rx == pytest.approx([6e9] * 11, rel=1e-6)
+
+
+def test_gpm_on_slow_ticks_only_as_averages_between_them():
+    sim, clock = SimulatedNvml(gpm=True), FakeClock()
+    api = autospec_api(sim)
+    be = NvmlBackend(api, clock=clock, slow_every=10)
+    ticks = run_ticks(be, sim, clock, 25)
+    for k, t in enumerate(ticks):
+        assert (GPM <= set(t[0].values)) == (k in (10, 20)), k
+        assert not (GPM & set(t[0].values)) or k in (10, 20), k
+    assert ticks[10][0].values["gpm_sm_util_pct"] == pytest.approx(95.0 * 0.9)
+    assert api.nvmlGpmSampleGet.call_count == 3 and api.nvmlGpmMetricsGet.call_count == 2  # ticks 0, 10, 20
+    assert all("GPM averages" in be.capabilities()["gpu0"]["cadence"][m] for m in GPM)

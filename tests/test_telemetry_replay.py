@@ -9,7 +9,7 @@ import pynvml
 import pytest
 
 from aurora_core.telemetry import cli as tcli
-from aurora_core.telemetry.nvml import NvmlBackend
+from aurora_core.telemetry.nvml import THROTTLE_CAUSES, NvmlBackend
 from aurora_core.telemetry.replay import (
     TEST_TRACES,
     RecordingNvml,
@@ -262,7 +262,8 @@ def test_record_through_the_threaded_sampler_then_replay(tmp_path):
 @pytest.mark.skipif(not LIVE_TRACES, reason="no trace captured on a real GPU committed yet")
 def test_tick_replay_answers_as_recorded_and_serves_the_live_cadence():
     """``TickReplayNvml`` (bench_telemetry --replay) gives the exact replay's samples on the cadence the
-    trace was recorded at, and at the live cadence the same per-tick values with the slow ones carried."""
+    trace was recorded at; at the live cadence the per-tick values are the same, the slow gauges are
+    carried, and the costly counters and GPM come on slow ticks only, covering the whole slow interval."""
     from aurora_core.telemetry.nvml import SLOW_EVERY, SLOW_METRICS
     from aurora_core.telemetry.replay import TickReplayNvml
 
@@ -271,21 +272,79 @@ def test_tick_replay_answers_as_recorded_and_serves_the_live_cadence():
     be = NvmlBackend(TickReplayNvml(path, slow_every=1))
     assert [(s.ts_ns, s.values) for s in exact] == [(s.ts_ns, s.values) for _ in exact for s in be.tick()]
     assert be.capabilities() == caps
+    assert caps["gpu0"]["cadence"] == {}  # one cadence: everything every tick
 
     be = NvmlBackend(TickReplayNvml(path, slow_every=SLOW_EVERY))
     live = [s for _ in range(2 * len(exact) + 5) for s in be.tick()]
     assert be.healthy and be.slow_every == SLOW_EVERY
     assert [s.ts_ns for s in live[: len(exact)]] == [s.ts_ns for s in exact]
     assert all(b.ts_ns > a.ts_ns for a, b in zip(live, live[1:], strict=False))  # it loops, time moving on
+    cadence, latency = be.capabilities()["gpu0"]["cadence"], be.capabilities()["gpu0"]["field_latency_us"]
+    # On the H200: HW thermal / power brake (~292 us) go slow, with their latency and why; the PCIe byte
+    # counters (84-145 us, but 32-bit: they wrap) and the SW throttle counters (0-2 us) stay per tick;
+    # GPM is on slow ticks.
+    costly = {m for m, why in cadence.items() if "cumulative field" in why}
+    gpm = {m for m in cadence if m.startswith("gpm_")}
+    assert costly == {"throttle_frac_hw_thermal", "throttle_frac_power_brake"}
+    assert all(f"took {latency[m]} us" in cadence[m] and latency[m] >= 50 for m in costly)
+    for m in ("pcie_tx_bytes_s", "pcie_rx_bytes_s"):
+        assert latency[m] >= 50 and "every tick although" in cadence[m] and "32-bit" in cadence[m], m
+    for m in ("throttle_frac_thermal", "throttle_frac_power", "throttle_frac_low_util", "power_w"):
+        assert m not in cadence and latency[m] < 50, m
+    assert len(gpm) == 4
     slow_seen = 0
     for k, (a, b) in enumerate(zip(exact, live, strict=False)):
-        assert a.values.keys() == b.values.keys(), k
-        for m, x in a.values.items():
-            if m not in SLOW_METRICS:
-                assert b.values[m] == x, (k, m)
-            elif k % SLOW_EVERY == 0:
-                assert b.values[m] == x, (k, m)
+        on_slow = k % SLOW_EVERY == 0
+        assert b.values.keys() == (a.values.keys() if on_slow else a.values.keys() - costly - gpm), k
+        for m, x in b.values.items():
+            if m in costly:
+                # The counter's delta over its real interval: the time-weighted mean of the per-tick values.
+                js = range(k - SLOW_EVERY + 1, k + 1)
+                dts = [exact[j].ts_ns - exact[j - 1].ts_ns for j in js]
+                want = sum(exact[j].values[m] * dt for j, dt in zip(js, dts, strict=True)) / sum(dts)
+                assert x == pytest.approx(want, rel=1e-9, abs=1e-12), (k, m)
                 slow_seen += 1
+            elif m not in SLOW_METRICS:
+                assert x == a.values[m], (k, m)  # GPM too: the slow tick's answer is this tick's
+            elif on_slow:
+                assert x == a.values[m], (k, m)
             else:
-                assert b.values[m] == live[k - k % SLOW_EVERY].values[m], (k, m)  # carried from the slow tick
-    assert slow_seen >= 9 * (len(exact) // SLOW_EVERY)
+                assert x == live[k - k % SLOW_EVERY].values[m], (k, m)  # carried from the slow tick
+    assert slow_seen == 2 * (len(exact) // SLOW_EVERY)
+    # The trace's 32-bit PCIe RX counter wraps at 2^32 during the run: still a rate on every tick.
+    assert all(s.values["pcie_rx_bytes_s"] > 0 for s in exact[1:])
+
+
+@pytest.mark.parametrize("stem", ["thermal", "power_cap"])
+def test_costly_counter_read_once_a_second_keeps_the_episode_throttled_time(stem):
+    """A synthetic episode whose counter NVML prices at 292 us (as the H200's HW counters) is read on slow
+    ticks only, and the samples still account for every throttled ns: each fraction times the real
+    interval since the previous read adds up to the exact replay's total."""
+    from aurora_core.telemetry.replay import TickReplayNvml
+
+    cause = COUNTER_CASES[stem]
+    lines = read_trace(DATA / f"synthetic_{stem}.jsonl")
+    counter_ids = {f for _, ids, _, _ in THROTTLE_CAUSES for f in ids}
+    for e in lines[1:]:
+        if e.get("fn") == "nvmlDeviceGetFieldValues" and "ret" in e:
+            for fv in e["ret"]["a"]:
+                fv["f"]["latencyUsec"] = 292 if fv["f"]["fieldId"] in counter_ids else 0
+
+    def total(samples):
+        metric, prev, out = f"throttle_frac_{cause}", samples[0].ts_ns, 0.0
+        for s in samples[1:]:
+            if metric in s.values:
+                out += s.values[metric] * (s.ts_ns - prev) / 1e9
+                prev = s.ts_ns
+        return out
+
+    exact, _, _ = replay_trace(lines, base_ns=0)
+    be = NvmlBackend(TickReplayNvml(lines, slow_every=10))
+    slow = [s for _ in exact for s in be.tick()]
+    cfg = TEST_TRACES[stem]
+    want = cfg.get("severity", 1.0) * (cfg["end_s"] - cfg["start_s"])
+    assert total(exact) == pytest.approx(want, abs=1e-9)
+    assert total(slow) == pytest.approx(want, abs=1e-9)
+    have = [k for k, s in enumerate(slow) if f"throttle_frac_{cause}" in s.values]
+    assert have == list(range(10, len(slow), 10))
+    assert "took 292 us" in be.capabilities()["gpu0"]["cadence"][f"throttle_frac_{cause}"]

@@ -9,30 +9,49 @@ once; what fails with NotSupported / FunctionNotFound / NoPermission is recorded
 reason and never called again. A constant, field id or function that the installed nvidia-ml-py does
 not define (older releases lack the clocks-event names, GPM, newer event types) is missing the same way,
 with the reason "not in this nvidia-ml-py": the module imports with any release. Each ``tick()`` then reads the
-fast set with ONE ``nvmlDeviceGetFieldValues`` call (instant power, PCIe byte counters, throttle-time
-counters), plus the calls the fields API lacks (utilization, memory, clocks, temperature, clocks-event
-reasons, GPM).
+fast set with ONE ``nvmlDeviceGetFieldValues`` call (instant power, PCIe byte counters, the cheap
+throttle-time counters), plus the calls the fields API lacks (utilization, memory, clocks, temperature,
+clocks-event reasons).
 
 Two cadences (``slow_every``, default ``SLOW_EVERY`` = every 10th tick, 1 Hz at the default 100 ms
-period): slow-changing or expensive readings (``SLOW_METRICS``: energy, power limit, PCIe replay count,
-ECC, pending row remaps, application clock, PCIe link generation/width, and their fallback calls) are
-read on slow ticks only, with a SECOND batched ``nvmlDeviceGetFieldValues`` call for their fields. On a
-live H200 (driver 580.159.04, trace tests/data/nvml/live_h200_e2e_load.jsonl) one all-fields call took
-4.2 ms median, 2.9 ms of it NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION (max 15 ms) and 0.24 ms the PCIe replay
-counter; nvmlDeviceGetApplicationsClock took 0.63 ms and nvmlDeviceGetCurrPcieLinkWidth 0.09 ms per call,
-against tens of µs for the fast calls; the whole sampler (cpu + gpu0) then cost 8.4% of one core at
-10 Hz, against a 1% target. From the same trace's per-field latencies, the split leaves ~1.4 ms of NVML
-time per fast tick plus ~0.4 ms per tick amortised for the slow set, against ~5.3 ms (an estimate from
-the trace; measured after the split on the same H200: 3.9% of one core for cpu + gpu0, still above the
-target; benchmarks/RESULTS.md, run 4). The Python side of a tick is small against that: ~0.08 ms
-(0.12 ms with the sampler loop around it) on the 2-core dev VM, replaying that trace with no driver
-time (``benchmarks/bench_telemetry.py --replay``), against ~1.3 ms of driver time per fast tick in the
-trace (~1.7 ms per tick with the slow set amortised). Between slow ticks every sample CARRIES the
-last slow values forward: they can be up to ``slow_every`` x period old (1 s by default);
-``capabilities()`` says so per metric. A slow value that failed at its last slow read
-is absent until the next one that succeeds, never carried from an older read. The throttle-time
-counters stay per tick: their deltas per interval are the throttled fractions. ``stale_age_s`` is
-unchanged: 0 on a good tick (the fast set was read now), the age of the last good tick otherwise.
+period). Read on slow ticks only, with a SECOND batched ``nvmlDeviceGetFieldValues`` call for their fields:
+
+* slow-changing readings (``SLOW_METRICS``: energy, power limit, PCIe replay count, ECC, pending row
+  remaps, application clock, PCIe link generation/width, and their fallback calls), CARRIED forward
+  between slow ticks: up to ``slow_every`` x period old (1 s by default). One that failed at its last
+  slow read is absent until the next one that succeeds, never carried from an older read;
+* cumulative counters NVML prices high: a throttle-time or byte counter field whose ``latencyUsec`` is
+  at least ``EXPENSIVE_FIELD_US`` (50 µs) at the first read after the probe (the probe's own call is
+  cold: see ``_read``). A counter loses nothing when read less often, so each value is the delta over
+  the REAL interval since the previous read of that counter (1 s), and it is absent in between, not
+  carried: a value at time t always covers the interval that ends at t. Counters NVML returns in 32
+  bits (the PCIe TX/RX bytes) stay per tick whatever they cost, since read once a second they would
+  wrap more than once unseen above 4.29 GB/s (``_WRAP``); a single wrap between two reads is counted.
+  Counters read through nvmlDeviceGetViolationStatus (older drivers) have no NVML latency and stay
+  per tick;
+* GPM metrics (Hopper+): each is an average over the interval between two GPM samples, and samples
+  are taken on slow ticks, so they are 1 s averages, present on slow ticks only.
+
+Instantaneous readings (clocks, power, temperature, utilization, the clocks-event reasons bitmask and the
+bitmask-only causes) and the cheap counters stay per tick. ``capabilities()["gpuN"]["cadence"]`` says, per
+metric, which ones are not per tick and why (with the field's latency), and ``field_latency_us`` gives
+every field's. ``stale_age_s`` is 0 on a good tick (the fast set was read now), the age of the last good
+tick otherwise.
+
+Costs. On a live H200 (driver 580.159.04, trace tests/data/nvml/live_h200_e2e_load.jsonl) one all-fields
+call took 4.2 ms median, 2.9 ms of it NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION (max 15 ms) and 0.24 ms the
+PCIe replay counter; nvmlDeviceGetApplicationsClock took 0.63 ms and nvmlDeviceGetCurrPcieLinkWidth
+0.09 ms per call, against tens of µs for the fast calls; the whole sampler (cpu + gpu0) then cost 8.4%
+of one core at 10 Hz, against a 1% target. The SLOW_METRICS split measured 3.9% on the same H200
+(benchmarks/RESULTS.md, run 4). Priced from that trace's per-call ``dur_ns`` and per-field latencies
+(``benchmarks/bench_telemetry.py --replay ... --baseline``, one run): with the SLOW_METRICS split alone,
+a fast tick took 1340 µs of driver time (the field call 935 µs, 292 of it each for the HW thermal and
+HW power-brake counters, 145 + 84 the PCIe bytes; GPM 315 µs), 1.74% of one core with the slow set
+amortised; with the costly counters and GPM on slow ticks, a fast tick takes 447 µs (field call 357)
+and a slow one 5.4 ms, 0.94% of one core. Wall time of the calls, an upper bound on their CPU time.
+The Python side of a tick is small against that: ~0.07 ms (0.14 ms with the sampler loop around it,
+0.14% of one core) on the 2-core dev VM, replaying that trace with no driver time (same run, medians
+of 41 rounds, load average 1.4).
 
 Any other NVML error during a tick (GPU lost, unknown error, driver gone, ...) marks the backend
 unhealthy: the tick returns stale samples (only ``stale_age_s``, the age of the newest good reading) and
@@ -40,7 +59,7 @@ the backend re-initialises NVML with exponential backoff on later ticks. Nothing
 a request path; the sampler runs it on its own thread (``aurora_core.telemetry.sampler``).
 
 Units: clocks MHz, temperature °C, power W (NVML gives mW), energy mJ, memory and PCIe bytes,
-throttle fractions 0..1 of the interval between two ticks.
+throttle fractions 0..1 of the interval between two reads of their counter (one tick, or ``slow_every``).
 """
 
 from __future__ import annotations
@@ -193,7 +212,9 @@ _GPM_SPEC = (
     ("NVML_GPM_METRIC_ANY_TENSOR_UTIL", "gpm_tensor_active_pct"),
     ("NVML_GPM_METRIC_DRAM_BW_UTIL", "gpm_dram_bw_util_pct"),
 )
-#: GPM metric id -> metric name (Hopper and newer).
+#: GPM metric id -> metric name (Hopper and newer). Each is an average over the interval between two GPM
+#: samples; samples are taken on slow ticks only, so at the defaults these are 1 s averages (GPM cost
+#: 315 µs of driver time per sample + metrics on the live H200).
 GPM_METRICS: dict[int, str] = _resolve(_GPM_SPEC, lambda p: p)
 #: What GPM needs from pynvml as a whole; without any of these no GPM metric is read.
 _GPM_NEEDS = ("nvmlGpmQueryDeviceSupport", "nvmlGpmSampleAlloc", "nvmlGpmSampleGet", "nvmlGpmMetricsGet",
@@ -234,6 +255,25 @@ SLOW_METRICS: frozenset[str] = frozenset({
 #: and remaps change on a scale of seconds or never; energy is cumulative, so a 1 s old reading of it
 #: loses no energy, it only moves the end of the interval it covers.
 SLOW_EVERY = 10
+#: A cumulative counter field (throttle time of any cause, PCIe TX/RX bytes) whose NVML ``latencyUsec``
+#: is at least this is read on slow ticks only. Its delta then covers the real interval between two
+#: reads, so no throttled ns or byte is lost; only the time resolution drops to ``slow_every`` ticks.
+#: Why 50: on the live H200 (tests/data/nvml/live_h200_e2e_load.jsonl, warm reads) the counters split
+#: into cheap ones at 0-2 µs (the SW power/thermal, sync boost, board limit, low utilization and
+#: reliability counters) and costly ones at >= 82 µs (PCIe RX 84, TX 145, HW thermal and HW power
+#: brake 292 µs median), an order of magnitude either side of 50; and 50 µs at 10 Hz is 0.05% of one
+#: core, too little to give up 100 ms resolution for. Instantaneous fields never move: a snapshot
+#: read less often is a different reading, not the same one later. A counter NVML returns in fewer
+#: than 64 bits (``_WRAP``) stays per tick whatever it costs: see ``_WRAP``.
+EXPENSIVE_FIELD_US = 50
+#: valueType -> modulus of a counter returned in that many bits. The PCIe TX/RX byte counters come as
+#: NVML_VALUE_TYPE_UNSIGNED_INT and wrap every 4.29 GB (the H200 trace's RX counter wraps at 2^32
+#: during the run): a delta across one wrap is recovered modulo 2^32, but a second wrap in the same
+#: interval is lost without trace. Read every 100 ms that holds up to 42.9 GB/s; read every 1 s, only
+#: to 4.29 GB/s, less than an inference host moves over PCIe Gen4/Gen5 x16 under load.
+_WRAP: dict[int, int] = {code: mod for code, mod in ((pynvml_attr("NVML_VALUE_TYPE_UNSIGNED_INT"), 1 << 32),
+                                                      (pynvml_attr("NVML_VALUE_TYPE_UNSIGNED_SHORT"), 1 << 16))
+                         if code is not None}
 
 
 class _FieldValue(ctypes.Structure):
@@ -393,6 +433,11 @@ class _Device:
     static: dict[str, float] = field(default_factory=dict)
     gpm_samples: list = field(default_factory=list)           # [previous, current] when GPM works
     gpm_have_prev: bool = False
+    latency_us: dict[int, int] = field(default_factory=dict)  # field id -> NVML latencyUsec (see _plan)
+    wrap: dict[int, int] = field(default_factory=dict)        # field id -> modulus of a narrow counter (_WRAP)
+    counter_wrap: dict[str, int] = field(default_factory=dict)  # counter metric -> modulus, for its deltas
+    priced: bool = False                                      # latency_us is from a warm (non-probe) read
+    cadence: dict[str, str] = field(default_factory=dict)     # metric -> why it is not read every tick
     prev_counter: dict[str, tuple[float, float]] = field(default_factory=dict)  # key -> (value, time s)
     supported: dict[str, str] = field(default_factory=dict)   # metric -> where it comes from
     missing: dict[str, str] = field(default_factory=dict)     # metric -> why not
@@ -412,7 +457,8 @@ class NvmlBackend:
 
     api: the nvml API object (the ``pynvml`` module, or a recording/replay object with its functions).
     clock: monotonic ns; defaults to ``api.clock`` when the API has one (replay), else ``now_ns``.
-    slow_every: read ``SLOW_METRICS`` every this many ticks (1: every tick, all fields in one call).
+    slow_every: read ``SLOW_METRICS``, the costly cumulative counters and GPM every this many ticks (1:
+    every tick, all fields in one call; see the module docstring).
     Default: ``SLOW_EVERY`` on the live ``pynvml``; on any other API the ``slow_every`` its trace header
     names (``ReplayNvml.header``, ``RecordingNvml.lines[0]``), else 1. A replay must make the calls the
     trace recorded (it matches each call by function and arguments), and every trace made before the
@@ -455,19 +501,44 @@ class NvmlBackend:
         self.healthy = True
 
     def _plan(self, d: _Device) -> None:
-        """What each tick reads and where each value goes, decided once per probe so that a tick only
+        """What each tick reads and where each value goes, decided once per probe (and once more after
+        the first read, whose field latencies price the cadence: see ``_read``) so that a tick only
         looks things up (with _FieldValue: 124 -> 84 µs of Python per tick on the dev VM, median of 41
         interleaved rounds replaying the live H200 trace: ``benchmarks/bench_telemetry.py --replay``)."""
         split = self.slow_every > 1
-        slow = {f for f in d.fields if split and GAUGE_FIELDS.get(f, ("",))[0] in SLOW_METRICS}
+        counters = {fid: tuple(([RATE_FIELDS[fid]] if fid in RATE_FIELDS else []) + [
+            f"throttle_frac_{cause}" for cause, cfid in d.counter_field.items() if cfid == fid]) for fid in d.fields}
+        costly = {f for f in d.fields if counters[f] and d.latency_us.get(f, 0) >= EXPENSIVE_FIELD_US}
+        narrow = {f for f in costly if d.wrap.get(f)}
+        costly -= narrow
+        d.counter_wrap = {m: d.wrap[f] for f in d.fields if d.wrap.get(f) for m in counters[f]}
+        slow = {f for f in d.fields if split and (GAUGE_FIELDS.get(f, ("",))[0] in SLOW_METRICS or f in costly)}
         d.fast_ids = [f for f in d.fields if f not in slow]
         d.slow_ids = [f for f in d.fields if f in slow]
         for fid in d.fields:
             gauge, scale = GAUGE_FIELDS.get(fid, (None, 0.0))
-            counters = ([RATE_FIELDS[fid]] if fid in RATE_FIELDS else []) + [
-                f"throttle_frac_{cause}" for cause, cfid in d.counter_field.items() if cfid == fid]
-            d.field_plan[fid] = (gauge, scale, fid in slow, tuple(counters))
+            d.field_plan[fid] = (gauge, scale, fid in slow, counters[fid])
         d.reader_plan = [(fn, split and all(m in SLOW_METRICS for m in metrics)) for _, metrics, fn in d.readers]
+        d.cadence = {}
+        if split:
+            every = f"every {self.slow_every} ticks"
+            when = "first read" if d.priced else "probe"
+            for m in SLOW_METRICS & d.supported.keys():
+                d.cadence[m] = f"{every}: slow-changing or cumulative, carried forward in between"
+            for fid in sorted(costly):
+                for m in counters[fid]:
+                    d.cadence[m] = (f"{every}: cumulative field {fid} took {d.latency_us[fid]} us in NVML at the {when} "
+                                    f"(>= {EXPENSIVE_FIELD_US}); each value covers the real interval since the "
+                                    "previous read, absent in between")
+            for fid in sorted(narrow):
+                for m in counters[fid]:
+                    d.cadence[m] = (f"every tick although field {fid} took {d.latency_us[fid]} us at the {when}: "
+                                    f"a {d.wrap[fid].bit_length() - 1}-bit counter, read each tick so that a "
+                                    "wrap is seen")
+            if d.gpm_samples:
+                for m in GPM_METRICS.values():
+                    d.cadence[m] = (f"{every}: GPM averages over the interval between two GPM samples, taken on "
+                                    "slow ticks; absent in between")
         d.violation_plan = [(f"throttle_frac_{cause}", policy) for cause, policy in d.violation.items()]
         d.bit_plan = [(m, bit) for m, bit in ((f"throttle_frac_{cause}", bit) for cause, *_, bit in THROTTLE_CAUSES)
                       if bit is not None and "bit" in d.supported.get(m, "")]
@@ -481,9 +552,27 @@ class NvmlBackend:
         self.healthy = False
 
     def capabilities(self) -> dict:
-        """{source: {"info": {...}, "supported": {metric: via}, "missing": {metric: reason}}}."""
-        return {f"gpu{d.index}": {"info": d.info, "supported": dict(d.supported), "missing": dict(d.missing)}
+        """{source: {"info": {...}, "supported": {metric: via}, "missing": {metric: reason},
+        "cadence": {metric: why}, "field_latency_us": {metric: us}}}.
+
+        ``cadence`` names each metric NOT read every tick (every other supported metric is) and why,
+        and each costly counter kept per tick all the same (a narrow one that wraps, see ``_WRAP``);
+        ``field_latency_us`` is NVML's ``latencyUsec`` for each metric read through the fields call, from
+        the first read after the probe (the one that priced the cadence).
+        """
+        return {f"gpu{d.index}": {"info": d.info, "supported": dict(d.supported), "missing": dict(d.missing),
+                                  "cadence": dict(d.cadence), "field_latency_us": self._field_latency(d)}
                 for d in self.devices}
+
+    @staticmethod
+    def _field_latency(d: _Device) -> dict[str, int]:
+        out = {}
+        for fid in d.fields:
+            gauge, _, _, counters = d.field_plan.get(fid, _NO_PLAN)
+            for m in ((gauge,) if gauge else ()) + counters:
+                if fid in d.latency_us:
+                    out[m] = d.latency_us[fid]
+        return out
 
     def missing(self) -> dict[str, str]:
         """Flat ``{"gpu0.metric": reason}``; a backend that never initialised reports why."""
@@ -527,6 +616,8 @@ class NvmlBackend:
             for fv in (api.nvmlDeviceGetFieldValues(h, candidates) if candidates else ()):
                 if fv.nvmlReturn == pynvml.NVML_SUCCESS:
                     ok_ids.add(int(fv.fieldId))
+                    dev.latency_us[int(fv.fieldId)] = int(fv.latencyUsec)
+                    dev.wrap[int(fv.fieldId)] = _WRAP.get(int(fv.valueType), 0)
                 elif fv.nvmlReturn == pynvml.NVML_ERROR_GPU_IS_LOST:
                     raise pynvml.NVMLError(fv.nvmlReturn)
                 else:
@@ -712,11 +803,15 @@ class NvmlBackend:
         counters: dict[str, float] = {}
         fresh_slow: dict[str, float] = {}
         plan = d.field_plan
+        pricing = [] if not d.priced else None
         for ids in (d.fast_ids, d.slow_ids if slow else []):
             if not ids:
                 continue
             values = api.nvmlDeviceGetFieldValues(h, ids)
-            for fv in (_FieldValue * len(values)).from_buffer(values):
+            fvs = (_FieldValue * len(values)).from_buffer(values)
+            if pricing is not None:
+                pricing.append(fvs)
+            for fv in fvs:
                 rc = fv.nvmlReturn
                 if rc != _SUCCESS:
                     if rc == _GPU_IS_LOST:
@@ -746,8 +841,12 @@ class NvmlBackend:
         for metric, x in counters.items():
             prev = d.prev_counter.get(metric)
             d.prev_counter[metric] = (x, t_s)
-            if prev is None or t_s <= prev[1] or x < prev[0]:
-                continue  # first reading, or a counter reset: no interval to report
+            if prev is None or t_s <= prev[1]:
+                continue  # first reading: no interval to report
+            if x < prev[0]:
+                if not d.counter_wrap.get(metric):
+                    continue  # a counter reset: no interval to report
+                x += d.counter_wrap[metric]  # a narrow counter wrapped (once: see _WRAP)
             dt = t_s - prev[1]
             if metric.startswith("throttle_frac_"):
                 frac = (x - prev[0]) / 1e9 / dt
@@ -769,8 +868,17 @@ class NvmlBackend:
                 v[m] = 1.0 if b & bit else 0.0
         if "temp_c" in v and "temp_slowdown_c" in v:
             v["temp_margin_c"] = v["temp_slowdown_c"] - v["temp_c"]
-        if d.gpm_samples:
+        if d.gpm_samples and slow:
             v.update(self._read_gpm(d))
+        if pricing is not None:
+            # The probe's call is cold: on the live H200 it gave 109 us for counters that then take 0-2 us,
+            # 5.5 ms for instant power (then 5 us). This first read after it reads every field (a slow
+            # tick), warm: its latencies set the cadence from the next tick on.
+            ok = [fv for fvs in pricing for fv in fvs if fv.nvmlReturn == _SUCCESS]
+            d.latency_us = {int(fv.fieldId): int(fv.latencyUsec) for fv in ok}
+            d.wrap = {int(fv.fieldId): _WRAP.get(int(fv.valueType), 0) for fv in ok}
+            d.priced = True
+            self._plan(d)
         return v
 
     def _read_gpm(self, d: _Device) -> dict[str, float]:
