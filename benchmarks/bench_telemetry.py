@@ -17,7 +17,9 @@ the per-tick cost. Before the slow cadence an H200 measured 8.4% of one core at 
 0.8% of it the CPU backend.
 
 ``--replay TRACE`` splits the GPU tick without a GPU: the Python CPU time per tick with NVML answering
-at once (``replay_cost``), and the driver time per tick priced from the trace (``trace_driver_us``).
+at once (``replay_cost``), and the driver time per tick priced from the trace (``trace_driver_us``) at
+the cadence the backend picks on that trace (which counters and GPM it reads on slow ticks only, and
+why, is printed). With ``--baseline`` both are given for the other nvml.py too, from the same run.
 
 Throughput: the real ``aurora_core.Pipeline`` (CPU:
 mobilenet_v3_small, random weights; CUDA: resnet50) on the shipped sample mix; rounds alternate
@@ -194,7 +196,7 @@ def replay_cost(path: str, ticks: int = 2000, rounds: int = 5, baseline: str | N
     return out
 
 
-def trace_driver_us(path: str) -> dict:
+def trace_driver_us(path: str, mod=None) -> dict:
     """Driver time per tick priced from a live trace's ``dur_ns``, for the calls this code makes.
 
     The calls are those ``NvmlBackend`` makes on ``TickReplayNvml`` over one slow cycle after init; each
@@ -202,11 +204,15 @@ def trace_driver_us(path: str) -> dict:
     call asking for fewer ids than were recorded is priced per recorded call as its duration minus the
     ``latencyUsec`` of the ids it did not ask for (the per-field latencies add up to ~97% of the call).
     Wall time of the calls, an upper bound on their CPU time. Returns us: a fast tick, a slow tick, the
-    mean per tick at the live slow cadence, and init (nvmlInit and the probe, once per sampler start).
+    mean per tick at the live slow cadence, and init (nvmlInit and the probe, once per sampler start);
+    ``cadence``: the backend's own account of what it reads less than every tick. mod: another
+    nvml.py (``_load_nvml_module``) to price instead of the current one.
     """
-    from aurora_core.telemetry.nvml import SLOW_EVERY, NvmlBackend
+    from aurora_core.telemetry import nvml
     from aurora_core.telemetry.replay import TickReplayNvml, read_trace
 
+    mod = mod or nvml
+    SLOW_EVERY, NvmlBackend = mod.SLOW_EVERY, mod.NvmlBackend
     lines = [e for e in read_trace(path)[1:] if "dur_ns" in e]
     api = TickReplayNvml(path, SLOW_EVERY)
     calls: list[tuple] = []
@@ -247,7 +253,9 @@ def trace_driver_us(path: str) -> dict:
     return {"fast_tick_us": statistics.median(fast), "slow_tick_us": cost[slow], "mean_tick_us": sum(cost) / len(cost),
             "init_us": sum(price(c) for c in init) - cost[slow],
             "fast_calls": [c[0] for c in per_tick[(slow + 1) % len(per_tick)]],
-            "priced": {" ".join(map(str, c))[:60]: round(price(c)) for c in per_tick[slow]}}
+            "priced": {" ".join(map(str, c))[:60]: round(price(c)) for c in per_tick[slow]},
+            "priced_fast": {" ".join(map(str, c))[:60]: round(price(c)) for c in per_tick[(slow + 1) % len(per_tick)]},
+            "cadence": be.capabilities()["gpu0"].get("cadence", {})}
 
 
 def pipeline_throughput(requests: int, rounds: int, period_s: float = 0.1) -> dict:
@@ -323,11 +331,21 @@ def main() -> None:
     from aurora_core.telemetry.nvml import SLOW_EVERY
 
     if args.replay:
-        d = trace_driver_us(args.replay)
-        print(f"driver time from the trace's dur_ns: fast tick {d['fast_tick_us']:.0f} us, slow tick "
-              f"{d['slow_tick_us']:.0f} us, mean {d['mean_tick_us']:.0f} us per tick = {d['mean_tick_us'] / 1e4 / args.period:.2f}% "
-              f"of one core at {1 / args.period:g} Hz; init {d['init_us'] / 1e3:.1f} ms once")
-        print(f"  slow tick calls (us): {d['priced']}")
+        import os
+
+        print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        priced = {"baseline": _load_nvml_module(args.baseline)} if args.baseline else {}
+        for name, mod in {**priced, "current": None}.items():
+            d = trace_driver_us(args.replay, mod)
+            print(f"{name}: driver time from the trace's dur_ns: fast tick {d['fast_tick_us']:.0f} us, slow tick "
+                  f"{d['slow_tick_us']:.0f} us, mean {d['mean_tick_us']:.0f} us per tick = "
+                  f"{d['mean_tick_us'] / 1e4 / args.period:.2f}% of one core at {1 / args.period:g} Hz; "
+                  f"init {d['init_us'] / 1e3:.1f} ms once")
+            print(f"  fast tick calls (us): {d['priced_fast']}")
+            print(f"  slow tick calls (us): {d['priced']}")
+            for m, why in d["cadence"].items():
+                if "SLOW_METRICS" not in why and "slow-changing" not in why:
+                    print(f"  {m}: {why}")
         r = replay_cost(args.replay, args.ticks, args.rounds, args.baseline)
         print(f"Python per GPU tick, NVML replayed at no cost ({r['ticks']} ticks x {r['rounds']} rounds, "
               f"slow set every {r['slow_every']}; medians):")
