@@ -169,6 +169,14 @@ class GpuDecoder:
         self.stats = {"gpu": 0, "cpu": 0, "gpu_rejected": 0}
         self._lock = threading.Lock()
 
+    def takes(self, data) -> bool:
+        """Whether decode_batch would give ``data`` to nvJPEG. False also when its header fails a check: the
+        CPU decoder then raises the same typed error."""
+        try:
+            return route(data, self.max_pixels, self.max_bytes)[0] == "gpu"
+        except Exception:
+            return False
+
     def decode_batch(
         self, datas: Sequence, *, consumer_stream: torch.cuda.Stream | None = None, return_exceptions: bool = False
     ) -> list[GpuDecoded]:

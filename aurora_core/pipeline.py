@@ -260,11 +260,13 @@ class Pipeline:
         try:
             if self._failure is not None:
                 raise DeviceLost(f"Pipeline: down after a sticky device error ({self._failure}); create a new Pipeline")
-            if (self._pool is not None and self._gpu_decoder is None and not isinstance(data, np.ndarray)
-                    and not self.batcher.closed and len(self.batcher) < self._eager_depth):
+            gpu = self._gpu_decoder
+            if (self._pool is not None and not isinstance(data, np.ndarray) and not self.batcher.closed
+                    and len(self.batcher) < self._eager_depth and (gpu is None or not gpu.takes(data))):
                 # Decode while the request waits for its batch: the decode leaves the batch's critical path.
                 # Started before admission so that the batch worker always finds it. Only the first few
-                # batches' worth are decoded ahead, so a deep queue does not hold decoded pixels.
+                # batches' worth are decoded ahead, so a deep queue does not hold decoded pixels. With
+                # gpu_decode, only what nvJPEG will not take (PNG, CMYK, ...) is decoded here.
                 req.decoding = self._pool.submit(self._decode_safe, req)
             self.batcher.put(req)
         except AuroraError as e:
@@ -419,7 +421,7 @@ class Pipeline:
             new = self._runner
             if self._failure is None and new is not runner and not new.is_cuda:
                 slab.on_device, slab.events, slab.prepared_for = False, {}, new
-                return self._preprocess_rows(_host_pixels(live, failures), slab, failures)
+                return self._preprocess_rows(live, slab, failures)
         self._fail_batch(live, exc, runner)
         return []
 
@@ -429,7 +431,7 @@ class Pipeline:
         failures: list = []
         n = len(live)
         slab.on_device, slab.events, slab.prepared_for = False, {}, runner
-        live = self._preprocess_rows(_host_pixels(live, failures), slab, failures)
+        live = self._preprocess_rows(live, slab, failures)
         runner.stage(slab)
         self._finish_failures(failures, n)
         self._assign_rows(live, slab)
@@ -445,10 +447,13 @@ class Pipeline:
                 r.image, r.orig_size = r.data, r.data.shape[:2]
             else:
                 encoded.append(r)
-                if r.decoding is None and self._pool is not None and gpu is None:
+                if r.decoding is None and self._pool is not None and (gpu is None or not gpu.takes(r.data)):
                     r.decoding = self._pool.submit(self._decode_safe, r)
         if gpu is not None:
-            self._decode_on_device([r for r in encoded if r.decoding is None], gpu)
+            try:
+                self._decode_on_device([r for r in encoded if r.decoding is None], gpu)
+            except Exception as e:  # noqa: BLE001 - whatever it was, the CPU decodes this batch below
+                self._gpu_decode_failed(e)
         for r in encoded:
             if r.decoding is not None:
                 r.decoding.result()
@@ -475,6 +480,19 @@ class Pipeline:
                 r.image, r.orig_size, r.scale = d.image, d.orig_size, d.scale
         self._count("decoded", len(reqs))
 
+    def _gpu_decode_failed(self, exc: BaseException) -> None:
+        """GPU decode failed for the whole batch, not for one image. A sticky error takes the device down:
+        fall back to the CPU (then this batch is decoded there) or shut down (then the batch fails)."""
+        from aurora_core.runner import is_sticky
+
+        if not is_sticky(exc):
+            log.warning("Pipeline: GPU decode failed (%r); decoding this batch on the CPU", exc)
+            return
+        lost = exc if isinstance(exc, DeviceLost) else DeviceLost(f"Pipeline: sticky device error in GPU decode: {exc}")
+        self._on_device_lost(lost, self._runner)
+        if self._failure is not None:
+            raise lost
+
     def _decode_safe(self, r: Request) -> None:
         try:
             self._decode(r)
@@ -487,6 +505,7 @@ class Pipeline:
         Should it raise, each image is retried alone so that only the bad one fails."""
         from aurora_core.ops.preprocess import preprocess, preprocess_batch
 
+        live = self._host_pixels(live, failures)
         n = len(live)
         t0 = now_ns()
         try:
@@ -508,6 +527,23 @@ class Pipeline:
         slab.n = len(ok)
         return ok
 
+    def _host_pixels(self, live: list[Request], failures: list) -> list[Request]:
+        """Bring device-decoded images (gpu_decode) to the host for CPU preprocessing. The copy runs on the
+        staging stream, which decode_batch made wait for the decoder. An image on a device that has since
+        been lost is decoded again on the CPU from the request's bytes."""
+        runner = self._runner
+        for r in live:
+            if isinstance(r.image, torch.Tensor) and r.image.is_cuda:
+                if runner.is_cuda:
+                    with torch.cuda.stream(runner.stage_stream):
+                        r.image = r.image.cpu()
+                else:
+                    r.image = None
+                    self._decode_safe(r)
+        keep = [r for r in live if r.error is None]
+        failures += [(r, r.error) for r in live if r.error is not None]
+        return keep
+
     def _stage_on_device(self, live, slab, runner, failures) -> list[Request]:
         t0 = now_ns()
         try:
@@ -520,6 +556,7 @@ class Pipeline:
                 raise
             log.warning("Pipeline: device preprocessing failed (%r); preprocessing on the CPU from now on", e)
             self._device_preprocess = False
+            self._gpu_decoder = None  # gpu_decode needs device preprocessing
             slab.on_device, slab.events = False, {}
             live = self._preprocess_rows(live, slab, failures)
             runner.stage(slab)
@@ -653,18 +690,6 @@ def _precise_timers() -> None:
             ctypes.CDLL(None).prctl(29, 1000, 0, 0, 0)  # PR_SET_TIMERSLACK (linux/prctl.h), in ns
         except (OSError, AttributeError):
             pass
-
-
-def _host_pixels(live: list[Request], failures: list) -> list[Request]:
-    """The requests whose decoded pixels are in host memory; the others, decoded on a device that has been
-    lost, go to ``failures`` with DeviceLost."""
-    keep = []
-    for r in live:
-        if isinstance(r.image, torch.Tensor) and r.image.is_cuda:
-            failures.append((r, DeviceLost("Pipeline: the device this request was decoded on was lost")))
-        else:
-            keep.append(r)
-    return keep
 
 
 def _gpu_decoder(value, device: torch.device, on_device: bool, limits: dict):

@@ -231,10 +231,10 @@ def test_pipeline_decodes_each_batch_with_one_gpu_decoder_call():
             assert [i for i, _ in got.top_k] == [i for i, _ in exp.top_k]
             assert np.allclose([p for _, p in got.top_k], [p for _, p in exp.top_k], atol=0.02)
         st = pipe.stats()
-    # One batch: the four routable JPEGs in one nvJPEG call, the PNG on the CPU; the truncated JPEG fails
-    # its header check alone.
+    # One batch: the four routable JPEGs in one nvJPEG call; the PNG and the truncated JPEG (which fails its
+    # header check alone) on the CPU pool from admission, as without gpu_decode.
     assert calls == [4]
-    assert dec.stats == {"gpu": 4, "cpu": 1, "gpu_rejected": 0}
+    assert dec.stats == {"gpu": 4, "cpu": 0, "gpu_rejected": 0}
     assert st["decoded"] == 6 and st["completed"] == 5 and st["errors"] == {"truncated": 1}
 
 
@@ -249,9 +249,8 @@ def test_pipeline_gpu_decode_rejects_what_it_cannot_do():
 
 
 def test_sticky_error_in_the_gpu_decoder_fails_over_to_the_cpu():
-    """A sticky CUDA error inside nvJPEG is the device failing: the batch gets DeviceLost (it is not
-    decoded on the CPU for a device that is gone), the pipeline falls back, and later requests are
-    decoded on the CPU pool."""
+    """A sticky CUDA error inside nvJPEG is the device failing, not a bad image: the pipeline falls back to
+    the CPU, which decodes and serves that batch and every later one."""
     from aurora_core.runner import InjectedStickyError
 
     bad = _jpeg(_photo(30, 30, 9))
@@ -266,10 +265,34 @@ def test_sticky_error_in_the_gpu_decoder_fails_over_to_the_cpu():
     with _pipe(dec, cpu_fallback=True) as pipe:
         assert pipe.infer(_jpeg(), timeout=20).timings.status == "ok"
         futs = [pipe.submit(d) for d in (bad, _jpeg(_photo(20, 40, 3)))]
-        assert [f.exception(20).reason for f in futs] == ["device_lost", "device_lost"]
+        assert [f.result(20).timings.status for f in futs] == ["ok", "ok"]
         assert pipe.ready and not pipe.gpu_decode
         assert pipe.infer(bad, timeout=20).timings.status == "ok"  # the CPU pool decodes it now
         assert dec.stats["gpu"] == 1
+
+
+def test_sticky_error_in_the_gpu_decoder_without_fallback_fails_the_batch_and_shuts_down():
+    from aurora_core.runner import InjectedStickyError
+
+    def nvjpeg(ts, d):
+        raise InjectedStickyError("CUDA error: an illegal memory access was encountered (injected)")
+
+    with _pipe(GpuDecoder("cpu", nvjpeg=nvjpeg)) as pipe:
+        futs = [pipe.submit(d) for d in (_jpeg(), _png())]
+        assert [f.exception(20).reason for f in futs] == ["device_lost", "device_lost"]
+        assert not pipe.ready
+        assert pipe.submit(_jpeg()).exception(20).reason == "device_lost"
+
+
+def test_a_gpu_decode_failure_that_is_not_one_image_decodes_the_batch_on_the_cpu():
+    def nvjpeg(ts, d):
+        raise AssertionError("a bug in the decoder, not in any image")
+
+    dec = GpuDecoder("cpu", nvjpeg=nvjpeg)
+    dec._decode = lambda *a: (_ for _ in ()).throw(MemoryError("pinned memory exhausted"))
+    with _pipe(dec) as pipe:
+        assert pipe.infer(_jpeg(), timeout=20).timings.status == "ok"
+        assert pipe.ready and pipe.gpu_decode
 
 
 @requires_cuda
