@@ -541,8 +541,16 @@ def find_run_file(path) -> Path:
 
 
 def load_run(path) -> RunData:
-    """Read a run file (a directory holding ``run.aurora.sqlite``, or the file itself)."""
+    """Read a run file (a directory holding ``run.aurora.sqlite``, or the file itself). Raises
+    FileNotFoundError when there is none, ValueError when the file is not a readable run file."""
     p = find_run_file(path)
+    try:
+        return _read_run(p)
+    except sqlite3.DatabaseError as e:
+        raise ValueError(f"load_run: {p} is not a readable aurora run file ({e})") from e
+
+
+def _read_run(p: Path) -> RunData:
     db = sqlite3.connect(f"file:{p}?mode=ro", uri=True)
     try:
         meta = {k: json.loads(v) for k, v in db.execute("SELECT key, value FROM meta")}

@@ -97,7 +97,7 @@ def poisson_run(submit, mix, rate, seconds, seed=0, grace_s=30.0) -> dict:
         if wait > 0:
             time.sleep(wait / 1e9)
         submit(mix[i % len(mix)]).add_done_callback(lambda f, i=i: finish(f, i))
-    grace = time.monotonic() + max(grace_s, seconds * 3)
+    grace = time.monotonic() + grace_s
     completed = 0
     while completed < n and done.acquire(timeout=max(0.0, grace - time.monotonic())):
         completed += 1
@@ -108,19 +108,20 @@ def poisson_run(submit, mix, rate, seconds, seed=0, grace_s=30.0) -> dict:
 def max_rate(name, submit, mix, slo_ms, seconds, sat, steps, deadline=None, grace_s=30.0) -> tuple[float, list]:
     """Bisection for the highest rate with p99 <= slo_ms and no failures, between 0 and 1.1 x saturation.
     deadline (time.monotonic()): no probe starts that would not end before it, except the first, so that
-    every server is measured at least once."""
+    every server is measured at least once. A probe's drain (up to grace_s, or 3x its length) is cut at the
+    deadline: a probe that has not drained by then is over the SLO anyway."""
     lo, hi, runs = 0.0, 1.1 * sat, []
-    longest = 0.0  # measured wall time of the slowest probe so far, its drain included
     for step in range(steps):
         rate = (lo + hi) / 2 if step else 0.8 * sat
-        # poisson_run sends at least 100 requests, then drains the backlog: up to grace_s when overloaded,
-        # which the send time alone does not predict, so the slowest probe so far counts too.
-        probe_s = max(max(seconds, 100 / rate) + 1.0, longest)
-        if step and deadline is not None and time.monotonic() + probe_s > deadline:
-            print(f"  {name:6s} time budget spent: {steps - step} of {steps} probes not run", flush=True)
-            break
+        probe_s = max(seconds, 100 / rate) + 1.0  # poisson_run sends at least 100 requests
+        grace = max(grace_s, seconds * 3)
+        if deadline is not None:
+            if step and time.monotonic() + probe_s > deadline:
+                print(f"  {name:6s} time budget spent: {steps - step} of {steps} probes not run", flush=True)
+                break
+            grace = max(1.0, min(grace, deadline - time.monotonic() - probe_s))
         t0 = time.monotonic()
-        r = poisson_run(submit, mix, rate, seconds, seed=step, grace_s=grace_s)
+        r = poisson_run(submit, mix, rate, seconds, seed=step, grace_s=grace)
         r["wall_s"] = time.monotonic() - t0
         ok = r["p99_ms"] <= slo_ms and r["errors"] == 0 and r["unfinished"] == 0
         r["ok"] = ok
@@ -133,7 +134,6 @@ def max_rate(name, submit, mix, slo_ms, seconds, sat, steps, deadline=None, grac
             hi = rate
         if r["unfinished"]:
             time.sleep(2)  # let the backlog of a badly overloaded run drain before the next probe
-        longest = max(longest, time.monotonic() - t0)
     return lo, runs
 
 

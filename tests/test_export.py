@@ -190,6 +190,10 @@ def test_aurora_trace_command(tmp_path, capsys):
     assert "trace.json" in capsys.readouterr().out
     assert main(["trace", str(tmp_path / "nowhere")]) == 2
     assert "no run file" in capsys.readouterr().err
+    (tmp_path / "junk.sqlite").write_bytes(b"not a database" * 100)
+    assert main(["trace", str(tmp_path / "junk.sqlite")]) == 2
+    assert "not a readable aurora run file" in capsys.readouterr().err
+    assert main(["trace", str(tmp_path / "run"), "--out", str(tmp_path / "no" / "such" / "dir.json")]) == 2
 
 
 def test_export_run_leaves_out_non_finite_values(tmp_path):

