@@ -154,6 +154,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--gpu-decode", choices=("auto", "on", "off"), default="off",
                     help="CUDA: decode JPEGs with nvJPEG, one batched call per batch (Pipeline gpu_decode); needs "
                          "device preprocessing")
+    ap.add_argument("--no-naive", action="store_true",
+                    help="measure aurora only (the whole budget; no ratio), e.g. for a second aurora variant "
+                         "whose naive baseline an earlier run measured")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="wall-clock budget for the whole run; bisection stops early to keep it "
                          "(default: 85 on CUDA, none on the CPU)")
@@ -212,21 +215,24 @@ def main(argv=None) -> dict:
         print(f"aurora offline throughput: {sat_a:.1f} images/s", flush=True)
         # Aurora's probes may use the budget up to the point that leaves the naive server ~40% of it
         # (its start-up and offline run are shorter; its probes are as long).
-        deadline_a = t_start + 0.6 * budget if budget else None
+        deadline_a = t_start + (budget - 2 if a.no_naive else 0.6 * budget) if budget else None
         rate_a, runs_a = max_rate("aurora", pipe.submit, mix, slo, seconds, sat_a, a.steps, deadline_a, grace_s)
         stats = pipe.stats()
     torch.set_num_threads(default_threads)
 
-    naive = Naive(model, device, a.dtype)
-    try:
-        offline(naive.submit, mix, 8)
-        gc.freeze()
-        sat_n = offline(naive.submit, mix, 64 if not cuda else 400)
-        print(f"naive offline throughput: {sat_n:.1f} images/s", flush=True)
-        deadline_n = t_start + budget - 2 if budget else None
-        rate_n, runs_n = max_rate("naive", naive.submit, mix, slo, seconds, sat_n, a.steps, deadline_n, grace_s)
-    finally:
-        naive.close()
+    rate_n = sat_n = None
+    runs_n: list = []
+    if not a.no_naive:
+        naive = Naive(model, device, a.dtype)
+        try:
+            offline(naive.submit, mix, 8)
+            gc.freeze()
+            sat_n = offline(naive.submit, mix, 64 if not cuda else 400)
+            print(f"naive offline throughput: {sat_n:.1f} images/s", flush=True)
+            deadline_n = t_start + budget - 2 if budget else None
+            rate_n, runs_n = max_rate("naive", naive.submit, mix, slo, seconds, sat_n, a.steps, deadline_n, grace_s)
+        finally:
+            naive.close()
 
     # No ratio when the naive server met the SLO at no rate: "inf" would read as a win it isn't.
     ratio = rate_a / rate_n if rate_n else None
@@ -243,7 +249,7 @@ def main(argv=None) -> dict:
     }
     print(f"SUMMARY bench_e2e [{model} {a.dtype or 'fp32'} {device}, preprocess on "
           f"{'GPU' if on_gpu else 'CPU'}]: peak rate at p99 <= {slo:g} ms: aurora {rate_a:.1f}/s, naive "
-          f"{rate_n:.1f}/s, ratio {f'{ratio:.2f}x' if ratio else 'n/a'} (target >= {5 if cuda else 3}x); aurora offline "
+          f"{'not run' if rate_n is None else f'{rate_n:.1f}/s'}, ratio {f'{ratio:.2f}x' if ratio else 'n/a'} (target >= {5 if cuda else 3}x); aurora offline "
           f"{sat_a:.1f} images/s (peak rate at {100 * rate_a / sat_a:.0f}% of it); "
           f"{summary['wall_s']:.0f} s", flush=True)
     if a.out:

@@ -299,11 +299,13 @@ def s_e2e(suite: Suite, cap: float) -> dict:
         *extra,
     ]
     res: dict = {"preprocess_flag": flag or "none found in --help: CPU-preprocessing variant not run"}
+    # The naive server's rate does not depend on aurora's variant: measured in the first run only.
+    once = ["--no-naive"] if "--no-naive" in help_text else []
     runs = [("gpu_preprocess", gpu_args)]
     if "--gpu-decode" in help_text:
-        runs.append(("gpu_decode", gpu_args + ["--gpu-decode", "on"]))
+        runs.append(("gpu_decode", gpu_args + ["--gpu-decode", "on"] + once))
     if flag:
-        runs.append(("cpu_preprocess", cpu_args))
+        runs.append(("cpu_preprocess", cpu_args + once))
 
     trace = os.path.join(suite.out, "nvml_trace.jsonl")
     t_end = time.monotonic() + cap - 15  # keep time to collect the telemetry trace
