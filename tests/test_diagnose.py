@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from test_incidents import simulate_run
 
 from aurora_core.cli import main
@@ -242,3 +243,41 @@ def test_idle_clocks_before_sparse_traffic(tmp_path):
     w = _window_at(res, 25.0)
     assert w["verdict"] == "hardware_idle_clocks", res.data["summary"]
     assert all(c["cause"] != "hardware" for c in w["causes"])
+
+
+def test_interval_mean_covers_windows_shorter_than_a_slow_counter_read():
+    """Throttle fractions read at 1 Hz (costly NVML counters): each sample covers the second before it. A
+    0.5 s window between two reads still sees the read that covers it, weighted by overlap; a plain mean of
+    the samples inside the window would see none. A gap in the series weighs nothing."""
+    from types import SimpleNamespace
+
+    from aurora_core.diagnose.causes import _interval_mean, _mean_in
+
+    t = np.array([1.0, 2.0, 3.0, 4.0, 20.0])
+    v = np.array([0.0, 0.0, 1.0, 0.5, 0.25])
+    series = SimpleNamespace(samples={("gpu0", "throttle_frac_hw_thermal"): (t, v)})
+    key = ("gpu0", "throttle_frac_hw_thermal")
+    assert _mean_in(series, key, 2.2, 2.7) is None
+    assert _interval_mean(series, key, 2.2, 2.7) == pytest.approx(1.0)        # covered by the read at 3.0
+    assert _interval_mean(series, key, 2.5, 3.5) == pytest.approx(0.75)       # half of each
+    assert _interval_mean(series, key, 0.0, 5.0) == pytest.approx(1.5 / 4)   # 4 s covered; t=0..1 by the first
+    assert _interval_mean(series, key, 10.0, 15.0) is None                    # in the gap: nothing covers it
+
+
+def test_hardware_cause_sees_a_1hz_throttle_counter_in_a_short_window():
+    """The hardware check averages throttled fractions by the interval each read covers: a 0.5 s window
+    inside a throttled second counts it (a plain mean over samples in the window had none there)."""
+    from types import SimpleNamespace
+
+    from aurora_core.diagnose.causes import _hardware
+
+    t = np.arange(0.0, 21.0)
+    frac = np.where(t == 13.0, 1.0, 0.0)  # the read at 13 s covers 12..13 s
+    series = SimpleNamespace(samples={("gpu0", "throttle_frac_hw_thermal"): (t, frac),
+                                      ("gpu0", "sm_clock_mhz"): (t, np.full(t.size, 1980.0))}, events=[])
+    base, win = (SimpleNamespace(a=a, b=b, median_gap_s=0.01) for a, b in ((0.0, 10.0), (12.2, 12.7)))
+    checked: list = []
+    causes = _hardware(series, base, win, 1.0, checked)
+    assert [c.cause for c in causes] == ["hardware"], checked
+    ev = next(e for e in causes[0].evidence if "hw_thermal" in e.name)
+    assert ev.window == pytest.approx(1.0) and ev.passed

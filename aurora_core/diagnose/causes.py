@@ -203,6 +203,21 @@ def _mean_in(series: Series, key, a: float, b: float) -> float | None:
     return float(np.mean(s[1][m])) if np.any(m) else None
 
 
+def _interval_mean(series: Series, key, a: float, b: float) -> float | None:
+    """Time-weighted mean over [a, b) of a metric whose sample at t covers the interval since the previous
+    one: the throttled fractions, from cumulative counters read every tick or, where NVML prices them high,
+    every 10th (1 s). A window shorter than that still sees the sample that covers it. A sample covers at
+    most twice the series' median spacing, so a gap (between runs, a stale sampler) weighs nothing."""
+    s = series.samples.get(key)
+    if s is None or s[0].size == 0:
+        return None
+    t, v = s
+    cap = 2 * float(np.median(np.diff(t))) if t.size > 1 else 0.0
+    start = np.maximum(np.concatenate(([t[0] - cap], t[:-1])), t - cap)
+    w = np.clip(np.minimum(t, b) - np.maximum(start, a), 0.0, None)
+    return float(np.dot(w, v) / w.sum()) if w.sum() > 0 else _mean_in(series, key, a, b)
+
+
 def _max_in(series: Series, key, a: float, b: float) -> float | None:
     s = series.samples.get(key)
     if s is None:
@@ -219,9 +234,9 @@ def _min_in(series: Series, key, a: float, b: float) -> float | None:
     return float(np.min(s[1][m])) if np.any(m) else None
 
 
-def _delta_ev(series, base, win, source, metric, thr, unit, primary=True, label=None) -> Evidence | None:
-    vb = _mean_in(series, (source, metric), base.a, base.b)
-    vw = _mean_in(series, (source, metric), win.a, win.b)
+def _delta_ev(series, base, win, source, metric, thr, unit, primary=True, label=None, mean=_mean_in) -> Evidence | None:
+    vb = mean(series, (source, metric), base.a, base.b)
+    vw = mean(series, (source, metric), win.a, win.b)
     if vb is None or vw is None:
         return None
     return Evidence(label or f"{source}.{metric}", vb, vw, unit, f"window - baseline >= {thr}",
@@ -539,7 +554,7 @@ def _hardware(series, base: Range, win: Range, share, checked) -> list[Cause]:
         ev: list[Evidence] = []
         for reason in _THROTTLE_REASONS:
             e = _delta_ev(series, base, win, g, f"throttle_frac_{reason}", 0.1, "of time",
-                          label=f"{g} throttled ({reason})")
+                          label=f"{g} throttled ({reason})", mean=_interval_mean)
             if e:
                 ev.append(e)
         cb, cw = _mean_in(series, (g, "sm_clock_mhz"), base.a, base.b), _mean_in(series, (g, "sm_clock_mhz"), win.a, win.b)
