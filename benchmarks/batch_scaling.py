@@ -22,23 +22,16 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_preprocess import SPEC, batch_images  # noqa: E402
+from bench_preprocess import SPEC, batch_images, timed_medians  # noqa: E402
 
 from aurora_core.ops.preprocess import PreprocessSpec, preprocess_batch  # noqa: E402
 
 
 def speedup(imgs, spec, rounds: int) -> float:
     out = torch.empty((len(imgs), 3, spec.crop, spec.crop))
-    times = {1: [], 2: []}
-    for _ in range(2):
-        for k in times:
-            preprocess_batch(imgs, spec, out=out, num_threads=k)
-    for _ in range(rounds):
-        for k in times:
-            t0 = time.perf_counter()
-            preprocess_batch(imgs, spec, out=out, num_threads=k)
-            times[k].append(time.perf_counter() - t0)
-    return statistics.median(times[1]) / statistics.median(times[2])
+    wall = timed_medians({k: (lambda k=k: preprocess_batch(imgs, spec, out=out, num_threads=k)) for k in (1, 2)},
+                         rounds)["wall"]
+    return wall[1] / wall[2]
 
 
 def matmul_speedup(rounds: int) -> float:

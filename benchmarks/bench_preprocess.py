@@ -12,6 +12,8 @@ Ratios measured in one run: python benchmarks/preprocess_ratios.py
 from __future__ import annotations
 
 import io
+import statistics
+import time
 
 import cv2
 import numpy as np
@@ -124,6 +126,24 @@ def batch_images(n: int = 64) -> list[np.ndarray]:
     """n decoded images of the default request mix (seven ~0.3 MP photos to one 2.5 MP)."""
     mix = [decode(b) for b in default_mix()]
     return [mix[i % len(mix)] for i in range(n)]
+
+
+def timed_medians(fns: dict, rounds: int, warmup: int = 2) -> dict[str, dict]:
+    """{"wall": name -> median s, "cpu": name -> median thread CPU s}: each fn warmed up, then timed
+    round-robin (one call of each per round), so drift on a shared machine hits all of them alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    wall = {name: [] for name in fns}
+    cpu = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            c0, t0 = time.thread_time(), time.perf_counter()
+            fn()
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.thread_time() - c0)
+    return {"wall": {n: statistics.median(t) for n, t in wall.items()},
+            "cpu": {n: statistics.median(t) for n, t in cpu.items()}}
 
 
 def _check(result, photo: str, provider: str):

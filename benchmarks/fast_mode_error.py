@@ -23,15 +23,18 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import statistics
-import time
+import sys
 
 import numpy as np
 import simplejpeg
 import torch
 from PIL import Image
 
-from aurora_core import decode as dec
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_preprocess import timed_medians  # noqa: E402
+
+from aurora_core import decode as dec  # noqa: E402
 from aurora_core.ops.preprocess import PreprocessSpec, fast_min_size, preprocess, resized_geometry
 from aurora_core.samples import sample_bytes
 
@@ -141,20 +144,9 @@ def timings(rounds: int) -> None:
         data = sample_bytes(name)
         info = dec.probe(data)
         scales = [1, *scales_for((info.height, info.width))]
-        fns = {s: (lambda s=s, data=data: load_at(data, s)) for s in scales}
-        times = {s: [] for s in fns}
-        for _ in range(2):
-            for fn in fns.values():
-                fn()
-        for _ in range(rounds):
-            for s, fn in fns.items():
-                t0 = time.perf_counter()
-                fn()
-                times[s].append(time.perf_counter() - t0)
-        base = statistics.median(times[1])
-        for s, t in times.items():
-            med = statistics.median(t)
-            print(f"  {name:6s} 1/{s}: {med * 1e3:7.2f} ms  ({med / base:.2f}x exact)")
+        wall = timed_medians({s: (lambda s=s, data=data: load_at(data, s)) for s in scales}, rounds)["wall"]
+        for s, med in wall.items():
+            print(f"  {name:6s} 1/{s}: {med * 1e3:7.2f} ms  ({med / wall[1]:.2f}x exact)")
 
 
 def main() -> None:

@@ -17,34 +17,15 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import cv2  # noqa: E402
 import torch  # noqa: E402
-from bench_preprocess import PHOTOS, PROVIDERS, SPEC, batch_images, make  # noqa: E402
+from bench_preprocess import PHOTOS, PROVIDERS, SPEC, batch_images, make, timed_medians  # noqa: E402
 
 from aurora_core.ops.preprocess import preprocess_batch  # noqa: E402
-
-
-def timed_medians(fns: dict[str, callable], rounds: int, warmup: int = 2) -> dict[str, dict[str, float]]:
-    """{"wall": name -> median s, "cpu": name -> median thread CPU s}, timed round-robin."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    wall = {name: [] for name in fns}
-    cpu = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            c0, t0 = time.thread_time(), time.perf_counter()
-            fn()
-            wall[name].append(time.perf_counter() - t0)
-            cpu[name].append(time.thread_time() - c0)
-    return {"wall": {n: statistics.median(t) for n, t in wall.items()},
-            "cpu": {n: statistics.median(t) for n, t in cpu.items()}}
 
 
 def cpu_name() -> str:
