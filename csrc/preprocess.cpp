@@ -437,8 +437,8 @@ void preprocess_image(const ImageView& im, const Spec& spec, void* out) {
   a[3] = b[3] = 0.0f;
 
 #ifdef AURORA_AVX2
-  // Eight output rows at a time. The vertical pass blends their source rows strip by strip (contiguous
-  // bytes, 3 uops per 8 multiply-adds) and transposes the strip into vt[e][r] (element-major, 8 rows
+  // Eight output rows at a time. The vertical pass (vertical_pass_i16, 16-bit fixed point) blends their
+  // source rows over the whole blended row and transposes it into vt[e][r] (element-major, 8 rows
   // per vector), so the horizontal pass is also a broadcast-weight FMA on whole vectors: 8 rows x 1
   // channel per instruction, no gathers and no horizontal sums. A final 8x8 transpose turns 8 columns
   // of 8 rows back into row-major stores. Per-row passes with a 4-lane RGB horizontal were ~1.8x
