@@ -231,10 +231,12 @@ class Batcher:
             while q and len(batch) < cfg.max_batch_size:
                 r = q.popleft()
                 self._size -= 1
-                if r.deadline_ns and now >= r.deadline_ns:
-                    dropped.append((r, DEADLINE))
-                elif not r.future.set_running_or_notify_cancel():
+                # Cancellation first: a cancelled future cannot take a DeadlineExceeded, and one past its
+                # deadline is set running here so that it can.
+                if not r.future.set_running_or_notify_cancel():
                     dropped.append((r, CANCELLED))
+                elif r.deadline_ns and now >= r.deadline_ns:
+                    dropped.append((r, DEADLINE))
                 else:
                     r.record.batch_closed_ns = now
                     r.record.batch_id = self.batches

@@ -164,7 +164,8 @@ class Pipeline:
             raise ValueError(f"Pipeline: num_workers must be >= 1, got {nw}")
         # With more than one worker, encoded requests are decoded by the pool as they arrive.
         # On the CPU the model's thread is the bottleneck stage, and the decoders shared its core with it as
-        # equals: mobilenet_v3_small, default mix, 2-core box, offline 166 -> 191 images/s (medians of 5).
+        # equals: mobilenet_v3_small, default mix, 2-core box, offline 166 -> 191 images/s (medians of 5,
+        # one run; commit 2fd4b85).
         self._pool = ThreadPoolExecutor(
             nw, thread_name_prefix="aurora-decode",
             initializer=_lower_priority if self._runner.device.type == "cpu" else None) if nw > 1 else None
@@ -172,7 +173,8 @@ class Pipeline:
         self._eager_depth = 4 * self.config.max_batch_size
         # Both workers wait on the batcher itself, and the model runs batches in the order they closed
         # (batch_id). Before, a former thread handed each batch to a compute thread through a queue: a
-        # hop (and a GIL hand-off) more per batch, worth ~0.2 ms at p50 on a no-op model, shared 2-core box.
+        # hop (and a GIL hand-off) more per batch: context switches per request at Poisson 4,000/s went
+        # 1.54 -> 0.82 (commit b2272b7), though no throughput or p99 gain showed (benchmarks/RESULTS.md).
         self._turn = 0  # batch_id whose turn it is to run the model
         self._turn_cond = threading.Condition(threading.Lock())
         self._ready = True
@@ -441,6 +443,7 @@ class Pipeline:
         """Wait for the decodes started at admission; start the others now: on the device when the pipeline
         decodes there, else on the pool when there is one."""
         encoded = []
+        runner = self._runner  # before the decoder: _on_device_lost clears the decoder, then swaps the runner
         gpu = self._gpu_decoder
         for r in batch:
             if isinstance(r.data, np.ndarray):
@@ -453,7 +456,7 @@ class Pipeline:
             try:
                 self._decode_on_device([r for r in encoded if r.decoding is None], gpu)
             except Exception as e:  # noqa: BLE001 - whatever it was, the CPU decodes this batch below
-                self._gpu_decode_failed(e)
+                self._gpu_decode_failed(e, runner)
         for r in encoded:
             if r.decoding is not None:
                 r.decoding.result()
@@ -480,7 +483,7 @@ class Pipeline:
                 r.image, r.orig_size, r.scale = d.image, d.orig_size, d.scale
         self._count("decoded", len(reqs))
 
-    def _gpu_decode_failed(self, exc: BaseException) -> None:
+    def _gpu_decode_failed(self, exc: BaseException, runner: Runner) -> None:
         """GPU decode failed for the whole batch, not for one image. A sticky error takes the device down:
         fall back to the CPU (then this batch is decoded there) or shut down (then the batch fails)."""
         from aurora_core.runner import is_sticky
@@ -489,16 +492,18 @@ class Pipeline:
             log.warning("Pipeline: GPU decode failed (%r); decoding this batch on the CPU", exc)
             return
         lost = exc if isinstance(exc, DeviceLost) else DeviceLost(f"Pipeline: sticky device error in GPU decode: {exc}")
-        self._on_device_lost(lost, self._runner)
+        self._on_device_lost(lost, runner)  # a no-op when another worker already handled this loss
         if self._failure is not None:
             raise lost
 
-    def _decode_safe(self, r: Request) -> None:
+    def _decode_safe(self, r: Request, again: bool = False) -> None:
+        """Decode on this thread; ``again``: a second decode of the same request, not counted twice."""
         try:
             self._decode(r)
         except Exception as e:  # noqa: BLE001 - every request must end, whatever broke
             r.image, r.error = None, e
-        self._count("decoded")
+        if not again:
+            self._count("decoded")
 
     def _preprocess_rows(self, live: list[Request], slab, failures: list) -> list[Request]:
         """One preprocess_batch call writes row i of slab.host for live[i] (C++ kernel, GIL released).
@@ -539,7 +544,7 @@ class Pipeline:
                         r.image = r.image.cpu()
                 else:
                     r.image = None
-                    self._decode_safe(r)
+                    self._decode_safe(r, again=True)
         keep = [r for r in live if r.error is None]
         failures += [(r, r.error) for r in live if r.error is not None]
         return keep
@@ -597,7 +602,7 @@ class Pipeline:
             return live, None, runner
 
     def _complete(self, live, out, runner) -> None:
-        failed, sinks = out.failed, self._sinks
+        failed = out.failed
         self._count("ok", len(live) - len(failed))  # one lock per batch, not per request
         stamps = (out.bucket, runner.device_str, out.h2d_start_ns, out.h2d_end_ns, out.compute_start_ns,
                   out.compute_end_ns, out.d2h_end_ns)
@@ -608,11 +613,7 @@ class Pipeline:
             if r.slot in failed:
                 self._finish(r, exc=ResourceExhausted("Pipeline: out of device memory even at batch size 1"))
                 continue
-            # _finish's success path, inlined: this loop runs once per request (status stays "ok").
-            rec.completion_ns = now_ns()
-            if sinks:
-                self._emit(rec)
-            r.future.set_result(Prediction(list(zip(out.indices[r.slot], out.probs[r.slot], strict=True)), rec))
+            self._finish(r, result=list(zip(out.indices[r.slot], out.probs[r.slot], strict=True)), counted=True)
 
     def _fail_batch(self, live, exc: BaseException, runner: Runner) -> None:
         """End every request of ``live`` with ``exc``. Never raises: a batch worker that died here would

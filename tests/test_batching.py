@@ -115,6 +115,23 @@ def test_deadline_and_cancellation_drop_at_formation():
     assert all(r.future.running() for r in batch)  # no longer cancellable: it will be computed
 
 
+def test_a_cancelled_request_past_its_deadline_is_dropped_as_cancelled():
+    """Both at once (asyncio.wait_for cancels near the deadline): reported as cancelled, and a request
+    dropped for its deadline is running, so the pipeline can set its DeadlineExceeded."""
+    clk = FakeClock()
+    dropped = []
+    b = Batcher(BatchingConfig(max_batch_size=8, max_queue_delay_us=100), clock=clk,
+                on_drop=lambda r, why: dropped.append((r, why)))
+    both, late = make(rid=0, deadline_ns=clk.t + 50 * US), make(rid=1, deadline_ns=clk.t + 50 * US)
+    for r in (both, late, make(rid=2)):
+        b.put(r)
+    assert both.future.cancel()
+    clk.t += 100 * US
+    assert ids(b.poll()) == [2]
+    assert [(r.record.request_id, why) for r, why in dropped] == [(0, CANCELLED), (1, DEADLINE)]
+    assert late.future.running()
+
+
 def test_all_dropped_gives_empty_batch():
     clk = FakeClock()
     b = Batcher(BatchingConfig(max_batch_size=2, max_queue_delay_us=0), clock=clk)

@@ -316,3 +316,18 @@ def test_cuda_pipeline_with_gpu_decode_matches_cpu_decoding():
             got, exp = f.result(60), w.result()
             assert np.allclose([p for _, p in got.top_k], [p for _, p in exp.top_k], atol=0.03)
         assert pipe._gpu_decoder.stats["gpu"] >= len(SAMPLES) - 1
+
+
+def test_a_late_sticky_gpu_decode_error_after_the_fallback_does_not_shut_down():
+    """Worker A falls back to the CPU on a device loss; worker B, still in nvJPEG with the decoder it read
+    before, then gets its own sticky error. That is the same loss, already handled: the pipeline stays up
+    on the CPU (before, B passed the new CPU runner as the lost one, and the pipeline shut down)."""
+    from aurora_core.errors import DeviceLost
+    from aurora_core.runner import InjectedStickyError
+
+    with _pipe(GpuDecoder("cpu", nvjpeg=_fake_nvjpeg()), cpu_fallback=True) as pipe:
+        lost = pipe.runner  # what B read before decoding
+        pipe._on_device_lost(DeviceLost("device lost (test)"), lost)  # A's fallback
+        assert pipe.ready and pipe.runner is not lost and not pipe.gpu_decode
+        pipe._gpu_decode_failed(InjectedStickyError("CUDA error: an illegal memory access (injected)"), lost)
+        assert pipe.ready and pipe.infer(_jpeg(), timeout=20).timings.status == "ok"

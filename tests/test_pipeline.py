@@ -264,6 +264,23 @@ def test_deadlines_expire_in_queue_and_are_never_computed(harness):
     check_accounting(h, [a, b, *short, *long])
 
 
+def test_a_cancelled_request_past_its_deadline_ends_and_its_batch_mates_are_served(harness):
+    """asyncio.wait_for(infer_async(x, timeout=t), t) cancels about when the deadline passes. Before, the
+    deadline was checked first and setting DeadlineExceeded on the cancelled future killed a batch worker:
+    its batch-mates, and every later request, hung."""
+    h = harness()
+    a, b = h.block()
+    both = h.pipe.submit(image(1), timeout=0.001)
+    mate = h.pipe.submit(image(2))
+    assert both.cancel()
+    time.sleep(0.01)  # past the deadline; nothing is asserted about time
+    kinds = h.release([a, b, both, mate])
+    assert kinds == ["ok", "ok", "cancelled", "ok"]
+    later = h.pipe.submit(image(3))
+    assert later.result(WAIT).timings.status == "ok"
+    check_accounting(h, [a, b, both, mate, later])
+
+
 def test_cancelled_requests_are_never_computed(harness):
     h = harness()
     a, b = h.block()
