@@ -346,9 +346,9 @@ def _pick_scale(h: int, w: int, want: tuple[int, int] | None) -> int:
 def _decode_jpeg(buf: memoryview, hdr: _Header, scale: int) -> np.ndarray:
     h, w = _ceil_div(hdr.height, scale), _ceil_div(hdr.width, scale)
     kwargs = {} if scale == 1 else {"min_height": h, "min_width": w}
-    # The accurate integer IDCT and fancy upsampling (simplejpeg's defaults), stated so they stay: fastdct
-    # raises fast mode's mean error on the 1.6 MP sample from 0.12 to 0.65 levels, over the 0.6 bound, and
-    # full decodes must match Pillow's. fastupsample would not speed up a 1/2..1/8 decode of 4:2:0: there
+    # The accurate integer IDCT and fancy upsampling (simplejpeg's defaults), stated so they stay: fast
+    # mode's error bound (tests/test_preprocess.py) holds for the accurate IDCT, which fastdct trades away,
+    # and full decodes must match Pillow's. fastupsample would not speed up a 1/2..1/8 decode of 4:2:0: there
     # libjpeg-turbo scales chroma with a larger IDCT instead of upsampling (the output is bit-identical).
     try:
         img = simplejpeg.decode_jpeg(buf, colorspace="CMYK" if hdr.cmyk else "RGB", fastdct=False,
@@ -454,9 +454,9 @@ _SPNG = _load_spng()
 _SPNG_FMT_RGB8 = 4  # enum spng_format; alpha and tRNS are dropped, 16-bit samples keep the high byte
 _SPNG_EMEM = 2
 # Ancillary chunks libspng inflates and keeps (zTXt, iTXt, iCCP): at most 8 MB each, 64 MB in all, as
-# Pillow's MAX_TEXT_MEMORY. A 200 MB zTXt bomb then fails in 15 ms; with pyspng's 64 MB per chunk it took
-# 130-240 ms. (Pillow stops at 1 MB per chunk; libspng's limit counts its buffers too, so at 1 MB it
-# already refused a 0.9 MB zTXt that Pillow reads.)
+# Pillow's MAX_TEXT_MEMORY, so a 200 MB zTXt bomb is refused (tests/test_decode_corpus.py) before
+# libspng inflates it whole. (Pillow stops at 1 MB per chunk; libspng's limit counts its buffers too, so
+# at 1 MB it already refused a 0.9 MB zTXt that Pillow reads: the same test reads one.)
 _SPNG_CHUNK_LIMIT, _SPNG_CACHE_LIMIT = 8 << 20, 64 << 20
 
 
@@ -464,8 +464,8 @@ def _decode_png_spng(buf: memoryview, hdr: _Header) -> np.ndarray:
     """libspng with its defaults (chunk CRCs and Adler-32 checked, no gamma, no progressive/partial decode).
 
     Same pixels as ``_decode_png_pillow`` for every colour type, bit depth, tRNS and interlacing
-    (tests/test_decode.py), in less time: 7.0 ms against 12.1 ms on the 600x400 RGB coffee sample, 2.9
-    against 3.3 ms on it as a palette PNG (decode() with its header checks; 2-core box, load 4).
+    (tests/test_decode.py), in less time: 5.8 against 14.8 ms on the 600x400 RGB coffee sample, 3.07
+    against 3.62 ms on it as a palette PNG (``benchmarks/bench_decode.py -k png``; benchmarks/RESULTS.md).
     """
     lib = _SPNG
     src = np.frombuffer(buf, np.uint8)  # no copy; buf stays alive for the call
