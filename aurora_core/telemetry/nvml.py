@@ -49,9 +49,9 @@ a fast tick took 1340 µs of driver time (the field call 935 µs, 292 of it each
 HW power-brake counters, 145 + 84 the PCIe bytes; GPM 315 µs), 1.74% of one core with the slow set
 amortised; with the costly counters and GPM on slow ticks, a fast tick takes 447 µs (field call 357)
 and a slow one 5.4 ms, 0.94% of one core. Wall time of the calls, an upper bound on their CPU time.
-The Python side of a tick is small against that: ~0.07 ms (0.14 ms with the sampler loop around it,
-0.14% of one core) on the 2-core dev VM, replaying that trace with no driver time (same run, medians
-of 41 rounds, load average 1.4).
+The Python side of a tick is small against that: ~71 µs (122 µs with the sampler loop around it,
+0.12% of one core) on the 2-core dev VM, replaying that trace with no driver time (benchmarks/RESULTS.md,
+third session, Telemetry).
 
 Any other NVML error during a tick (GPU lost, unknown error, driver gone, ...) marks the backend
 unhealthy: the tick returns stale samples (only ``stale_age_s``, the age of the newest good reading) and
@@ -278,8 +278,8 @@ _WRAP: dict[int, int] = {code: mod for code, mod in ((pynvml_attr("NVML_VALUE_TY
 
 class _FieldValue(ctypes.Structure):
     """``c_nvmlFieldValue_t`` (same fields, same layout) without pynvml's Python-level
-    ``__getattribute__``, a bytes-to-str shim that costs ~0.8 µs per read: a tick views the returned
-    array as these and reads its 4 numbers per field at C speed (11 fields: 34 -> 9 µs, dev VM)."""
+    ``__getattribute__`` (a bytes-to-str shim run on every attribute read): a tick views the returned
+    array as these and reads its 4 numbers per field at C speed."""
 
     _fields_ = pynvml.c_nvmlFieldValue_t._fields_
 
@@ -436,7 +436,8 @@ class _Device:
     latency_us: dict[int, int] = field(default_factory=dict)  # field id -> NVML latencyUsec (see _plan)
     wrap: dict[int, int] = field(default_factory=dict)        # field id -> modulus of a narrow counter (_WRAP)
     counter_wrap: dict[str, int] = field(default_factory=dict)  # counter metric -> modulus, for its deltas
-    priced: bool = False                                      # latency_us is from a warm (non-probe) read
+    priced: bool = False                                      # latency_us is set (by the first read)
+    field_latency_us: dict[str, int] = field(default_factory=dict)  # metric -> latency_us of its field
     cadence: dict[str, str] = field(default_factory=dict)     # metric -> why it is not read every tick
     prev_counter: dict[str, tuple[float, float]] = field(default_factory=dict)  # key -> (value, time s)
     supported: dict[str, str] = field(default_factory=dict)   # metric -> where it comes from
@@ -503,8 +504,7 @@ class NvmlBackend:
     def _plan(self, d: _Device) -> None:
         """What each tick reads and where each value goes, decided once per probe (and once more after
         the first read, whose field latencies price the cadence: see ``_read``) so that a tick only
-        looks things up (with _FieldValue: 124 -> 84 µs of Python per tick on the dev VM, median of 41
-        interleaved rounds replaying the live H200 trace: ``benchmarks/bench_telemetry.py --replay``)."""
+        looks things up."""
         split = self.slow_every > 1
         counters = {fid: tuple(([RATE_FIELDS[fid]] if fid in RATE_FIELDS else []) + [
             f"throttle_frac_{cause}" for cause, cfid in d.counter_field.items() if cfid == fid]) for fid in d.fields}
@@ -518,21 +518,22 @@ class NvmlBackend:
         for fid in d.fields:
             gauge, scale = GAUGE_FIELDS.get(fid, (None, 0.0))
             d.field_plan[fid] = (gauge, scale, fid in slow, counters[fid])
+        d.field_latency_us = {m: d.latency_us[fid] for fid in d.fields if fid in d.latency_us
+                              for m in ((GAUGE_FIELDS[fid][0],) if fid in GAUGE_FIELDS else ()) + counters[fid]}
         d.reader_plan = [(fn, split and all(m in SLOW_METRICS for m in metrics)) for _, metrics, fn in d.readers]
         d.cadence = {}
         if split:
             every = f"every {self.slow_every} ticks"
-            when = "first read" if d.priced else "probe"
             for m in SLOW_METRICS & d.supported.keys():
                 d.cadence[m] = f"{every}: slow-changing or cumulative, carried forward in between"
             for fid in sorted(costly):
                 for m in counters[fid]:
-                    d.cadence[m] = (f"{every}: cumulative field {fid} took {d.latency_us[fid]} us in NVML at the {when} "
+                    d.cadence[m] = (f"{every}: cumulative field {fid} took {d.latency_us[fid]} us in NVML at the first read "
                                     f"(>= {EXPENSIVE_FIELD_US}); each value covers the real interval since the "
                                     "previous read, absent in between")
             for fid in sorted(narrow):
                 for m in counters[fid]:
-                    d.cadence[m] = (f"every tick although field {fid} took {d.latency_us[fid]} us at the {when}: "
+                    d.cadence[m] = (f"every tick although field {fid} took {d.latency_us[fid]} us at the first read: "
                                     f"a {d.wrap[fid].bit_length() - 1}-bit counter, read each tick so that a "
                                     "wrap is seen")
             if d.gpm_samples:
@@ -561,18 +562,8 @@ class NvmlBackend:
         the first read after the probe (the one that priced the cadence).
         """
         return {f"gpu{d.index}": {"info": d.info, "supported": dict(d.supported), "missing": dict(d.missing),
-                                  "cadence": dict(d.cadence), "field_latency_us": self._field_latency(d)}
+                                  "cadence": dict(d.cadence), "field_latency_us": dict(d.field_latency_us)}
                 for d in self.devices}
-
-    @staticmethod
-    def _field_latency(d: _Device) -> dict[str, int]:
-        out = {}
-        for fid in d.fields:
-            gauge, _, _, counters = d.field_plan.get(fid, _NO_PLAN)
-            for m in ((gauge,) if gauge else ()) + counters:
-                if fid in d.latency_us:
-                    out[m] = d.latency_us[fid]
-        return out
 
     def missing(self) -> dict[str, str]:
         """Flat ``{"gpu0.metric": reason}``; a backend that never initialised reports why."""
@@ -616,7 +607,6 @@ class NvmlBackend:
             for fv in (api.nvmlDeviceGetFieldValues(h, candidates) if candidates else ()):
                 if fv.nvmlReturn == pynvml.NVML_SUCCESS:
                     ok_ids.add(int(fv.fieldId))
-                    dev.latency_us[int(fv.fieldId)] = int(fv.latencyUsec)
                     dev.wrap[int(fv.fieldId)] = _WRAP.get(int(fv.valueType), 0)
                 elif fv.nvmlReturn == pynvml.NVML_ERROR_GPU_IS_LOST:
                     raise pynvml.NVMLError(fv.nvmlReturn)
@@ -876,7 +866,6 @@ class NvmlBackend:
             # tick), warm: its latencies set the cadence from the next tick on.
             ok = [fv for fvs in pricing for fv in fvs if fv.nvmlReturn == _SUCCESS]
             d.latency_us = {int(fv.fieldId): int(fv.latencyUsec) for fv in ok}
-            d.wrap = {int(fv.fieldId): _WRAP.get(int(fv.valueType), 0) for fv in ok}
             d.priced = True
             self._plan(d)
         return v
