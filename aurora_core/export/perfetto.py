@@ -30,6 +30,9 @@ COUNTER_METRICS = (
     "cpu_util_pct", "steal_pct", "cgroup_throttled_frac", "psi_cpu_some_avg10", "load1",
 )
 PID_REQUESTS, PID_BATCHES, PID_SPANS, PID_TELEMETRY = 1, 2, 3, 4
+#: A throttled fraction is drawn from its counter's previous read when that read is at most this old
+#: (twice the 1 s slow cadence); further back is a gap (a stale sampler, a re-init), not its interval.
+THROTTLE_REACH_NS = 2_000_000_000
 
 
 class _Lanes:
@@ -113,12 +116,22 @@ def trace_events(records: Iterable[RequestRecord] = (), samples: Iterable[Sample
                     "args": {"request_id": sp.request_id, "attrs": sp.attrs}})
 
     # Counter tracks. A non-finite value (a failed read) is left out: written as NaN or Infinity it makes
-    # the trace processor spin forever on load, so the UI never opens the trace.
+    # the trace processor spin forever on load, so the UI never opens the trace. A counter point holds from
+    # its ts on, but a throttled fraction covers the interval since its counter's previous read (up to 1 s
+    # for costly counters): it is drawn from that read, unless a gap (> THROTTLE_REACH_NS) lies between.
+    last_read: dict[tuple[str, str], int] = {}
     for s in samples:
         for metric, x in s.values.items():
-            if (metric in COUNTER_METRICS or metric.startswith("throttle_frac_")) and math.isfinite(x):
-                out.append({"name": f"{s.source} {metric}", "ph": "C", "ts": us(s.ts_ns), "pid": PID_TELEMETRY,
-                            "args": {"value": x}})
+            throttle = metric.startswith("throttle_frac_")
+            if not ((metric in COUNTER_METRICS or throttle) and math.isfinite(x)):
+                continue
+            ts = s.ts_ns
+            if throttle:
+                prev, last_read[(s.source, metric)] = last_read.get((s.source, metric)), ts
+                if prev is not None and ts - prev <= THROTTLE_REACH_NS:
+                    ts = prev
+            out.append({"name": f"{s.source} {metric}", "ph": "C", "ts": us(ts), "pid": PID_TELEMETRY,
+                        "args": {"value": x}})
     for r in records:
         if r.arrival_ns:
             out.append({"name": "queue_depth", "ph": "C", "ts": us(r.arrival_ns), "pid": PID_TELEMETRY,
