@@ -83,7 +83,7 @@ class Request:
     """One admitted request. ``data`` is bytes or a uint8 [H, W, 3] array; ``deadline_ns`` 0 = none."""
 
     __slots__ = ("data", "priority", "deadline_ns", "future", "record", "image", "orig_size", "scale", "slot",
-                 "decoding", "error")
+                 "decoding", "error", "route")
 
     def __init__(self, data, priority: int, deadline_ns: int, future: Future, record: RequestRecord):
         self.data = data
@@ -97,6 +97,7 @@ class Request:
         self.slot = -1         # row of the batch buffer, -1 until preprocessed
         self.decoding = None   # Future of a decode started at admission, if any
         self.error = None      # the exception that ended it before compute, if any
+        self.route = None      # with gpu_decode: GpuDecoder.route(data), parsed once at admission
 
 
 #: reasons given to on_drop

@@ -169,25 +169,31 @@ class GpuDecoder:
         self.stats = {"gpu": 0, "cpu": 0, "gpu_rejected": 0}
         self._lock = threading.Lock()
 
-    def takes(self, data) -> bool:
-        """Whether decode_batch would give ``data`` to nvJPEG. False also when its header fails a check: the
-        CPU decoder then raises the same typed error."""
+    def route(self, data):
+        """``route(data)`` under this decoder's limits: ("gpu" | "cpu", header), or None when the header
+        fails a check (the CPU decoder then raises the same typed error). Pass it back to decode_batch."""
         try:
-            return route(data, self.max_pixels, self.max_bytes)[0] == "gpu"
+            return route(data, self.max_pixels, self.max_bytes)
         except Exception:
-            return False
+            return None
 
     def decode_batch(
-        self, datas: Sequence, *, consumer_stream: torch.cuda.Stream | None = None, return_exceptions: bool = False
+        self, datas: Sequence, *, consumer_stream: torch.cuda.Stream | None = None, return_exceptions: bool = False,
+        routes: Sequence | None = None,
     ) -> list[GpuDecoded]:
         """Decode every input; raises the first input's typed error (checked before any decoding), or with
         ``return_exceptions`` puts each bad input's error in its place and decodes the others. A sticky
         CUDA error always raises.
 
         consumer_stream: the stream that will read the images (default: the caller's current stream).
+        routes: ``self.route(d)`` of each input, when the caller already has them (each header is then
+        parsed once); a None entry is routed again.
         """
         routed = []
-        for d in datas:
+        for i, d in enumerate(datas):
+            if routes is not None and routes[i] is not None:
+                routed.append(routes[i])
+                continue
             try:
                 routed.append(route(d, self.max_pixels, self.max_bytes))
             except Exception as e:

@@ -262,9 +262,8 @@ class Pipeline:
         try:
             if self._failure is not None:
                 raise DeviceLost(f"Pipeline: down after a sticky device error ({self._failure}); create a new Pipeline")
-            gpu = self._gpu_decoder
             if (self._pool is not None and not isinstance(data, np.ndarray) and not self.batcher.closed
-                    and len(self.batcher) < self._eager_depth and (gpu is None or not gpu.takes(data))):
+                    and len(self.batcher) < self._eager_depth and not _for_nvjpeg(req, self._gpu_decoder)):
                 # Decode while the request waits for its batch: the decode leaves the batch's critical path.
                 # Started before admission so that the batch worker always finds it. Only the first few
                 # batches' worth are decoded ahead, so a deep queue does not hold decoded pixels. With
@@ -450,7 +449,7 @@ class Pipeline:
                 r.image, r.orig_size = r.data, r.data.shape[:2]
             else:
                 encoded.append(r)
-                if r.decoding is None and self._pool is not None and (gpu is None or not gpu.takes(r.data)):
+                if r.decoding is None and self._pool is not None and not _for_nvjpeg(r, gpu):
                     r.decoding = self._pool.submit(self._decode_safe, r)
         if gpu is not None:
             try:
@@ -473,7 +472,7 @@ class Pipeline:
         t0 = now_ns()
         # The Triton kernel reads the planes on the runner's staging stream.
         results = gpu.decode_batch([r.data for r in reqs], consumer_stream=self._runner.stage_stream,
-                                   return_exceptions=True)
+                                   return_exceptions=True, routes=[r.route for r in reqs])
         t1 = now_ns()  # nvJPEG may still be running: these stamps bracket the host's part
         for r, d in zip(reqs, results, strict=True):
             r.record.decode_start_ns, r.record.decode_end_ns = t0, t1
@@ -691,6 +690,16 @@ def _precise_timers() -> None:
             ctypes.CDLL(None).prctl(29, 1000, 0, 0, 0)  # PR_SET_TIMERSLACK (linux/prctl.h), in ns
         except (OSError, AttributeError):
             pass
+
+
+def _for_nvjpeg(r: Request, gpu) -> bool:
+    """Whether the request goes to the GPU decoder's batched call rather than the CPU pool. The route (its
+    header, parsed once) is kept on the request for decode_batch."""
+    if gpu is None:
+        return False
+    if r.route is None:
+        r.route = gpu.route(r.data)
+    return r.route is not None and r.route[0] == "gpu"
 
 
 def _gpu_decoder(value, device: torch.device, on_device: bool, limits: dict):

@@ -213,7 +213,12 @@ def _pipe(dec=None, **kw):
                     fast_decode=False, gpu_decode=dec or "off", **kw)
 
 
-def test_pipeline_decodes_each_batch_with_one_gpu_decoder_call():
+def test_pipeline_decodes_each_batch_with_one_gpu_decoder_call(monkeypatch):
+    import aurora_core.gpu_decode as gd
+
+    parsed = []
+    real_route = gd.route
+    monkeypatch.setattr(gd, "route", lambda data, *a: (parsed.append(data), real_route(data, *a))[1])
     calls = []
     fake = _fake_nvjpeg()
     dec = GpuDecoder("cpu", nvjpeg=lambda ts, d: (calls.append(len(ts)), fake(ts, d))[1])
@@ -235,6 +240,7 @@ def test_pipeline_decodes_each_batch_with_one_gpu_decoder_call():
     # header check alone) on the CPU pool from admission, as without gpu_decode.
     assert calls == [4]
     assert dec.stats == {"gpu": 4, "cpu": 0, "gpu_rejected": 0}
+    assert sorted(map(datas.index, parsed)) == [0, 1, 2, 3, 4, 5]  # each header parsed once, in all
     assert st["decoded"] == 6 and st["completed"] == 5 and st["errors"] == {"truncated": 1}
 
 
