@@ -182,32 +182,37 @@ class Batcher:
         give_up = None if timeout is None else now_ns() + int(timeout * 1e9)
         while True:
             with self._cond:
-                while True:
-                    batch, dropped, due_in = self._take_locked(self._clock())
-                    if batch is not None or dropped:
-                        break
-                    if self._closed and self._size == 0:
-                        return None
-                    # One idle consumer sleeps until the forming batch is due; the others until notified.
-                    # With every idle consumer on the timer, each deadline woke them all to race for one
-                    # batch, on the batch's critical path.
-                    timer = due_in is not None and not self._timer_held
-                    wait_ns = due_in if timer else None
-                    if give_up is not None:
-                        left = give_up - now_ns()
-                        if left <= 0:
-                            self._hand_over_timer_locked()
+                # Every way out hands the timer on, an exception included: a timer holder whose wait raises
+                # (KeyboardInterrupt on the main thread), or a consumer that dies after put() woke it,
+                # would otherwise leave the others asleep untimed and the waiting requests unbatched until
+                # the next put(). Condition.wait re-acquires the lock before it raises.
+                try:
+                    while True:
+                        batch, dropped, due_in = self._take_locked(self._clock())
+                        if batch is not None or dropped:
+                            break
+                        if self._closed and self._size == 0:
                             return None
-                        wait_ns = left if wait_ns is None else min(wait_ns, left)
-                    self._idle += 1
-                    self._timer_held |= timer
-                    try:
-                        self._cond.wait(None if wait_ns is None else wait_ns / 1e9)
-                    finally:
-                        self._idle -= 1
-                        if timer:
-                            self._timer_held = False
-                self._hand_over_timer_locked()
+                        # One idle consumer sleeps until the forming batch is due; the others until notified.
+                        # With every idle consumer on the timer, each deadline woke them all to race for one
+                        # batch, on the batch's critical path.
+                        timer = due_in is not None and not self._timer_held
+                        wait_ns = due_in if timer else None
+                        if give_up is not None:
+                            left = give_up - now_ns()
+                            if left <= 0:
+                                return None
+                            wait_ns = left if wait_ns is None else min(wait_ns, left)
+                        self._idle += 1
+                        self._timer_held |= timer
+                        try:
+                            self._cond.wait(None if wait_ns is None else wait_ns / 1e9)
+                        finally:
+                            self._idle -= 1
+                            if timer:
+                                self._timer_held = False
+                finally:
+                    self._hand_over_timer_locked()
             self._report(dropped)
             if batch:
                 return batch

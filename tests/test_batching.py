@@ -316,3 +316,48 @@ def test_a_timer_holder_that_gives_up_hands_the_timer_over():
     assert got_b == [None]
     ta.join(5)  # without the hand-over A sleeps untimed and the batch is never handed out
     assert not ta.is_alive() and [ids(x) for x in got_a] == [[7]]
+
+
+@pytest.mark.parametrize("dies", ["timer_holder", "woken_by_put"])
+def test_a_consumer_whose_wait_raises_hands_the_timer_over(monkeypatch, dies):
+    """The wait of one of two idle consumers raises once (KeyboardInterrupt when next_batch runs on the main
+    thread): timer_holder, the timed wait for the forming batch's deadline, before it sleeps; woken_by_put,
+    an untimed wait, once put() has woken it (the wake-up dies with it). The other consumer must still get
+    the batch: without the hand-over it sleeps untimed and the batch waits for the next put()."""
+    b = Batcher(BatchingConfig(max_batch_size=8, max_queue_delay_us=100_000))
+    real_wait, raised = b._cond.wait, []
+
+    def wait(timeout=None):
+        if dies == "woken_by_put":
+            woke = real_wait(timeout)  # back under the lock: one thread at a time tests and sets `raised`
+            if timeout is not None or raised:
+                return woke
+        elif timeout is None or raised:
+            return real_wait(timeout)
+        raised.append(threading.current_thread())
+        raise KeyboardInterrupt  # re-raised in that consumer's thread only; caught below
+
+    monkeypatch.setattr(b._cond, "wait", wait)
+    got = {}
+
+    def consume(k):
+        try:
+            got[k] = ids(b.next_batch())
+        except KeyboardInterrupt as e:
+            got[k] = e
+
+    ts = [threading.Thread(target=consume, args=(k,), daemon=True) for k in range(2)]
+    for t in ts:
+        t.start()
+    _wait_idle(b, 2)
+    b.put(make(rid=7))
+    _wait_for(lambda: raised, "a wait raised")
+    survivor = ts[1] if raised[0] is ts[0] else ts[0]
+    survivor.join(5)  # the batch is due at 0.1 s
+    stuck = survivor.is_alive()
+    b.close()  # lets a stuck survivor go (close wakes every consumer)
+    for t in ts:
+        t.join(5)
+    assert not stuck, "the other consumer slept through the batch's deadline"
+    dead = ts.index(raised[0])
+    assert isinstance(got[dead], KeyboardInterrupt) and got[1 - dead] == [7]
