@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from aurora_core.export.perfetto import export_run, to_chrome_trace
-from aurora_core.export.prometheus import PrometheusExporter
+from aurora_core.export.prometheus import MAX_MISSED, PrometheusExporter
 from aurora_core.records import Event, RequestRecord, Sample, Span, now_ns
-from aurora_core.telemetry.replay import make_synthetic_trace, replay_samples
+from aurora_core.telemetry.nvml import SLOW_EVERY, NvmlBackend
+from aurora_core.telemetry.replay import TickReplayNvml, make_synthetic_trace, replay_samples
 
 MS = 1_000_000
+NVML_DATA = Path(__file__).parent / "data" / "nvml"
 
 
 def rec(i, t0, batch, status="ok", depth=0):
@@ -106,6 +109,116 @@ def test_prometheus_from_replayed_throttle_trace():
     for s in replay_samples(make_synthetic_trace("power", 0.0, 5.0, duration_s=0.5, severity=0.5), base_ns=now_ns()):
         exp(s)
     assert one(scrape(exp), "aurora_throttled_fraction", gpu="gpu0", reason="power") == pytest.approx(0.5)
+
+
+def test_prometheus_keeps_a_1hz_reading_between_its_reads():
+    """A reading taken every 10th tick stays on /metrics at every scrape in between, with the value of
+    its own read (a throttled fraction of its 1 s interval, not mixed with the per-tick ones)."""
+    exp = PrometheusExporter()
+    t0 = now_ns()
+    for k in range(3 * SLOW_EVERY + 1):
+        gpu = {"power_w": 100.0 + k, "throttle_frac_power": 0.01 * k, "stale_age_s": 0.0}
+        cpu = {"cpu_util_pct": float(k)}
+        if k % SLOW_EVERY == 0:
+            gpu["throttle_frac_hw_thermal"] = 0.5 + k / 100
+            cpu["load1"] = 2.0 + k
+        exp(Sample(t0 + k * 100 * MS, "gpu0", gpu))
+        exp(Sample(t0 + k * 100 * MS, "cpu", cpu))
+        m = scrape(exp)
+        last_read = k - k % SLOW_EVERY
+        assert one(m, "nv_gpu_power_usage", gpu_uuid="gpu0") == 100.0 + k
+        assert one(m, "aurora_throttled_fraction", gpu="gpu0", reason="power") == pytest.approx(0.01 * k)
+        assert one(m, "aurora_throttled_fraction", gpu="gpu0", reason="hw_thermal") == 0.5 + last_read / 100, k
+        assert one(m, "aurora_load1", source="cpu") == 2.0 + last_read, k
+        assert one(m, "nv_cpu_utilization") == pytest.approx(k / 100)
+
+
+def test_prometheus_drops_a_reading_missing_from_max_missed_good_samples():
+    exp = PrometheusExporter()
+    exp(Sample(now_ns(), "gpu0", {"power_w": 1.0, "gpm_sm_util_pct": 40.0, "stale_age_s": 0.0}))
+    for k in range(1, MAX_MISSED + 1):  # a field that started failing: later samples lack it
+        exp(Sample(now_ns(), "gpu0", {"power_w": 1.0, "stale_age_s": 0.0}))
+        m = scrape(exp)
+        assert ("aurora_gpm_sm_util_pct" in m) == (k < MAX_MISSED), k
+        assert one(m, "nv_gpu_power_usage", gpu_uuid="gpu0") == 1.0
+    assert MAX_MISSED == 3 * SLOW_EVERY  # three slow cadences, whatever the sampling period
+    exp = PrometheusExporter(max_missed=2)
+    exp(Sample(now_ns(), "gpu0", {"temp_c": 50.0, "stale_age_s": 0.0}))
+    exp(Sample(now_ns(), "gpu0", {"power_w": 1.0, "stale_age_s": 0.0}))
+    assert one(scrape(exp), "aurora_temp_c", source="gpu0") == 50.0
+    exp(Sample(now_ns(), "gpu0", {"power_w": 1.0, "stale_age_s": 0.0}))
+    assert "aurora_temp_c" not in scrape(exp)
+    with pytest.raises(ValueError, match="max_missed must be >= 1"):
+        PrometheusExporter(max_missed=0)
+
+
+def test_prometheus_stale_sample_clears_the_merged_readings():
+    exp = PrometheusExporter()
+    exp(Sample(now_ns(), "gpu0", {"power_w": 250.0, "throttle_frac_hw_thermal": 0.5, "stale_age_s": 0.0,
+                                  "sampler_cpu_s": 0.1}))
+    exp(Sample(now_ns(), "gpu0", {"power_w": 251.0, "stale_age_s": 0.0, "sampler_cpu_s": 0.2}))
+    assert one(scrape(exp), "aurora_throttled_fraction", gpu="gpu0", reason="hw_thermal") == 0.5
+    exp(Sample(now_ns(), "gpu0", {"stale_age_s": 3.0, "sampler_cpu_s": 0.3}))  # NVML failed: stale
+    m = scrape(exp)
+    assert "nv_gpu_power_usage" not in m and "aurora_throttled_fraction" not in m
+    assert one(m, "aurora_telemetry_staleness_seconds", source="gpu0") >= 3.0
+    assert one(m, "aurora_sampler_cpu_seconds_total") == 0.3
+    exp(Sample(now_ns(), "gpu0", {"power_w": 252.0, "stale_age_s": 0.0}))  # recovered, a fast tick
+    m = scrape(exp)
+    assert one(m, "nv_gpu_power_usage", gpu_uuid="gpu0") == 252.0
+    assert "aurora_throttled_fraction" not in m  # the pre-failure read does not come back
+    assert one(m, "aurora_telemetry_staleness_seconds", source="gpu0") < 3.0
+
+
+def test_prometheus_on_the_live_nvml_cadence():
+    """The real backend on the H200 trace at the live cadence: the costly counters and GPM, absent from
+    9 samples out of 10, are on every scrape once read, each with its latest read's value."""
+    be = NvmlBackend(TickReplayNvml(NVML_DATA / "live_h200_e2e_load.jsonl", slow_every=SLOW_EVERY))
+    exp = PrometheusExporter()
+    latest: dict[str, float] = {}
+    slow: set[str] = set()
+    for k in range(3 * SLOW_EVERY + 2):
+        (s,) = be.tick()
+        if k == 0:
+            cadence = be.capabilities()["gpu0"]["cadence"]
+            slow = {m for m, why in cadence.items() if "cumulative field" in why or m.startswith("gpm_")}
+            assert {"throttle_frac_hw_thermal", "throttle_frac_power_brake", "gpm_sm_util_pct"} <= slow
+        assert (slow & s.values.keys()) == (slow if k % SLOW_EVERY == 0 and k > 0 else set()), k
+        exp(s)
+        latest.update(s.values)
+        m = scrape(exp)
+        for metric in slow & latest.keys():
+            if metric.startswith("throttle_frac_"):
+                got = one(m, "aurora_throttled_fraction", gpu="gpu0", reason=metric[len("throttle_frac_"):])
+            else:
+                got = one(m, f"aurora_{metric}", source="gpu0")
+            assert got == latest[metric], (k, metric)
+        assert one(m, "nv_gpu_power_usage", gpu_uuid="gpu0") == s.values["power_w"]
+    assert slow <= latest.keys()
+
+
+def test_prometheus_gpu_lost_trace_at_the_live_cadence():
+    """NVML errors (GPU lost) give stale samples: every reading of the GPU, merged ones included, leaves
+    /metrics at once, and comes back with the first good tick after the re-init."""
+    be = NvmlBackend(TickReplayNvml(NVML_DATA / "synthetic_gpu_lost.jsonl", slow_every=SLOW_EVERY))
+    exp = PrometheusExporter()
+    phases = []  # "good" / "stale", one per run of ticks
+    for _ in range(200):
+        (s,) = be.tick()
+        exp(s)
+        m = scrape(exp)
+        gpu_metrics = [n for n in m if n.startswith(("nv_gpu", "aurora_throttled", "aurora_gpm"))]
+        if s.values["stale_age_s"] > 0:
+            assert gpu_metrics == [], gpu_metrics
+            assert one(m, "aurora_telemetry_staleness_seconds", source="gpu0") >= s.values["stale_age_s"]
+        else:
+            assert one(m, "nv_gpu_power_usage", gpu_uuid="gpu0") == s.values["power_w"]
+        phase = "stale" if s.values["stale_age_s"] > 0 else "good"
+        if not phases or phases[-1] != phase:
+            phases.append(phase)
+        if phases == ["good", "stale", "good"]:
+            break
+    assert phases == ["good", "stale", "good"]
 
 
 def check_trace(trace: dict) -> list[dict]:

@@ -16,7 +16,18 @@ aurora's own: ``aurora_throttled_fraction{gpu,reason}``, ``aurora_sm_clock_ratio
 good reading, growing at scrape time if the sampler goes quiet), ``aurora_sampler_cpu_seconds_total``,
 ``aurora_stage_duration_seconds{stage}`` (histogram per stage of ``records.STAGES``),
 ``aurora_events_total{source,kind}``, and ``aurora_<metric>{source}`` for every other sample value.
-A reading absent from the newest sample is absent from the output (never a fake zero).
+
+Samples carry only what was read at their tick, and the NVML and CPU backends read some metrics only
+every 10th tick, 1 Hz at the sampler's default 0.1 s period (the costly throttle counters, GPM,
+application clock, PCIe link, load, pressure; see ``NvmlBackend.capabilities()["gpuN"]["cadence"]``).
+So the exporter keeps, per source, the newest value of each metric, merged over good samples: a 1 Hz
+reading stays on /metrics between its reads instead of vanishing on 9 scrapes out of 10 (Prometheus
+would mark the series stale). Each value is exported as read: a throttled fraction read once a second
+is the fraction of ITS 1 s interval, never combined with others. A reading missing from ``max_missed`` (30) good samples in a row of its source, three slow
+cadences whatever the sampling period, is dropped (a field that started failing); a stale sample
+(``stale_age_s`` > 0, or no reading: the sampler marks a failed read with ``stale_age_s`` alone) drops
+every reading of its source at once. An unread or dropped metric is absent from the output, never a
+fake zero.
 
 One object is both the pipeline sink and the sampler callback: call it with a ``RequestRecord``, a
 ``Sample`` or an ``Event``. Each exporter owns its ``CollectorRegistry``.
@@ -31,6 +42,7 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from aurora_core.records import STAGES, Event, RequestRecord, Sample, now_ns
+from aurora_core.telemetry.nvml import SLOW_EVERY
 
 # RequestRecord stages summed into each Triton duration counter (µs).
 TRITON_DURATIONS = {
@@ -52,9 +64,21 @@ TRITON_GAUGES = {
     "cpu_util_pct": ("nv_cpu_utilization", 0.01, "CPU utilization rate [0.0 - 1.0]"),
 }
 
+THROTTLE_HELP = ("Fraction of the interval ending at the latest read of the cause's counter that the clocks were "
+                 f"held down, per cause (one sampling period; {SLOW_EVERY} periods for the costly counters read "
+                 "at the slow cadence, whose value stays until their next read)")
+
 DEFAULT_BUCKETS = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 _BATCH_MEMORY = 4096  # batch ids remembered to count each batch execution once
+
+#: Good samples of a source a reading may be missing from before it is dropped: three slow cadences
+#: (NVML's SLOW_EVERY; the CPU backend's slow_every is also 10 ticks). Counted in samples, not seconds,
+#: so the bound follows the sampling period: 3 s at the sampler's default 0.1 s, 30 s at the 1 s of
+#: ``aurora serve``, whose slow readings come every 10 s (a fixed 5 s would drop them between reads).
+MAX_MISSED = 3 * SLOW_EVERY
+
+_BOOKKEEPING = ("stale_age_s", "sampler_cpu_s")  # in every sample, not readings
 
 
 class PrometheusExporter:
@@ -62,11 +86,15 @@ class PrometheusExporter:
 
     model, version: Triton's ``model`` and ``version`` labels on the inference metrics.
     gpu_uuids: source ("gpu0") -> UUID for Triton's ``gpu_uuid`` label (default: the source name).
+    max_missed: good samples of a source a reading may be absent from before it is no longer exported.
     """
 
     def __init__(self, model: str = "aurora", version: str = "1", registry: CollectorRegistry | None = None,
-                 gpu_uuids: dict[str, str] | None = None, buckets=DEFAULT_BUCKETS):
+                 gpu_uuids: dict[str, str] | None = None, buckets=DEFAULT_BUCKETS, max_missed: int = MAX_MISSED):
+        if max_missed < 1:
+            raise ValueError(f"PrometheusExporter: max_missed must be >= 1 sample, got {max_missed}")
         self.model, self.version = model, version
+        self.max_missed = max_missed
         self.gpu_uuids = dict(gpu_uuids or {})
         self.registry = registry if registry is not None else CollectorRegistry()
         self._lock = threading.Lock()
@@ -77,7 +105,10 @@ class PrometheusExporter:
         self._durations_us: dict[str, float] = defaultdict(float)
         self._pending: float | None = None
         self._batches: OrderedDict[int, None] = OrderedDict()
-        self._samples: dict[str, Sample] = {}
+        self._newest: dict[str, Sample] = {}  # per source, for the staleness gauge
+        self._good: dict[str, int] = defaultdict(int)  # good samples seen per source
+        # source -> metric -> (value, number of the good sample it came from)
+        self._readings: dict[str, dict[str, tuple[float, int]]] = {}
         self._sampler_cpu_s = 0.0
         self._events: dict[tuple[str, str], float] = defaultdict(float)
         self._stage = Histogram("aurora_stage_duration_seconds", "Per-stage request latency in seconds",
@@ -123,8 +154,17 @@ class PrometheusExporter:
             self._pending = float(n)
 
     def add_sample(self, s: Sample) -> None:
+        fresh = {m: x for m, x in s.values.items() if m not in _BOOKKEEPING}
         with self._lock:
-            self._samples[s.source] = s  # a stale sample replaces the values: old readings disappear
+            self._newest[s.source] = s
+            if s.values.get("stale_age_s", 0.0) > 0 or not fresh:
+                self._readings.pop(s.source, None)  # a failed read: old readings are not presented as current
+            else:
+                n = self._good[s.source] = self._good[s.source] + 1
+                kept = self._readings.setdefault(s.source, {})
+                kept.update((m, (x, n)) for m, x in fresh.items())
+                for m in [m for m, (_, k) in kept.items() if n - k >= self.max_missed]:
+                    del kept[m]
             cpu_s = s.values.get("sampler_cpu_s")
             if cpu_s is not None and cpu_s > self._sampler_cpu_s:
                 self._sampler_cpu_s = cpu_s
@@ -165,7 +205,8 @@ class _Collector:
         with exp._lock:
             success, failure, count, execs = exp._success, dict(exp._failure), exp._count, exp._exec
             durations, pending = dict(exp._durations_us), exp._pending
-            samples, cpu_s, events = dict(exp._samples), exp._sampler_cpu_s, dict(exp._events)
+            newest, cpu_s, events = dict(exp._newest), exp._sampler_cpu_s, dict(exp._events)
+            readings = {src: {m: x for m, (x, _) in kept.items()} for src, kept in exp._readings.items()}
         ml = {"model": exp.model, "version": exp.version}
         yield _untyped("nv_inference_request_success", "Number of successful inference requests, all batch sizes",
                        ml, success)
@@ -185,7 +226,7 @@ class _Collector:
             g.add_metric(list(ml.values()), pending)
             yield g
 
-        yield from self._telemetry(samples)
+        yield from self._telemetry(newest, readings)
         c = CounterMetricFamily("aurora_sampler_cpu_seconds", "CPU time used by the telemetry sampler's threads")
         c.add_metric([], cpu_s)
         yield c
@@ -195,7 +236,7 @@ class _Collector:
             ev.add_metric([src, kind], n)
         yield ev
 
-    def _telemetry(self, samples: dict[str, Sample]):
+    def _telemetry(self, newest: dict[str, Sample], readings: dict[str, dict[str, float]]):
         exp = self.exp
         gauges: dict[str, GaugeMetricFamily] = {}
 
@@ -207,21 +248,18 @@ class _Collector:
 
         now = now_ns()
         energy = []
-        for src, s in sorted(samples.items()):
-            v = s.values
+        for src, s in sorted(newest.items()):
+            v = readings.get(src, {})
             gpu = src.startswith("gpu")
-            age = v.get("stale_age_s", 0.0) + max(0.0, (now - s.ts_ns) / 1e9)
+            age = s.values.get("stale_age_s", 0.0) + max(0.0, (now - s.ts_ns) / 1e9)
             put("aurora_telemetry_staleness_seconds", "Age of the newest good telemetry reading, seconds",
                 {"source": src}, age)
             for metric, x in v.items():
-                if metric in ("stale_age_s", "sampler_cpu_s"):
-                    continue
                 if metric in TRITON_GAUGES:
                     name, scale, doc = TRITON_GAUGES[metric]
                     put(name, doc, {"gpu_uuid": exp._gpu_label(src)} if gpu else {}, x * scale)
                 if metric.startswith("throttle_frac_"):
-                    put("aurora_throttled_fraction", "Fraction of the last interval the clocks were held down, per cause",
-                        {"gpu": src, "reason": metric[len("throttle_frac_"):]}, x)
+                    put("aurora_throttled_fraction", THROTTLE_HELP, {"gpu": src, "reason": metric[len("throttle_frac_"):]}, x)
                 elif metric.startswith("cpu_core") and metric.endswith("_util_pct"):
                     put("aurora_cpu_core_util_pct", "Per-core CPU utilization, percent",
                         {"core": metric[len("cpu_core"):-len("_util_pct")]}, x)
