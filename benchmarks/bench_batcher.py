@@ -1,9 +1,10 @@
 """Batcher overhead: a Pipeline around a no-op model on tiny pre-decoded images, so that what is measured is
 the admission, batching, hand-off and completion machinery rather than pixels or FLOPs.
 
-    python benchmarks/bench_batcher.py [--requests 40000] [--rate 4000] [--delay-us 1000]
+    python benchmarks/bench_batcher.py [--requests 40000] [--window 1024] [--rate 4000] [--delay-us 1000]
 
-Prints: saturated throughput (requests/s; target >= 20,000), the p50/p99 latency added beyond
+Prints: saturated throughput (requests/s with 1024 in flight, and with every request queued at once;
+target >= 20,000), the p50/p99 latency added beyond
 max_queue_delay_us under an open-loop Poisson load well below saturation (target p99 <= 0.5 ms), and the
 cost of one timing record (build + fill + hand to a sink; with the Recorder when it is importable).
 Also collected by pytest (``test_record_cost``) as a pytest-benchmark smoke test.
@@ -40,8 +41,8 @@ class NoOp(nn.Module):
         return x.flatten(1)[:, :10]
 
 
-def make_pipeline(delay_us: int, sink=None, max_batch: int = 64) -> Pipeline:
-    cfg = BatchingConfig(max_batch_size=max_batch, max_queue_delay_us=delay_us, max_queue_size=1_000_000)
+def make_pipeline(delay_us: int, sink=None, max_batch: int = 64, max_queue: int = 1_000_000) -> Pipeline:
+    cfg = BatchingConfig(max_batch_size=max_batch, max_queue_delay_us=delay_us, max_queue_size=max_queue)
     return Pipeline(NoOp(), SPEC, cfg, device="cpu", top_k=1, sink=sink, num_workers=1)
 
 
@@ -50,28 +51,49 @@ def images(n: int = 64) -> list[np.ndarray]:
     return [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) for _ in range(n)]
 
 
-def throughput(n: int, delay_us: int, sink=None) -> tuple[float, float]:
-    """(requests/s, CPU us per request) with every request submitted as fast as one client thread can.
-    CPU time (all threads of this process) is the steadier figure on a machine shared with other work."""
+def throughput(n: int, delay_us: int, sink=None, window: int | None = 1024) -> tuple[float, float]:
+    """(requests/s, CPU us per request) with requests submitted as fast as one client thread can, keeping
+    at most ``window`` of them in flight (perf_analyzer's concurrency mode), or all ``n`` at once when
+    ``window`` is None. CPU time (all threads of this process) is the steadier figure on a shared machine.
+
+    The window matters: every queued request is ~13 GC-tracked objects (11 of them its Future), and with
+    gc.freeze() a full collection runs every tenth gen-1 one and walks the whole queue. Flooding 40k
+    requests (a 20k-deep queue) spent ~25% of the run in those collections; a server's queue is bounded
+    by max_queue_size (default 256), so the windowed figure is the one a server sees."""
     imgs = images()
     finished = itertools.count(1)
+    completed = [0]
+    resume_at = [0]  # the client sleeps until this many have completed
+    room = threading.Event()
     all_done = threading.Event()
+    limit = n if window is None else window
 
     def on_done(f):
-        # One wake-up at the end, not one per request: a semaphore here cost a context switch each.
-        if next(finished) == n:
+        c = next(finished)
+        completed[0] = c  # two workers race here; a stale count is put right by the next completion
+        if c >= resume_at[0] and not room.is_set():
+            room.set()
+        if c == n:
             all_done.set()
 
-    with make_pipeline(delay_us, sink) as pipe:
+    with make_pipeline(delay_us, sink, max_queue=limit + 1) as pipe:
         pipe.infer(imgs[0])
         gc.freeze()  # as a server does after start-up; see main()
         t0, c0 = time.perf_counter(), time.process_time()
         for i in range(n):
+            if i - completed[0] >= limit:
+                # Half a window at a time: one wake-up per limit/2 requests, not one per request (a
+                # semaphore cost a context switch each).
+                resume_at[0] = i - limit // 2
+                room.clear()
+                while i - completed[0] >= limit // 2 + 1:
+                    room.wait(1.0)
+                    room.clear()
             pipe.submit(imgs[i & 63]).add_done_callback(on_done)
         assert all_done.wait(120), "a request never completed"
         dt, cpu = time.perf_counter() - t0, time.process_time() - c0
         st = pipe.stats()
-    assert st["completed"] == n + 1, st
+    assert st["completed"] == n + 1 and st["rejected"] == 0, st
     return n / dt, cpu / n * 1e6
 
 
@@ -159,15 +181,19 @@ def main(argv=None) -> None:
     ap.add_argument("--rate", type=float, default=4000.0, help="Poisson rate for the latency run (req/s)")
     ap.add_argument("--seconds", type=float, default=5.0, help="length of the latency run")
     ap.add_argument("--delay-us", type=int, default=1000)
+    ap.add_argument("--window", type=int, default=1024, help="requests in flight in the throughput run")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
-    rps, cpu_us = throughput(a.requests, a.delay_us)
+    rps, cpu_us = throughput(a.requests, a.delay_us, window=a.window)
     print(f"throughput: {rps:,.0f} requests/s, {cpu_us:.1f} CPU us per request "
-          f"({a.requests} requests, no-op model, 8x8 images; target >= 20,000/s)")
+          f"({a.requests} requests, {a.window} in flight, no-op model, 8x8 images; target >= 20,000/s)")
+    rps_all, cpu_all = throughput(a.requests, a.delay_us, window=None)
+    print(f"  all {a.requests} queued at once: {rps_all:,.0f} requests/s, {cpu_all:.1f} CPU us per request "
+          "(Python's full collections walk the deep queue)")
     print(f"  of which the preprocess call: {preprocess_cost():.1f} CPU us per image")
     rec = _recorder()
     if rec is not None:
-        rps_rec, cpu_rec = throughput(a.requests, a.delay_us, sink=rec)
+        rps_rec, cpu_rec = throughput(a.requests, a.delay_us, sink=rec, window=a.window)
         print(f"throughput with a Recorder sink: {rps_rec:,.0f} requests/s, {cpu_rec:.1f} CPU us per request")
     lat = added_latency(a.rate, a.seconds, a.delay_us)
     (p50, p99), n = lat["added"], lat["n"]
