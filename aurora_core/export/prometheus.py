@@ -23,8 +23,9 @@ application clock, PCIe link, load, pressure; see ``NvmlBackend.capabilities()["
 So the exporter keeps, per source, the newest value of each metric, merged over good samples: a 1 Hz
 reading stays on /metrics between its reads instead of vanishing on 9 scrapes out of 10 (Prometheus
 would mark the series stale). Each value is exported as read: a throttled fraction read once a second
-is the fraction of ITS 1 s interval, never combined with others. A reading missing from ``max_missed`` (30) good samples in a row of its source, three slow
-cadences whatever the sampling period, is dropped (a field that started failing); a stale sample
+is the fraction of its own 1 s interval, never combined with others. A reading missing from
+``max_missed`` (30) good samples in a row of its source, three slow cadences whatever the sampling
+period, is dropped (a field that started failing); a stale sample
 (``stale_age_s`` > 0, or no reading: the sampler marks a failed read with ``stale_age_s`` alone) drops
 every reading of its source at once. An unread or dropped metric is absent from the output, never a
 fake zero.
