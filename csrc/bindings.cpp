@@ -280,7 +280,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("resize"), py::arg("crop"), py::arg("mean"), py::arg("std"), py::arg("dtype") = "float32",
         py::arg("orig_sizes") = py::none(), py::arg("scales") = py::none(), py::arg("num_threads") = 0,
         "imgs: list of uint8 [H_i, W_i, 3]; out: writable [N, 3, crop, crop]. num_threads <= 0 means one "
-        "per core. Images are spread over threads with the GIL released.");
+        "per core: at most that many threads, fewer when the batch is too small to pay for starting them. "
+        "Images are spread over threads with the GIL released.");
   m.def(
       "geometry",
       [](int64_t orig_h, int64_t orig_w, int64_t scale, int64_t resize, int64_t crop) {

@@ -109,6 +109,9 @@ def _describe(x) -> str:
 def _as_image(img, op: str) -> np.ndarray:
     """uint8 [H, W, 3] C-contiguous numpy view of ``img`` (numpy or CPU torch; zero-copy when contiguous,
     one copy otherwise)."""
+    if type(img) is np.ndarray and img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3 \
+            and img.shape[0] and img.shape[1] and img.flags.c_contiguous:
+        return img  # the common call (a decoded image), checked first: this runs per image
     if isinstance(img, torch.Tensor):
         if img.dtype != torch.uint8:
             raise TypeError(f"{op}: expected a uint8 image [H, W, 3], got {_describe(img)}. "
@@ -133,8 +136,13 @@ def _as_image(img, op: str) -> np.ndarray:
 def _origin(arr: np.ndarray, orig_size, scale, op: str) -> tuple[tuple[int, int], int]:
     """Checked ((H0, W0), scale): the image must have ceil(H0 / scale) x ceil(W0 / scale) pixels."""
     h, w = arr.shape[:2]
-    if orig_size is None and type(scale) is int and scale == 1:  # a full-size decode: the common call
-        return (h, w), 1
+    if type(scale) is int:  # the common calls, checked without the conversions below (per image, per batch)
+        if orig_size is None and scale == 1:
+            return (h, w), 1
+        if (type(orig_size) is tuple and len(orig_size) == 2 and type(orig_size[0]) is int
+                and type(orig_size[1]) is int and 1 <= scale <= 64 and orig_size[0] > 0 and orig_size[1] > 0
+                and -(-orig_size[0] // scale) == h and -(-orig_size[1] // scale) == w):
+            return orig_size, scale
     if isinstance(scale, bool) or not isinstance(scale, (int, np.integer)) or not 1 <= scale <= 64:
         raise ValueError(f"{op}: expected scale as an int in 1..64 (the DCT denominator), got {scale!r}.")
     if orig_size is None:
