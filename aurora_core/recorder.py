@@ -546,32 +546,55 @@ def load_run(path) -> RunData:
     p = find_run_file(path)
     try:
         return _read_run(p)
-    except sqlite3.DatabaseError as e:
+    except (sqlite3.DatabaseError, _Corrupt) as e:
         raise ValueError(f"load_run: {p} is not a readable aurora run file ({e})") from e
+
+
+class _Corrupt(Exception):
+    """The database opened but its content is not what the recorder writes (load_run adds the path)."""
+
+
+def _array(rows: list, dtype, table: str, names: tuple[str, ...]) -> np.ndarray:
+    """rows (tuples, one value per name) as a 2-D array. A cell numpy cannot convert (a NULL in an integer
+    column, text) is named; a NULL in a float column is NaN, which is how SQLite stores a NaN."""
+    try:
+        return np.array(rows, dtype=dtype).reshape(len(rows), len(names))
+    except (TypeError, ValueError, OverflowError):
+        for i, row in enumerate(rows):
+            for name, v in zip(names, row, strict=True):
+                try:
+                    np.array([v], dtype=dtype)
+                except (TypeError, ValueError, OverflowError):
+                    kind = "an integer" if np.issubdtype(dtype, np.integer) else "a number"
+                    raise _Corrupt(f"{table}.{name} holds {'NULL' if v is None else repr(v)} in row {i + 1}, "
+                                   f"expected {kind}") from None
+        raise
 
 
 def _read_run(p: Path) -> RunData:
     db = sqlite3.connect(f"file:{p}?mode=ro", uri=True)
     try:
-        meta = {k: json.loads(v) for k, v in db.execute("SELECT key, value FROM meta")}
+        meta = {}
+        for k, v in db.execute("SELECT key, value FROM meta"):
+            try:
+                meta[k] = json.loads(v)
+            except (TypeError, ValueError) as e:
+                raise _Corrupt(f"meta {k!r} is not JSON: {e}") from None
         rows = db.execute(f"SELECT {', '.join(_REQ_COLUMNS)} FROM requests ORDER BY rowid").fetchall()
         n_int = len(_INT_FIELDS)
-        if rows:
-            ints = np.array([r[:n_int] for r in rows], dtype=np.int64)
-            texts = np.array([r[n_int:] for r in rows], dtype=str)
-        else:
-            ints = np.zeros((0, n_int), dtype=np.int64)
-            texts = np.zeros((0, len(_TEXT_FIELDS)), dtype=str)
+        ints = _array([r[:n_int] for r in rows], np.int64, "requests", _INT_FIELDS)
+        texts = np.array([r[n_int:] for r in rows], dtype=str).reshape(len(rows), len(_TEXT_FIELDS))
         del rows
         requests = {name: ints[:, i].copy() for i, name in enumerate(_INT_FIELDS)}
         requests.update({name: texts[:, i].copy() for i, name in enumerate(_TEXT_FIELDS)})
 
         sp = db.execute("SELECT name, start_ns, end_ns, request_id, attrs FROM spans ORDER BY start_ns").fetchall()
+        span_ints = _array([r[1:4] for r in sp], np.int64, "spans", ("start_ns", "end_ns", "request_id"))
         spans = {
             "name": np.array([r[0] for r in sp], dtype=str),
-            "start_ns": np.array([r[1] for r in sp], dtype=np.int64),
-            "end_ns": np.array([r[2] for r in sp], dtype=np.int64),
-            "request_id": np.array([r[3] for r in sp], dtype=np.int64),
+            "start_ns": span_ints[:, 0],
+            "end_ns": span_ints[:, 1],
+            "request_id": span_ints[:, 2],
             "attrs": np.array([r[4] for r in sp], dtype=str),
         }
 
@@ -580,13 +603,14 @@ def _read_run(p: Path) -> RunData:
             grouped.setdefault((source, metric), []).append((ts, value))
         samples: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
         for key, pts in grouped.items():
-            pts.sort()
-            samples[key] = (np.array([t for t, _ in pts], dtype=np.int64),
-                            np.array([v for _, v in pts], dtype=np.float64))
+            ts = _array([p[:1] for p in pts], np.int64, f"samples ({key[0]}, {key[1]})", ("ts_ns",))[:, 0]
+            value = np.array([v for _, v in pts], dtype=np.float64)
+            order = np.lexsort((value, ts))
+            samples[key] = (ts[order], value[order])
 
         ev = db.execute("SELECT ts_ns, source, kind, value, detail FROM events ORDER BY ts_ns").fetchall()
         events = {
-            "ts_ns": np.array([r[0] for r in ev], dtype=np.int64),
+            "ts_ns": _array([r[:1] for r in ev], np.int64, "events", ("ts_ns",))[:, 0],
             "source": np.array([r[1] for r in ev], dtype=str),
             "kind": np.array([r[2] for r in ev], dtype=str),
             "value": np.array([r[3] for r in ev], dtype=np.float64),

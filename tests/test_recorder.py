@@ -216,3 +216,45 @@ def test_write_failure_is_reported_at_close(tmp_path):
     assert rec.histograms()["total"].get_total_count() == 20  # in-memory view keeps working
     with pytest.raises(RuntimeError, match="incomplete"):
         rec.close()
+
+
+def _tampered(tmp_path, sql: str):
+    """A valid run file (requests, a span, a sample, an event), then one SQL statement run on it."""
+    with Recorder(tmp_path / "run") as rec:
+        for i in range(5):
+            rec(make_record(i))
+        rec.add_span(Span("db", 10, 20, 4, ""))
+        rec.add_sample(Sample(3, "cpu", {"cpu_util_pct": 1.0}))
+        rec.add_event(Event(7, "gpu0", "xid", 79.0, ""))
+    p = tmp_path / "run" / FILE_NAME
+    with sqlite3.connect(p) as db:
+        db.execute(sql)
+    db.close()
+    return p
+
+
+@pytest.mark.parametrize(("sql", "what"), [
+    ("UPDATE meta SET value = '{\"a\":' WHERE key = 'host'", "meta 'host' is not JSON"),
+    ("UPDATE meta SET value = NULL WHERE key = 'label'", "meta 'label' is not JSON"),
+    ("UPDATE requests SET arrival_ns = NULL WHERE rowid = 3", "requests.arrival_ns holds NULL in row 3"),
+    ("UPDATE requests SET batch_id = 'x' WHERE rowid = 1", "requests.batch_id holds 'x' in row 1"),
+    ("UPDATE spans SET end_ns = NULL", "spans.end_ns holds NULL"),
+    ("UPDATE samples SET ts_ns = NULL", "samples (cpu, cpu_util_pct).ts_ns holds NULL"),
+    ("UPDATE events SET ts_ns = NULL", "events.ts_ns holds NULL"),
+])
+def test_corrupt_content_names_the_file_and_the_fault(tmp_path, sql, what):
+    """Content the recorder never writes is the same ValueError as a damaged database: the path and the fault."""
+    p = _tampered(tmp_path, sql)
+    with pytest.raises(ValueError, match="not a readable aurora run file") as e:
+        load_run(p)
+    assert str(p) in str(e.value) and what in str(e.value)
+
+
+def test_null_float_reads_as_nan(tmp_path):
+    """SQLite stores a NaN as NULL: a sample or event value of NULL reads back as NaN, not as corruption."""
+    p = _tampered(tmp_path, "UPDATE samples SET value = NULL")
+    with sqlite3.connect(p) as db:
+        db.execute("UPDATE events SET value = NULL")
+    db.close()
+    run = load_run(p)
+    assert np.isnan(run.sample("cpu", "cpu_util_pct")[1]).all() and np.isnan(run.events["value"]).all()
