@@ -20,6 +20,21 @@ deepens the queue at the same load. When the load is not matched, nothing is jud
 effect must not read as a regression, and on a shared CPU even per-request service times rise with
 load); the verdict says so and asks for a run at matched load.
 
+Environment matching: each side's telemetry over its requests (first arrival to last completion) is
+checked the way ``aurora bench`` names a CPU-contended or hardware-throttled run, and a finding counts only
+when that side also had more of it than the other side by the margin ``aurora diagnose`` uses for a cause:
+other processes' CPU (``cpu_util_pct`` x cores - ``proc_cpu_pct``) with the CPU > 90% busy, > 25% of it
+taken by others and >= 0.5 core more than the other side; CPU steal > 5% mean and >= 5 points more;
+cgroup quota throttling > 5% of periods and >= 5 points more; on GPUs, a limiting throttle reason (power,
+thermal, board limit, reliability, hardware slowdown, power brake) > 5% of the time and >= 10 points more.
+Run queue and CPU pressure (PSI) are reported, not used: this process's own threads raise them too. When
+the environment was not matched (a noisy neighbour, a throttled GPU), nothing is judged either: a gate must
+not blame a deploy for a contended machine. Both sides equally contended still count as matched.
+
+Inputs: each side needs at least ``MIN_REQUESTS`` (10) ok requests with a measured total; below that no
+stage can be compared (the per-stage minimum), and a gate that compared nothing must not pass. Fewer raise
+ValueError, as do out-of-range options.
+
 A stage regresses when its p50 or p99 rose significantly beyond ``threshold`` (relative, default 10%):
 the lower end of the bootstrap interval of the difference lies above ``threshold`` x BEFORE's value
 (not merely above 0), and the Mann-Whitney p-value is below ``alpha``. A rise whose interval still
@@ -37,11 +52,20 @@ from scipy import stats
 
 from aurora_core.recorder import RunData, load_run
 from aurora_core.records import STAGES
+from aurora_core.report import LIMITING_REASONS
 
 SERVICE = ("decode", "preprocess", "h2d", "compute_item", "d2h")
 LOAD_SENSITIVE = ("queue", "wait", "compute", "total")
 BOOT_MAX = 20_000
 _MW_MAX = 20_000
+MIN_REQUESTS = 10  # per side and per stage: fewer is not compared
+MIN_BOOT = 100  # fewer resamples leave each 2.5% end of the interval to one or two draws
+# Environment thresholds (module doc): a side's level as in aurora bench's bottleneck line, and its excess
+# over the other side as in aurora diagnose's causes.
+BUSY_PCT, OTHERS_PCT, OTHERS_CORES = 90.0, 25.0, 0.5
+STEAL_PCT = 5.0
+CGROUP_FRAC = 0.05
+THROTTLE_FRAC, THROTTLE_MORE = 0.05, 0.10
 
 
 def _as_runs(x) -> list[RunData]:
@@ -99,9 +123,17 @@ def bootstrap_delta(b: np.ndarray, a: np.ndarray, q: float, n_boot: int, rng, le
 
 def compare(before, after, threshold: float = 0.10, alpha: float = 0.01, n_boot: int = 1000,
             load_tolerance: float = 0.10, seed: int = 0) -> dict:
-    """Compare two runs (paths, RunData, or lists of them per side). Returns a JSON-ready dict."""
+    """Compare two runs (paths, RunData, or lists of them per side). Returns a JSON-ready dict.
+    Raises ValueError for an out-of-range option or a side with fewer than MIN_REQUESTS ok requests."""
+    check_options(threshold=threshold, alpha=alpha, n_boot=n_boot, load_tolerance=load_tolerance)
     rb, ra = _as_runs(before), _as_runs(after)
     sb, sa = stage_samples(rb), stage_samples(ra)
+    for side, runs, smp in (("BEFORE", rb, sb), ("AFTER", ra, sa)):
+        n_ok = int(smp["total"].size)
+        if n_ok < MIN_REQUESTS:
+            what = "no requests" if not sum(r.n_requests for r in runs) else f"{n_ok} ok requests with a measured total"
+            raise ValueError(f"{side} {_paths(runs)} has {what}; at least {MIN_REQUESTS} are needed on each side "
+                             "(below that no stage can be compared, and a gate that compared nothing must not pass)")
     lb, la = load_figures(rb), load_figures(ra)
     offered = [_offered(rb), _offered(ra)]
     if None not in offered:
@@ -119,17 +151,23 @@ def compare(before, after, threshold: float = 0.10, alpha: float = 0.01, n_boot:
     matched = bool(matched)
     rate_ratio = float(rate_ratio)
     warning = None
-    if not matched:
+    if not math.isfinite(rate_ratio):
+        warning = ("load not checked: a side has no arrival times and no offered rate in its meta, so no "
+                   "stage is judged. Rerun with a load generator that records them.")
+    elif not matched:
         warning = (f"load not matched: {how} "
                    f"(x{rate_ratio:.2f}, tolerance {load_tolerance:.0%}); queueing and contention change with load, "
                    "so no stage is judged. Rerun AFTER at BEFORE's offered rate.")
+    env = environment_check(rb, ra)
+    judged = matched and env["matched"]
+    why = " and ".join(w for w, m in (("load", matched), ("environment", env["matched"])) if not m)
     rng = np.random.default_rng(seed)
     rows, regressions = [], []
     for s in (*SERVICE, *LOAD_SENSITIVE):
         b, a = sb[s], sa[s]
         row = {"stage": s, "kind": "service" if s in SERVICE else "load-sensitive", "n": [int(b.size), int(a.size)]}
-        if b.size < 10 or a.size < 10:
-            row["note"] = "fewer than 10 requests with this stage on a side: not compared"
+        if b.size < MIN_REQUESTS or a.size < MIN_REQUESTS:
+            row["note"] = f"fewer than {MIN_REQUESTS} requests with this stage on a side: not compared"
             rows.append(row)
             continue
         for name, q in (("p50", 50.0), ("p99", 99.0)):
@@ -146,16 +184,24 @@ def compare(before, after, threshold: float = 0.10, alpha: float = 0.01, n_boot:
         # Significantly beyond the threshold: the whole interval above threshold x BEFORE (module doc).
         worse = [n for n in ("p50", "p99")
                  if row[f"{n}_rel"] is not None and row[f"{n}_ci_ms"][0] > threshold * row[n][0]]
-        if not matched:
+        if not judged:
             row["regression"] = False
-            row["note"] = "not judged: load not matched"
+            row["note"] = f"not judged: {why} not matched"
         else:
             row["regression"] = bool(worse) and p < alpha
             if row["regression"]:
                 regressions.append(s)
                 row["note"] = f"{'/'.join(worse)} up beyond {threshold:.0%} (whole CI), Mann-Whitney p={p:.1e}"
         rows.append(row)
-    verdict = "load not matched" if not matched else ("regression" if regressions else "no regression")
+    if not matched:
+        verdict = "load not matched"
+    elif not env["matched"]:
+        verdict = "environment not matched"
+    else:
+        verdict = "regression" if regressions else "no regression"
+    warnings = [f"{side} run {r.path} was interrupted (Ctrl-C) before its planned end: it holds only the "
+                "requests served until then" for side, runs in (("BEFORE", rb), ("AFTER", ra))
+                for r in runs if r.meta.get("interrupted")]
     return {
         "before": {"runs": [_info(r) for r in rb], **lb},
         "after": {"runs": [_info(r) for r in ra], **la},
@@ -163,6 +209,8 @@ def compare(before, after, threshold: float = 0.10, alpha: float = 0.01, n_boot:
                  "tolerance": load_tolerance, "basis": "offered" if None not in offered else "measured",
                  "queue_depth_mean": [round(lb["queue_depth_mean"], 3), round(la["queue_depth_mean"], 3)],
                  "warning": warning},
+        "environment": env,
+        "warnings": warnings,
         "stages": rows,
         "regressions": regressions,
         "verdict": verdict,
@@ -184,3 +232,103 @@ def _info(r: RunData) -> dict:
     m = r.meta
     return {"path": str(r.path), "host": m.get("host"), "label": m.get("label"), "config": m.get("config"),
             "n_requests": r.n_requests}
+
+
+def check_options(threshold: float, alpha: float, n_boot: int, load_tolerance: float) -> None:
+    """Raise ValueError naming the first out-of-range option by its ``aurora compare`` flag."""
+    def bad(name, want, got):
+        raise ValueError(f"{name} must be {want}, got {got!r}")
+
+    if not (isinstance(n_boot, (int, np.integer)) and n_boot >= MIN_BOOT):
+        bad("--boot (bootstrap resamples)", f"an integer >= {MIN_BOOT}", n_boot)
+    if not (math.isfinite(threshold) and threshold >= 0):
+        bad("--threshold (relative rise, 0.10 = 10%)", "a number >= 0", threshold)
+    if not (0 < alpha < 1):
+        bad("--alpha (significance level)", "between 0 and 1 (exclusive)", alpha)
+    if not (math.isfinite(load_tolerance) and load_tolerance >= 0):
+        bad("--load-tolerance (relative rate difference, 0.10 = 10%)", "a number >= 0", load_tolerance)
+
+
+def _paths(runs: list[RunData]) -> str:
+    return ", ".join(str(r.path) for r in runs)
+
+
+def _mean(runs: list[RunData], source: str, metric: str) -> float | None:
+    """Mean of a metric over the samples taken while each run served requests (first arrival to last
+    completion): warm-up and calibration before the traffic are not the environment it ran in."""
+    vals = []
+    for r in runs:
+        s = r.samples.get((source, metric))
+        a = r.requests["arrival_ns"]
+        if s is None or not np.any(a > 0):
+            continue
+        lo, hi = a[a > 0].min(), max(int(r.requests["completion_ns"].max()), int(a.max()))
+        vals.append(s[1][(s[0] >= lo) & (s[0] <= hi)])
+    v = np.concatenate(vals) if vals else np.zeros(0)
+    v = v[np.isfinite(v)]
+    return float(v.mean()) if v.size else None
+
+
+def environment_figures(runs: list[RunData]) -> dict:
+    """One side's CPU and GPU telemetry means over its requests (None where not measured)."""
+    cpu = runs[0].meta.get("cpu") or {}
+    cores = cpu.get("logical_cores") if isinstance(cpu, dict) else None
+    f = {m: _mean(runs, "cpu", m) for m in ("cpu_util_pct", "proc_cpu_pct", "steal_pct", "cgroup_throttled_frac",
+                                             "runq", "psi_cpu_some_avg10")}
+    f["cores"] = cores
+    util, own = f["cpu_util_pct"], f["proc_cpu_pct"]
+    if util is not None and own is not None and cores:
+        f["others_pct"] = util - own / cores  # % of all cores used by other processes (as aurora bench)
+        f["others_cores"] = max(util / 100 * cores - own / 100, 0.0)  # as aurora diagnose
+    gpus = sorted({src for r in runs for src, _ in r.samples if src.startswith("gpu")})
+    f["gpu_throttle"] = {g: {k: v for k in LIMITING_REASONS if (v := _mean(runs, g, f"throttle_frac_{k}")) is not None}
+                         for g in gpus}
+    return f
+
+
+def _findings(side: str, other: str, me: dict, them: dict) -> list[str]:
+    """What ``side`` had beyond ``other`` (module doc); the other side's figure follows each finding."""
+    def more(key, margin):
+        return them.get(key) is None or me[key] - them[key] >= margin
+
+    def vs(x, fmt, unit=""):
+        return "not measured" if x is None else format(x, fmt) + unit
+
+    out = []
+    if (me.get("others_pct") is not None and me["cpu_util_pct"] > BUSY_PCT and me["others_pct"] > OTHERS_PCT
+            and more("others_cores", OTHERS_CORES)):
+        out.append(f"{side} was CPU-contended: other processes used {me['others_pct']:.0f}% of the CPU against "
+                   f"this one's {me['proc_cpu_pct'] / me['cores']:.0f}% ({other}: {vs(them.get('others_pct'), '.0f', '%')})")
+    if me["steal_pct"] is not None and me["steal_pct"] > STEAL_PCT and more("steal_pct", STEAL_PCT):
+        out.append(f"{side} had CPU steal {me['steal_pct']:.1f}% mean, the hypervisor running someone else "
+                   f"({other}: {vs(them.get('steal_pct'), '.1f', '%')})")
+    cg = me["cgroup_throttled_frac"]
+    if cg is not None and cg > CGROUP_FRAC and more("cgroup_throttled_frac", CGROUP_FRAC):
+        out.append(f"{side}'s cgroup CPU quota throttled {cg:.0%} of periods "
+                   f"({other}: {vs(them.get('cgroup_throttled_frac'), '.0%')})")
+    for g, reasons in me["gpu_throttle"].items():
+        for k, v in reasons.items():
+            o = them["gpu_throttle"].get(g, {}).get(k)
+            if v > THROTTLE_FRAC and (o is None or v - o >= THROTTLE_MORE):
+                out.append(f"{side}'s {g} was throttled ({k}) {v:.0%} of the time ({other}: {vs(o, '.0%')})")
+    return out
+
+
+def environment_check(rb: list[RunData], ra: list[RunData]) -> dict:
+    """Was the machine the same on both sides? (module doc). Returns figures per side, findings and a warning."""
+    fb, fa = environment_figures(rb), environment_figures(ra)
+    findings = _findings("BEFORE", "AFTER", fb, fa) + _findings("AFTER", "BEFORE", fa, fb)
+    checked = [side for side, f in (("BEFORE", fb), ("AFTER", fa))
+               if f["cpu_util_pct"] is not None or f["gpu_throttle"]]
+    warning = None
+    if findings:
+        warning = ("environment not matched: " + "; ".join(findings) + ". The runs are not comparable, so no "
+                   "stage is judged. Rerun both on a quiet machine (or AFTER under BEFORE's conditions).")
+    note = None
+    if len(checked) < 2:
+        missing = " and ".join(side for side in ("BEFORE", "AFTER") if side not in checked)
+        note = f"environment not checked on {missing}: no CPU or GPU telemetry in the run"
+    rnd = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in fb.items() if k != "gpu_throttle"}
+    rna = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in fa.items() if k != "gpu_throttle"}
+    return {"matched": not findings, "findings": findings, "warning": warning, "note": note,
+            "before": {**rnd, "gpu_throttle": fb["gpu_throttle"]}, "after": {**rna, "gpu_throttle": fa["gpu_throttle"]}}

@@ -1,26 +1,36 @@
 """``aurora compare BEFORE AFTER``: the deployment gate.
 
-Exit status: 0 no significant regression, 1 a stage regressed beyond the threshold, 2 bad input,
-3 load not matched (only with --fail-on-unmatched-load; otherwise 0 with a warning).
+Exit status: 0 no significant regression, 1 a stage regressed beyond the threshold, 2 bad input (a missing
+or unreadable run, a side with fewer than 10 ok requests, an out-of-range option, an unwritable --html),
+3 not comparable: the load or the environment (a CPU-contended or throttled machine on one side only) was
+not matched (only with --fail-on-unmatched; otherwise 0 with a warning). In every case but 2 nothing is
+called a regression unless both were matched.
 """
 
 from __future__ import annotations
 
+import html
 import json
+import os
 import sys
 
 
 def add_arguments(parser) -> None:
+    parser.epilog = ("exit status: 0 no regression, 1 regression, 2 bad input, 3 load or environment not matched "
+                     "(only with --fail-on-unmatched; otherwise 0 with a warning)")
     parser.add_argument("before", metavar="BEFORE", help="run directory or .sqlite run file (baseline)")
     parser.add_argument("after", metavar="AFTER", help="run directory or .sqlite run file (candidate)")
     parser.add_argument("--threshold", type=float, default=0.10,
-                        help="relative p50/p99 increase that counts as a regression (default 0.10)")
-    parser.add_argument("--alpha", type=float, default=0.01, help="Mann-Whitney significance level (default 0.01)")
-    parser.add_argument("--boot", type=int, default=1000, help="bootstrap resamples (default 1000)")
+                        help="relative p50/p99 increase (>= 0) that counts as a regression (default 0.10)")
+    parser.add_argument("--alpha", type=float, default=0.01,
+                        help="Mann-Whitney significance level, between 0 and 1 (default 0.01)")
+    parser.add_argument("--boot", type=int, default=1000, help="bootstrap resamples, >= 100 (default 1000)")
     parser.add_argument("--load-tolerance", type=float, default=0.10,
-                        help="largest relative difference in arrival rate that still counts as matched load")
-    parser.add_argument("--fail-on-unmatched-load", action="store_true",
-                        help="exit 3 when the load was not matched (default: warn and exit 0)")
+                        help="largest relative difference (>= 0) in arrival rate that still counts as matched load")
+    parser.add_argument("--fail-on-unmatched", "--fail-on-unmatched-load", dest="fail_on_unmatched_load",
+                        action="store_true",
+                        help="exit 3 when the load or the environment (CPU contention, CPU steal, cgroup or GPU "
+                             "throttling on one side only) was not matched (default: warn and exit 0)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON instead of text")
     parser.add_argument("--html", metavar="FILE", help="also write an HTML page")
 
@@ -29,19 +39,46 @@ def run(args) -> int:
     from .compare import compare
     from .report import render_section, text_compare
 
+    def fail(msg: str) -> int:
+        print(f"aurora compare: {msg}", file=sys.stderr)
+        return 2
+
+    # Checked up front (compare() checks the options before loading anything), so a typo costs no
+    # comparison; writing can still fail later.
+    if args.html and not os.path.isdir(os.path.dirname(os.path.abspath(args.html))):
+        return fail(f"cannot write --html {args.html}: its directory does not exist")
     try:
         res = compare(args.before, args.after, threshold=args.threshold, alpha=args.alpha, n_boot=args.boot,
                       load_tolerance=args.load_tolerance)
     except (FileNotFoundError, ValueError) as e:
-        print(f"aurora compare: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(res, indent=2) if args.json else text_compare(res))
+        return fail(str(e))
+    print(json.dumps(res, indent=2) if args.json else _text(res, text_compare))
     if args.html:
-        with open(args.html, "w", encoding="utf-8") as f:
-            f.write("<!doctype html><meta charset='utf-8'><title>aurora compare</title>\n")
-            f.write(render_section(res))
+        try:
+            with open(args.html, "w", encoding="utf-8") as f:
+                f.write("<!doctype html><meta charset='utf-8'><title>aurora compare</title>\n")
+                f.write("".join(f"<p><b>Warning:</b> {html.escape(w)}</p>\n" for w in _extra_warnings(res)))
+                f.write(render_section(res))
+        except OSError as e:
+            return fail(f"cannot write --html {args.html}: {e.strerror or e}")
     if res["verdict"] == "regression":
         return 1
-    if res["verdict"] == "load not matched" and args.fail_on_unmatched_load:
+    if res["verdict"] in ("load not matched", "environment not matched") and args.fail_on_unmatched_load:
         return 3
     return 0
+
+
+def _extra_warnings(res: dict) -> list[str]:
+    """What report.text_compare does not print: the environment check and the runs' own warnings."""
+    return [w for w in (res["environment"]["warning"], *res["warnings"]) if w]
+
+
+def _text(res: dict, text_compare) -> str:
+    # A run without a label reads "(label -)", as diagnose's "labels: -", not "(label None)".
+    shown = {**res, **{side: {**res[side], "runs": [{**r, "label": r["label"] if r["label"] is not None else "-"}
+                                                    for r in res[side]["runs"]]} for side in ("before", "after")}}
+    body, _, verdict = text_compare(shown).rpartition("\n")
+    env = res["environment"]
+    extra = [f"environment: {'matched' if env['matched'] else 'NOT MATCHED'}" + (f" ({env['note']})" if env["note"] else "")]
+    extra += [f"WARNING: {w}" for w in _extra_warnings(res)]
+    return "\n".join([body, *extra, verdict])
