@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+
+from aurora_core.cli import number
 
 
 def add_arguments(parser) -> None:
@@ -11,10 +14,24 @@ def add_arguments(parser) -> None:
                         help="run directories or .sqlite run files (several hosts/regions, or before and after a deployment)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON instead of text")
     parser.add_argument("--html", metavar="FILE", help="also write an HTML page with the evidence plots")
-    parser.add_argument("--interval", type=float, default=None, metavar="S",
-                        help="interval width in seconds for per-interval p50/p99 (default: automatic)")
-    parser.add_argument("--min-ratio", type=float, default=None, metavar="R",
-                        help="smallest p50/p99 ratio to the baseline that counts as a spike (default 1.3)")
+    parser.add_argument("--interval", type=number(gt=0), default=None, metavar="S",
+                        help="interval width in seconds (> 0) for per-interval p50/p99 (default: automatic, "
+                             "about 50 requests an interval)")
+    # Below 1 the ratio gate passes every window and only the one-sided tests are left, exactly as at 1:
+    # a value under 1 is a mistake (0 used to turn silently into the default), not a looser setting.
+    parser.add_argument("--min-ratio", type=number(ge=1), default=None, metavar="R",
+                        help="smallest p50/p99 ratio to the baseline that counts as a spike, >= 1 "
+                             "(default 1.3; 1 counts any significant slowdown)")
+
+
+def _html_problem(path: str) -> str | None:
+    """Why ``path`` cannot be written, checked before the analysis so a typo does not cost a whole run."""
+    if os.path.isdir(path):
+        return "is a directory"
+    parent = os.path.dirname(path) or "."
+    if not os.path.isdir(parent):
+        return f"no directory {parent}"
+    return None
 
 
 def run(args) -> int:
@@ -22,17 +39,25 @@ def run(args) -> int:
     from .report import render_section, text_diagnose
     from .spikes import MIN_RATIO
 
+    if args.html and (why := _html_problem(args.html)):
+        print(f"aurora diagnose: error: cannot write --html {args.html}: {why}", file=sys.stderr)
+        return 2
     try:
-        result = diagnose(args.runs, interval_s=args.interval, min_ratio=args.min_ratio or MIN_RATIO)
+        result = diagnose(args.runs, interval_s=args.interval,
+                          min_ratio=MIN_RATIO if args.min_ratio is None else args.min_ratio)
     except (FileNotFoundError, ValueError) as e:
-        print(f"aurora diagnose: {e}", file=sys.stderr)
+        print(f"aurora diagnose: error: {e}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(result.data, indent=2))
     else:
         print(text_diagnose(result))
     if args.html:
-        with open(args.html, "w", encoding="utf-8") as f:
-            f.write("<!doctype html><meta charset='utf-8'><title>aurora diagnose</title>\n")
-            f.write(render_section(result))
+        try:
+            with open(args.html, "w", encoding="utf-8") as f:
+                f.write("<!doctype html><meta charset='utf-8'><title>aurora diagnose</title>\n")
+                f.write(render_section(result))
+        except OSError as e:
+            print(f"aurora diagnose: error: cannot write --html {args.html}: {e.strerror}", file=sys.stderr)
+            return 2
     return 0

@@ -198,10 +198,13 @@ def export_run(run_path, out_path, max_requests: int | None = 200_000) -> str:
 # ---- ``aurora trace`` -------------------------------------------------------------------------------
 
 def add_arguments(p) -> None:
+    from aurora_core.cli import number
+
     p.add_argument("run", help="a run directory (holding run.aurora.sqlite) or the run file")
     p.add_argument("--out", default=None, help="trace file to write (default: trace.json beside the run file)")
-    p.add_argument("--max-requests", type=int, default=200_000,
-                   help="request slices to write at most (telemetry and events are always complete)")
+    p.add_argument("--max-requests", type=number(int, ge=0), default=200_000,
+                   help="request slices to write at most, >= 0 (default 200000; 0: telemetry and events only, "
+                        "which are always complete)")
 
 
 def run(args) -> int:

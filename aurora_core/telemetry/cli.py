@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 
+from aurora_core.cli import number
 from aurora_core.records import Event, Sample
 
 SHOWN = ("util_gpu_busy_pct", "sm_clock_mhz", "sm_clock_max_mhz", "temp_c", "temp_margin_c", "power_w",
@@ -27,29 +28,33 @@ SHOWN = ("util_gpu_busy_pct", "sm_clock_mhz", "sm_clock_max_mhz", "temp_c", "tem
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="action", required=True)
+    from aurora_core.telemetry.replay import EPISODES
+
+    seconds = number(gt=0)
+    # metavar: argparse names a missing subcommand by it ("required: action" said nothing to a user)
+    sub = parser.add_subparsers(dest="action", required=True, metavar="{record,show,replay,synth}")
     rec = sub.add_parser("record", help="capture an NVML trace on this machine's GPUs")
     rec.add_argument("--out", required=True, help="trace file to write (JSON Lines)")
-    rec.add_argument("--duration", type=float, default=10.0, help="seconds to record (default 10)")
-    rec.add_argument("--period", type=float, default=0.1, help="sampling period in seconds (default 0.1)")
+    rec.add_argument("--duration", type=seconds, default=10.0, help="seconds to record (default 10)")
+    rec.add_argument("--period", type=seconds, default=0.1, help="sampling period in seconds (default 0.1)")
     rec.add_argument("--load", choices=("none", "matmul"), default="none",
                      help="generate GPU load while recording (needs torch with CUDA)")
     rec.add_argument("--note", default="", help="free text stored in the trace header (e.g. the card)")
     show = sub.add_parser("show", help="print live telemetry samples")
-    show.add_argument("--duration", type=float, default=3.0, help="seconds to watch (default 3)")
-    show.add_argument("--period", type=float, default=0.5, help="sampling period in seconds (default 0.5)")
+    show.add_argument("--duration", type=seconds, default=3.0, help="seconds to watch (default 3)")
+    show.add_argument("--period", type=seconds, default=0.5, help="sampling period in seconds (default 0.5)")
     show.add_argument("--json", action="store_true", help="one JSON object per sample")
     rep = sub.add_parser("replay", help="print the samples a recorded trace produces")
     rep.add_argument("trace", help="trace file (JSON Lines)")
     rep.add_argument("--json", action="store_true", help="one JSON object per sample")
     syn = sub.add_parser("synth", help="write a synthetic trace with one throttle episode")
-    syn.add_argument("--kind", default="thermal",
-                     help="thermal, power, hw_slowdown, hw_thermal, power_brake, idle or none")
-    syn.add_argument("--start", type=float, default=1.0, help="episode start, s")
-    syn.add_argument("--end", type=float, default=2.0, help="episode end, s")
-    syn.add_argument("--duration", type=float, default=None, help="trace length, s (default end + 1)")
-    syn.add_argument("--period", type=float, default=0.1, help="sampling period, s")
-    syn.add_argument("--severity", type=float, default=1.0, help="throttled share of the episode, 0..1")
+    syn.add_argument("--kind", default="thermal", choices=sorted(EPISODES), help="the episode (default thermal)")
+    syn.add_argument("--start", type=number(ge=0), default=1.0, help="episode start, s")
+    syn.add_argument("--end", type=seconds, default=2.0, help="episode end, s (after --start)")
+    syn.add_argument("--duration", type=seconds, default=None, help="trace length, s (default end + 1)")
+    syn.add_argument("--period", type=seconds, default=0.1, help="sampling period, s")
+    syn.add_argument("--severity", type=number(ge=0, le=1), default=1.0,
+                     help="throttled share of the episode, 0..1")
     syn.add_argument("--out", required=True, help="trace file to write")
 
 
@@ -77,10 +82,41 @@ def _emit(s: Sample, t0: int, as_json: bool) -> None:
         print(format_sample(s, t0))
 
 
+def _read_lines(path: str) -> list[dict]:
+    """The JSON objects of a trace file, one a line. ValueError for a file that is not text, not JSON
+    Lines, or cut short mid-line (an interrupted recording); OSError when it cannot be read."""
+    lines = []
+    hint = "a trace is JSON Lines from `aurora telemetry record` or `synth`"
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except ValueError:
+                    obj = None
+                if not isinstance(obj, dict):
+                    cut = not line.endswith("\n")
+                    raise ValueError(f"{'ends mid-line (cut short?)' if cut else f'line {n} is not a JSON object'}; "
+                                     f"{hint}")
+                lines.append(obj)
+    except UnicodeDecodeError:
+        raise ValueError(f"not a text file; {hint} (a run file goes to `aurora diagnose`)") from None
+    return lines
+
+
 def _replay(args) -> int:
     from aurora_core.telemetry.replay import replay_trace
 
-    samples, events, caps = replay_trace(args.trace, base_ns=0)
+    try:
+        samples, events, caps = replay_trace(_read_lines(args.trace), base_ns=0)
+    except OSError as e:
+        print(f"aurora telemetry replay: error: cannot read {args.trace}: {e.strerror}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        print(f"aurora telemetry replay: error: {args.trace}: {e}", file=sys.stderr)
+        return 2
     for s in samples:
         _emit(s, 0, args.json)
     for e in events:
@@ -118,8 +154,16 @@ def _show(args) -> int:
 def _synth(args) -> int:
     from aurora_core.telemetry.replay import make_synthetic_trace
 
-    lines = make_synthetic_trace(args.kind, args.start, args.end, duration_s=args.duration,
-                                 period_s=args.period, severity=args.severity, out=args.out)
+    if args.end <= args.start:
+        print(f"aurora telemetry synth: error: --end ({args.end:g}) must be after --start ({args.start:g})",
+              file=sys.stderr)
+        return 2
+    try:
+        lines = make_synthetic_trace(args.kind, args.start, args.end, duration_s=args.duration,
+                                     period_s=args.period, severity=args.severity, out=args.out)
+    except OSError as e:
+        print(f"aurora telemetry synth: error: cannot write --out {args.out}: {e.strerror}", file=sys.stderr)
+        return 2
     print(f"wrote {args.out}: {sum(1 for x in lines if 'tick' in x)} ticks, {len(lines)} lines")
     return 0
 
