@@ -34,6 +34,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -42,7 +43,7 @@ import numpy as np
 import torch
 
 from aurora_core.batching import Batcher, BatchingConfig, Request
-from aurora_core.errors import AuroraError, DeviceLost, ImageError, ResourceExhausted
+from aurora_core.errors import AuroraError, DeviceLost, ImageError, PipelineClosed, ResourceExhausted
 from aurora_core.records import RequestRecord, now_ns
 from aurora_core.runner import Runner, load_model, resolve_dtype
 
@@ -287,12 +288,38 @@ class Pipeline:
         return await asyncio.wrap_future(self.submit(data, timeout, priority))
 
     def close(self, timeout: float | None = None) -> None:
-        """Stop admitting, finish every admitted request, stop the threads. Idempotent."""
+        """Stop admitting, finish every admitted request, stop the threads. Idempotent.
+
+        timeout (s): None waits until every admitted request has been served. Otherwise close returns
+        after about ``timeout`` at most: the requests still queued then end with PipelineClosed (never
+        computed), the batches the workers already hold finish in the background (a result or a typed
+        error each), and the workers and the decode pool stop after them. Either way every admitted
+        request ends with exactly one result or one typed error."""
         self.batcher.close()
+        end = None if timeout is None else time.monotonic() + max(0.0, timeout)
         for t in self._workers:
-            t.join(timeout)
-        if self._pool is not None:
+            t.join(None if end is None else max(0.0, end - time.monotonic()))
+        if any(t.is_alive() for t in self._workers):
+            self._fail_queued(lambda: PipelineClosed("Pipeline: closed (close timeout) before this request was "
+                                                     "batched"))
+            if self._pool is not None:
+                # A worker still running decodes on the pool: shut it only after the workers.
+                threading.Thread(target=self._stop_pool_after_workers, name="aurora-close", daemon=True).start()
+        elif self._pool is not None:
             self._pool.shutdown(wait=True)
+
+    def _stop_pool_after_workers(self) -> None:
+        for t in self._workers:
+            t.join()
+        self._pool.shutdown(wait=True)
+
+    def _fail_queued(self, make_exc) -> None:
+        """End every request still waiting in the queue with ``make_exc()`` (or as cancelled)."""
+        for r in self.batcher.drain_all():
+            if r.future.set_running_or_notify_cancel():
+                self._finish(r, exc=make_exc())
+            else:
+                self._finish(r, status="cancelled")
 
     def __enter__(self):
         return self
@@ -662,11 +689,7 @@ class Pipeline:
                 log.error("Pipeline: device %s lost (%s); shutting down", old.device, exc)
             self._failure = exc
         self.batcher.close()
-        for r in self.batcher.drain_all():
-            if r.future.set_running_or_notify_cancel():
-                self._finish(r, exc=DeviceLost(f"Pipeline: device lost before this request ran: {exc}"))
-            else:
-                self._finish(r, status="cancelled")
+        self._fail_queued(lambda: DeviceLost(f"Pipeline: device lost before this request ran: {exc}"))
 
 
 def _lower_priority() -> None:

@@ -358,6 +358,22 @@ def test_close_drains_then_rejects(harness):
         h.pipe.infer(image(0))
 
 
+def test_close_timeout_ends_queued_requests_with_pipeline_closed(harness):
+    """close(timeout) returns while a batch computes: the queued requests end with PipelineClosed, the
+    batches the workers hold are served, and the decode pool stays up for them (requests beyond the
+    eager-decode depth are decoded by the worker on the pool, which the old close had already shut)."""
+    h = harness(BatchingConfig(max_batch_size=2, max_queue_delay_us=1000))  # eager depth 8
+    a, b = h.block()
+    futs = [h.pipe.submit(samples.sample_bytes("coffee_png")) for _ in range(12)]
+    h.pipe.close(timeout=0.05)  # the gate is closed: batch a cannot finish by then
+    assert not h.pipe.ready and all(f.done() for f in futs)
+    kinds = h.release([a, b, *futs])
+    assert kinds == ["ok"] * 2 + ["pipeline_closed"] * 12
+    check_accounting(h, [a, b, *futs])
+    wait_until(lambda: not any(t.is_alive() for t in h.pipe._workers), "the workers to stop")
+    wait_until(lambda: h.pipe._pool._shutdown, "the decode pool to stop after the workers")
+
+
 # ---- concurrency ---------------------------------------------------------------------------------
 
 def test_many_threads_and_asyncio_nothing_lost_or_duplicated(harness):
