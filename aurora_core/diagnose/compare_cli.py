@@ -9,7 +9,6 @@ called a regression unless both were matched.
 
 from __future__ import annotations
 
-import html
 import json
 import os
 import sys
@@ -52,12 +51,11 @@ def run(args) -> int:
                       load_tolerance=args.load_tolerance)
     except (FileNotFoundError, ValueError) as e:
         return fail(str(e))
-    print(json.dumps(res, indent=2) if args.json else _text(res, text_compare))
+    print(json.dumps(res, indent=2) if args.json else text_compare(res))
     if args.html:
         try:
             with open(args.html, "w", encoding="utf-8") as f:
                 f.write("<!doctype html><meta charset='utf-8'><title>aurora compare</title>\n")
-                f.write("".join(f"<p><b>Warning:</b> {html.escape(w)}</p>\n" for w in _extra_warnings(res)))
                 f.write(render_section(res))
         except OSError as e:
             return fail(f"cannot write --html {args.html}: {e.strerror or e}")
@@ -66,19 +64,3 @@ def run(args) -> int:
     if res["verdict"] in ("load not matched", "environment not matched") and args.fail_on_unmatched_load:
         return 3
     return 0
-
-
-def _extra_warnings(res: dict) -> list[str]:
-    """What report.text_compare does not print: the environment check and the runs' own warnings."""
-    return [w for w in (res["environment"]["warning"], *res["warnings"]) if w]
-
-
-def _text(res: dict, text_compare) -> str:
-    # A run without a label reads "(label -)", as diagnose's "labels: -", not "(label None)".
-    shown = {**res, **{side: {**res[side], "runs": [{**r, "label": r["label"] if r["label"] is not None else "-"}
-                                                    for r in res[side]["runs"]]} for side in ("before", "after")}}
-    body, _, verdict = text_compare(shown).rpartition("\n")
-    env = res["environment"]
-    extra = [f"environment: {'matched' if env['matched'] else 'NOT MATCHED'}" + (f" ({env['note']})" if env["note"] else "")]
-    extra += [f"WARNING: {w}" for w in _extra_warnings(res)]
-    return "\n".join([body, *extra, verdict])

@@ -72,6 +72,11 @@ def text_compare(res: dict) -> str:
                f"{ld['queue_depth_mean'][1]}: {'matched' if ld['matched'] else 'NOT MATCHED'}")
     if ld["warning"]:
         out.append(f"WARNING: {ld['warning']}")
+    env = res.get("environment")
+    if env is not None:
+        out.append(f"environment: {'matched' if env['matched'] else 'NOT MATCHED'}"
+                   + (f" ({env['note']})" if env.get("note") else ""))
+    out += [f"WARNING: {w}" for w in _compare_warnings(res)]
     out.append(f"{'stage':<14}{'p50 before':>11}{'after':>10}  {'delta ms [95% CI]':>28}{'p99 before':>11}{'after':>10}"
                f"  {'delta ms [95% CI]':>28}{'MW p':>10}  verdict")
     for r in res["stages"]:
@@ -92,7 +97,14 @@ def text_compare(res: dict) -> str:
 
 
 def _labels(side: dict) -> str:
-    return ", ".join(sorted({str(r.get("label")) for r in side["runs"]}))
+    # A run without a label reads "-", as diagnose's "labels: -", not "None".
+    return ", ".join(sorted({"-" if r.get("label") is None else str(r["label"]) for r in side["runs"]}))
+
+
+def _compare_warnings(res: dict) -> list[str]:
+    """The environment check's warning and the runs' own (an interrupted run), beside the load's."""
+    env = res.get("environment") or {}
+    return [w for w in (env.get("warning"), *res.get("warnings", ())) if w]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -267,8 +279,7 @@ def _compare_html(res: dict) -> str:
     parts = ['<section class="aurora-compare"><h2>Before / after comparison</h2>',
              f"<p>Verdict: <b>{html.escape(res['verdict'])}</b>"
              + (f" in {html.escape(', '.join(res['regressions']))}" if res["regressions"] else "") + "</p>"]
-    if ld["warning"]:
-        parts.append(f"<p><b>Warning:</b> {html.escape(ld['warning'])}</p>")
+    parts += [f"<p><b>Warning:</b> {html.escape(w)}</p>" for w in (ld["warning"], *_compare_warnings(res)) if w]
     parts.append("<table><tr><th>stage</th><th>p50 before</th><th>p50 after</th><th>p50 delta [95% CI]</th>"
                  "<th>p99 before</th><th>p99 after</th><th>p99 delta [95% CI]</th><th>MW p</th><th>verdict</th></tr>")
     for r in res["stages"]:
