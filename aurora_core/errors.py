@@ -75,6 +75,21 @@ class ResourceExhausted(AuroraError):
     http_status = 503
 
 
+class ModelError(AuroraError):
+    """The model raised at inference, or returned logits of the wrong batch size; ``__cause__`` holds the
+    model's own exception, and the message does not repeat it (the server sends messages to clients).
+    Its batch-mates fail with it: they ran in the same call.
+
+    ``reason`` is "model_error". The class-level reason, the HTTP server's coarse ``code``, is
+    "internal_error": to a client, a failing model is the server's fault like any other."""
+
+    reason = "internal_error"
+    http_status = 500
+
+    def __init__(self, message: str = "", *, reason: str | None = "model_error"):
+        super().__init__(message, reason=reason)
+
+
 class PipelineClosed(AuroraError):
     """The pipeline is closed or closing and admits no new request."""
 
@@ -92,5 +107,6 @@ __all__ = [
     "DeadlineExceeded",
     "DeviceLost",
     "ResourceExhausted",
+    "ModelError",
     "PipelineClosed",
 ]

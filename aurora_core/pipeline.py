@@ -629,17 +629,23 @@ class Pipeline:
 
     def _complete(self, live, out, runner) -> None:
         failed = out.failed
-        self._count("ok", len(live) - len(failed))  # one lock per batch, not per request
         stamps = (out.bucket, runner.device_str, out.h2d_start_ns, out.h2d_end_ns, out.compute_start_ns,
                   out.compute_end_ns, out.d2h_end_ns)
-        for r in live:
-            rec = r.record
-            (rec.bucket, rec.device, rec.h2d_start_ns, rec.h2d_end_ns, rec.compute_start_ns, rec.compute_end_ns,
-             rec.d2h_end_ns) = stamps
-            if r.slot in failed:
-                self._finish(r, exc=ResourceExhausted("Pipeline: out of device memory even at batch size 1"))
-                continue
-            self._finish(r, result=list(zip(out.indices[r.slot], out.probs[r.slot], strict=True)), counted=True)
+        ok = 0
+        try:
+            for r in live:
+                rec = r.record
+                (rec.bucket, rec.device, rec.h2d_start_ns, rec.h2d_end_ns, rec.compute_start_ns,
+                 rec.compute_end_ns, rec.d2h_end_ns) = stamps
+                if r.slot in failed:
+                    self._finish(r, exc=ResourceExhausted("Pipeline: out of device memory even at batch size 1"))
+                    continue
+                self._finish(r, result=list(zip(out.indices[r.slot], out.probs[r.slot], strict=True)), counted=True)
+                ok += 1
+        finally:
+            # One lock per batch, not per request; only the ones that did end ok: should a request raise
+            # here, the caller fails it and the rest of the batch, and counts them as errors.
+            self._count("ok", ok)
 
     def _fail_batch(self, live, exc: BaseException, runner: Runner) -> None:
         """End every request of ``live`` with ``exc``. Never raises: a batch worker that died here would
@@ -655,7 +661,7 @@ class Pipeline:
                 # DeviceLost already finds the CPU runner rather than the lost device.
                 self._on_device_lost(exc, runner)
             else:
-                log.error("Pipeline: batch failed: %r", exc)
+                log.error("Pipeline: batch failed: %r", exc, exc_info=exc)  # with the model's own traceback
         except Exception:  # noqa: BLE001
             log.exception("Pipeline: handling a failed batch raised")
         finally:

@@ -8,7 +8,8 @@ The pipeline's two batch workers call ``run`` one batch at a time, in batch orde
 On CUDA every bucket gets one CUDA graph (captured after warm-up; eager when capture fails). An
 out-of-memory error splits the rows in halves down to single rows; a row that still fails is reported
 as failed, its batch-mates are served. A sticky device error (illegal address, device lost) raises
-``DeviceLost``: the device is unusable and the pipeline decides what happens next.
+``DeviceLost``: the device is unusable and the pipeline decides what happens next. Any other error of
+the model, or logits with another batch size than the input's, raises ``ModelError``.
 
 When the pipeline preprocesses on the device, ``preprocess_spec`` makes the warm-up also compile and
 autotune the Triton preprocessing kernel for that spec, so that the first batch does not pay for it.
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from aurora_core.errors import DeviceLost
+from aurora_core.errors import AuroraError, DeviceLost, ModelError
 from aurora_core.records import now_ns
 
 log = logging.getLogger(__name__)
@@ -364,7 +365,8 @@ class Runner:
         slab.events = {"h2d_start": start, "h2d_end": end, "ready": end}
 
     def run(self, slab: Slab) -> BatchOutput:
-        """Top-k of rows 0..slab.n-1. OOM splits the rows; raises DeviceLost on a sticky error."""
+        """Top-k of rows 0..slab.n-1. OOM splits the rows; raises DeviceLost on a sticky error, ModelError
+        (the model's exception as its __cause__) on any other error of the model."""
         n = slab.n
         out = BatchOutput([None] * n, [None] * n, set(), self.bucket_for(n))
         try:
@@ -380,7 +382,10 @@ class Runner:
         except Exception as e:
             if is_sticky(e):
                 raise DeviceLost(f"Runner: sticky device error on {self.device}: {e}") from e
-            raise
+            if isinstance(e, AuroraError):
+                raise
+            raise ModelError(f"Runner: the model raised {type(e).__name__} on a batch of {n} rows "
+                             "(the model's exception is this error's __cause__)") from e
         self.counters["batches"] += 1
         return out
 
@@ -423,6 +428,7 @@ class Runner:
             x = slab.host[lo: lo + b]
             t0 = now_ns()
             p, i = self.head(x)
+            _check_rows(p, b)
             p, i = p[:rows].tolist(), i[:rows].tolist()
             t1 = now_ns()
             self.counters["eager_runs"] += 1
@@ -447,6 +453,7 @@ class Runner:
             else:
                 p_dev, i_dev = self.head(slab.dev[lo:hi])
                 self.counters["eager_runs"] += 1
+            _check_rows(p_dev, b if graph is not None else rows)
             ev["c1"].record()
             p_host = p_dev[:rows].to("cpu", non_blocking=True)
             i_host = i_dev[:rows].to("cpu", non_blocking=True)
@@ -466,3 +473,10 @@ class Runner:
         out.compute_end_ns = at(ev["c1"])
         out.d2h_end_ns = t_sync
         return p_host.tolist(), i_host.tolist()
+
+
+def _check_rows(probs: torch.Tensor, rows: int) -> None:
+    """A model must return one row of logits per input row; else results would go to the wrong requests."""
+    if probs.shape[0] != rows:
+        raise ModelError(f"Runner: the model returned {probs.shape[0]} rows of logits for a batch of {rows} "
+                         f"rows; it must return logits [B, classes] with B the input's batch size")

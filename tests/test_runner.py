@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from aurora_core.errors import DeviceLost
+from aurora_core.errors import DeviceLost, ModelError
 from aurora_core.runner import Runner, is_oom, is_sticky, load_model, resolve_dtype
 from tests.conftest import Tiny, devices, requires_cuda
 
@@ -87,6 +87,36 @@ def test_sticky_error_raises_device_lost():
     with pytest.raises(DeviceLost):
         r.run(fill(r, 2))
     assert r.run(fill(r, 2)).failed == set()  # the injection is consumed
+
+
+class Faulty(Tiny):
+    """Tiny that, once ``mode`` is set, raises ("raise") or returns a single row ("one_row")."""
+
+    mode = None
+
+    def forward(self, x):
+        y = super().forward(x)
+        if self.mode == "raise":
+            raise ValueError("boom in forward")
+        return y[:1] if self.mode == "one_row" else y
+
+
+def test_a_model_exception_is_a_model_error_with_the_cause():
+    m = Faulty()
+    r = Runner(m, buckets=(1, 4), input_shape=SHAPE, top_k=3)
+    m.mode = "raise"
+    with pytest.raises(ModelError) as ei:
+        r.run(fill(r, 3))
+    assert ei.value.reason == "model_error" and isinstance(ei.value.__cause__, ValueError)
+    assert "boom" not in str(ei.value)  # the server sends messages to clients; the cause stays on the server
+
+
+def test_a_model_returning_the_wrong_number_of_rows_is_a_model_error():
+    m = Faulty()
+    r = Runner(m, buckets=(1, 4), input_shape=SHAPE, top_k=3)
+    m.mode = "one_row"
+    with pytest.raises(ModelError, match="1 rows of logits for a batch of 4"):
+        r.run(fill(r, 3))  # padded to the 4-row bucket
 
 
 def test_inject_fault_validates_kind():
