@@ -42,6 +42,34 @@ def test_flat_run_has_no_window(tmp_path):
     assert res.data["series"][0]["windows"] == [], res.data["summary"]
 
 
+@pytest.mark.parametrize("one_run", [False, True], ids=["two runs", "one run with a pause"])
+def test_idle_minutes_do_not_widen_the_interval(tmp_path, one_run):
+    """Before and after a deployment, diagnosed together with no --interval: the 6 minutes between the
+    runs (or a 6-minute pause inside one run) are idle, not traffic, so the automatic interval stays that
+    of 10 s of traffic and the spike is found (counting the idle time made ~16 s intervals, one or two
+    per stretch of traffic, below PELT's 3-interval segment)."""
+    spike = lambda t: 15.0 if 4.0 <= t < 7.0 else 6.0  # noqa: E731
+    if one_run:
+        arrivals = np.concatenate([_arrivals(1), 370.0 + _arrivals(2)])
+        run = simulate_run(tmp_path / "r", arrivals, meta={"label": "v1"}, item_ms=lambda t: spike(t - 370.0), seed=1)
+        res = diagnose([run])
+        b0 = 370.0 - arrivals[0]  # series time starts at the first arrival
+    else:
+        a = simulate_run(tmp_path / "a", _arrivals(1), meta={"label": "v1", "host": "h"}, item_ms=lambda t: 6.0,
+                         seed=1)
+        b = simulate_run(tmp_path / "b", _arrivals(2), meta={"label": "v1", "host": "h"}, item_ms=spike, seed=2)
+        ra, rb = load_run(a), load_run(b)
+        end_a = ra.wall_minus_mono_ns + int(ra.requests["arrival_ns"].max())
+        rb.meta["wall_minus_mono_ns"] = end_a + 360_000_000_000 - int(rb.requests["arrival_ns"].min())
+        res = diagnose([ra, rb])
+        b0 = res.series[0].run_bounds[1][0]
+    w = _window_at(res, b0 + 5.5)
+    assert len(res.data["series"]) == 1 and res.data["series"][0]["interval_s"] < 2.0
+    assert b0 + 2.0 < w["start_s"] < b0 + 5.0, w  # PELT cuts on whole intervals, 3 at least
+    assert w["ratio_p50"] > 1.5
+    assert all(x["end_s"] > b0 for x in res.data["series"][0]["windows"]), res.data["summary"]  # A is calm
+
+
 def test_unexplained_service_shift_is_inconclusive(tmp_path):
     """Compute doubles mid-run; no telemetry, no label change: nothing may be named."""
     run = simulate_run(tmp_path / "x", _arrivals(), meta={"label": "v1"}, item_ms=_step(6.0, 12.0), seed=3)

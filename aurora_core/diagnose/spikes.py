@@ -14,11 +14,15 @@ Per-request latency
 
 Detection (a small documented method around ruptures' PELT)
     1. Bin requests by arrival into intervals of width ``interval_s`` (auto: ~50 requests an interval,
-       but at least 24 intervals as long as each keeps >= 10 requests; at most 300; 0.1 s..60 s).
+       but at least 24 intervals, and 6 (two PELT segments) in each run of 60 requests or more, as long
+       as each keeps >= 10 requests; at most 300; 0.1 s..60 s). Counts and rates are over active time:
+       a gap between arrivals longer than ``IDLE_INTERVALS`` intervals is idle (between two runs of a
+       host, or a pause inside one) and left out, so runs minutes apart keep the interval of runs laid
+       back to back.
     2. The signal is (log p50, log p99) of the per-interval latency of "ok" requests, each column divided
        by a robust noise scale: MAD of first differences / (0.6745 * sqrt 2), which a level shift barely
        moves.
-    3. PELT with an l2 cost, min_size 3 intervals, penalty ``3 * d * ln(n)`` (d = 2 columns): a
+    3. PELT with an l2 cost, min_size ``MIN_SEG`` (3) intervals, penalty ``3 * d * ln(n)`` (d = 2 columns): a
        BIC-style penalty made conservative so that noise alone does not cut segments.
     4. Baseline: among segments at least max(3, 10% of the intervals) long, the one with the lowest
        level, the mean of its pooled log p50 and log p99 (p99 alone is too noisy to choose by). A window is a segment whose pooled p99 or p50 is at least ``min_ratio`` (1.3) times
@@ -47,6 +51,11 @@ ALPHA = 1e-3
 #: "more than 1%" fires on ordinary Poisson bursts; 5x (5% above it) does not, and a real tail spike
 #: (p99 x1.3 or more) puts far more than 5% there.
 TAIL_FACTOR = 5
+#: PELT's minimum segment, in intervals.
+MIN_SEG = 3
+#: A gap between consecutive arrivals longer than this many intervals is idle time, not traffic. It is
+#: never a Poisson gap: an interval holds >= 10 requests on average, so this is >= 50 mean gaps.
+IDLE_INTERVALS = 5
 _MW_MAX = 4000  # Mann-Whitney on at most this many points a side (subsampled, seeded): O(n log n) anyway
 #: ``aurora bench`` option groups that describe the load or the run, not the deployment. bench writes
 #: every parsed option into ``meta.config``; its "pipeline" group is the deployment.
@@ -220,14 +229,36 @@ class Intervals:
     p99_ms: np.ndarray
 
 
+def _width(n: int, active_s: float, shortest_run_s: float) -> float:
+    rate = n / active_s
+    # A hair over span / 6, so that a run starting on an interval edge ends inside its 6th interval
+    # rather than opening a 7th for its last request alone.
+    per_run = shortest_run_s / (2 * MIN_SEG) * (1 + 1e-9)
+    width = max(min(50.0 / rate, active_s / 24.0, per_run), 10.0 / rate, active_s / 300.0)
+    return float(min(max(width, 0.1), 60.0))
+
+
 def auto_interval(series: Series) -> float:
-    """~50 requests an interval, but at least 24 intervals while each keeps >= 10 requests; <= 300."""
+    """~50 requests an interval, but at least 24 intervals, and 2 * MIN_SEG in each run of 60 requests or
+    more, while each keeps >= 10 requests; <= 300. Over active time: idle gaps (longer than
+    IDLE_INTERVALS intervals) are dropped and the width recomputed until no further gap turns idle
+    (each round only narrows the width, so it stops after a few)."""
     if series.t.size < 2:
         return 1.0
-    span = float(series.t[-1] - series.t[0]) or 1.0
-    rate = series.t.size / span
-    width = max(min(50.0 / rate, span / 24.0), 10.0 / rate, span / 300.0)
-    return float(min(max(width, 0.1), 60.0))
+    n = series.t.size
+    per_run = np.bincount(series.run_idx, minlength=len(series.run_bounds))
+    shortest = min((b - a for (a, b), k in zip(series.run_bounds, per_run, strict=True)
+                    if k >= 2 * MIN_SEG * 10 and b > a), default=math.inf)
+    gaps = np.diff(series.t)
+    active = float(gaps.sum()) or 1.0
+    width = _width(n, active, shortest)
+    for _ in range(20):
+        busy = float(gaps[gaps <= IDLE_INTERVALS * width].sum())
+        if not 0 < busy < active:
+            break
+        active = busy
+        width = _width(n, active, shortest)
+    return width
 
 
 def intervals(series: Series, width: float) -> Intervals:
@@ -243,10 +274,10 @@ def intervals(series: Series, width: float) -> Intervals:
     order = np.argsort(idx[good], kind="stable")
     gi, gl = idx[good][order], lat[good][order]
     bounds = np.searchsorted(gi, np.arange(n + 1))
-    for k in range(n):
+    # Only the filled intervals: runs hours apart leave most of the timeline empty.
+    for k in np.flatnonzero(bounds[1:] > bounds[:-1]):
         v = gl[bounds[k]:bounds[k + 1]]
-        if v.size:
-            p50[k], p99[k] = np.percentile(v, 50), np.percentile(v, 99)
+        p50[k], p99[k] = np.percentile(v, 50), np.percentile(v, 99)
     return Intervals(edges, count, p50, p99)
 
 
@@ -269,7 +300,7 @@ def change_points(iv: Intervals) -> list[int]:
         return [0]
     x = x / np.array([_noise_scale(x[:, 0]), _noise_scale(x[:, 1])])
     pen = 3.0 * x.shape[1] * math.log(n)
-    ends = rpt.Pelt(model="l2", min_size=3, jump=1).fit(x).predict(pen=pen)
+    ends = rpt.Pelt(model="l2", min_size=MIN_SEG, jump=1).fit(x).predict(pen=pen)
     return [0] + [int(e) for e in ends[:-1]]
 
 
