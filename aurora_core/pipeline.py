@@ -118,7 +118,7 @@ class Pipeline:
         self.model_name = model if isinstance(model, str) else type(model).__name__
         self._sinks = list(sink) if isinstance(sink, list | tuple) else ([sink] if sink is not None else [])
         self._fast = fast_decode
-        self._limits = dict(decode_limits or {})
+        self._limits = _decode_limits(decode_limits)
         self._cpu_fallback = cpu_fallback
         if jit_freeze is None:
             jit_freeze = isinstance(model, str) and not os.path.exists(model)
@@ -748,6 +748,27 @@ def _gpu_decoder(value, device: torch.device, on_device: bool, limits: dict):
                          f"and a working nvJPEG (torchvision); got device {device}, device preprocessing "
                          f"{'on' if on_device else 'off'}")
     return None
+
+
+_DECODE_LIMITS = ("max_pixels", "max_bytes")  # decode()'s limit arguments
+
+
+def _decode_limits(limits) -> dict:
+    """decode_limits checked before the model loads: a typo must not fail every request."""
+    if limits is None:
+        return {}
+    if not isinstance(limits, dict):
+        raise TypeError(f"Pipeline: decode_limits must be a dict, got {type(limits).__name__}")
+    out = {}
+    for k, v in limits.items():
+        if k not in _DECODE_LIMITS:
+            raise ValueError(f"Pipeline: decode_limits accepts {', '.join(_DECODE_LIMITS)}, got {k!r}")
+        if isinstance(v, bool) or not isinstance(v, int | np.integer):
+            raise TypeError(f"Pipeline: decode_limits[{k!r}] must be an int, got {type(v).__name__}")
+        if v < 1:
+            raise ValueError(f"Pipeline: decode_limits[{k!r}] must be >= 1, got {v}")
+        out[k] = int(v)
+    return out
 
 
 def _preprocess_mode(value, name: str = "device_preprocess") -> str:

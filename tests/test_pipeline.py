@@ -836,6 +836,27 @@ def test_argument_errors():
         Pipeline(Tiny(), SPEC, {"max_batch_size": 2}, device="cpu")
 
 
+@pytest.mark.parametrize("limits, error, match", [
+    ({"max_pixel": 10**6}, ValueError, "max_pixels, max_bytes, got 'max_pixel'"),
+    ({"max_pixels": "1000"}, TypeError, "must be an int"),
+    ({"max_bytes": True}, TypeError, "must be an int"),
+    ({"max_bytes": 0}, ValueError, ">= 1"),
+    ([("max_pixels", 10)], TypeError, "dict"),
+])
+def test_decode_limits_are_checked_before_the_model_loads(limits, error, match, monkeypatch):
+    import aurora_core.pipeline as pipeline_mod
+
+    monkeypatch.setattr(pipeline_mod, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    with pytest.raises(error, match=match):
+        Pipeline(Tiny(), SPEC, device="cpu", decode_limits=limits)
+
+
+def test_decode_limits_apply_to_every_request():
+    with Pipeline(Tiny(), SPEC, device="cpu", decode_limits={"max_pixels": np.int64(100)}) as p:
+        with pytest.raises(ImageError, match="max_pixels=100"):
+            p.infer(samples.sample_bytes("0.3mp"))
+
+
 @pytest.mark.parametrize("device", devices())
 def test_default_model_on_each_device(device):
     """The built-in default (mobilenet_v3_small on CPU, resnet50 on CUDA) serves real photos."""
