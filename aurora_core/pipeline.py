@@ -269,7 +269,10 @@ class Pipeline:
                 # Started before admission so that the batch worker always finds it. Only the first few
                 # batches' worth are decoded ahead, so a deep queue does not hold decoded pixels. With
                 # gpu_decode, only what nvJPEG will not take (PNG, CMYK, ...) is decoded here.
-                req.decoding = self._pool.submit(self._decode_safe, req)
+                try:
+                    req.decoding = self._pool.submit(self._decode_safe, req)
+                except RuntimeError as e:  # close() shut the pool since the check above
+                    raise PipelineClosed("Pipeline: closed; no new requests are admitted") from e
             self.batcher.put(req)
         except AuroraError as e:
             if req.decoding is not None:

@@ -375,6 +375,16 @@ def test_close_timeout_ends_queued_requests_with_pipeline_closed(harness):
     wait_until(lambda: h.pipe._pool._shutdown, "the decode pool to stop after the workers")
 
 
+def test_submit_racing_close_is_a_counted_pipeline_closed(harness):
+    """close() may shut the decode pool between submit's closed-check and its decode hand-off; shutting
+    the pool alone stands in for that unlucky thread switch. The request is rejected like any other."""
+    h = harness()
+    h.pipe._pool.shutdown()
+    f = h.pipe.submit(samples.sample_bytes("0.3mp"))
+    assert isinstance(f.exception(0), PipelineClosed)
+    check_accounting(h, [f], n_rejected=1)
+
+
 # ---- concurrency ---------------------------------------------------------------------------------
 
 def test_many_threads_and_asyncio_nothing_lost_or_duplicated(harness):
