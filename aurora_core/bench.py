@@ -4,19 +4,26 @@ With no arguments: the packaged sample photos (``samples.default_mix()``), the d
 device found, a short closed-loop calibration of capacity, then the Server scenario (seeded Poisson)
 at 50% of that capacity. It prints the results table, the telemetry summary and a one-line
 bottleneck verdict, and writes the run file (``run.aurora.sqlite``), ``summary.json`` and
-``report.html`` under ``--out``. Exit code: 0 when the run is VALID, 1 when INVALID, 2 on an error.
+``report.html`` under ``--out``. Exit code: 0 when the run is VALID, 1 when INVALID, 2 on an error (a
+bad or conflicting option, checked before anything is built; a model that does not load; a run in which
+every query failed), 130 when interrupted (a partial run file is kept with ``meta["interrupted"]``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import json
+import math
 import os
 import platform
+import socket
 import sys
 import threading
 import time
+import urllib.parse
+import zipfile
 from collections import defaultdict
 
 import numpy as np
@@ -24,56 +31,106 @@ import numpy as np
 from aurora_core import loadgen as lg
 from aurora_core.report import LIMITING_REASONS, THROTTLE_REASONS
 
+PROGRESS_EVERY_S = 5.0  # plain progress lines when stderr is not a terminal
 SCENARIOS = ("server", "single_stream", "offline", "closed_loop", "step", "replay")
 DEFAULT_SLO_MS = {"cpu": 250.0, "cuda": 15.0}  # CPU: issue 3's bound; CUDA: MLPerf Server, ResNet-50
 
 
+#: Defaults of the options that apply to some scenarios only. They parse as None so that an option the
+#: user gave can be told from a default, and a given option the run would ignore is an error, not a
+#: silent no-op; ``check_args`` fills these in.
+DEFAULTS = {"duration": 25.0, "load_factor": 0.5, "calibrate_s": 4.0, "seed": 0, "connections": 64,
+            "max_batch_size": 16, "max_queue_delay_us": 2000, "replay_speed": 1.0, "peak_trial_s": 8.0}
+
+
+class BenchError(Exception):
+    """A run that cannot give a measurement: one line on stderr, exit 2."""
+
+
+class UsageError(BenchError, ValueError):
+    """A bad or conflicting option, found before anything is built."""
+
+
+def _num(kind=float, lo: float = 0.0, strict: bool = True):
+    """argparse type: a finite ``kind`` > lo (>= lo when not ``strict``); a bad value is a usage error,
+    exit 2, naming the option, before any model is built."""
+    want = f"{'>' if strict else '>='} {lo:g}"
+
+    def parse(text: str):
+        try:
+            x = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'} {want}, "
+                                             f"got {text!r}") from None
+        if not math.isfinite(x) or x < lo or (strict and x == lo):
+            raise argparse.ArgumentTypeError(f"must be {want}, got {text}")
+        return x
+
+    return parse
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = DEFAULTS
     g = p.add_argument_group("pipeline")
     g.add_argument("--model", default=None, help="torchvision name or model file (default: resnet50 on CUDA, "
                    "mobilenet_v3_small on CPU)")
     g.add_argument("--weights", default=None, help="local state_dict for --model (default: seeded random init)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 (default auto)")
     g.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="model dtype")
-    g.add_argument("--max-batch-size", type=int, default=16)
-    g.add_argument("--max-queue-delay-us", type=int, default=2000)
-    g.add_argument("--buckets", default=None, help="padded batch sizes, e.g. 1,2,4,8,16")
-    g.add_argument("--max-queue-size", type=int, default=None, help="admission limit (Overloaded past it)")
+    g.add_argument("--max-batch-size", type=_num(int, 1, False), default=None,
+                   help=f"most requests in one model call (default {d['max_batch_size']})")
+    g.add_argument("--max-queue-delay-us", type=_num(int, 0, False), default=None,
+                   help=f"how long a batch's first request waits for company (default {d['max_queue_delay_us']})")
+    g.add_argument("--buckets", default=None, help="padded batch sizes, e.g. 1,2,4,8,16 (default: powers of two "
+                   "up to --max-batch-size)")
+    g.add_argument("--max-queue-size", type=_num(int, 1, False), default=None,
+                   help="admission limit (Overloaded past it; default 256, offline 2^20)")
     g.add_argument("--url", default=None, help="benchmark an HTTP server (POST raw bytes, e.g. "
                    "http://127.0.0.1:8000/v1/classify) instead of an in-process Pipeline")
     g = p.add_argument_group("load")
-    g.add_argument("--connections", type=int, default=64, help="HTTP connections (with --url)")
-    g.add_argument("--scenario", default="server", choices=SCENARIOS)
-    g.add_argument("--rate", type=float, default=None, help="queries/s for server/step "
+    g.add_argument("--connections", type=_num(int, 1, False), default=None,
+                   help=f"HTTP connections (with --url; default {d['connections']})")
+    g.add_argument("--scenario", default=None, choices=SCENARIOS,
+                   help="default server, or replay when --replay is given")
+    g.add_argument("--rate", type=_num(), default=None, help="queries/s for server/step "
                    "(default: calibrated, --load-factor of capacity)")
-    g.add_argument("--load-factor", type=float, default=0.5,
-                   help="calibrated rate = this x capacity (0.5: a closed-loop probe with 32 in flight "
-                        "overstates what an open-loop arrival stream can get within the SLO)")
-    g.add_argument("--calibrate-s", type=float, default=4.0, help="closed-loop capacity probe length")
-    g.add_argument("--duration", type=float, default=25.0, help="seconds of measured load (default 25)")
-    g.add_argument("--concurrency", type=int, default=None, help="closed_loop in flight (default 2x batch)")
-    g.add_argument("--count", type=int, default=None, help="offline queries (default ~duration of work)")
-    g.add_argument("--steps", default=None, help="step scenario: T:RATE or T:+PCT%% items, e.g. 0:40,60:+20%%")
+    g.add_argument("--load-factor", type=_num(), default=None,
+                   help=f"calibrated rate = this x capacity (default {d['load_factor']:g}: a closed-loop probe "
+                        "with 32 in flight overstates what an open-loop arrival stream can get within the SLO)")
+    g.add_argument("--calibrate-s", type=_num(), default=None,
+                   help=f"closed-loop capacity probe length (default {d['calibrate_s']:g})")
+    g.add_argument("--duration", type=_num(), default=None,
+                   help=f"seconds of measured load (default {d['duration']:g})")
+    g.add_argument("--concurrency", type=_num(int, 1, False), default=None,
+                   help="closed_loop and calibration in flight (default 2x --max-batch-size)")
+    g.add_argument("--count", type=_num(int, 1, False), default=None,
+                   help="offline queries (default ~duration of work)")
+    g.add_argument("--steps", default=None, help="step scenario: T:RATE or T:+PCT%% items, relative to the "
+                   "base rate, e.g. 0:40,60:+20%% (with --duration above 60; default +20%% halfway)")
     g.add_argument("--replay", default=None, help="replay arrivals: a run dir/.sqlite, .npy (ns) or text (s)")
-    g.add_argument("--replay-speed", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--replay-speed", type=_num(), default=None,
+                   help=f"2 replays twice as fast (default {d['replay_speed']:g})")
+    g.add_argument("--seed", type=int, default=None, help=f"Poisson arrivals' seed (default {d['seed']})")
     g.add_argument("--find-peak", action="store_true", help="bisect for the highest Poisson rate with p99 <= SLO, "
                    "then run --duration at it")
-    g.add_argument("--peak-trial-s", type=float, default=8.0, help="length of each --find-peak trial")
+    g.add_argument("--peak-trial-s", type=_num(), default=None,
+                   help=f"length of each --find-peak trial (default {d['peak_trial_s']:g})")
     g = p.add_argument_group("verdict")
-    g.add_argument("--slo-ms", type=float, default=None, help="p99 bound (default 250 ms CPU, 15 ms CUDA)")
-    g.add_argument("--min-duration", type=float, default=None, help="default: 80%% of --duration")
-    g.add_argument("--min-queries", type=int, default=256)
-    g.add_argument("--stability-tol", type=float, default=0.10,
+    g.add_argument("--slo-ms", type=_num(), default=None, help="p99 bound (default 250 ms CPU, 15 ms CUDA)")
+    g.add_argument("--min-duration", type=_num(lo=0, strict=False), default=None,
+                   help="default: 80%% of --duration")
+    g.add_argument("--min-queries", type=_num(int, 0, False), default=256, help="default 256")
+    g.add_argument("--stability-tol", type=_num(lo=0, strict=False), default=0.10,
                    help="last three windows' throughput within this fraction of each other (default 0.10)")
-    g.add_argument("--min-window-queries", type=int, default=20,
-                   help="queries each of the last three windows needs for the stability rule to be judged")
+    g.add_argument("--min-window-queries", type=_num(int, 0, False), default=20,
+                   help="queries each of the last three windows needs for the stability rule to be judged "
+                        "(default 20)")
     g = p.add_argument_group("output")
     g.add_argument("--out", default=None, help="output directory (default ./aurora-runs/<UTC time>)")
     g.add_argument("--label", default=None, help="deployment/version label stored in the run")
     g.add_argument("--region", default=None, help="region label stored in the run")
     g.add_argument("--no-report", action="store_true", help="skip report.html")
-    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--quiet", action="store_true", help="no progress output")
 
 
 class _Gate:
@@ -83,9 +140,11 @@ class _Gate:
     def __init__(self, sink):
         self.sink = sink
         self.on = False
+        self.n = 0
 
     def __call__(self, record):
         if self.on:
+            self.n += 1
             self.sink(record)
 
 
@@ -111,18 +170,150 @@ class _Samples:
 
 
 def parse_steps(text: str | None, base_rate: float, duration_s: float) -> list[tuple[float, float]]:
-    """"0:40,60:+20%" -> [(0, 40), (60, 48)]. Relative items scale ``base_rate``. Default: +20% halfway."""
+    """"0:40,60:+20%" -> [(0, 40), (60, 48)]. Relative items scale ``base_rate``. Default: +20% halfway.
+    A step at or past ``duration_s`` would never run, so it is an error, as is a malformed item."""
     if not text:
         return [(0.0, base_rate), (duration_s / 2, base_rate * 1.2)]
-    out = []
+    out: list[tuple[float, float]] = []
     for item in text.split(","):
-        t, _, r = item.strip().partition(":")
-        r = r.strip()
-        rate = base_rate * (1 + float(r[:-1]) / 100) if r.endswith("%") else float(r)
-        out.append((float(t), rate))
-    if not out or out[0][0] != 0:
+        t, sep, r = (x.strip() for x in item.partition(":"))
+        try:
+            if not sep:
+                raise ValueError
+            t_s = float(t)
+            rate = base_rate * (1 + float(r[:-1]) / 100) if r.endswith("%") else float(r)
+        except ValueError:
+            raise UsageError(f"--steps: expected T:RATE or T:+PCT% items (e.g. 0:40,10:+20%), got {item.strip()!r}"
+                             ) from None
+        if not (math.isfinite(t_s) and t_s >= 0 and math.isfinite(rate) and rate >= 0):
+            raise UsageError(f"--steps: {item.strip()!r} needs a time >= 0 s and a rate >= 0")
+        if out and t_s <= out[-1][0]:
+            raise UsageError(f"--steps: step times must increase, got {t_s:g} s after {out[-1][0]:g} s")
+        if t_s >= duration_s:
+            raise UsageError(f"--steps: the step at {t_s:g} s starts after the run ends (--duration {duration_s:g}); "
+                             f"raise --duration above {t_s:g} or drop the step")
+        out.append((t_s, rate))
+    if out[0][0] != 0:
         out.insert(0, (0.0, base_rate))
     return out
+
+
+_SKIPPED_PHASE = ("--calibrate-s", "--peak-trial-s")
+
+
+def _ignored(args, given: set[str]) -> list[str]:
+    """The given options this run would not use, each with where it applies."""
+    s = args.scenario
+    calibrates = args.find_peak or (args.rate is None and s in ("server", "step")) \
+        or (s == "offline" and args.count is None)
+    remote = "configures the in-process Pipeline, not the server at --url"
+    rules = [
+        ("rate", s in ("server", "step") and not args.find_peak,
+         "server and step only; --find-peak searches for the rate"),
+        ("load_factor", s in ("server", "step") and args.rate is None and not args.find_peak,
+         "scales the calibrated rate of server and step runs without --rate"),
+        ("calibrate_s", calibrates, "this run does not calibrate"),
+        ("concurrency", s == "closed_loop" or calibrates, "closed_loop and the calibration, which this run skips"),
+        ("count", s == "offline", "offline only"),
+        ("duration", s != "replay" and not (s == "offline" and args.count is not None),
+         "a replay lasts as long as its recording, see --replay-speed" if s == "replay"
+         else "offline with --count issues --count queries however long they take"),
+        ("steps", s == "step", "step only"),
+        ("replay", s == "replay", "--scenario replay only"),
+        ("replay_speed", s == "replay", "replay only"),
+        ("seed", s in ("server", "step") or args.find_peak, "seeds Poisson arrivals: server, step, --find-peak"),
+        ("peak_trial_s", args.find_peak, "--find-peak only"),
+        ("connections", bool(args.url), "--url only"),
+        ("weights", not args.url, remote),
+        ("dtype", not args.url, remote),
+        ("buckets", not args.url, remote),
+        ("max_queue_size", not args.url, remote),
+        ("max_queue_delay_us", not args.url, remote),
+        ("max_batch_size", not args.url, remote + "; set --concurrency"),
+    ]
+    return [f"--{dest.replace('_', '-')} ({why})" for dest, used, why in rules if dest in given and not used]
+
+
+def check_args(args: argparse.Namespace) -> dict:
+    """Fill in ``DEFAULTS`` and the scenario, and reject bad or conflicting options before anything is
+    built (a model takes 5-15 s to load and warm up). Every message names the option.
+    Returns what it parsed: {"device": str, "buckets": tuple | None, "replay": Scenario | None,
+    "warnings": [str]}."""
+    given = {k for k, v in vars(args).items() if v is not None}
+    for k, v in DEFAULTS.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.scenario is None:
+        args.scenario = "replay" if args.replay else "server"
+    if args.scenario == "replay" and not args.replay:
+        raise UsageError("--scenario replay needs --replay PATH")
+    if args.find_peak and args.scenario != "server":
+        raise UsageError(f"--find-peak runs the server scenario; it does not go with "
+                         f"{'--scenario ' + args.scenario if 'scenario' in given else '--replay'}")
+    ignored = _ignored(args, given)
+    # Tuning of a phase this run skips changes nothing measured: a warning. Any other ignored option
+    # would leave the user believing the run had a load or a setting it did not have: an error.
+    warnings = [x for x in ignored if x.startswith(_SKIPPED_PHASE)]
+    if errors := [x for x in ignored if x not in warnings]:
+        raise UsageError("this run would ignore " + ", ".join(errors) + f"; drop {'them' if len(errors) > 1 else 'it'}")
+
+    buckets = None
+    if args.buckets:
+        try:
+            buckets = tuple(int(b) for b in args.buckets.split(","))
+        except ValueError:
+            raise UsageError(f"--buckets: expected ascending batch sizes like 1,2,4,8, got {args.buckets!r}") from None
+        if min(buckets) < 1 or list(buckets) != sorted(set(buckets)) or buckets[-1] > args.max_batch_size:
+            raise UsageError(f"--buckets: expected ascending sizes from 1 to --max-batch-size "
+                             f"({args.max_batch_size}), got {args.buckets}")
+    if args.scenario == "step":
+        parse_steps(args.steps, 1.0, args.duration)
+    replay = None
+    if args.scenario == "replay":
+        try:
+            replay = lg.Scenario.replay(args.replay, args.replay_speed)
+        except Exception as e:  # whatever the file is, it is not a usable recording
+            raise UsageError(f"--replay {args.replay}: no arrival times read ({_one_line(e)})") from e
+    if args.url:
+        try:
+            u = urllib.parse.urlsplit(args.url)
+            ok = u.scheme == "http" and u.hostname and (u.port or 80)
+        except ValueError:
+            ok = False
+        if not ok:
+            raise UsageError(f"--url: expected http://HOST[:PORT]/PATH, got {args.url!r}")
+    out = args.out
+    if out and os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--out {out}: exists and is not a directory")
+    if out and os.path.exists(os.path.join(out, "run.aurora.sqlite")):
+        raise UsageError(f"--out {out}: already holds a run (run.aurora.sqlite); pick a new --out")
+    if args.weights and not os.path.isfile(args.weights):
+        raise UsageError(f"--weights {args.weights}: no such file")
+    device = _device(args.device)
+    if args.model and not args.url:
+        _check_model(args.model)
+    return {"device": device, "buckets": buckets, "replay": replay,
+            "warnings": [f"{x} has no effect on this run" for x in warnings]}
+
+
+def _check_model(name: str) -> None:
+    if os.path.exists(name):
+        # TorchScript and torch.export files are zip archives; anything else would fail deep in torch
+        # after a screenful of its warnings.
+        if not (os.path.isfile(name) and zipfile.is_zipfile(name)):
+            raise UsageError(f"--model {name}: not a TorchScript or torch.export (.pt2) file")
+        return
+    import torchvision
+
+    if name not in torchvision.models.list_models():
+        raise UsageError(f"--model {name}: no such file, and not a torchvision model name "
+                         f"(e.g. resnet50, mobilenet_v3_small)")
+
+
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(e).split())
+    text = f"{type(e).__name__}: {text}" if text else type(e).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -284,7 +475,8 @@ def bottleneck(summary: dict, result: lg.RunResult, tele: dict, capacity: float 
 
 
 def _progress_run(gen: lg.LoadGenerator, scenario: lg.Scenario, title: str, quiet: bool) -> lg.RunResult:
-    """Run with a rich progress bar showing live throughput and p99 (over the last 2 s)."""
+    """Run with a rich progress bar showing live throughput and p99 (over the last 2 s); when stderr is
+    not a terminal (logs, CI), one plain line every ``PROGRESS_EVERY_S`` instead."""
     if quiet:
         return gen.run(scenario)
     from rich.console import Console
@@ -298,32 +490,87 @@ def _progress_run(gen: lg.LoadGenerator, scenario: lg.Scenario, title: str, quie
         except BaseException as e:  # re-raised on the caller's thread
             box["error"] = e
 
+    def live() -> tuple[float, str]:
+        p = gen.progress()
+        done = p["completed"] if scenario.kind == "offline" else min(p["elapsed_s"], total)
+        p99 = f"{p['p99_ms']:.1f} ms" if p["p99_ms"] == p["p99_ms"] else "-"
+        return done, f"{p['throughput']:6.1f}/s  p99 {p99}  done {p['completed']}/{p['issued']}"
+
     th = threading.Thread(target=work, name="aurora-bench-issuer", daemon=True)
     console = Console(stderr=True)
     total = float(scenario.count) if scenario.kind == "offline" else max(scenario.duration_s, 1e-3)
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[live]}"),
-                  TimeElapsedColumn(), console=console, transient=True) as prog:
-        task = prog.add_task(title, total=total, live="")
+    if console.is_terminal:
+        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[live]}"),
+                      TimeElapsedColumn(), console=console, transient=True) as prog:
+            task = prog.add_task(title, total=total, live="")
+            th.start()
+            while th.is_alive():
+                th.join(0.25)
+                done, text = live()
+                prog.update(task, completed=done, live=text)
+    else:
+        unit = "" if scenario.kind == "offline" else " s"
         th.start()
+        t_next = time.monotonic() + PROGRESS_EVERY_S
         while th.is_alive():
             th.join(0.25)
-            p = gen.progress()
-            done = p["completed"] if scenario.kind == "offline" else min(p["elapsed_s"], total)
-            p99 = f"{p['p99_ms']:.1f} ms" if p["p99_ms"] == p["p99_ms"] else "-"
-            prog.update(task, completed=done,
-                        live=f"{p['throughput']:6.1f}/s  p99 {p99}  done {p['completed']}/{p['issued']}")
+            if th.is_alive() and time.monotonic() >= t_next:
+                t_next += PROGRESS_EVERY_S
+                done, text = live()
+                print(f"{title}: {done:.0f}/{total:.0f}{unit}  {' '.join(text.split())}", file=sys.stderr,
+                      flush=True)
     if "error" in box:
         raise box["error"]
     return box["r"]
 
 
-def _build_target(args, device: str, gate: _Gate):
+def _load_model(name: str, weights: str | None):
+    """The model (nn.Module) as the Pipeline would load it, loaded here so that a failure names the
+    option at fault: --model, or --weights (unreadable, or not fitting the model)."""
+    import torch
+
+    from aurora_core.runner import load_model
+
+    try:
+        net = load_model(name)
+    except Exception as e:
+        raise BenchError(f"--model {name}: cannot load it ({_one_line(e)})") from e
+    if weights is None:
+        return net
+    try:
+        sd = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise BenchError(f"--weights {weights}: not a state_dict file torch.load can read ({_one_line(e)})") from e
+    if not isinstance(sd, dict):
+        raise BenchError(f"--weights {weights}: holds a {type(sd).__name__}, not a state_dict")
+    own = net.state_dict()
+    shapes = [f"{k} {list(getattr(v, 'shape', [])) or type(v).__name__} vs {list(own[k].shape)}"
+              for k, v in sd.items() if k in own and getattr(v, "shape", None) != own[k].shape]
+    missing = [k for k in own if k not in sd]
+    extra = [k for k in sd if k not in own]
+    parts = [f"{len(x)} {what} ({', '.join(x[:2])}{', ...' if len(x) > 2 else ''})"
+             for x, what in ((shapes, "of another shape, file vs model"), (missing, "missing"),
+                             (extra, "unknown to the model")) if x]
+    if parts:
+        raise BenchError(f"--weights {weights} does not fit --model {name}: tensors " + "; ".join(parts))
+    try:
+        net.load_state_dict(sd)
+    except Exception as e:
+        raise BenchError(f"--weights {weights}: cannot load into --model {name} ({_one_line(e)})") from e
+    return net
+
+
+def _build_target(args, device: str, model: str, buckets, gate: _Gate):
     if args.url:
+        u = urllib.parse.urlsplit(args.url)
+        try:  # nothing listening is an error now, not 100% failed requests after the whole run
+            socket.create_connection((u.hostname, u.port or 80), timeout=5).close()
+        except OSError as e:
+            raise BenchError(f"--url {args.url}: cannot connect ({_one_line(e)}); is the server running?") from e
         return lg.HttpTarget(args.url, connections=args.connections), None
     from aurora_core.batching import BatchingConfig
     from aurora_core.pipeline import Pipeline
 
-    buckets = tuple(int(b) for b in args.buckets.split(",")) if args.buckets else None
     kw = {"max_batch_size": args.max_batch_size, "max_queue_delay_us": args.max_queue_delay_us,
           "bucket_sizes": buckets}
     if args.max_queue_size is not None:
@@ -331,8 +578,14 @@ def _build_target(args, device: str, gate: _Gate):
     elif args.scenario == "offline":
         # Offline issues every query at t=0; the SUT must take them all (MLPerf), not shed them.
         kw["max_queue_size"] = 1 << 20
-    pipe = Pipeline(model=args.model, batching=BatchingConfig(**kw), device=device, dtype=args.dtype,
-                    weights=args.weights, sink=gate)
+    net = _load_model(model, args.weights)
+    try:
+        # jit_freeze as Pipeline picks it for a model given by name: freeze torchvision models, not files
+        pipe = Pipeline(model=net, batching=BatchingConfig(**kw), device=device, dtype=args.dtype, sink=gate,
+                        jit_freeze=not os.path.exists(model))
+    except Exception as e:
+        raise BenchError(f"cannot build the pipeline (--device {args.device}, model {model}"
+                         f"{', --dtype ' + args.dtype if args.dtype else ''}): {_one_line(e)}") from e
     return lg.PipelineTarget(pipe), pipe
 
 
@@ -347,24 +600,66 @@ def _record_client_side(rec, result: lg.RunResult) -> None:
 
 
 def _device(arg: str) -> str:
-    if arg != "auto":
-        return arg
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if arg == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(arg)
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {arg}: expected auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise UsageError(f"--device {arg}: no CUDA device is available here; use --device cpu")
+        if dev.index is not None and dev.index >= n:
+            raise UsageError(f"--device {arg}: this machine has {n} CUDA device(s), cuda:0 to cuda:{n - 1}")
+    return arg
+
+
+def _nothing_measured(summary: dict, what: str, url: str | None) -> BenchError | None:
+    """An error when no query of ``summary`` succeeded: such a run measured nothing (its latency
+    percentiles would be nan), so it is an error naming the cause, not an INVALID verdict."""
+    if summary["completed_ok"]:
+        return None
+    n = summary["queries"]
+    if not n:
+        return BenchError(f"{what}: no query was issued (the schedule is empty; raise --rate or --duration)")
+    errors = ", ".join(f"{k} {v}" for k, v in sorted(summary["errors"].items(), key=lambda kv: -kv[1]))
+    hint = f"; check the server at --url {url}" if url else ""
+    return BenchError(f"{what}: all {n} queries failed ({errors}), nothing was measured{hint}")
+
+
+def _discard(rec, out: str, created: bool) -> None:
+    """Remove a run file that holds no measurement, so that rerunning with the same --out works."""
+    with contextlib.suppress(Exception):  # it is being thrown away: a write error does not matter
+        rec.close()
+    for suffix in ("", "-journal", "-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(f"{rec.path}{suffix}")
+    if created:
+        with contextlib.suppress(OSError):  # only if empty
+            os.rmdir(out)
 
 
 def run(args: argparse.Namespace) -> int:
     from aurora_core.errors import AuroraError
 
     try:
-        return _run(args)
-    except (AuroraError, ValueError, OSError) as e:
+        prep = check_args(args)
+        for w in prep["warnings"]:
+            print(f"aurora bench: warning: {w}", file=sys.stderr)
+        return _run(args, prep)
+    except KeyboardInterrupt:
+        return 130  # _run said what became of the run file
+    except (BenchError, AuroraError, ValueError, OSError) as e:
         print(f"aurora bench: error: {e}", file=sys.stderr)
         return 2
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, prep: dict) -> int:
     from rich.console import Console
 
     from aurora_core import report, samples
@@ -372,140 +667,156 @@ def _run(args: argparse.Namespace) -> int:
     from aurora_core.telemetry.sampler import TelemetrySampler
 
     wall0 = time.monotonic()
-    if args.scenario == "replay" and not args.replay:
-        raise ValueError("--scenario replay needs --replay PATH")
-    if args.steps and args.scenario != "step":
-        raise ValueError("--steps applies to --scenario step only")
     console = Console()
     if not console.is_terminal:  # logs and CI: do not wrap the tables at 80 columns
         console = Console(width=130)
-    device = _device(args.device)
+    device = prep["device"]
     slo_ms = args.slo_ms if args.slo_ms is not None else DEFAULT_SLO_MS["cuda" if device.startswith("cuda") else "cpu"]
     out = args.out or os.path.join("aurora-runs", _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ"))
+    created = not os.path.isdir(out)
     os.makedirs(out, exist_ok=True)
     payloads = samples.default_mix()
+    model = args.model or ("resnet50" if device.startswith("cuda") else "mobilenet_v3_small")
 
     meta = {"label": args.label, "region": args.region, "tool": "aurora bench",
-            "model": (args.model or "the server's") if args.url else
-                     (args.model or ("resnet50" if device.startswith("cuda") else "mobilenet_v3_small")),
+            "model": (args.model or "the server's") if args.url else model,
             "config": {k: v for k, v in vars(args).items() if k not in ("quiet", "no_report")}}
     meta = {k: v for k, v in meta.items() if v is not None}
     rec = Recorder(path=out, meta=meta)
     gate = _Gate(rec)
     mem = _Samples()
     sampler = TelemetrySampler(callbacks=[rec.add_sample, mem], event_callbacks=[rec.add_event], period_s=0.1)
-    target = pipe = None
-    finished = False
+    # "setup" until requests may enter the run file, then "measuring"; "closed" once it is final. A run
+    # that ends in setup (an error, Ctrl-C) or that measured nothing leaves no run file behind.
+    state = "setup"
     try:
-        sampler.start()
-        console.print(f"[bold]aurora bench[/]: device {device}, model {meta['model']}, "
-                      f"{'HTTP ' + args.url if args.url else 'in-process Pipeline'}; output {out}")
-        t_build = time.monotonic()
-        with console.status("building the target (model load, warm-up of every batch bucket)"):
-            target, pipe = _build_target(args, device, gate)
-        console.print(f"target ready in {time.monotonic() - t_build:.1f} s")
-        if pipe is not None:
-            rec.set_meta("model", pipe.model_name)
-            meta["model"] = pipe.model_name
-        gen = lg.LoadGenerator(target, payloads)
+        target = pipe = None
+        try:
+            sampler.start()
+            console.print(f"[bold]aurora bench[/]: device {device}, model {meta['model']}, "
+                          f"{'HTTP ' + args.url if args.url else 'in-process Pipeline'}; output {out}")
+            t_build = time.monotonic()
+            with console.status("building the target (model load, warm-up of every batch bucket)"):
+                target, pipe = _build_target(args, device, model, prep["buckets"], gate)
+            console.print(f"target ready in {time.monotonic() - t_build:.1f} s")
+            gen = lg.LoadGenerator(target, payloads)
 
-        conc = args.concurrency or 2 * args.max_batch_size
-        capacity = None
-        need_capacity = args.find_peak or (args.rate is None and args.scenario in ("server", "step")) \
-            or (args.scenario == "offline" and args.count is None)
-        if need_capacity:
-            cal = _progress_run(gen, lg.Scenario.closed_loop(conc, args.calibrate_s), "calibrating", args.quiet)
-            cs = lg.summarize(cal)
-            capacity = cs["throughput"]
-            if capacity <= 0:
-                raise ValueError(f"calibration completed no query (errors: {cs['errors']})")
-            console.print(f"capacity (closed loop, {conc} in flight, {args.calibrate_s:g} s): "
-                          f"{capacity:.1f} queries/s")
-        rate = args.rate if args.rate is not None else (capacity or 0) * args.load_factor
+            conc = args.concurrency or 2 * args.max_batch_size
+            capacity = None
+            need_capacity = args.find_peak or (args.rate is None and args.scenario in ("server", "step")) \
+                or (args.scenario == "offline" and args.count is None)
+            if need_capacity:
+                cal = _progress_run(gen, lg.Scenario.closed_loop(conc, args.calibrate_s), "calibrating", args.quiet)
+                cs = lg.summarize(cal)
+                if err := _nothing_measured(cs, "calibration", args.url):
+                    raise err
+                capacity = cs["throughput"]
+                console.print(f"capacity (closed loop, {conc} in flight, {args.calibrate_s:g} s): "
+                              f"{capacity:.1f} queries/s")
+            rate = args.rate if args.rate is not None else (capacity or 0) * args.load_factor
 
-        peak = None
-        if args.find_peak:
-            def measure(r: float) -> dict:
-                res = _progress_run(gen, lg.Scenario.server(r, args.peak_trial_s, args.seed), f"peak trial {r:.1f}/s",
-                                    args.quiet)
-                s = lg.summarize(res)
-                console.print(f"  trial {r:7.1f}/s: p99 {s['latency_ms']['p99']:8.1f} ms, "
-                              f"errors {s['error_frac']:.1%}")
-                return s
-            pr = lg.find_peak(measure, slo_ms, 0.0, capacity * 1.1)
-            peak = {"peak_rate": pr.peak_rate, "slo_ms": slo_ms, "trials": [
-                {"rate": r, "passed": ok, "p99_ms": s["latency_ms"]["p99"], "error_frac": s["error_frac"]}
-                for r, ok, s in pr.trials]}
-            if pr.peak_rate <= 0:
-                raise ValueError(f"find-peak: no rate met p99 <= {slo_ms:g} ms")
-            rate = pr.peak_rate
-            console.print(f"peak: {rate:.1f}/s; confirming for {args.duration:g} s")
-            scenario = lg.Scenario.server(rate, args.duration, args.seed)
-        elif args.scenario == "server":
-            scenario = lg.Scenario.server(rate, args.duration, args.seed)
-        elif args.scenario == "step":
-            scenario = lg.Scenario.step(parse_steps(args.steps, rate, args.duration), args.duration, args.seed)
-        elif args.scenario == "offline":
-            scenario = lg.Scenario.offline(args.count or max(1, int(capacity * args.duration)))
-        elif args.scenario == "closed_loop":
-            scenario = lg.Scenario.closed_loop(conc, args.duration)
-        elif args.scenario == "single_stream":
-            scenario = lg.Scenario.single_stream(args.duration)
-        else:
-            scenario = lg.Scenario.replay(args.replay, args.replay_speed)
+            peak = None
+            if args.find_peak:
+                def measure(r: float) -> dict:
+                    res = _progress_run(gen, lg.Scenario.server(r, args.peak_trial_s, args.seed),
+                                        f"peak trial {r:.1f}/s", args.quiet)
+                    s = lg.summarize(res)
+                    console.print(f"  trial {r:7.1f}/s: p99 {s['latency_ms']['p99']:8.1f} ms, "
+                                  f"errors {s['error_frac']:.1%}")
+                    return s
+                pr = lg.find_peak(measure, slo_ms, 0.0, capacity * 1.1)
+                peak = {"peak_rate": pr.peak_rate, "slo_ms": slo_ms, "trials": [
+                    {"rate": r, "passed": ok, "p99_ms": s["latency_ms"]["p99"], "error_frac": s["error_frac"]}
+                    for r, ok, s in pr.trials]}
+                if pr.peak_rate <= 0:
+                    raise BenchError(f"find-peak: no rate met p99 <= {slo_ms:g} ms")
+                rate = pr.peak_rate
+                console.print(f"peak: {rate:.1f}/s; confirming for {args.duration:g} s")
+                scenario = lg.Scenario.server(rate, args.duration, args.seed)
+            elif args.scenario == "server":
+                scenario = lg.Scenario.server(rate, args.duration, args.seed)
+            elif args.scenario == "step":
+                scenario = lg.Scenario.step(parse_steps(args.steps, rate, args.duration), args.duration, args.seed)
+            elif args.scenario == "offline":
+                scenario = lg.Scenario.offline(args.count or max(1, int(capacity * args.duration)))
+            elif args.scenario == "closed_loop":
+                scenario = lg.Scenario.closed_loop(conc, args.duration)
+            elif args.scenario == "single_stream":
+                scenario = lg.Scenario.single_stream(args.duration)
+            else:
+                scenario = prep["replay"]
 
-        if scenario.kind == "server":
-            # aurora compare matches load on the offered rate when both runs carry it.
-            rec.set_meta("offered_rate_per_s", float(rate))
-        gate.on = True
-        result = _progress_run(gen, scenario, scenario.kind, args.quiet)
-        gate.on = False
-        if pipe is None:
-            _record_client_side(rec, result)
-        finished = True
-    finally:
-        gate.on = False
-        if pipe is not None:
-            pipe.close()
-        if target is not None:
-            target.close()
-        sampler.stop()
-        if not finished:
-            rec.close()  # keep what was recorded readable even when the run failed
+            if scenario.kind == "server":
+                # aurora compare matches load on the offered rate when both runs carry it.
+                rec.set_meta("offered_rate_per_s", float(rate))
+            state = "measuring"
+            gate.on = True
+            result = _progress_run(gen, scenario, scenario.kind, args.quiet)
+            gate.on = False
+            if pipe is None:
+                _record_client_side(rec, result)
+        finally:
+            gate.on = False
+            if pipe is not None:
+                pipe.close()
+            if target is not None:
+                target.close()
+            sampler.stop()
 
-    summary = lg.summarize(result)
-    min_dur = args.min_duration if args.min_duration is not None else 0.8 * scenario.duration_s
-    rules = lg.Rules(min_duration_s=min_dur, min_queries=args.min_queries, slo_ms=slo_ms,
-                     stability_tol=args.stability_tol, min_window_queries=args.min_window_queries)
-    valid, reasons = lg.verdict(summary, rules)
-    series = mem.series(result.t0_ns, result.end_ns)
-    tele_rows, tele = telemetry_summary(series)
-    verdict_line, evidence = bottleneck(summary, result, tele, capacity, remote=pipe is None)
+        summary = lg.summarize(result)
+        if err := _nothing_measured(summary, "the measured run", args.url):
+            state = "setup"  # nothing measured: the run file would only mislead diagnose and compare
+            raise err
+        min_dur = args.min_duration if args.min_duration is not None else 0.8 * scenario.duration_s
+        rules = lg.Rules(min_duration_s=min_dur, min_queries=args.min_queries, slo_ms=slo_ms,
+                         stability_tol=args.stability_tol, min_window_queries=args.min_window_queries)
+        valid, reasons = lg.verdict(summary, rules)
+        series = mem.series(result.t0_ns, result.end_ns)
+        tele_rows, tele = telemetry_summary(series)
+        verdict_line, evidence = bottleneck(summary, result, tele, capacity, remote=pipe is None)
 
-    files = {"run": os.path.join(out, "run.aurora.sqlite"), "summary": os.path.join(out, "summary.json")}
-    hw = {"host": platform.node(), "machine": platform.machine(), "cpu_cores": os.cpu_count(),
-          "device": device, "gpu": rec.meta.get("gpu"), "cpu": rec.meta.get("cpu"),
-          "versions": rec.meta.get("versions")}
-    doc = {"valid": valid, "verdict": "VALID" if valid else "INVALID", "reasons": reasons,
-           "bottleneck": verdict_line, "evidence": evidence, "summary": summary, "capacity": capacity,
-           "rate": rate if scenario.kind in ("server", "step") else None, "slo_ms": slo_ms, "peak": peak,
-           "telemetry": dict(tele_rows), "hardware": hw, "config": meta["config"], "files": files,
-           "capabilities": sampler.capabilities()}
-    rec.set_meta("capabilities", doc["capabilities"])
-    rec.set_meta("bench", {k: doc[k] for k in ("verdict", "reasons", "bottleneck", "capacity", "rate", "slo_ms")})
-    rec.set_meta("scenario", scenario.describe())
-    rec.close()
+        files = {"run": os.path.join(out, "run.aurora.sqlite"), "summary": os.path.join(out, "summary.json")}
+        hw = {"host": platform.node(), "machine": platform.machine(), "cpu_cores": os.cpu_count(),
+              "device": device, "gpu": rec.meta.get("gpu"), "cpu": rec.meta.get("cpu"),
+              "versions": rec.meta.get("versions")}
+        doc = {"valid": valid, "verdict": "VALID" if valid else "INVALID", "reasons": reasons,
+               "bottleneck": verdict_line, "evidence": evidence, "summary": summary, "capacity": capacity,
+               "rate": rate if scenario.kind in ("server", "step") else None, "slo_ms": slo_ms, "peak": peak,
+               "telemetry": dict(tele_rows), "hardware": hw, "config": meta["config"], "files": files,
+               "capabilities": sampler.capabilities()}
+        rec.set_meta("capabilities", doc["capabilities"])
+        rec.set_meta("bench", {k: doc[k] for k in ("verdict", "reasons", "bottleneck", "capacity", "rate", "slo_ms")})
+        rec.set_meta("scenario", scenario.describe())
+        rec.close()
+        state = "closed"
+    except BaseException as e:
+        stopped = isinstance(e, KeyboardInterrupt)
+        if state == "measuring":
+            if stopped:  # diagnose and compare must not take a cut-short run for a complete one
+                rec.set_meta("interrupted", True)
+            rec.close()  # keep what was recorded readable
+        elif state == "setup":
+            _discard(rec, out, created)
+        if stopped:
+            print("aurora bench: interrupted; " + (
+                f"the partial run file {rec.path} ({gate.n} requests) is marked interrupted"
+                if state == "measuring" else "nothing was measured and no run file was kept"), file=sys.stderr)
+        raise
 
-    if not args.no_report:
-        files["report"] = os.path.join(out, "report.html")
-        report.render(files["report"], result=result, summary=summary, valid=valid, reasons=reasons,
-                      bottleneck=verdict_line, telemetry=tele_rows, samples=series, slo_ms=slo_ms, peak=peak,
-                      meta={**{k: v for k, v in rec.meta.items() if k != "capabilities"}, **hw,
-                            "scenario": scenario.describe(), "capacity_qps": capacity},
-                      extra_sections=_diagnosis_section(files["run"]))
-    doc["wall_s"] = time.monotonic() - wall0
-    with open(files["summary"], "w") as f:
-        json.dump(doc, f, indent=2, default=str)
+    try:
+        if not args.no_report:
+            files["report"] = os.path.join(out, "report.html")
+            report.render(files["report"], result=result, summary=summary, valid=valid, reasons=reasons,
+                          bottleneck=verdict_line, telemetry=tele_rows, samples=series, slo_ms=slo_ms, peak=peak,
+                          meta={**{k: v for k, v in rec.meta.items() if k != "capabilities"}, **hw,
+                                "scenario": scenario.describe(), "capacity_qps": capacity},
+                          extra_sections=_diagnosis_section(files["run"]))
+        doc["wall_s"] = time.monotonic() - wall0
+        with open(files["summary"], "w") as f:
+            json.dump(doc, f, indent=2, default=str)
+    except KeyboardInterrupt:
+        print(f"aurora bench: interrupted; the run file {rec.path} is complete", file=sys.stderr)
+        raise
 
     _print(console, summary, tele_rows, valid, reasons, verdict_line, files, peak, capacity, doc["wall_s"])
     return 0 if valid else 1

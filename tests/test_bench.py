@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
+import concurrent.futures as cf
+import http.server
 import json
+import socket
 import subprocess
 import sys
+import threading
+import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -92,6 +99,11 @@ def test_parse_steps():
     assert bench.parse_steps("0:40,60:+20%", 100, 120) == [(0.0, 40.0), (60.0, 120.0)]
     assert bench.parse_steps("30:-50%", 100, 60) == [(0.0, 100.0), (30.0, 50.0)]
     assert bench.parse_steps(None, 50, 60) == [(0.0, 50.0), (30.0, 60.0)]
+    for bad, needle in [("0:40,60:+20%", "step at 60 s"), ("garbage", "'garbage'"), ("0:40,10:", "'10:'"),
+                        ("10:40,5:50", "must increase"), ("0:-5", "rate >= 0")]:
+        with pytest.raises(bench.UsageError, match="--steps") as e:
+            bench.parse_steps(bad, 100, 30)
+        assert needle in str(e.value)
 
 
 def test_busy_is_union_of_intervals():
@@ -181,3 +193,244 @@ def test_telemetry_summary_reads_gpu_and_cpu():
     rows, _ = bench.telemetry_summary({("cpu", "cpu_util_pct"): (ts, np.full(5, 50.0))})
     assert dict(rows)["GPU SM clock (p50 / max)"] == "n/a (no GPU)"
 
+
+
+# --- options, errors and interruptions, without building a model ---------------------------------
+
+
+def _args(*argv):
+    p = argparse.ArgumentParser(prog="aurora bench")
+    bench.add_arguments(p)
+    return p.parse_args(list(argv))
+
+
+def _run_inproc(capsys, *argv):
+    """bench.run in this process: (exit code, stderr). An argparse error counts as its exit code."""
+    try:
+        rc = bench.run(_args(*argv))
+    except SystemExit as e:
+        rc = e.code
+    except KeyboardInterrupt:
+        rc = "KeyboardInterrupt escaped"
+    return rc, capsys.readouterr().err
+
+
+def _no_build(*a, **kw):
+    raise AssertionError("the target was built before the options were checked")
+
+
+@pytest.fixture
+def files(tmp_path):
+    (tmp_path / "notrun.txt").write_text("not a model\n")
+    (tmp_path / "arrivals.txt").write_text("0\n0.5\n1.0\n")
+    return tmp_path
+
+
+@pytest.mark.parametrize("argv,needles", [
+    (["--duration", "-5"], ["--duration"]),
+    (["--duration", "0"], ["--duration"]),
+    (["--rate", "0"], ["--rate"]),
+    (["--rate", "-3"], ["--rate"]),
+    (["--calibrate-s", "0"], ["--calibrate-s"]),
+    (["--buckets", "4,x"], ["--buckets", "4,x"]),
+    (["--buckets", "1,32"], ["--buckets", "--max-batch-size"]),
+    (["--scenario", "replay", "--replay", "/nonexistent"], ["--replay /nonexistent"]),
+    (["--scenario", "step", "--steps", "garbage"], ["--steps", "garbage"]),
+    (["--scenario", "step", "--steps", "0:40,60:+20%", "--rate", "40", "--duration", "6"],
+     ["--steps", "step at 60 s", "--duration 6"]),
+    (["--replay", "{files}/arrivals.txt", "--count", "5", "--concurrency", "3", "--rate", "10", "--duration", "2"],
+     ["--count", "--concurrency", "--rate", "--duration"]),
+    (["--scenario", "closed_loop", "--rate", "5"], ["--rate"]),
+    (["--scenario", "offline", "--count", "10", "--duration", "3"], ["--duration"]),
+    (["--find-peak", "--scenario", "offline"], ["--find-peak"]),
+    (["--url", "http://127.0.0.1:1/v1/classify", "--buckets", "1,2"], ["--buckets", "--url"]),
+    (["--url", "ftp://host/x"], ["--url"]),
+    (["--model", "{files}/notrun.txt"], ["--model", "notrun.txt"]),
+    (["--model", "bogusnet"], ["--model bogusnet"]),
+    (["--weights", "/nonexistent.pt"], ["--weights /nonexistent.pt"]),
+    (["--device", "gpu"], ["--device gpu"]),
+])
+def test_bad_options_fail_before_anything_is_built(monkeypatch, capsys, files, argv, needles):
+    """Each bad or conflicting option: exit 2 with a line naming it, no target built, no run file left."""
+    monkeypatch.setattr(bench, "_build_target", _no_build)
+    out = files / "run"
+    rc, err = _run_inproc(capsys, "--out", str(out), *(a.format(files=files) for a in argv))
+    assert rc == 2, err
+    assert all(n in err for n in needles), err
+    assert "Traceback" not in err
+    assert not out.exists()
+
+
+def test_out_that_is_a_file_or_holds_a_run_is_rejected_first(monkeypatch, capsys, files):
+    monkeypatch.setattr(bench, "_build_target", _no_build)
+    rc, err = _run_inproc(capsys, "--out", str(files / "notrun.txt"))
+    assert rc == 2 and "--out" in err and "not a directory" in err, err
+    (files / "old").mkdir()
+    (files / "old" / "run.aurora.sqlite").write_bytes(b"")
+    rc, err = _run_inproc(capsys, "--out", str(files / "old"))
+    assert rc == 2 and "--out" in err and "already holds a run" in err, err
+
+
+@pytest.mark.parametrize("content,needle", [
+    ("text", "not a state_dict file"),
+    ("wrong_shape", "does not fit --model mobilenet_v3_small"),
+])
+def test_bad_weights_exit_two_naming_the_option(capsys, tmp_path, content, needle):
+    """A --weights file that is not a state_dict, or one for another model: exit 2, one line, no run file."""
+    import torch
+
+    w = tmp_path / "w.pt"
+    if content == "text":
+        w.write_text("not weights\n")
+    else:
+        torch.save({"fc.weight": torch.zeros(10, 2048)}, w)
+    out = tmp_path / "run"
+    rc, err = _run_inproc(capsys, "--out", str(out), "--device", "cpu", "--weights", str(w), "--quiet")
+    assert rc == 2, err
+    assert f"--weights {w}" in err and needle in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.send_response(500)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *a):
+        pass
+
+
+def test_url_where_every_request_fails_is_an_error_not_invalid(capsys, tmp_path):
+    """A server answering 500 to everything: exit 2 naming the failure, no nan, no run file kept."""
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        out = tmp_path / "run"
+        rc, err = _run_inproc(capsys, "--url", f"http://127.0.0.1:{srv.server_address[1]}/v1/classify",
+                              "--rate", "20", "--duration", "0.5", "--out", str(out), "--quiet", "--no-report")
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert rc == 2, err
+    assert "all" in err and "queries failed" in err and "--url" in err, err
+    assert "nan" not in err and "INVALID" not in capsys.readouterr().out
+    assert not out.exists()
+
+
+def test_url_with_nothing_listening_is_an_error(capsys, tmp_path):
+    with socket.socket() as s:  # a port that was free a moment ago
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "run"
+    rc, err = _run_inproc(capsys, "--url", f"http://127.0.0.1:{port}/v1/classify", "--rate", "10",
+                          "--duration", "0.5", "--out", str(out), "--quiet")
+    assert rc == 2 and "--url" in err and "cannot connect" in err, err
+    assert not out.exists()
+
+
+class _FakeTarget:
+    """Answers at once (ok, or failing every request), feeding the bench's gate as a Pipeline would."""
+
+    def __init__(self, gate, fail: bool):
+        self.gate, self.fail = gate, fail
+
+    def submit(self, payload):
+        time.sleep(0.002)  # bounds a closed loop's request count
+        from aurora_core.records import now_ns
+
+        f = cf.Future()
+        if self.fail:
+            f.set_exception(RuntimeError("boom"))
+        else:
+            t = now_ns()
+            rec = RequestRecord(arrival_ns=t, enqueue_ns=t, completion_ns=t + 1000)
+            self.gate(rec)
+            f.set_result(SimpleNamespace(timings=rec))
+        return f
+
+    def close(self):
+        pass
+
+
+def _fake_build(fail: bool):
+    def build(args, device, model, buckets, gate):
+        return _FakeTarget(gate, fail), SimpleNamespace(close=lambda: None)
+    return build
+
+
+def test_run_that_measures_nothing_leaves_no_run_file(monkeypatch, capsys, tmp_path):
+    """Every calibration query failed: exit 2 naming the cause, and the same --out works again."""
+    out = tmp_path / "run"
+    monkeypatch.setattr(bench, "_build_target", _fake_build(fail=True))
+    rc, err = _run_inproc(capsys, "--out", str(out), "--device", "cpu", "--calibrate-s", "0.3", "--quiet")
+    assert rc == 2 and "calibration" in err and "RuntimeError" in err, err
+    assert not out.exists()
+    monkeypatch.setattr(bench, "_build_target", _fake_build(fail=False))
+    rc, err = _run_inproc(capsys, "--out", str(out), "--device", "cpu", "--scenario", "closed_loop",
+                          "--concurrency", "2", "--duration", "0.3", "--quiet", "--no-report", "--calibrate-s", "1")
+    assert rc in (0, 1), err
+    assert (out / "run.aurora.sqlite").exists()
+    # tuning a phase this run skips (closed loop does not calibrate) only warns
+    assert "warning: --calibrate-s" in err, err
+
+
+def test_interrupted_run_is_marked_in_its_run_file(monkeypatch, capsys, tmp_path):
+    """Ctrl-C during the measured run: exit 130, the path printed, meta["interrupted"] in the run file."""
+    from aurora_core.recorder import load_run
+
+    real = bench._progress_run
+
+    def progress_then_ctrl_c(gen, scenario, title, quiet):
+        res = real(gen, scenario, title, quiet)
+        if title == scenario.kind:  # the measured run, not the calibration
+            raise KeyboardInterrupt
+        return res
+
+    monkeypatch.setattr(bench, "_build_target", _fake_build(fail=False))
+    monkeypatch.setattr(bench, "_progress_run", progress_then_ctrl_c)
+    out = tmp_path / "run"
+    rc, err = _run_inproc(capsys, "--out", str(out), "--device", "cpu", "--scenario", "closed_loop",
+                          "--concurrency", "2", "--duration", "0.3", "--quiet")
+    assert rc == 130, err
+    assert "interrupted" in err and str(out / "run.aurora.sqlite") in err, err
+    run = load_run(str(out))
+    assert run.meta["interrupted"] is True and run.n_requests > 0
+
+
+def test_progress_lines_when_stderr_is_not_a_terminal(monkeypatch, capsys):
+    class Gen:
+        def run(self, scenario):
+            time.sleep(0.6)
+            return "result"
+
+        def progress(self):
+            return {"elapsed_s": 1.0, "issued": 10, "completed": 9, "expected": 0, "throughput": 9.0,
+                    "p99_ms": 3.0}
+
+    monkeypatch.setattr(bench, "PROGRESS_EVERY_S", 0.1)
+    assert bench._progress_run(Gen(), lg.Scenario.server(10, 5), "server", quiet=False) == "result"
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("server: ")]
+    assert lines and "p99 3.0 ms" in lines[0], lines
+
+
+def test_help_shows_the_defaults():
+    p = argparse.ArgumentParser(prog="aurora bench")
+    bench.add_arguments(p)
+    helps = {a.option_strings[0]: a.help for a in p._actions if a.option_strings}
+    for opt, default in [("--max-batch-size", "16"), ("--max-queue-delay-us", "2000"), ("--min-queries", "256"),
+                         ("--duration", "25"), ("--calibrate-s", "4"), ("--connections", "64")]:
+        assert f"default {default}" in helps[opt], (opt, helps[opt])
+
+
+def test_defaults_are_filled_in_for_meta_config(tmp_path):
+    """Options parse as None to tell given from defaulted; the run's meta.config still holds the values,
+    and --replay alone picks the replay scenario."""
+    args = _args("--out", str(tmp_path / "r"), "--device", "cpu")
+    assert bench.check_args(args)["replay"] is None
+    assert args.duration == 25.0 and args.max_batch_size == 16 and args.scenario == "server"
+    (tmp_path / "a.txt").write_text("0 1 2")
+    args = _args("--replay", str(tmp_path / "a.txt"), "--device", "cpu")
+    assert bench.check_args(args)["replay"].kind == "replay" and args.scenario == "replay"
