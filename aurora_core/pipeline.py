@@ -275,8 +275,6 @@ class Pipeline:
                     raise PipelineClosed("Pipeline: closed; no new requests are admitted") from e
             self.batcher.put(req)
         except AuroraError as e:
-            if req.decoding is not None:
-                req.decoding.cancel()
             self._count("rejected")
             self._finish(req, exc=e)
             return fut
@@ -338,6 +336,11 @@ class Pipeline:
     def _finish(self, req: Request, result=None, exc: BaseException | None = None, status: str | None = None,
                 counted: bool = False) -> None:
         rec = req.record
+        d = req.decoding
+        if d is not None and not d.done() and not d.cancel():
+            # A request dropped while its admission-time decode runs: the decode would stamp the record
+            # after the sinks saw it, so they get a copy of it. (A decode not started yet is cancelled.)
+            rec = copy.copy(rec)
         rec.completion_ns = now_ns()
         rec.status = status or ("ok" if exc is None else _status(exc))
         if not counted:

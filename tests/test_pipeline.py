@@ -321,6 +321,36 @@ def test_decode_starts_at_admission_while_the_request_waits(harness):
         assert r.arrival_ns <= r.decode_start_ns < r.decode_end_ns < r.batch_closed_ns < r.preprocess_start_ns
 
 
+def test_a_request_dropped_while_it_decodes_keeps_its_emitted_record(monkeypatch):
+    """Requests whose deadline passes while their admission-time decode runs: the record the sinks got is
+    not written afterwards by that decode, and a decode that has not started is cancelled."""
+    import aurora_core.decode as decode_mod
+
+    gate, entered, real = threading.Event(), threading.Semaphore(0), decode_mod.decode_ex
+
+    def gated_decode(*a, **k):
+        entered.release()
+        assert gate.wait(WAIT)
+        return real(*a, **k)
+
+    monkeypatch.setattr(decode_mod, "decode_ex", gated_decode)
+    seen = []
+    p = Pipeline(Tiny(), SPEC, BatchingConfig(max_batch_size=4, max_queue_delay_us=1000), device="cpu",
+                 num_workers=2, sink=lambda r: seen.append((r, r.decode_end_ns)))
+    try:
+        futs = [p.submit(samples.sample_bytes("0.3mp"), timeout=0) for _ in range(3)]
+        for _ in range(2):  # both pool threads decode; the third decode waits for a thread
+            assert entered.acquire(timeout=WAIT)
+        assert all(isinstance(f.exception(WAIT), DeadlineExceeded) for f in futs)
+        gate.set()
+    finally:
+        gate.set()
+        p.close(WAIT)  # waits for the decodes
+    assert p.stats()["decoded"] == 2
+    assert len(seen) == 3
+    assert all(r.decode_end_ns == at_emit == 0 and r.status == "deadline_exceeded" for r, at_emit in seen)
+
+
 def test_only_the_first_batches_are_decoded_ahead(harness):
     h = harness(BatchingConfig(max_batch_size=2, max_queue_delay_us=1000))  # decodes ahead: 4 x 2
     a, b = h.block()
