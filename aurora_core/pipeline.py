@@ -179,6 +179,7 @@ class Pipeline:
         self._turn = 0  # batch_id whose turn it is to run the model
         self._turn_cond = threading.Condition(threading.Lock())
         self._ready = True
+        self._pid = os.getpid()  # the threads below do not survive a fork
         self._workers = [threading.Thread(target=self._work_loop, args=(self._runner.new_slab(i),),
                                           name=f"aurora-batch-{i}", daemon=True) for i in range(2)]
         for t in self._workers:
@@ -206,8 +207,8 @@ class Pipeline:
 
     @property
     def ready(self) -> bool:
-        """Warmed up, device healthy, admitting requests."""
-        return self._ready and not self.batcher.closed
+        """Warmed up, device healthy, admitting requests (never in a process forked from the creator)."""
+        return self._ready and not self.batcher.closed and os.getpid() == self._pid
 
     def queue_depth(self) -> int:
         return len(self.batcher)
@@ -239,8 +240,12 @@ class Pipeline:
     def submit(self, data, timeout: float | None = None, priority: int = 0) -> Future:
         """Queue one request. data: encoded bytes, or a decoded uint8 [H, W, 3] array.
         timeout (s): the request is dropped with DeadlineExceeded if its batch has not closed by then.
-        priority: 0 (default, lowest) .. priority_levels - 1. Returns a Future of Prediction."""
+        priority: 0 (default, lowest) .. priority_levels - 1. Returns a Future of Prediction.
+        Raises PipelineClosed in a process forked after the Pipeline was created."""
         arrival = now_ns()
+        if os.getpid() != self._pid:
+            # Raised, not set on a future: the parent's threads may have held any lock at the fork.
+            raise _forked()
         if not isinstance(priority, int) or not 0 <= priority < self.config.priority_levels:
             raise ValueError(f"Pipeline.submit: priority must be an int in [0, {self.config.priority_levels}), got {priority!r}")
         if not isinstance(data, (np.ndarray, bytes)):  # the two common cases first: this runs per request
@@ -295,7 +300,10 @@ class Pipeline:
         after about ``timeout`` at most: the requests still queued then end with PipelineClosed (never
         computed), the batches the workers already hold finish in the background (a result or a typed
         error each), and the workers and the decode pool stop after them. Either way every admitted
-        request ends with exactly one result or one typed error."""
+        request ends with exactly one result or one typed error. In a process forked after the Pipeline was
+        created, close does nothing: the pipeline's threads live in the parent."""
+        if os.getpid() != self._pid:
+            return
         self.batcher.close()
         end = None if timeout is None else time.monotonic() + max(0.0, timeout)
         for t in self._workers:
@@ -702,6 +710,12 @@ class Pipeline:
             self._failure = exc
         self.batcher.close()
         self._fail_queued(lambda: DeviceLost(f"Pipeline: device lost before this request ran: {exc}"))
+
+
+def _forked() -> PipelineClosed:
+    return PipelineClosed("Pipeline: this process was forked after the Pipeline was created, and the "
+                          "pipeline's threads do not survive a fork; create the Pipeline after forking "
+                          "(e.g. in each worker process)")
 
 
 def _lower_priority() -> None:

@@ -415,6 +415,33 @@ def test_submit_racing_close_is_a_counted_pipeline_closed(harness):
     check_accounting(h, [f], n_rejected=1)
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_is_told_to_create_its_own_pipeline():
+    """The pipeline's threads stay in the parent: in a child, ready is False and submit raises
+    PipelineClosed at once (it used to be admitted and never answered); the parent serves on."""
+    with Pipeline(Tiny(), SPEC, BatchingConfig(max_batch_size=2), device="cpu") as p:
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: report through the pipe, never return into pytest
+            code = 1
+            try:
+                try:
+                    p.submit(image(0))
+                    code = 2
+                except PipelineClosed as e:
+                    code = 3 if "after forking" in str(e) and not p.ready else 4
+                p.close()
+            finally:
+                os.write(w, bytes([code]))
+                os._exit(0)
+        os.close(w)
+        got = os.read(r, 1)
+        os.close(r)
+        os.waitpid(pid, 0)
+        assert got == bytes([3])
+        assert p.ready and len(p.infer(image(1), timeout=WAIT).top_k) == 5
+
+
 # ---- concurrency ---------------------------------------------------------------------------------
 
 def test_many_threads_and_asyncio_nothing_lost_or_duplicated(harness):
