@@ -31,6 +31,9 @@ import asyncio
 import copy
 import itertools
 import logging
+import math
+import numbers
+import operator
 import os
 import sys
 import threading
@@ -117,6 +120,13 @@ class Pipeline:
             model = "resnet50" if device.type == "cuda" else "mobilenet_v3_small"
         self.model_name = model if isinstance(model, str) else type(model).__name__
         self._sinks = list(sink) if isinstance(sink, list | tuple) else ([sink] if sink is not None else [])
+        for s in self._sinks:
+            if not callable(s):
+                raise TypeError(f"Pipeline: sink must be a callable taking a RequestRecord (or a list of them), "
+                                f"got {type(s).__name__}")
+        nw = min(8, os.cpu_count() or 1) if num_workers is None else _int_arg("Pipeline: num_workers", num_workers)
+        if nw < 1:
+            raise ValueError(f"Pipeline: num_workers must be >= 1, got {nw}")
         self._fast = fast_decode
         self._limits = _decode_limits(decode_limits)
         self._cpu_fallback = cpu_fallback
@@ -160,9 +170,6 @@ class Pipeline:
         self._state_lock = threading.Lock()
         self.batcher = Batcher(self.config, on_drop=self._on_drop)
 
-        nw = num_workers if num_workers is not None else min(8, os.cpu_count() or 1)
-        if nw < 1:
-            raise ValueError(f"Pipeline: num_workers must be >= 1, got {nw}")
         # With more than one worker, encoded requests are decoded by the pool as they arrive.
         # On the CPU the model's thread is the bottleneck stage, and the decoders shared its core with it as
         # equals: mobilenet_v3_small, default mix, 2-core box, offline 166 -> 191 images/s (medians of 5,
@@ -239,14 +246,17 @@ class Pipeline:
 
     def submit(self, data, timeout: float | None = None, priority: int = 0) -> Future:
         """Queue one request. data: encoded bytes, or a decoded uint8 [H, W, 3] array.
-        timeout (s): the request is dropped with DeadlineExceeded if its batch has not closed by then.
+        timeout (s): the request is dropped with DeadlineExceeded if its batch has not closed by then; it
+            bounds the wait in the queue only (a batch that has closed is computed). None or inf: no deadline.
         priority: 0 (default, lowest) .. priority_levels - 1. Returns a Future of Prediction.
         Raises PipelineClosed in a process forked after the Pipeline was created."""
         arrival = now_ns()
         if os.getpid() != self._pid:
             # Raised, not set on a future: the parent's threads may have held any lock at the fork.
             raise _forked()
-        if not isinstance(priority, int) or not 0 <= priority < self.config.priority_levels:
+        if type(priority) is not int:
+            priority = _int_arg("Pipeline.submit: priority", priority)
+        if not 0 <= priority < self.config.priority_levels:
             raise ValueError(f"Pipeline.submit: priority must be an int in [0, {self.config.priority_levels}), got {priority!r}")
         if not isinstance(data, (np.ndarray, bytes)):  # the two common cases first: this runs per request
             if isinstance(data, (bytearray, memoryview)):
@@ -259,8 +269,8 @@ class Pipeline:
             if data.dtype != np.uint8 or data.ndim != 3 or data.shape[2] != 3 or data.shape[0] < 1 or data.shape[1] < 1:
                 raise ValueError(f"Pipeline.submit: expected a uint8 array [H, W, 3], got {data.dtype} {list(data.shape)}. "
                                  "Pass encoded bytes or decode with aurora_core.decode() first.")
-        if timeout is not None and timeout < 0:
-            raise ValueError(f"Pipeline.submit: timeout must be >= 0 seconds, got {timeout}")
+        if timeout is not None:
+            timeout = _timeout_s(timeout)
         rec = RequestRecord(request_id=next(self._ids), arrival_ns=arrival, priority=priority,
                             device=self._runner.device_str)
         fut: Future = Future()
@@ -710,6 +720,29 @@ class Pipeline:
             self._failure = exc
         self.batcher.close()
         self._fail_queued(lambda: DeviceLost(f"Pipeline: device lost before this request ran: {exc}"))
+
+
+def _int_arg(name: str, value) -> int:
+    """An int (numpy's too), never a bool."""
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+
+
+def _timeout_s(timeout) -> float | None:
+    """submit's timeout in seconds: a real number >= 0; inf means none."""
+    if type(timeout) is float and 0 <= timeout < math.inf:  # the common case, per request
+        return timeout
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
+        raise TypeError(f"Pipeline.submit: timeout must be a number of seconds or None, got "
+                        f"{type(timeout).__name__} {timeout!r}")
+    timeout = float(timeout)
+    if not timeout >= 0:  # also NaN
+        raise ValueError(f"Pipeline.submit: timeout must be >= 0 seconds, got {timeout}")
+    return None if math.isinf(timeout) else timeout
 
 
 def _forked() -> PipelineClosed:

@@ -898,9 +898,35 @@ def test_argument_errors():
             p.submit("a path?")
         with pytest.raises(ValueError, match="timeout"):
             p.submit(image(0), timeout=-1)
+        with pytest.raises(ValueError, match="timeout"):
+            p.submit(image(0), timeout=float("nan"))
+        for bad in (True, "1"):
+            with pytest.raises(TypeError, match="timeout must be a number"):
+                p.submit(image(0), timeout=bad)
+        for bad in (True, 1.0, "1"):
+            with pytest.raises(TypeError, match="priority must be an int"):
+                p.submit(image(0), priority=bad)
         assert p.ready and p.queue_depth() == 0
+        # inf: no deadline; numpy scalars are numbers like any other
+        pred = p.infer(image(0), timeout=float("inf"), priority=np.int64(1))
+        assert pred.timings.priority == 1 and type(pred.timings.priority) is int
+        assert p.infer(image(0), timeout=np.float32(WAIT)).top_k
     with pytest.raises(TypeError, match="BatchingConfig"):
         Pipeline(Tiny(), SPEC, {"max_batch_size": 2}, device="cpu")
+
+
+@pytest.mark.parametrize("kw, error, match", [
+    (dict(num_workers=0), ValueError, "num_workers must be >= 1"),
+    (dict(num_workers=True), TypeError, "num_workers must be an int"),
+    (dict(sink="records.txt"), TypeError, "sink must be a callable"),
+    (dict(sink=[print, None]), TypeError, "sink must be a callable"),
+])
+def test_bad_arguments_fail_before_the_model_loads(kw, error, match, monkeypatch):
+    import aurora_core.pipeline as pipeline_mod
+
+    monkeypatch.setattr(pipeline_mod, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    with pytest.raises(error, match=match):
+        Pipeline(Tiny(), SPEC, device="cpu", **kw)
 
 
 @pytest.mark.parametrize("limits, error, match", [
