@@ -215,10 +215,13 @@ def test_regression_slower_preprocess(tmp_path):
                      meta={"label": "v1", "config": {"preprocess_backend": "cpp"}})
         b = live_run(tmp_path / f"after{k}", poisson_schedule(rate, 6, seed=2), offered_rate=rate,
                      backend="reference", meta={"label": "v2", "config": {"preprocess_backend": "reference"}})
-        return diagnose([a, b]), a, b
+        return diagnose([a, b]), compare(a, b, n_boot=300)
 
-    res, a, b = _attempts(make)
-    cmp = compare(a, b, n_boot=300)
+    def disturbed(res, cmp):
+        # compare's own environment check can see a neighbour that diagnose's windows did not.
+        return "compare: " + cmp["environment"]["warning"] if not cmp["environment"]["matched"] else _disturbed(res)
+
+    res, cmp = _attempts(make, retry=disturbed)
     assert cmp["load"]["matched"]
     assert cmp["verdict"] == "regression" and "preprocess" in cmp["regressions"]
     w = _window_at(res, _t_of(res, 1, 0.5))
