@@ -29,7 +29,15 @@ from collections import defaultdict
 import numpy as np
 
 from aurora_core import loadgen as lg
-from aurora_core.report import LIMITING_REASONS, THROTTLE_REASONS
+from aurora_core.report import (
+    CGROUP_THROTTLED_FRAC,
+    CPU_BUSY_PCT,
+    LIMITING_REASONS,
+    OTHERS_PCT,
+    STEAL_PCT,
+    THROTTLE_REASONS,
+    THROTTLED_FRAC,
+)
 
 PROGRESS_EVERY_S = 5.0  # plain progress lines when stderr is not a terminal
 SCENARIOS = ("server", "single_stream", "offline", "closed_loop", "step", "replay")
@@ -418,22 +426,22 @@ def bottleneck(summary: dict, result: lg.RunResult, tele: dict, capacity: float 
         ev["compute_busy"] = _busy(recs, "compute_start_ns", "compute_end_ns", result.t0_ns, result.end_ns)
         ev["preprocess_busy"] = _busy(recs, "decode_start_ns", "preprocess_end_ns", result.t0_ns, result.end_ns)
 
-    limiting = {r: v for r, v in tele["throttle"].items() if r in LIMITING_REASONS and v > 0.05}
+    limiting = {r: v for r, v in tele["throttle"].items() if r in LIMITING_REASONS and v > THROTTLED_FRAC}
     clock_ratio = (tele["sm_clock_p50"] / tele["sm_clock_max"]) if tele["sm_clock_p50"] and tele["sm_clock_max"] else None
     if limiting or (clock_ratio is not None and clock_ratio < 0.85 and (tele["gpu_busy_pct"] or 0) > 50):
         why = ", ".join(f"{r} {v:.0%} of the time" for r, v in limiting.items()) or "no reason reported"
         ratio = f"SM clock p50 at {clock_ratio:.0%} of max" if clock_ratio is not None else "SM clock not reported"
         return f"hardware-throttled: {ratio}; throttled by {why}", ev
     parts = []
-    if (tele["steal"] or 0) > 5:
+    if (tele["steal"] or 0) > STEAL_PCT:
         parts.append(f"CPU steal {tele['steal']:.1f}% mean (the hypervisor ran someone else)")
-    if (tele["cgroup_throttled"] or 0) > 0.05:
+    if (tele["cgroup_throttled"] or 0) > CGROUP_THROTTLED_FRAC:
         parts.append(f"cgroup CPU quota throttled {tele['cgroup_throttled']:.0%} of periods")
     cores = tele.get("cores") or 1
     if not remote and tele["cpu_util"] is not None and tele["proc_cpu"] is not None:
         others = tele["cpu_util"] - tele["proc_cpu"] / cores  # % of all cores used by other processes
         ev["other_processes_cpu_pct"] = others
-        if tele["cpu_util"] > 90 and others > 25:
+        if tele["cpu_util"] > CPU_BUSY_PCT and others > OTHERS_PCT:
             load = f", load average up to {tele['load1']:.1f} on {cores} cores" if tele["load1"] is not None else ""
             parts.append(f"other processes used {others:.0f}% of the CPU against this one's "
                          f"{tele['proc_cpu'] / cores:.0f}%{load}")

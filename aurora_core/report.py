@@ -25,6 +25,14 @@ THROTTLE_REASONS = ("power", "thermal", "sync_boost", "board_limit", "low_util",
 # low_util and sync_boost lower clocks without limiting work; they are not "throttled" for the verdict.
 LIMITING_REASONS = ("power", "thermal", "board_limit", "reliability", "hw_slowdown", "hw_thermal", "power_brake")
 
+# When a run's machine counts as contended or throttled: aurora bench's bottleneck verdict, and each side of
+# aurora compare's environment check. Other processes count only with the CPU saturated.
+CPU_BUSY_PCT = 90.0          # cpu_util_pct over the run
+OTHERS_PCT = 25.0            # other processes' share of all cores, %
+STEAL_PCT = 5.0              # steal_pct mean
+CGROUP_THROTTLED_FRAC = 0.05  # fraction of cgroup periods throttled
+THROTTLED_FRAC = 0.05        # fraction of the time a limiting reason held the clocks down
+
 
 def _png(fig) -> str:
     buf = io.BytesIO()

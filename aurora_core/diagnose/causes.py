@@ -69,6 +69,12 @@ STAGE_SHIFT = 1.15
 LOAD_RATE_UP = 1.05
 LOAD_Z = 3.0
 MATCHED_RATE = 0.10
+# Margins, window over baseline, at which a CPU or GPU signal counts (module doc); compare's environment
+# check uses them between its two sides.
+OTHERS_CORES_MORE = 0.5       # other processes' CPU, cores
+STEAL_MORE = 5.0              # steal_pct, points
+CGROUP_THROTTLED_MORE = 0.05  # cgroup_throttled_frac
+THROTTLED_MORE = 0.1          # any limiting throttle_frac_*
 GPU_STAGES = ("h2d", "compute", "d2h")
 _THROTTLE_REASONS = ("thermal", "power", "hw_slowdown", "hw_thermal", "power_brake", "board_limit",
                      "reliability")
@@ -488,8 +494,8 @@ def _cpu(series, base: Range, win: Range, rose: bool, share, full_share, checked
     if None not in (ub, uw, ob, ow):
         other_b = max(ub / 100 * cores - ob / 100, 0.0)
         other_w = max(uw / 100 * cores - ow / 100, 0.0)
-        ev.append(Evidence("other processes' CPU", other_b, other_w, "cores", "window - baseline >= 0.5",
-                           other_w - other_b >= 0.5))
+        ev.append(Evidence("other processes' CPU", other_b, other_w, "cores",
+                           f"window - baseline >= {OTHERS_CORES_MORE}", other_w - other_b >= OTHERS_CORES_MORE))
     if ob is not None and ow is not None:
         # Wall-clock service per request against CPU time per request: when service stretches but the
         # CPU it burns does not, the threads were runnable and waiting (or the CPU was taken from them).
@@ -510,7 +516,8 @@ def _cpu(series, base: Range, win: Range, rose: bool, share, full_share, checked
                                f"{cpu_b * 1e3:.2f} -> {cpu_w * 1e3:.2f} ms)", hit, primary=not deployed))
             if hit and cpu_b > 0 and cpu_w / cpu_b < STAGE_SHIFT and not deployed:
                 share = max(share, full_share)
-    for metric, thr, unit, primary in (("steal_pct", 5.0, "%", True), ("cgroup_throttled_frac", 0.05, "", True),
+    for metric, thr, unit, primary in (("steal_pct", STEAL_MORE, "%", True),
+                                       ("cgroup_throttled_frac", CGROUP_THROTTLED_MORE, "", True),
                                        ("psi_cpu_some_avg10", 10.0, "%", False)):
         e = _delta_ev(series, base, win, "cpu", metric, thr, unit, primary)
         if e:
@@ -553,7 +560,7 @@ def _hardware(series, base: Range, win: Range, share, checked) -> list[Cause]:
     for g in gpus:
         ev: list[Evidence] = []
         for reason in _THROTTLE_REASONS:
-            e = _delta_ev(series, base, win, g, f"throttle_frac_{reason}", 0.1, "of time",
+            e = _delta_ev(series, base, win, g, f"throttle_frac_{reason}", THROTTLED_MORE, "of time",
                           label=f"{g} throttled ({reason})", mean=_interval_mean)
             if e:
                 ev.append(e)

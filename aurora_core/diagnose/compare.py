@@ -50,9 +50,17 @@ import math
 import numpy as np
 from scipy import stats
 
+from aurora_core.diagnose.causes import CGROUP_THROTTLED_MORE, OTHERS_CORES_MORE, STEAL_MORE, THROTTLED_MORE
 from aurora_core.recorder import RunData, load_run
 from aurora_core.records import STAGES
-from aurora_core.report import LIMITING_REASONS
+from aurora_core.report import (
+    CGROUP_THROTTLED_FRAC,
+    CPU_BUSY_PCT,
+    LIMITING_REASONS,
+    OTHERS_PCT,
+    STEAL_PCT,
+    THROTTLED_FRAC,
+)
 
 SERVICE = ("decode", "preprocess", "h2d", "compute_item", "d2h")
 LOAD_SENSITIVE = ("queue", "wait", "compute", "total")
@@ -60,12 +68,6 @@ BOOT_MAX = 20_000
 _MW_MAX = 20_000
 MIN_REQUESTS = 10  # per side and per stage: fewer is not compared
 MIN_BOOT = 100  # fewer resamples leave each 2.5% end of the interval to one or two draws
-# Environment thresholds (module doc): a side's level as in aurora bench's bottleneck line, and its excess
-# over the other side as in aurora diagnose's causes.
-BUSY_PCT, OTHERS_PCT, OTHERS_CORES = 90.0, 25.0, 0.5
-STEAL_PCT = 5.0
-CGROUP_FRAC = 0.05
-THROTTLE_FRAC, THROTTLE_MORE = 0.05, 0.10
 
 
 def _as_runs(x) -> list[RunData]:
@@ -295,21 +297,21 @@ def _findings(side: str, other: str, me: dict, them: dict) -> list[str]:
         return "not measured" if x is None else format(x, fmt) + unit
 
     out = []
-    if (me.get("others_pct") is not None and me["cpu_util_pct"] > BUSY_PCT and me["others_pct"] > OTHERS_PCT
-            and more("others_cores", OTHERS_CORES)):
+    if (me.get("others_pct") is not None and me["cpu_util_pct"] > CPU_BUSY_PCT and me["others_pct"] > OTHERS_PCT
+            and more("others_cores", OTHERS_CORES_MORE)):
         out.append(f"{side} was CPU-contended: other processes used {me['others_pct']:.0f}% of the CPU against "
                    f"this one's {me['proc_cpu_pct'] / me['cores']:.0f}% ({other}: {vs(them.get('others_pct'), '.0f', '%')})")
-    if me["steal_pct"] is not None and me["steal_pct"] > STEAL_PCT and more("steal_pct", STEAL_PCT):
+    if me["steal_pct"] is not None and me["steal_pct"] > STEAL_PCT and more("steal_pct", STEAL_MORE):
         out.append(f"{side} had CPU steal {me['steal_pct']:.1f}% mean, the hypervisor running someone else "
                    f"({other}: {vs(them.get('steal_pct'), '.1f', '%')})")
     cg = me["cgroup_throttled_frac"]
-    if cg is not None and cg > CGROUP_FRAC and more("cgroup_throttled_frac", CGROUP_FRAC):
+    if cg is not None and cg > CGROUP_THROTTLED_FRAC and more("cgroup_throttled_frac", CGROUP_THROTTLED_MORE):
         out.append(f"{side}'s cgroup CPU quota throttled {cg:.0%} of periods "
                    f"({other}: {vs(them.get('cgroup_throttled_frac'), '.0%')})")
     for g, reasons in me["gpu_throttle"].items():
         for k, v in reasons.items():
             o = them["gpu_throttle"].get(g, {}).get(k)
-            if v > THROTTLE_FRAC and (o is None or v - o >= THROTTLE_MORE):
+            if v > THROTTLED_FRAC and (o is None or v - o >= THROTTLED_MORE):
                 out.append(f"{side}'s {g} was throttled ({k}) {v:.0%} of the time ({other}: {vs(o, '.0%')})")
     return out
 
