@@ -21,17 +21,27 @@ from dataclasses import dataclass
 from aurora_core.errors import Overloaded, PipelineClosed
 from aurora_core.records import RequestRecord, now_ns
 
+#: upper bounds of BatchingConfig. A longer delay is not batching any more (and past threading.TIMEOUT_MAX,
+#: ~292 years, a batch worker's wait raises OverflowError); the batch size sizes every worker's slab, and
+#: a batch of 65,536 224x224 images is already 20 GB in float16; every batch scans every priority level.
+MAX_QUEUE_DELAY_US = 60_000_000
+MAX_BATCH_SIZE = 65_536
+MAX_PRIORITY_LEVELS = 256
+
 
 @dataclass(frozen=True)
 class BatchingConfig:
     """Queue policy of a Pipeline.
 
-    max_batch_size: most requests in one model call.
-    max_queue_delay_us: how long the first request of a batch may wait for company.
+    max_batch_size: most requests in one model call, 1 .. MAX_BATCH_SIZE (65,536).
+    max_queue_delay_us: how long the first request of a batch may wait for company, 0 .. MAX_QUEUE_DELAY_US
+        (60 s).
     bucket_sizes: padded batch shapes (ascending); a batch of n runs at the smallest bucket >= n.
         None means powers of two up to max_batch_size. max_batch_size is always a bucket.
-    max_queue_size: waiting requests past which a new one is rejected with Overloaded.
-    priority_levels: priorities are 0 (default, lowest) .. priority_levels - 1 (served first).
+    max_queue_size: waiting requests past which a new one is rejected with Overloaded (no upper bound:
+        it is only compared).
+    priority_levels: priorities are 0 (default, lowest) .. priority_levels - 1 (served first);
+        2 .. MAX_PRIORITY_LEVELS (256).
     """
 
     max_batch_size: int = 16
@@ -41,15 +51,16 @@ class BatchingConfig:
     priority_levels: int = 2
 
     def __post_init__(self):
-        def _int(name, lo):
+        def _int(name, lo, hi=None):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise ValueError(f"BatchingConfig: {name} must be an int >= {lo}, got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+                want = f">= {lo}" if hi is None else f"in [{lo}, {hi:,}]"
+                raise ValueError(f"BatchingConfig: {name} must be an int {want}, got {v!r}")
 
-        _int("max_batch_size", 1)
-        _int("max_queue_delay_us", 0)
+        _int("max_batch_size", 1, MAX_BATCH_SIZE)
+        _int("max_queue_delay_us", 0, MAX_QUEUE_DELAY_US)
         _int("max_queue_size", 1)
-        _int("priority_levels", 2)
+        _int("priority_levels", 2, MAX_PRIORITY_LEVELS)
         if self.bucket_sizes is None:
             b, buckets = 1, []
             while b < self.max_batch_size:

@@ -40,6 +40,32 @@ def test_config_rejects_bad_values(kwargs):
         BatchingConfig(**kwargs)
 
 
+@pytest.mark.parametrize("field, too_big", [
+    ("max_queue_delay_us", 60_000_001), ("max_queue_delay_us", 10**16),  # 10**16 us: past threading.TIMEOUT_MAX
+    ("max_batch_size", 65_537), ("max_batch_size", 2**70), ("priority_levels", 257), ("priority_levels", 10**7),
+])
+def test_config_rejects_values_past_the_maximum_naming_the_field(field, too_big):
+    """Before, these passed: 10**16 us made every batch worker die with OverflowError in Condition.wait
+    (and later requests hang); 2**70 / 10**7 failed later with MemoryError or an allocator error."""
+    with pytest.raises(ValueError, match=f"BatchingConfig: {field} must be an int in \\[") as e:
+        BatchingConfig(**{field: too_big})
+    assert str(too_big) in str(e.value)
+
+
+def test_config_accepts_the_maxima_and_a_worker_waits_out_the_longest_delay():
+    cfg = BatchingConfig(max_queue_delay_us=60_000_000, max_batch_size=65_536, priority_levels=256)
+    assert cfg.bucket_sizes[-1] == 65_536
+    b = Batcher(BatchingConfig(max_queue_delay_us=60_000_000, max_batch_size=8))
+    got = []
+    t = _consumer(b, got)
+    _wait_idle(b, 1)
+    b.put(make(rid=1))  # the worker now waits 60 s for the batch (the wait a huge delay overflowed)
+    _wait_for(lambda: b._timer_held, "the worker on the batch's timer")
+    b.close()  # flushes at once
+    t.join(5)
+    assert [ids(x) for x in got] == [[1]]
+
+
 def test_config_buckets():
     assert BatchingConfig(max_batch_size=16).bucket_sizes == (1, 2, 4, 8, 16)
     assert BatchingConfig(max_batch_size=12).bucket_sizes == (1, 2, 4, 8, 12)
@@ -178,7 +204,7 @@ def test_overload_and_queue_depth():
 
 def test_close_rejects_and_flushes_without_delay():
     clk = FakeClock()
-    b = Batcher(BatchingConfig(max_batch_size=8, max_queue_delay_us=10**9), clock=clk)
+    b = Batcher(BatchingConfig(max_batch_size=8, max_queue_delay_us=60_000_000), clock=clk)
     b.put(make(rid=1))
     assert b.poll() is None
     b.close()
