@@ -29,6 +29,7 @@ from collections import defaultdict
 import numpy as np
 
 from aurora_core import loadgen as lg
+from aurora_core.cli import number
 from aurora_core.report import (
     CGROUP_THROTTLED_FRAC,
     CPU_BUSY_PCT,
@@ -59,24 +60,6 @@ class UsageError(BenchError, ValueError):
     """A bad or conflicting option, found before anything is built."""
 
 
-def _num(kind=float, lo: float = 0.0, strict: bool = True):
-    """argparse type: a finite ``kind`` > lo (>= lo when not ``strict``); a bad value is a usage error,
-    exit 2, naming the option, before any model is built."""
-    want = f"{'>' if strict else '>='} {lo:g}"
-
-    def parse(text: str):
-        try:
-            x = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'} {want}, "
-                                             f"got {text!r}") from None
-        if not math.isfinite(x) or x < lo or (strict and x == lo):
-            raise argparse.ArgumentTypeError(f"must be {want}, got {text}")
-        return x
-
-    return parse
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = DEFAULTS
     g = p.add_argument_group("pipeline")
@@ -85,52 +68,52 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weights", default=None, help="local state_dict for --model (default: seeded random init)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 (default auto)")
     g.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="model dtype")
-    g.add_argument("--max-batch-size", type=_num(int, 1, False), default=None,
+    g.add_argument("--max-batch-size", type=number(int, ge=1), default=None,
                    help=f"most requests in one model call (default {d['max_batch_size']})")
-    g.add_argument("--max-queue-delay-us", type=_num(int, 0, False), default=None,
+    g.add_argument("--max-queue-delay-us", type=number(int, ge=0), default=None,
                    help=f"how long a batch's first request waits for company (default {d['max_queue_delay_us']})")
     g.add_argument("--buckets", default=None, help="padded batch sizes, e.g. 1,2,4,8,16 (default: powers of two "
                    "up to --max-batch-size)")
-    g.add_argument("--max-queue-size", type=_num(int, 1, False), default=None,
+    g.add_argument("--max-queue-size", type=number(int, ge=1), default=None,
                    help="admission limit (Overloaded past it; default 256, offline 2^20)")
     g.add_argument("--url", default=None, help="benchmark an HTTP server (POST raw bytes, e.g. "
                    "http://127.0.0.1:8000/v1/classify) instead of an in-process Pipeline")
     g = p.add_argument_group("load")
-    g.add_argument("--connections", type=_num(int, 1, False), default=None,
+    g.add_argument("--connections", type=number(int, ge=1), default=None,
                    help=f"HTTP connections (with --url; default {d['connections']})")
     g.add_argument("--scenario", default=None, choices=SCENARIOS,
                    help="default server, or replay when --replay is given")
-    g.add_argument("--rate", type=_num(), default=None, help="queries/s for server/step "
+    g.add_argument("--rate", type=number(gt=0), default=None, help="queries/s for server/step "
                    "(default: calibrated, --load-factor of capacity)")
-    g.add_argument("--load-factor", type=_num(), default=None,
+    g.add_argument("--load-factor", type=number(gt=0), default=None,
                    help=f"calibrated rate = this x capacity (default {d['load_factor']:g}: a closed-loop probe "
                         "with 32 in flight overstates what an open-loop arrival stream can get within the SLO)")
-    g.add_argument("--calibrate-s", type=_num(), default=None,
+    g.add_argument("--calibrate-s", type=number(gt=0), default=None,
                    help=f"closed-loop capacity probe length (default {d['calibrate_s']:g})")
-    g.add_argument("--duration", type=_num(), default=None,
+    g.add_argument("--duration", type=number(gt=0), default=None,
                    help=f"seconds of measured load (default {d['duration']:g})")
-    g.add_argument("--concurrency", type=_num(int, 1, False), default=None,
+    g.add_argument("--concurrency", type=number(int, ge=1), default=None,
                    help="closed_loop and calibration in flight (default 2x --max-batch-size)")
-    g.add_argument("--count", type=_num(int, 1, False), default=None,
+    g.add_argument("--count", type=number(int, ge=1), default=None,
                    help="offline queries (default ~duration of work)")
     g.add_argument("--steps", default=None, help="step scenario: T:RATE or T:+PCT%% items, relative to the "
                    "base rate, e.g. 0:40,60:+20%% (with --duration above 60; default +20%% halfway)")
     g.add_argument("--replay", default=None, help="replay arrivals: a run dir/.sqlite, .npy (ns) or text (s)")
-    g.add_argument("--replay-speed", type=_num(), default=None,
+    g.add_argument("--replay-speed", type=number(gt=0), default=None,
                    help=f"2 replays twice as fast (default {d['replay_speed']:g})")
     g.add_argument("--seed", type=int, default=None, help=f"Poisson arrivals' seed (default {d['seed']})")
     g.add_argument("--find-peak", action="store_true", help="bisect for the highest Poisson rate with p99 <= SLO, "
                    "then run --duration at it")
-    g.add_argument("--peak-trial-s", type=_num(), default=None,
+    g.add_argument("--peak-trial-s", type=number(gt=0), default=None,
                    help=f"length of each --find-peak trial (default {d['peak_trial_s']:g})")
     g = p.add_argument_group("verdict")
-    g.add_argument("--slo-ms", type=_num(), default=None, help="p99 bound (default 250 ms CPU, 15 ms CUDA)")
-    g.add_argument("--min-duration", type=_num(lo=0, strict=False), default=None,
+    g.add_argument("--slo-ms", type=number(gt=0), default=None, help="p99 bound (default 250 ms CPU, 15 ms CUDA)")
+    g.add_argument("--min-duration", type=number(ge=0), default=None,
                    help="default: 80%% of --duration")
-    g.add_argument("--min-queries", type=_num(int, 0, False), default=256, help="default 256")
-    g.add_argument("--stability-tol", type=_num(lo=0, strict=False), default=0.10,
+    g.add_argument("--min-queries", type=number(int, ge=0), default=256, help="default 256")
+    g.add_argument("--stability-tol", type=number(ge=0), default=0.10,
                    help="last three windows' throughput within this fraction of each other (default 0.10)")
-    g.add_argument("--min-window-queries", type=_num(int, 0, False), default=20,
+    g.add_argument("--min-window-queries", type=number(int, ge=0), default=20,
                    help="queries each of the last three windows needs for the stability rule to be judged "
                         "(default 20)")
     g = p.add_argument_group("output")
