@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 
 import pytest
 
@@ -15,11 +15,13 @@ US = 1000
 
 
 class FakeClock:
-    def __init__(self):
+    def __init__(self, step=0):
         self.t = 1_000_000
+        self.step = step  # ns added after each read
 
     def __call__(self):
-        return self.t
+        self.t += self.step
+        return self.t - self.step
 
 
 def make(priority=0, deadline_ns=0, rid=0):
@@ -200,6 +202,68 @@ def test_overload_and_queue_depth():
     assert [r.record.queue_depth for r in reqs] == [0, 1, 2, 3, 3]
     assert [r.record.enqueue_ns != 0 for r in reqs] == [True] * 3 + [False] * 2
     assert len(b) == 3
+
+
+def _queue_of_4(clk, reqs, dropped):
+    b = Batcher(BatchingConfig(max_batch_size=8, max_queue_delay_us=1000, max_queue_size=4, priority_levels=3),
+                clock=clk, on_drop=lambda r, why: dropped.append((r, why)))
+    for r in reqs:
+        b.put(r)
+    assert len(b) == len(reqs)
+    return b
+
+
+def test_cancelled_requests_give_their_queue_slots_to_new_ones():
+    """Before, 4 cancelled requests in a queue of 4 made the next submit fail with Overloaded until a batch
+    formed (spurious 503s after a burst of client disconnects)."""
+    clk, dropped = FakeClock(), []
+    reqs = [make(priority=i % 3, rid=i) for i in range(4)]
+    b = _queue_of_4(clk, reqs, dropped)
+    for i in (0, 2, 3):
+        assert reqs[i].future.cancel()
+    new = make(priority=1, rid=9)
+    b.put(new)  # no Overloaded
+    assert [(r.record.request_id, why) for r, why in dropped] == [(0, CANCELLED), (3, CANCELLED), (2, CANCELLED)]
+    assert new.record.queue_depth == 1 and len(b) == 2
+    # Marked notified, as a batch formation does: concurrent.futures.wait sees them done.
+    assert all(reqs[i].future.cancelled() and wait([reqs[i].future], 0).done for i in (0, 2, 3))
+    b.put(make(rid=10))
+    b.put(make(rid=11))  # the queue is full again (4), with nothing to sweep
+    with pytest.raises(Overloaded):
+        b.put(make(rid=12))
+    clk.t += 1000 * US
+    assert ids(b.poll()) == [1, 9, 10, 11]
+    assert len(dropped) == 3  # each cancelled request reported once: the batch did not see them again
+
+
+def test_a_full_queue_sweep_reports_outside_the_lock_and_only_when_full():
+    clk, dropped = FakeClock(), []
+    reqs = [make(rid=i) for i in range(3)]
+    b = _queue_of_4(clk, reqs, dropped)  # 3 of 4: not full
+    reqs[0].future.cancel()
+    b.put(make(rid=3))  # room: nothing is swept
+    assert dropped == [] and len(b) == 4
+    locked = []
+    b._on_drop = lambda r, why: locked.append(b._cond._is_owned())
+    b.put(make(rid=4))
+    assert locked == [False] and len(b) == 4
+
+
+def test_a_full_queue_is_swept_at_most_a_tenth_of_the_time():
+    """Under sustained overload every put finds the queue full, and a sweep each made a rejection ~100x dearer:
+    after a sweep, the next waits 10x as long as it took. The clock advances 1 us a read here."""
+    clk, dropped = FakeClock(step=US), []
+    reqs = [make(rid=i) for i in range(4)]
+    b = _queue_of_4(clk, reqs, dropped)
+    with pytest.raises(Overloaded):
+        b.put(make(rid=4))  # a sweep of 1 us that finds nothing
+    assert reqs[1].future.cancel()
+    with pytest.raises(Overloaded):
+        b.put(make(rid=5))  # 2 us after it: not swept
+    clk.t += 10 * US
+    b.put(make(rid=6))
+    assert [(r.record.request_id, why) for r, why in dropped] == [(1, CANCELLED)]
+    assert len(b) == 4
 
 
 def test_close_rejects_and_flushes_without_delay():
@@ -387,3 +451,23 @@ def test_a_consumer_whose_wait_raises_hands_the_timer_over(monkeypatch, dies):
     assert not stuck, "the other consumer slept through the batch's deadline"
     dead = ts.index(raised[0])
     assert isinstance(got[dead], KeyboardInterrupt) and got[1 - dead] == [7]
+
+
+def test_pipeline_counts_a_request_cancelled_in_a_full_queue_once():
+    """The cancelslots repro on the pipeline: both workers busy, 4 cancelled requests fill the queue of 4.
+    New requests are admitted, and each cancelled one ends with one record and one count."""
+    from tests.test_pipeline import WAIT, Harness, check_accounting, image
+
+    h = Harness(BatchingConfig(max_batch_size=1, max_queue_delay_us=0, max_queue_size=4))
+    try:
+        a, b = h.block()
+        gone = [h.pipe.submit(image(i)) for i in range(4)]
+        assert all(f.cancel() for f in gone)
+        new = [h.pipe.submit(image(10)), h.pipe.submit(image(11), priority=1)]
+        assert not any(f.done() for f in new)  # admitted: not rejected with Overloaded
+        kinds = h.release([a, b, *new])
+        assert kinds == ["ok"] * 4
+        h.pipe.close(WAIT)
+        assert check_accounting(h, [a, b, *gone, *new]) == ["ok"] * 2 + ["cancelled"] * 4 + ["ok"] * 2
+    finally:
+        h.close()
