@@ -3,9 +3,9 @@
 A batch closes when it holds ``max_batch_size`` requests, or when ``max_queue_delay_us`` has passed
 since the oldest waiting request was enqueued (the timer starts when the first request of a batch
 arrives), or at once while the batcher drains on close. Requests whose deadline has passed or whose
-future was cancelled are taken out when a batch forms and handed to ``on_drop``: they are never
-computed. A new request that finds the queue full first drops the cancelled ones, so that they do not cost
-it its admission. Higher ``priority`` values are served first; FIFO within a level.
+future was cancelled are taken out when a batch forms, or when they fill the queue that a new request
+needs, and handed to ``on_drop``: they are never computed, and never cost a live request its admission.
+Higher ``priority`` values are served first; FIFO within a level.
 
 The batcher knows nothing about models or images; ``Request`` only carries what the policy needs
 plus opaque fields that the pipeline fills in.
@@ -40,7 +40,7 @@ class BatchingConfig:
     bucket_sizes: padded batch shapes (ascending); a batch of n runs at the smallest bucket >= n.
         None means powers of two up to max_batch_size. max_batch_size is always a bucket.
     max_queue_size: waiting requests past which a new one is rejected with Overloaded (no upper bound:
-        it is only compared). Cancelled requests are dropped first to make room.
+        it is only compared). Cancelled and expired requests are dropped first to make room.
     priority_levels: priorities are 0 (default, lowest) .. priority_levels - 1 (served first);
         2 .. MAX_PRIORITY_LEVELS (256).
     """
@@ -156,13 +156,13 @@ class Batcher:
             if self._closed:
                 raise PipelineClosed("Pipeline: closed; no new requests are admitted")
             if self._size >= self.config.max_queue_size:
-                # A burst of client disconnects must not answer live requests with 503s.
+                # A burst of client disconnects or expired deadlines must not answer live requests with 503s.
                 # Only a full queue is swept, and a sweep is O(queue) under the lock: under sustained overload
                 # every put finds the queue full, and a sweep each made a rejection ~100x dearer (3.5 -> 308 us
                 # with 256 waiting, busy dev box). So sweeps take at most about a tenth of the time.
                 now = self._clock()
                 if now >= self._sweep_after:
-                    dropped = self._sweep_locked()
+                    dropped = self._sweep_locked(now)
                     end = self._clock()
                     self._sweep_after = end + 10 * (end - now)
             depth = self._size
@@ -277,18 +277,17 @@ class Batcher:
             self.batches += 1
         return batch, dropped, None
 
-    def _sweep_locked(self) -> list:
-        """Take every cancelled request out of the queues; returns them as (request, CANCELLED)."""
+    def _sweep_locked(self, now: int) -> list:
+        """Take every cancelled or expired request out of the queues; returns them as (request, reason)."""
         dropped = []
         for i, q in enumerate(self._queues):
-            dead = [r for r in q if r.future.cancelled()]
+            dead = [r for r in q if 0 < r.deadline_ns <= now or r.future.cancelled()]
             if not dead:
                 continue
             for r in dead:
-                # As in _take_locked: marked notified (concurrent.futures.wait sees it done). A future cannot
-                # come back from cancelled, so this returns False.
-                r.future.set_running_or_notify_cancel()
-                dropped.append((r, CANCELLED))
+                # As in _take_locked: the cancelled future is marked notified (concurrent.futures.wait sees it
+                # done), an expired one is set running so that its DeadlineExceeded can be set.
+                dropped.append((r, DEADLINE if r.future.set_running_or_notify_cancel() else CANCELLED))
             gone = set(dead)
             self._queues[i] = deque(r for r in q if r not in gone)
             self._size -= len(dead)

@@ -236,6 +236,21 @@ def test_cancelled_requests_give_their_queue_slots_to_new_ones():
     assert len(dropped) == 3  # each cancelled request reported once: the batch did not see them again
 
 
+def test_expired_requests_give_their_queue_slots_to_new_ones():
+    clk, dropped = FakeClock(), []
+    t0 = clk.t
+    reqs = [make(rid=0, deadline_ns=t0 + 10 * US), make(rid=1, deadline_ns=t0 + 500 * US), make(rid=2),
+            make(rid=3, deadline_ns=t0 + 10 * US)]
+    b = _queue_of_4(clk, reqs, dropped)
+    clk.t = t0 + 10 * US  # 0 and 3 expire; 1 still has time
+    b.put(make(rid=4))
+    assert [(r.record.request_id, why) for r, why in dropped] == [(0, DEADLINE), (3, DEADLINE)]
+    assert all(reqs[i].future.running() for i in (0, 3))  # so that the pipeline can set DeadlineExceeded
+    clk.t = t0 + 1000 * US
+    assert ids(b.poll()) == [2, 4]
+    assert [(r.record.request_id, why) for r, why in dropped[2:]] == [(1, DEADLINE)]
+
+
 def test_a_full_queue_sweep_reports_outside_the_lock_and_only_when_full():
     clk, dropped = FakeClock(), []
     reqs = [make(rid=i) for i in range(3)]
@@ -453,21 +468,26 @@ def test_a_consumer_whose_wait_raises_hands_the_timer_over(monkeypatch, dies):
     assert isinstance(got[dead], KeyboardInterrupt) and got[1 - dead] == [7]
 
 
-def test_pipeline_counts_a_request_cancelled_in_a_full_queue_once():
-    """The cancelslots repro on the pipeline: both workers busy, 4 cancelled requests fill the queue of 4.
-    New requests are admitted, and each cancelled one ends with one record and one count."""
+@pytest.mark.parametrize("how", ["cancelled", "deadline_exceeded"])
+def test_pipeline_counts_a_request_dropped_from_a_full_queue_once(how):
+    """The cancelslots repro on the pipeline: both workers busy, 4 cancelled (or expired) requests fill the
+    queue of 4. New requests are admitted, and each dropped one ends with one record and one count."""
     from tests.test_pipeline import WAIT, Harness, check_accounting, image
 
     h = Harness(BatchingConfig(max_batch_size=1, max_queue_delay_us=0, max_queue_size=4))
     try:
         a, b = h.block()
-        gone = [h.pipe.submit(image(i)) for i in range(4)]
-        assert all(f.cancel() for f in gone)
+        gone = [h.pipe.submit(image(i), timeout=0.001 if how == "deadline_exceeded" else None) for i in range(4)]
+        if how == "cancelled":
+            assert all(f.cancel() for f in gone)
+        else:
+            threading.Event().wait(0.01)  # let the deadlines pass; nothing is asserted about time
         new = [h.pipe.submit(image(10)), h.pipe.submit(image(11), priority=1)]
         assert not any(f.done() for f in new)  # admitted: not rejected with Overloaded
+        assert all(f.done() for f in gone)  # ended before any batch formed
         kinds = h.release([a, b, *new])
         assert kinds == ["ok"] * 4
         h.pipe.close(WAIT)
-        assert check_accounting(h, [a, b, *gone, *new]) == ["ok"] * 2 + ["cancelled"] * 4 + ["ok"] * 2
+        assert check_accounting(h, [a, b, *gone, *new]) == ["ok"] * 2 + [how] * 4 + ["ok"] * 2
     finally:
         h.close()
