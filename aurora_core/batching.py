@@ -177,7 +177,8 @@ class Batcher:
             # full batch. Under a saturating load nobody waits, and a notify per request was pure cost.
             if self._idle and (depth == 0 or depth + 1 >= self.config.max_batch_size):
                 self._cond.notify()
-        self._report(dropped)
+        if dropped:
+            self._report(dropped)
 
     def close(self) -> None:
         """Stop admitting; waiting requests still form batches, without waiting for the delay."""
