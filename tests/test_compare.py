@@ -144,13 +144,13 @@ def test_runs_without_enough_requests_are_bad_input(tmp_path, capsys):
     {"cpu": BUSY},                                                       # noisy neighbour
     {"cpu": {**QUIET, "steal_pct": 12.0}},                               # the hypervisor ran someone else
     {"cpu": {**QUIET, "cgroup_throttled_frac": 0.3}},                    # cgroup CPU quota
-    {"cpu": QUIET, "gpu": {"throttle_frac_power": 0.4, "sm_clock_mhz": 900.0}},  # power-capped GPU
+    {"cpu": QUIET, "gpu": {"throttle_frac_power": 0.4, "sm_clock_mhz": 900.0, "power_limit_w": 500.0}},  # cap lowered
 ])
 def test_unmatched_environment_is_not_a_regression(tmp_path, capsys, after_env):
     """Same code, AFTER on a contended or throttled machine and slower everywhere: the gate says the
     environment was not matched, with the evidence, and blames no stage."""
     meta = {"offered_rate_per_s": 100}
-    gpu = {"throttle_frac_power": 0.0, "sm_clock_mhz": 1400.0} if "gpu" in after_env else None
+    gpu = {"throttle_frac_power": 0.0, "sm_clock_mhz": 1400.0, "power_limit_w": 700.0} if "gpu" in after_env else None
     before = make_run(tmp_path / "b", seed=22, meta=meta, cpu=QUIET, gpu=gpu)
     after = make_run(tmp_path / "a", seed=23, meta=meta, preprocess_ms=3.0, compute_ms=7.0, **after_env)
     res = compare(before, after, n_boot=200)
@@ -189,6 +189,30 @@ def test_matched_environment_still_gates(tmp_path):
     lazy = [make_run(tmp_path / f"g{i}", seed=28 + i, meta=meta, gpu={"throttle_frac_low_util": 0.6 * i})
             for i in (0, 1)]
     assert compare(*lazy, n_boot=100)["environment"]["matched"]
+
+
+def test_limits_the_deploy_trips_itself_still_gate(tmp_path):
+    """A deploy that burns more CPU runs into its cgroup quota, and one that draws more power into the GPU's
+    cap: at matched load that is the regression, not the machine. Only a lowered power limit, or quota
+    throttling at flat own CPU, moves the blame to the environment."""
+    meta = {"offered_rate_per_s": 100}
+    before = make_run(tmp_path / "b", seed=40, meta=meta, cpu={**QUIET, "cgroup_throttled_frac": 0.0},
+                      gpu={"throttle_frac_power": 0.0, "power_limit_w": 700.0})
+    hungry = make_run(tmp_path / "a", seed=41, meta=meta, preprocess_ms=3.0,
+                      cpu={**QUIET, "cpu_util_pct": 70.0, "proc_cpu_pct": 120.0, "cgroup_throttled_frac": 0.3},
+                      gpu={"throttle_frac_power": 0.4, "power_limit_w": 700.0})
+    res = compare(before, hungry, n_boot=200)
+    assert res["environment"]["matched"], res["environment"]
+    assert res["verdict"] == "regression" and "preprocess" in res["regressions"]
+
+
+def test_cpu_of_a_server_on_this_host_is_not_a_neighbour(tmp_path):
+    """aurora bench --url: the server is another process, so its CPU is not another tenant's (as in bench)."""
+    meta = {"offered_rate_per_s": 100, "config": {"url": "http://127.0.0.1:8000/v1/classify"}}
+    before = make_run(tmp_path / "b", seed=42, meta=meta, cpu=QUIET)
+    after = make_run(tmp_path / "a", seed=43, meta=meta, preprocess_ms=3.0, cpu=BUSY)
+    res = compare(before, after, n_boot=200)
+    assert res["environment"]["matched"] and res["verdict"] == "regression"
 
 
 def test_interrupted_run_warns(tmp_path, capsys):

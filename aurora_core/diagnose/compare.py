@@ -27,6 +27,11 @@ other processes' CPU (``cpu_util_pct`` x cores - ``proc_cpu_pct``) with the CPU 
 taken by others and >= 0.5 core more than the other side; CPU steal > 5% mean and >= 5 points more;
 cgroup quota throttling > 5% of periods and >= 5 points more; on GPUs, a limiting throttle reason (power,
 thermal, board limit, reliability, hardware slowdown, power brake) > 5% of the time and >= 10 points more.
+Two of these a deployment trips by itself at matched load, so they count only with evidence that the machine
+changed: cgroup quota throttling only while this process's own CPU did not rise more than 10% over the
+other side's (a deploy that burns more CPU runs into its quota: that is the regression), and a GPU power or
+board-limit cap only when its enforced power limit (``power_limit_w``) was lowered by 5% or more. Against a
+server on the same host (``aurora bench --url``), other processes' CPU is not counted, as in bench's verdict.
 Run queue and CPU pressure (PSI) are reported, not used: this process's own threads raise them too. When
 the environment was not matched (a noisy neighbour, a throttled GPU), nothing is judged either: a gate must
 not blame a deploy for a contended machine. Both sides equally contended still count as matched.
@@ -201,8 +206,8 @@ def compare(before, after, threshold: float = 0.10, alpha: float = 0.01, n_boot:
         verdict = "environment not matched"
     else:
         verdict = "regression" if regressions else "no regression"
-    warnings = [f"{side} run {r.path} was interrupted (Ctrl-C) before its planned end: it holds only the "
-                "requests served until then" for side, runs in (("BEFORE", rb), ("AFTER", ra))
+    warnings = [f"{side} run {r.path} was cut short (interrupted, or an error) before its planned end: it holds "
+                "only the requests served until then" for side, runs in (("BEFORE", rb), ("AFTER", ra))
                 for r in runs if r.meta.get("interrupted")]
     return {
         "before": {"runs": [_info(r) for r in rb], **lb},
@@ -279,13 +284,24 @@ def environment_figures(runs: list[RunData]) -> dict:
                                              "runq", "psi_cpu_some_avg10")}
     f["cores"] = cores
     util, own = f["cpu_util_pct"], f["proc_cpu_pct"]
-    if util is not None and own is not None and cores:
+    # Against a server on this host (aurora bench --url) the server is another process: as in bench's verdict,
+    # other processes' CPU is no evidence there.
+    remote = any((r.meta.get("config") or {}).get("url") for r in runs)
+    if util is not None and own is not None and cores and not remote:
         f["others_pct"] = util - own / cores  # % of all cores used by other processes (as aurora bench)
         f["others_cores"] = max(util / 100 * cores - own / 100, 0.0)  # as aurora diagnose
     gpus = sorted({src for r in runs for src, _ in r.samples if src.startswith("gpu")})
     f["gpu_throttle"] = {g: {k: v for k in LIMITING_REASONS if (v := _mean(runs, g, f"throttle_frac_{k}")) is not None}
                          for g in gpus}
+    f["gpu_power_limit_w"] = {g: v for g in gpus if (v := _mean(runs, g, "power_limit_w")) is not None}
     return f
+
+
+#: Limits the deployment can trip by itself at matched load: more CPU per request runs into the cgroup quota,
+#: more power into the GPU's power cap. They count as the environment only with evidence that it changed.
+OWN_CPU_MORE = 1.10  # this process's CPU over the other side's (x) beyond which quota throttling is its own
+POWER_CAPS = ("power", "board_limit")
+POWER_LIMIT_LOWER = 0.95  # an enforced power limit this much below the other side's: the cap was lowered
 
 
 def _findings(side: str, other: str, me: dict, them: dict) -> list[str]:
@@ -305,14 +321,20 @@ def _findings(side: str, other: str, me: dict, them: dict) -> list[str]:
         out.append(f"{side} had CPU steal {me['steal_pct']:.1f}% mean, the hypervisor running someone else "
                    f"({other}: {vs(them.get('steal_pct'), '.1f', '%')})")
     cg = me["cgroup_throttled_frac"]
-    if cg is not None and cg > CGROUP_THROTTLED_FRAC and more("cgroup_throttled_frac", CGROUP_THROTTLED_MORE):
+    own, their_own = me["proc_cpu_pct"], them.get("proc_cpu_pct")
+    own_rose = own is not None and their_own is not None and own > OWN_CPU_MORE * their_own
+    if (cg is not None and cg > CGROUP_THROTTLED_FRAC and more("cgroup_throttled_frac", CGROUP_THROTTLED_MORE)
+            and not own_rose):
         out.append(f"{side}'s cgroup CPU quota throttled {cg:.0%} of periods "
                    f"({other}: {vs(them.get('cgroup_throttled_frac'), '.0%')})")
     for g, reasons in me["gpu_throttle"].items():
+        limit, their_limit = me["gpu_power_limit_w"].get(g), them.get("gpu_power_limit_w", {}).get(g)
+        lowered = limit is not None and their_limit is not None and limit < POWER_LIMIT_LOWER * their_limit
         for k, v in reasons.items():
             o = them["gpu_throttle"].get(g, {}).get(k)
-            if v > THROTTLED_FRAC and (o is None or v - o >= THROTTLED_MORE):
-                out.append(f"{side}'s {g} was throttled ({k}) {v:.0%} of the time ({other}: {vs(o, '.0%')})")
+            if v > THROTTLED_FRAC and (o is None or v - o >= THROTTLED_MORE) and (k not in POWER_CAPS or lowered):
+                why = f", its power limit lowered to {limit:.0f} W from {their_limit:.0f} W" if k in POWER_CAPS else ""
+                out.append(f"{side}'s {g} was throttled ({k}) {v:.0%} of the time ({other}: {vs(o, '.0%')}){why}")
     return out
 
 
@@ -330,7 +352,8 @@ def environment_check(rb: list[RunData], ra: list[RunData]) -> dict:
     if len(checked) < 2:
         missing = " and ".join(side for side in ("BEFORE", "AFTER") if side not in checked)
         note = f"environment not checked on {missing}: no CPU or GPU telemetry in the run"
-    rnd = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in fb.items() if k != "gpu_throttle"}
-    rna = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in fa.items() if k != "gpu_throttle"}
+    nested = ("gpu_throttle", "gpu_power_limit_w")
+    rnd = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in fb.items() if k not in nested}
+    rna = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in fa.items() if k not in nested}
     return {"matched": not findings, "findings": findings, "warning": warning, "note": note,
-            "before": {**rnd, "gpu_throttle": fb["gpu_throttle"]}, "after": {**rna, "gpu_throttle": fa["gpu_throttle"]}}
+            "before": {**rnd, **{k: fb[k] for k in nested}}, "after": {**rna, **{k: fa[k] for k in nested}}}
