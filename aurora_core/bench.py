@@ -470,7 +470,6 @@ def _progress_run(gen: lg.LoadGenerator, scenario: lg.Scenario, title: str, quie
     not a terminal (logs, CI), one plain line every ``PROGRESS_EVERY_S`` instead."""
     if quiet:
         return gen.run(scenario)
-    from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     box: dict = {}
@@ -488,7 +487,7 @@ def _progress_run(gen: lg.LoadGenerator, scenario: lg.Scenario, title: str, quie
         return done, f"{p['throughput']:6.1f}/s  p99 {p99}  done {p['completed']}/{p['issued']}"
 
     th = threading.Thread(target=work, name="aurora-bench-issuer", daemon=True)
-    console = Console(stderr=True)
+    console = _console(stderr=True)
     total = float(scenario.count) if scenario.kind == "offline" else max(scenario.duration_s, 1e-3)
     if console.is_terminal:
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[live]}"),
@@ -645,22 +644,34 @@ def run(args: argparse.Namespace) -> int:
         return _run(args, prep)
     except KeyboardInterrupt:
         return 130  # _run said what became of the run file
+    except BrokenPipeError:
+        raise  # cli.main: exit 141, no claim about the run
     except (BenchError, AuroraError, ValueError, OSError) as e:
         print(f"aurora bench: error: {e}", file=sys.stderr)
         return 2
 
 
-def _run(args: argparse.Namespace, prep: dict) -> int:
+def _console(**kw):
+    """A rich Console that lets a closed pipe (``aurora bench | head``) raise BrokenPipeError, which the
+    ``aurora`` command turns into exit 141. rich's own handling exits 1, which reads as INVALID."""
     from rich.console import Console
 
+    class _PipeConsole(Console):
+        def on_broken_pipe(self) -> None:
+            raise BrokenPipeError
+
+    return _PipeConsole(**kw)
+
+
+def _run(args: argparse.Namespace, prep: dict) -> int:
     from aurora_core import report, samples
     from aurora_core.recorder import Recorder
     from aurora_core.telemetry.sampler import TelemetrySampler
 
     wall0 = time.monotonic()
-    console = Console()
+    console = _console()
     if not console.is_terminal:  # logs and CI: do not wrap the tables at 80 columns
-        console = Console(width=130)
+        console = _console(width=130)
     device = prep["device"]
     slo_ms = args.slo_ms if args.slo_ms is not None else DEFAULT_SLO_MS["cuda" if device.startswith("cuda") else "cpu"]
     out = args.out or os.path.join("aurora-runs", _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ"))
@@ -783,8 +794,9 @@ def _run(args: argparse.Namespace, prep: dict) -> int:
     except BaseException as e:
         stopped = isinstance(e, KeyboardInterrupt)
         if state == "measuring":
-            if stopped:  # diagnose and compare must not take a cut-short run for a complete one
-                rec.set_meta("interrupted", True)
+            # Ctrl-C, a closed pipe or an error: diagnose and compare must not take a cut-short run for a
+            # complete one.
+            rec.set_meta("interrupted", True)
             rec.close()  # keep what was recorded readable
         elif state == "setup":
             _discard(rec, out, created)

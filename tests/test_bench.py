@@ -434,3 +434,38 @@ def test_defaults_are_filled_in_for_meta_config(tmp_path):
     (tmp_path / "a.txt").write_text("0 1 2")
     args = _args("--replay", str(tmp_path / "a.txt"), "--device", "cpu")
     assert bench.check_args(args)["replay"].kind == "replay" and args.scenario == "replay"
+
+
+@pytest.mark.parametrize("fault", [BrokenPipeError, RuntimeError])
+def test_a_run_cut_short_by_an_error_is_marked_and_a_closed_pipe_is_not_invalid(monkeypatch, capsys, tmp_path, fault):
+    """A closed pipe or an error during the measured run: the partial run file is marked interrupted (diagnose
+    and compare warn), and the exception reaches the aurora command, which exits 141 or 2 (never 1, INVALID)."""
+    from aurora_core.cli import main
+    from aurora_core.recorder import load_run
+
+    real = bench._progress_run
+
+    def progress_then_fail(gen, scenario, title, quiet):
+        res = real(gen, scenario, title, quiet)
+        if title == scenario.kind:
+            raise fault("stdout closed" if fault is BrokenPipeError else "a bug")
+        return res
+
+    monkeypatch.setattr(bench, "_build_target", _fake_build(fail=False))
+    monkeypatch.setattr(bench, "_progress_run", progress_then_fail)
+    out = tmp_path / "run"
+    argv = ["bench", "--out", str(out), "--device", "cpu", "--scenario", "closed_loop", "--concurrency", "2",
+            "--duration", "0.3", "--quiet"]
+    if fault is BrokenPipeError:
+        with pytest.raises(BrokenPipeError):
+            bench.run(_args(*argv[1:]))
+    else:
+        assert main(argv) == 2
+    run = load_run(str(out))
+    assert run.meta["interrupted"] is True and run.n_requests > 0
+
+
+def test_bench_console_raises_on_a_closed_pipe():
+    """rich's own Console exits 1 on a closed pipe, which reads as INVALID."""
+    with pytest.raises(BrokenPipeError):
+        bench._console().on_broken_pipe()
