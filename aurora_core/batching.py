@@ -164,7 +164,9 @@ class Batcher:
                 if now >= self._sweep_after:
                     dropped = self._sweep_locked(now)
                     end = self._clock()
-                    self._sweep_after = end + 10 * (end - now)
+                    # Capped at 1 ms: a sweep stretched by a GC pause or a lost GIL must not leave dead
+                    # requests turning live ones away for a second.
+                    self._sweep_after = end + min(10 * (end - now), 1_000_000)
             depth = self._size
             req.record.queue_depth = depth
             if depth >= self.config.max_queue_size:

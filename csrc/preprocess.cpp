@@ -552,9 +552,11 @@ void preprocess_batch(const std::vector<ImageView>& ims, const Spec& spec, void*
   };
   // Workers are started per call (tens of microseconds, against milliseconds per image) rather than
   // kept in a persistent pool: nothing to shut down at exit and nothing to break across fork().
-  // A worker is started only for about 0.1 ms of work or more (source plus output pixels): on a busy
-  // machine a new thread may not run at once, and the join waits for it. Six 8x8 images took 161 us
-  // (median; p99 1.1 ms) with a second thread, 73 us (p99 175 us) without, on the 2-core dev box.
+  // A worker is started only for 2^17 source plus output pixels or more (a 0.3 MP photo alone is more):
+  // on a busy machine a new thread may not run at once, and the join waits for it. Six 8x8 images (8x8
+  // crops, bench_batcher's) took 161 us (median; p99 1.1 ms) with a second thread, 73 us (p99 175 us)
+  // without, on the 2-core dev box; batches of real photos at a 224 crop are above the bound and
+  // threaded as before.
   constexpr int64_t kWorkPerThread = int64_t{1} << 17;
   int64_t pixels = 0;
   for (const auto& im : ims) pixels += im.h * im.w + spec.crop * spec.crop;
