@@ -92,6 +92,16 @@ def number(kind=float, *, gt: float | None = None, ge: float | None = None, le: 
     return parse
 
 
+def unwritable(path: str) -> str | None:
+    """Why an output ``path`` (e.g. --html) cannot be written, or None; checked before the work it reports."""
+    if os.path.isdir(path):
+        return "is a directory"
+    parent = os.path.dirname(path) or "."
+    if not os.path.isdir(parent):
+        return f"no directory {parent}"
+    return None
+
+
 def describe(e: BaseException) -> str:
     """One line for an exception: the reason of aurora_core's typed errors, else the type, then the message."""
     kind = e.reason if isinstance(e, AuroraError) else type(e).__name__

@@ -189,3 +189,16 @@ def test_trace_negative_max_requests(run_dir, tmp_path, capsys):
     out = tmp_path / "t.json"
     assert "--max-requests" in error_line(["trace", run_dir, "--max-requests", "-1", "--out", str(out)], capsys)
     assert not out.exists()
+
+
+# -- every command's own error line ----------------------------------------------------------------
+@pytest.mark.parametrize("argv", [["compare", "/nonexistent/a", "/nonexistent/b"], ["trace", "/nonexistent/a"],
+                                  ["diagnose", "/nonexistent/a"]])
+def test_own_errors_use_the_common_line(argv, capsys):
+    """Errors a command reports itself read like the top level's: ``aurora <cmd>: error: ...``."""
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"aurora {argv[0]}: error: ") and err.count("\n") == 1, err

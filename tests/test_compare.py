@@ -137,7 +137,7 @@ def test_runs_without_enough_requests_are_bad_input(tmp_path, capsys):
         assert main(["compare", str(pair[0]), str(pair[1]), "--boot", "100"]) == 2
         out = capsys.readouterr()
         assert "nan" not in out.out + out.err and out.out == ""
-        assert out.err.startswith("aurora compare: BEFORE" if pair[0] != full else "aurora compare: AFTER")
+        assert out.err.startswith("aurora compare: error: BEFORE" if pair[0] != full else "aurora compare: error: AFTER")
 
 
 @pytest.mark.parametrize("after_env", [
@@ -235,7 +235,7 @@ def test_cli_rejects_bad_options_in_one_line(tmp_path, capsys, opts, msg):
     b = make_run(tmp_path / "b", n=50, seed=32)
     assert main(["compare", str(b), str(b), *opts]) == 2
     out = capsys.readouterr()
-    assert out.out == "" and out.err.startswith("aurora compare: ") and msg in out.err and out.err.count("\n") == 1
+    assert out.out == "" and out.err.startswith("aurora compare: error: ") and msg in out.err and out.err.count("\n") == 1
 
 
 def test_cli_html_write_failure_is_exit_2(tmp_path, capsys):
@@ -243,7 +243,7 @@ def test_cli_html_write_failure_is_exit_2(tmp_path, capsys):
     target = tmp_path / "page.html"
     target.mkdir()  # the directory exists, but the file cannot be opened for writing
     assert main(["compare", str(b), str(b), "--boot", "100", "--html", str(target)]) == 2
-    assert capsys.readouterr().err.startswith("aurora compare: cannot write --html")
+    assert capsys.readouterr().err.startswith("aurora compare: error: cannot write --html")
     assert main(["compare", str(b), str(b), "--boot", "100", "--html", str(tmp_path / "ok.html")]) == 0
     assert "Before / after comparison" in (tmp_path / "ok.html").read_text()
 

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 
-from aurora_core.cli import number
+from aurora_core.cli import number, unwritable
 
 
 def add_arguments(parser) -> None:
@@ -24,22 +23,12 @@ def add_arguments(parser) -> None:
                              "(default 1.3; 1 counts any significant slowdown)")
 
 
-def _html_problem(path: str) -> str | None:
-    """Why ``path`` cannot be written, checked before the analysis so a typo does not cost a whole run."""
-    if os.path.isdir(path):
-        return "is a directory"
-    parent = os.path.dirname(path) or "."
-    if not os.path.isdir(parent):
-        return f"no directory {parent}"
-    return None
-
-
 def run(args) -> int:
     from . import diagnose
     from .report import render_section, text_diagnose
     from .spikes import MIN_RATIO
 
-    if args.html and (why := _html_problem(args.html)):
+    if args.html and (why := unwritable(args.html)):
         print(f"aurora diagnose: error: cannot write --html {args.html}: {why}", file=sys.stderr)
         return 2
     try:

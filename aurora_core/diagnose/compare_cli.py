@@ -10,8 +10,9 @@ called a regression unless both were matched.
 from __future__ import annotations
 
 import json
-import os
 import sys
+
+from aurora_core.cli import unwritable
 
 
 def add_arguments(parser) -> None:
@@ -39,13 +40,13 @@ def run(args) -> int:
     from .report import render_section, text_compare
 
     def fail(msg: str) -> int:
-        print(f"aurora compare: {msg}", file=sys.stderr)
+        print(f"aurora compare: error: {msg}", file=sys.stderr)
         return 2
 
     # Checked up front (compare() checks the options before loading anything), so a typo costs no
     # comparison; writing can still fail later.
-    if args.html and not os.path.isdir(os.path.dirname(os.path.abspath(args.html))):
-        return fail(f"cannot write --html {args.html}: its directory does not exist")
+    if args.html and (why := unwritable(args.html)):
+        return fail(f"cannot write --html {args.html}: {why}")
     try:
         res = compare(args.before, args.after, threshold=args.threshold, alpha=args.alpha, n_boot=args.boot,
                       load_tolerance=args.load_tolerance)

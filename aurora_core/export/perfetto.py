@@ -218,7 +218,7 @@ def run(args) -> int:
         out = args.out or str(Path(src).with_name("trace.json"))
         export_run(src, out, max_requests=args.max_requests)
     except (FileNotFoundError, ValueError, OSError) as e:
-        print(f"aurora trace: {e}", file=sys.stderr)
+        print(f"aurora trace: error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out}: open it in https://ui.perfetto.dev (or chrome://tracing)")
     return 0

@@ -192,7 +192,7 @@ def _record(args) -> int:
         names = [str(pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(i))) for i in range(n)]
         pynvml.nvmlShutdown()
     except Exception as exc:
-        print(f"aurora telemetry record: NVML is not usable here ({nvml_error_text(exc)}); "
+        print(f"aurora telemetry record: error: NVML is not usable here ({nvml_error_text(exc)}); "
               "run this on a machine with an NVIDIA GPU and driver.", file=sys.stderr)
         return 2
     rec = RecordingNvml(pynvml, out=args.out, header={"period_s": args.period, "duration_s": args.duration,
