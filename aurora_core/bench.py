@@ -517,9 +517,7 @@ def _progress_run(gen: lg.LoadGenerator, scenario: lg.Scenario, title: str, quie
 def _load_model(name: str, weights: str | None):
     """The model (nn.Module) as the Pipeline would load it, loaded here so that a failure names the
     option at fault: --model, or --weights (unreadable, or not fitting the model)."""
-    import torch
-
-    from aurora_core.runner import load_model
+    from aurora_core.runner import load_model, load_weights
 
     try:
         net = load_model(name)
@@ -528,26 +526,9 @@ def _load_model(name: str, weights: str | None):
     if weights is None:
         return net
     try:
-        sd = torch.load(weights, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise BenchError(f"--weights {weights}: not a state_dict file torch.load can read ({_one_line(e)})") from e
-    if not isinstance(sd, dict):
-        raise BenchError(f"--weights {weights}: holds a {type(sd).__name__}, not a state_dict")
-    own = net.state_dict()
-    shapes = [f"{k} {list(getattr(v, 'shape', [])) or type(v).__name__} vs {list(own[k].shape)}"
-              for k, v in sd.items() if k in own and getattr(v, "shape", None) != own[k].shape]
-    missing = [k for k in own if k not in sd]
-    extra = [k for k in sd if k not in own]
-    parts = [f"{len(x)} {what} ({', '.join(x[:2])}{', ...' if len(x) > 2 else ''})"
-             for x, what in ((shapes, "of another shape, file vs model"), (missing, "missing"),
-                             (extra, "unknown to the model")) if x]
-    if parts:
-        raise BenchError(f"--weights {weights} does not fit --model {name}: tensors " + "; ".join(parts))
-    try:
-        net.load_state_dict(sd)
-    except Exception as e:
-        raise BenchError(f"--weights {weights}: cannot load into --model {name} ({_one_line(e)})") from e
-    return net
+        return load_weights(net, weights)
+    except ValueError as e:  # names the file and the misfit; here it is --weights for --model
+        raise BenchError(f"--{e} (--model {name})") from e
 
 
 def _build_target(args, device: str, model: str, buckets, gate: _Gate):

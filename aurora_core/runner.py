@@ -75,13 +75,36 @@ def resolve_dtype(dtype) -> torch.dtype:
     raise ValueError(f"Runner: dtype must be fp32, fp16 or bf16 (or the torch dtype), got {dtype!r}")
 
 
+def load_weights(net: nn.Module, weights: str) -> nn.Module:
+    """Load the state_dict file ``weights`` into ``net``. ValueError naming the file when it is not a
+    state_dict torch.load can read, or when its tensors do not fit the model (which, how many)."""
+    try:
+        sd = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"weights {weights}: not a state_dict file torch.load can read "
+                         f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from e
+    if not isinstance(sd, dict):
+        raise ValueError(f"weights {weights}: holds a {type(sd).__name__}, not a state_dict")
+    own = net.state_dict()
+    shapes = [f"{k} {list(getattr(v, 'shape', [])) or type(v).__name__} vs {list(own[k].shape)}"
+              for k, v in sd.items() if k in own and getattr(v, "shape", None) != own[k].shape]
+    missing = [k for k in own if k not in sd]
+    extra = [k for k in sd if k not in own]
+    parts = [f"{len(x)} {what} ({', '.join(x[:2])}{', ...' if len(x) > 2 else ''})"
+             for x, what in ((shapes, "of another shape, file vs model"), (missing, "missing"),
+                             (extra, "unknown to the model")) if x]
+    if parts:
+        raise ValueError(f"weights {weights} do not fit the model {type(net).__name__}: tensors " + "; ".join(parts))
+    net.load_state_dict(sd)
+    return net
+
+
 def load_model(model, *, weights: str | None = None, seed: int = 0) -> nn.Module:
     """A torchvision architecture name (random init under ``seed`` unless ``weights`` names a local
-    state_dict file), an nn.Module (used as is), or a path to a TorchScript or torch.export (.pt2) file."""
+    state_dict file, see ``load_weights``), an nn.Module (used as is), or a path to a TorchScript or
+    torch.export (.pt2) file."""
     if isinstance(model, nn.Module):
-        if weights is not None:
-            model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-        return model
+        return model if weights is None else load_weights(model, weights)
     if not isinstance(model, str | os.PathLike):
         raise TypeError(f"Pipeline: model must be a torchvision name, an nn.Module or a file path, got {type(model).__name__}")
     path = os.fspath(model)
@@ -101,9 +124,7 @@ def load_model(model, *, weights: str | None = None, seed: int = 0) -> nn.Module
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = torchvision.models.get_model(path, weights=None)
-    if weights is not None:
-        net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    return net
+    return net if weights is None else load_weights(net, weights)
 
 
 class _TopK(nn.Module):

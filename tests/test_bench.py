@@ -273,7 +273,7 @@ def test_out_that_is_a_file_or_holds_a_run_is_rejected_first(monkeypatch, capsys
 
 @pytest.mark.parametrize("content,needle", [
     ("text", "not a state_dict file"),
-    ("wrong_shape", "does not fit --model mobilenet_v3_small"),
+    ("wrong_shape", "do not fit the model"),
 ])
 def test_bad_weights_exit_two_naming_the_option(capsys, tmp_path, content, needle):
     """A --weights file that is not a state_dict, or one for another model: exit 2, one line, no run file."""

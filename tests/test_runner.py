@@ -268,3 +268,16 @@ def test_preprocess_kernel_warmup_failure_is_kept_and_the_runner_still_serves(mo
     with pytest.raises(DeviceLost):
         Runner(Tiny(), device="cuda", buckets=(1,), input_shape=SHAPE,
                preprocess_spec=PreprocessSpec(resize=24, crop=16))
+
+
+def test_weights_that_do_not_fit_are_a_value_error_naming_the_file(tmp_path):
+    """A library user's Pipeline(weights=...) gets the misfit spelled out, not torch's raw RuntimeError."""
+    from aurora_core.runner import load_model
+
+    w = tmp_path / "w.pt"
+    torch.save({"fc.weight": torch.zeros(2, 2)}, w)
+    with pytest.raises(ValueError, match=r"weights .*w\.pt do not fit .*missing.*unknown to the model \(fc\.weight\)"):
+        load_model("mobilenet_v3_small", weights=str(w))
+    (tmp_path / "t.pt").write_text("not weights\n")
+    with pytest.raises(ValueError, match="not a state_dict file"):
+        load_model("mobilenet_v3_small", weights=str(tmp_path / "t.pt"))
