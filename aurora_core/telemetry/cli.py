@@ -82,35 +82,11 @@ def _emit(s: Sample, t0: int, as_json: bool) -> None:
         print(format_sample(s, t0))
 
 
-def _read_lines(path: str) -> list[dict]:
-    """The JSON objects of a trace file, one a line. ValueError for a file that is not text, not JSON
-    Lines, or cut short mid-line (an interrupted recording); OSError when it cannot be read."""
-    lines = []
-    hint = "a trace is JSON Lines from `aurora telemetry record` or `synth`"
-    try:
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except ValueError:
-                    obj = None
-                if not isinstance(obj, dict):
-                    cut = not line.endswith("\n")
-                    raise ValueError(f"{'ends mid-line (cut short?)' if cut else f'line {n} is not a JSON object'}; "
-                                     f"{hint}")
-                lines.append(obj)
-    except UnicodeDecodeError:
-        raise ValueError(f"not a text file; {hint} (a run file goes to `aurora diagnose`)") from None
-    return lines
-
-
 def _replay(args) -> int:
     from aurora_core.telemetry.replay import replay_trace
 
     try:
-        samples, events, caps = replay_trace(_read_lines(args.trace), base_ns=0)
+        samples, events, caps = replay_trace(args.trace, base_ns=0)
     except OSError as e:
         print(f"aurora telemetry replay: error: cannot read {args.trace}: {e.strerror}", file=sys.stderr)
         return 2

@@ -213,13 +213,33 @@ def _pkg_version(dist: str) -> str | None:
 
 
 # -- replay --------------------------------------------------------------------------------------
+def _read_lines(path) -> list[dict]:
+    """The JSON objects of a trace file, one a line. ValueError for a file that is not text, not JSON
+    Lines, or cut short mid-line (an interrupted recording); OSError when it cannot be read."""
+    lines = []
+    hint = "a trace is JSON Lines from `aurora telemetry record` or `synth`"
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except ValueError:
+                    obj = None
+                if not isinstance(obj, dict):
+                    cut = not line.endswith("\n")
+                    raise ValueError(f"{'ends mid-line (cut short?)' if cut else f'line {n} is not a JSON object'}; "
+                                     f"{hint}")
+                lines.append(obj)
+    except UnicodeDecodeError:
+        raise ValueError(f"not a text file; {hint} (a run file goes to `aurora diagnose`)") from None
+    return lines
+
+
 def read_trace(path_or_lines) -> list[dict]:
     """The lines of a trace (a path, or already-parsed dicts). Checks the header."""
-    if isinstance(path_or_lines, (str, os.PathLike)):
-        with open(path_or_lines, encoding="utf-8") as f:
-            lines = [json.loads(line) for line in f if line.strip()]
-    else:
-        lines = list(path_or_lines)
+    lines = _read_lines(path_or_lines) if isinstance(path_or_lines, (str, os.PathLike)) else list(path_or_lines)
     if not lines or lines[0].get("format") != FORMAT:
         raise ValueError(f"replay: expected an {FORMAT} trace (header line first), got {str(lines[:1])[:120]}")
     if lines[0].get("version") != VERSION:
