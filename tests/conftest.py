@@ -48,3 +48,15 @@ class Tiny(torch.nn.Module):
         if self.gate is not None:
             self.gate.pass_through()
         return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+class Faulty(Tiny):
+    """Tiny that, once ``mode`` is set, raises ("raise") or returns a single row ("one_row")."""
+
+    mode = None
+
+    def forward(self, x):
+        y = super().forward(x)
+        if self.mode == "raise":
+            raise ValueError("boom in forward")
+        return y[:1] if self.mode == "one_row" else y

@@ -29,7 +29,7 @@ from aurora_core.ops.preprocess import PreprocessSpec
 from aurora_core.pipeline import Pipeline, Prediction
 from aurora_core.records import FIELD_NAMES
 from aurora_core.runner import InjectedStickyError
-from tests.conftest import Tiny, devices, requires_cuda
+from tests.conftest import Faulty, Tiny, devices, requires_cuda
 
 SPEC = PreprocessSpec(resize=24, crop=16)
 WAIT = 20  # s: bound on every wait; the happy path takes milliseconds
@@ -553,18 +553,6 @@ def test_oom_split_serves_batch_mates(harness, device):
     assert all(isinstance(f.exception(0), ResourceExhausted) for f in futs if outcome(f) != "ok")
     assert h.pipe.stats()["oom_splits"] == 2 and h.pipe.ready
     check_accounting(h, [a, b, *futs])
-
-
-class Faulty(Tiny):
-    """Tiny that, once ``mode`` is set, raises ("raise") or returns a single row ("one_row")."""
-
-    mode = None
-
-    def forward(self, x):
-        y = super().forward(x)
-        if self.mode == "raise":
-            raise ValueError("boom in forward")
-        return y[:1] if self.mode == "one_row" else y
 
 
 @pytest.mark.parametrize("mode", ["raise", "one_row"])

@@ -7,7 +7,7 @@ import torch
 
 from aurora_core.errors import DeviceLost, ModelError
 from aurora_core.runner import Runner, is_oom, is_sticky, load_model, resolve_dtype
-from tests.conftest import Tiny, devices, requires_cuda
+from tests.conftest import Faulty, Tiny, devices, requires_cuda
 
 SHAPE = (3, 16, 16)
 
@@ -87,18 +87,6 @@ def test_sticky_error_raises_device_lost():
     with pytest.raises(DeviceLost):
         r.run(fill(r, 2))
     assert r.run(fill(r, 2)).failed == set()  # the injection is consumed
-
-
-class Faulty(Tiny):
-    """Tiny that, once ``mode`` is set, raises ("raise") or returns a single row ("one_row")."""
-
-    mode = None
-
-    def forward(self, x):
-        y = super().forward(x)
-        if self.mode == "raise":
-            raise ValueError("boom in forward")
-        return y[:1] if self.mode == "one_row" else y
 
 
 def test_a_model_exception_is_a_model_error_with_the_cause():
