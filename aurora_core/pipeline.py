@@ -630,13 +630,15 @@ class Pipeline:
 
         rec = r.record
         rec.decode_start_ns = now_ns()
-        min_size = None
-        if self._fast:
-            info = probe(r.data, **self._limits)
-            min_size = fast_min_size((info.height, info.width), self.spec)
-        d = decode_ex(r.data, min_size=min_size, **self._limits)
-        r.image, r.orig_size, r.scale = d.image, d.orig_size, d.scale
-        rec.decode_end_ns = now_ns()
+        try:
+            min_size = None
+            if self._fast:
+                info = probe(r.data, **self._limits)
+                min_size = fast_min_size((info.height, info.width), self.spec)
+            d = decode_ex(r.data, min_size=min_size, **self._limits)
+            r.image, r.orig_size, r.scale = d.image, d.orig_size, d.scale
+        finally:
+            rec.decode_end_ns = now_ns()  # a failed decode's CPU shows in the decode stage too
 
     # ---- compute ---------------------------------------------------------------------------------
     def _compute(self, live: list[Request], slab):

@@ -217,6 +217,9 @@ def test_image_errors_do_not_disturb_batch_mates(harness):
     ok_recs = [f.result(0).timings for f in (futs[0], futs[2], futs[4])]
     assert len({r.batch_id for r in ok_recs}) == 1 and ok_recs[0].batch_size == 3 and ok_recs[0].bucket == 4
     check_accounting(h, [a, b, *futs])
+    # A failed decode's time is in its record too: corrupt inputs cost decode CPU like any other.
+    failed = [r for r in h.records if r.status not in ("ok", "cancelled")]
+    assert len(failed) == 2 and all(0 < r.decode_start_ns <= r.decode_end_ns <= r.completion_ns for r in failed)
 
 
 # ---- batching semantics (exact counts) -----------------------------------------------------------
