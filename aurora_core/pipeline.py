@@ -313,10 +313,16 @@ class Pipeline:
         computed), the batches the workers already hold finish in the background (a result or a typed
         error each), and the workers and the decode pool stop after them. Either way every admitted
         request ends with exactly one result or one typed error. In a process forked after the Pipeline was
-        created, close does nothing: the pipeline's threads live in the parent."""
+        created, close does nothing: the pipeline's threads live in the parent. Called on a batch worker (from
+        a future's callback), close does not wait: the queued requests are still served, and the threads stop
+        after them."""
         if _fork_generation != self._generation:
             return
         self.batcher.close()
+        if threading.current_thread() in self._workers:  # a worker cannot wait for itself
+            if self._pool is not None:
+                threading.Thread(target=self._stop_pool_after_workers, name="aurora-close", daemon=True).start()
+            return
         end = None if timeout is None else time.monotonic() + max(0.0, timeout)
         for t in self._workers:
             t.join(None if end is None else max(0.0, end - time.monotonic()))

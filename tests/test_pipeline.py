@@ -418,6 +418,25 @@ def test_submit_racing_close_is_a_counted_pipeline_closed(harness):
     check_accounting(h, [f], n_rejected=1)
 
 
+def test_close_from_a_future_callback_serves_the_queue():
+    """A done-callback runs on a batch worker; close() there used to raise "cannot join current thread".
+    Now it returns at once, and every request already queued is still served."""
+    errors = []
+    with Pipeline(Tiny(), SPEC, BatchingConfig(max_batch_size=2, max_queue_delay_us=1000), device="cpu") as p:
+        def close_here(f):
+            try:
+                p.close()
+            except Exception as e:  # noqa: BLE001 - Future swallows callback errors; the test must see them
+                errors.append(e)
+
+        futs = [p.submit(image(i)) for i in range(6)]
+        futs[0].add_done_callback(close_here)
+        for f in futs:
+            assert len(f.result(WAIT).top_k) == 5  # queued before the close: served
+        assert isinstance(p.submit(image(0)).exception(WAIT), PipelineClosed)
+    assert errors == []
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_a_forked_child_is_told_to_create_its_own_pipeline():
     """The pipeline's threads stay in the parent: in a child, ready is False and submit raises
