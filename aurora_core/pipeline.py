@@ -513,25 +513,30 @@ class Pipeline:
                     r.decoding = self._pool.submit(self._decode_safe, r)
         if gpu is not None:
             try:
-                self._decode_on_device([r for r in encoded if r.decoding is None], gpu)
+                self._decode_on_device([r for r in encoded if r.decoding is None], gpu, runner)
             except Exception as e:  # noqa: BLE001 - whatever it was, the CPU decodes this batch below
                 self._gpu_decode_failed(e, runner)
+                if self._pool is not None:  # in parallel, as admission-time decodes are
+                    for r in encoded:
+                        if r.decoding is None and r.image is None and r.error is None:
+                            r.decoding = self._pool.submit(self._decode_safe, r)
         for r in encoded:
             if r.decoding is not None:
                 r.decoding.result()
+                r.decoding = None  # done: _finish need not look at it again (a Future lock per request)
             elif r.image is None and r.error is None:
                 self._decode_safe(r)
             if r.error is not None:
                 failures.append((r, r.error))
 
-    def _decode_on_device(self, reqs: list[Request], gpu) -> None:
+    def _decode_on_device(self, reqs: list[Request], gpu, runner: Runner) -> None:
         """One batched GpuDecoder call; a bad input fails alone. A sticky device error propagates: the
         whole batch then fails over."""
         if not reqs:
             return
         t0 = now_ns()
         # The Triton kernel reads the planes on the runner's staging stream.
-        results = gpu.decode_batch([r.data for r in reqs], consumer_stream=self._runner.stage_stream,
+        results = gpu.decode_batch([r.data for r in reqs], consumer_stream=runner.stage_stream,
                                    return_exceptions=True, routes=[r.route for r in reqs])
         t1 = now_ns()  # nvJPEG may still be running: these stamps bracket the host's part
         for r, d in zip(reqs, results, strict=True):

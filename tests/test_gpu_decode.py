@@ -7,6 +7,7 @@ they test the routing, orientation and fallback logic around the decoder, not nv
 from __future__ import annotations
 
 import io
+import threading
 
 import numpy as np
 import pytest
@@ -297,8 +298,14 @@ def test_a_gpu_decode_failure_that_is_not_one_image_decodes_the_batch_on_the_cpu
     dec = GpuDecoder("cpu", nvjpeg=nvjpeg)
     dec._decode = lambda *a: (_ for _ in ()).throw(MemoryError("pinned memory exhausted"))
     with _pipe(dec) as pipe:
-        assert pipe.infer(_jpeg(), timeout=20).timings.status == "ok"
+        threads = []
+        real = pipe._decode_safe
+        pipe._decode_safe = lambda r, *a: (threads.append(threading.current_thread().name), real(r, *a))[1]
+        futs = [pipe.submit(_jpeg(_photo(40, 60, i))) for i in range(4)]
+        assert all(f.result(20).timings.status == "ok" for f in futs)
         assert pipe.ready and pipe.gpu_decode
+    # The batch's CPU decodes run on the pool, in parallel, not one by one on the batch worker.
+    assert len(threads) == 4 and all(t.startswith("aurora-decode") for t in threads), threads
 
 
 @requires_cuda

@@ -269,3 +269,11 @@ def test_weights_that_do_not_fit_are_a_value_error_naming_the_file(tmp_path):
     (tmp_path / "t.pt").write_text("not weights\n")
     with pytest.raises(ValueError, match="not a state_dict file"):
         load_model("mobilenet_v3_small", weights=str(tmp_path / "t.pt"))
+
+
+def test_a_model_that_drops_rows_fails_at_warm_up():
+    """Checked per bucket at start-up (ModelError from the constructor), not first on every batch."""
+    m = Faulty()
+    m.mode = "one_row"
+    with pytest.raises(ModelError, match="1 rows of logits for a batch of 2"):
+        Runner(m, buckets=(1, 2), input_shape=SHAPE)
