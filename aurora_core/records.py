@@ -91,6 +91,18 @@ class Sample:
     values: dict[str, float]
 
 
+def coverage_cap(ts) -> float:
+    """How far back one reading of a cumulative counter (a throttled fraction) reaches: the interval since
+    its previous read, but at most twice its series' median spacing, so a gap (between runs, a stale sampler)
+    is covered by nothing. ts: the series' sorted timestamps (ns). Follows the sampling period: 0.1 s ticks,
+    1 s for costly counters, 10 s for those under ``aurora serve``'s 1 s period."""
+    gaps = sorted(b - a for a, b in zip(ts, ts[1:], strict=False))
+    if not gaps:
+        return 0.0
+    mid = len(gaps) // 2
+    return float(gaps[mid] if len(gaps) % 2 else (gaps[mid - 1] + gaps[mid]) / 2) * 2
+
+
 @dataclass(slots=True)
 class Event:
     """A discrete hardware or runtime event: an Xid, a GPU lost, a sampler recovery, a config change."""

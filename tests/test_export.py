@@ -326,3 +326,16 @@ def test_export_run_leaves_out_non_finite_values(tmp_path):
     evs = json.loads(open(out).read(), parse_constant=reject)["traceEvents"]
     assert [(e["ts"], e["args"]["value"]) for e in evs if e["name"] == "gpu0 power_w"] == [(0.0, 250.0), (4.0, 260.0)]
     assert [e["args"] for e in evs if e["name"] == "gpu0 gpu_lost"] == [{"value": None, "detail": "lost"}]
+
+
+@pytest.mark.parametrize("period_s", [0.1, 1.0, 10.0])
+def test_perfetto_throttle_fraction_drawn_over_its_interval_at_any_cadence(period_s):
+    """A throttled fraction covers the interval since its counter's previous read, at whatever cadence the
+    counter was read (10 s for the costly ones under aurora serve's 1 s period), but not across a gap."""
+    ns = int(period_s * 1e9)
+    reads = [0, ns, 2 * ns, 3 * ns, 20 * ns]  # a gap before the last read
+    samples = [Sample(t, "gpu0", {"throttle_frac_power": float(i)}) for i, t in enumerate(reads)]
+    tr = to_chrome_trace(samples=samples)["traceEvents"]
+    pts = sorted((e["ts"], e["args"]["value"]) for e in tr if e.get("name") == "gpu0 throttle_frac_power")
+    us = ns // 1000
+    assert pts == [(0, 0.0), (0, 1.0), (us, 2.0), (2 * us, 3.0), (20 * us, 4.0)]

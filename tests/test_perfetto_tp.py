@@ -26,11 +26,11 @@ import numpy as np
 import pytest
 
 from aurora_core.batching import BatchingConfig
-from aurora_core.export.perfetto import COUNTER_METRICS, THROTTLE_REACH_NS, export_run
+from aurora_core.export.perfetto import COUNTER_METRICS, export_run
 from aurora_core.ops.preprocess import PreprocessSpec
 from aurora_core.pipeline import Pipeline
 from aurora_core.recorder import Recorder, load_run
-from aurora_core.records import STAGES, Event, RequestRecord, Sample, now_ns
+from aurora_core.records import STAGES, Event, RequestRecord, Sample, coverage_cap, now_ns
 from aurora_core.samples import sample_bytes
 from aurora_core.telemetry.replay import make_synthetic_trace, replay_samples
 from tests.conftest import Tiny
@@ -223,7 +223,7 @@ def test_pipeline_run_loads_in_the_trace_processor(tmp_path):
     want_tracks = {}
     for (source, metric), (ts, vals) in run.samples.items():
         if metric.startswith("throttle_frac_"):  # drawn from the previous read: the interval it covers
-            ts = np.concatenate((ts[:1], np.where(np.diff(ts) <= THROTTLE_REACH_NS, ts[:-1], ts[1:])))
+            ts = np.concatenate((ts[:1], np.where(np.diff(ts) <= coverage_cap(ts.tolist()), ts[:-1], ts[1:])))
         if metric in COUNTER_METRICS or metric.startswith("throttle_frac_"):
             want_tracks[f"{source} {metric} value"] = sorted(zip((ts - t0).tolist(), vals.tolist(), strict=True))
     want_tracks["queue_depth value"] = sorted(zip((req["arrival_ns"] - t0).tolist(), req["queue_depth"].tolist(),

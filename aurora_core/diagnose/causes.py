@@ -61,6 +61,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from aurora_core.records import coverage_cap
+
 from .spikes import ALPHA, SERVICE_STAGES, Series, Window, greater_p
 
 CLAIM = 0.3
@@ -218,7 +220,7 @@ def _interval_mean(series: Series, key, a: float, b: float) -> float | None:
     if s is None or s[0].size == 0:
         return None
     t, v = s
-    cap = 2 * float(np.median(np.diff(t))) if t.size > 1 else 0.0
+    cap = coverage_cap(t.tolist())
     start = np.maximum(np.concatenate(([t[0] - cap], t[:-1])), t - cap)
     w = np.clip(np.minimum(t, b) - np.maximum(start, a), 0.0, None)
     return float(np.dot(w, v) / w.sum()) if w.sum() > 0 else _mean_in(series, key, a, b)

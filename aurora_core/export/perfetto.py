@@ -23,16 +23,13 @@ import json
 import math
 from collections.abc import Iterable
 
-from aurora_core.records import FIELD_NAMES, STAGES, Event, RequestRecord, Sample, Span
+from aurora_core.records import FIELD_NAMES, STAGES, Event, RequestRecord, Sample, Span, coverage_cap
 
 COUNTER_METRICS = (
     "sm_clock_mhz", "mem_clock_mhz", "temp_c", "temp_margin_c", "power_w", "util_gpu_busy_pct", "stale_age_s",
     "cpu_util_pct", "steal_pct", "cgroup_throttled_frac", "psi_cpu_some_avg10", "load1",
 )
 PID_REQUESTS, PID_BATCHES, PID_SPANS, PID_TELEMETRY = 1, 2, 3, 4
-#: A throttled fraction is drawn from its counter's previous read when that read is at most this old
-#: (twice the 1 s slow cadence); further back is a gap (a stale sampler, a re-init), not its interval.
-THROTTLE_REACH_NS = 2_000_000_000
 
 
 class _Lanes:
@@ -117,20 +114,24 @@ def trace_events(records: Iterable[RequestRecord] = (), samples: Iterable[Sample
 
     # Counter tracks. A non-finite value (a failed read) is left out: written as NaN or Infinity it makes
     # the trace processor spin forever on load, so the UI never opens the trace. A counter point holds from
-    # its ts on, but a throttled fraction covers the interval since its counter's previous read (up to 1 s
-    # for costly counters): it is drawn from that read, unless a gap (> THROTTLE_REACH_NS) lies between.
-    last_read: dict[tuple[str, str], int] = {}
+    # its ts on, but a throttled fraction covers the interval since its counter's previous read: it is
+    # drawn from that read, unless a gap lies between (records.coverage_cap, as diagnose weighs it).
+    throttle: dict[tuple[str, str], list[tuple[int, float]]] = {}
     for s in samples:
         for metric, x in s.values.items():
-            throttle = metric.startswith("throttle_frac_")
-            if not ((metric in COUNTER_METRICS or throttle) and math.isfinite(x)):
+            if not math.isfinite(x):
                 continue
-            ts = s.ts_ns
-            if throttle:
-                prev, last_read[(s.source, metric)] = last_read.get((s.source, metric)), ts
-                if prev is not None and ts - prev <= THROTTLE_REACH_NS:
-                    ts = prev
-            out.append({"name": f"{s.source} {metric}", "ph": "C", "ts": us(ts), "pid": PID_TELEMETRY,
+            if metric.startswith("throttle_frac_"):
+                throttle.setdefault((s.source, metric), []).append((s.ts_ns, x))
+            elif metric in COUNTER_METRICS:
+                out.append({"name": f"{s.source} {metric}", "ph": "C", "ts": us(s.ts_ns), "pid": PID_TELEMETRY,
+                            "args": {"value": x}})
+    for (source, metric), pts in throttle.items():
+        pts.sort()
+        cap = coverage_cap([t for t, _ in pts])
+        for i, (t, x) in enumerate(pts):
+            ts = pts[i - 1][0] if i and t - pts[i - 1][0] <= cap else t
+            out.append({"name": f"{source} {metric}", "ph": "C", "ts": us(ts), "pid": PID_TELEMETRY,
                         "args": {"value": x}})
     for r in records:
         if r.arrival_ns:
