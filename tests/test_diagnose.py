@@ -309,3 +309,17 @@ def test_hardware_cause_sees_a_1hz_throttle_counter_in_a_short_window():
     assert [c.cause for c in causes] == ["hardware"], checked
     ev = next(e for e in causes[0].evidence if "hw_thermal" in e.name)
     assert ev.window == pytest.approx(1.0) and ev.passed
+
+
+def test_an_interval_too_fine_for_the_timeline_is_refused(tmp_path, monkeypatch):
+    """An --interval that would cut the timeline into millions of intervals is a ValueError (exit 2 in the
+    CLI), not gigabytes of arrays; the automatic width stays within the bound, however far apart the runs."""
+    from aurora_core.diagnose import spikes
+
+    run = simulate_run(tmp_path / "flat", _arrivals(), meta={"label": "v1"}, item_ms=lambda t: 6.0, seed=3)
+    with pytest.raises(ValueError, match="intervals"):
+        diagnose([run], interval_s=1e-7)
+    monkeypatch.setattr(spikes, "MAX_INTERVALS", 12)  # as if the runs were weeks apart
+    res = diagnose([run])
+    series = spikes.build_series([load_run(run)])[0]
+    assert (series.t[-1] - series.t[0]) / res.data["series"][0]["interval_s"] <= 12 * 1.001

@@ -258,12 +258,20 @@ def auto_interval(series: Series) -> float:
             break
         active = busy
         width = _width(n, active, shortest)
-    return width
+    # Runs weeks apart: the timeline still gets at most MAX_INTERVALS (intervals() refuses more).
+    return max(width, float(series.t[-1] - series.t[0]) / (MAX_INTERVALS - 1))
+
+
+#: Intervals on one timeline; ~40 MB of arrays at the bound, where 1e-6 s on a 10 s run reached 1 GB.
+MAX_INTERVALS = 1_000_000
 
 
 def intervals(series: Series, width: float) -> Intervals:
     t0 = float(series.t[0]) if series.t.size else 0.0
     n = max(1, int(math.ceil((float(series.t[-1]) - t0) / width + 1e-9))) if series.t.size else 1
+    if n > MAX_INTERVALS:  # each array below holds one entry per interval, filled or not
+        raise ValueError(f"diagnose: an interval of {width:g} s cuts the {float(series.t[-1]) - t0:.0f} s timeline "
+                         f"into {n:,} intervals (at most {MAX_INTERVALS:,}); pass a wider --interval")
     edges = t0 + width * np.arange(n + 1)
     idx = np.clip(((series.t - t0) // width).astype(np.int64), 0, n - 1)
     count = np.bincount(idx, minlength=n)
