@@ -29,7 +29,7 @@ from collections import defaultdict
 import numpy as np
 
 from aurora_core import loadgen as lg
-from aurora_core.cli import number
+from aurora_core.cli import describe, number
 from aurora_core.report import (
     CGROUP_THROTTLED_FRAC,
     CPU_BUSY_PCT,
@@ -302,8 +302,7 @@ def _check_model(name: str) -> None:
 
 
 def _one_line(e: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(e).split())
-    text = f"{type(e).__name__}: {text}" if text else type(e).__name__
+    text = describe(e)
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 

@@ -604,7 +604,7 @@ def _read_run(p: Path) -> RunData:
         samples: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
         for key, pts in grouped.items():
             ts = _array([p[:1] for p in pts], np.int64, f"samples ({key[0]}, {key[1]})", ("ts_ns",))[:, 0]
-            value = np.array([v for _, v in pts], dtype=np.float64)
+            value = _array([p[1:] for p in pts], np.float64, f"samples ({key[0]}, {key[1]})", ("value",))[:, 0]
             order = np.lexsort((value, ts))
             samples[key] = (ts[order], value[order])
 
@@ -613,7 +613,7 @@ def _read_run(p: Path) -> RunData:
             "ts_ns": _array([r[:1] for r in ev], np.int64, "events", ("ts_ns",))[:, 0],
             "source": np.array([r[1] for r in ev], dtype=str),
             "kind": np.array([r[2] for r in ev], dtype=str),
-            "value": np.array([r[3] for r in ev], dtype=np.float64),
+            "value": _array([r[3:4] for r in ev], np.float64, "events", ("value",))[:, 0],
             "detail": np.array([r[4] for r in ev], dtype=str),
         }
         hists = dict(db.execute("SELECT stage, encoded FROM histograms").fetchall())

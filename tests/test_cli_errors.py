@@ -146,6 +146,7 @@ def test_replay_still_works(tmp_path, trace_text, capsys):
     (["--period", "0"], "--period"),
     (["--period", "-1"], "--period"),
     (["--start", "3", "--end", "1"], "--end"),
+    (["--start", "1", "--end", "2", "--duration", "0.5"], "--duration"),
     (["--severity", "5"], "--severity"),
     (["--duration", "nan"], "--duration"),
 ])

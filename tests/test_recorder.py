@@ -241,6 +241,8 @@ def _tampered(tmp_path, sql: str):
     ("UPDATE spans SET end_ns = NULL", "spans.end_ns holds NULL"),
     ("UPDATE samples SET ts_ns = NULL", "samples (cpu, cpu_util_pct).ts_ns holds NULL"),
     ("UPDATE events SET ts_ns = NULL", "events.ts_ns holds NULL"),
+    ("UPDATE samples SET value = 'x'", "samples (cpu, cpu_util_pct).value holds 'x'"),
+    ("UPDATE events SET value = 'x'", "events.value holds 'x'"),
 ])
 def test_corrupt_content_names_the_file_and_the_fault(tmp_path, sql, what):
     """Content the recorder never writes is the same ValueError as a damaged database: the path and the fault."""

@@ -134,6 +134,10 @@ def _synth(args) -> int:
         print(f"aurora telemetry synth: error: --end ({args.end:g}) must be after --start ({args.start:g})",
               file=sys.stderr)
         return 2
+    if args.duration is not None and args.duration < args.end:
+        print(f"aurora telemetry synth: error: --duration ({args.duration:g}) must be >= --end ({args.end:g}): "
+              "the episode would be cut off", file=sys.stderr)
+        return 2
     try:
         lines = make_synthetic_trace(args.kind, args.start, args.end, duration_s=args.duration,
                                      period_s=args.period, severity=args.severity, out=args.out)
