@@ -23,6 +23,13 @@ import socket
 import sys
 import threading
 
+from aurora_core.server_connections import (
+    ConnectionPolicy,
+    default_max_connections,
+    http_protocol,
+    raise_nofile_limit,
+)
+
 log = logging.getLogger("aurora_core.server")
 
 EXIT_OK = 0
@@ -55,17 +62,22 @@ class Server:
     config: ``server_app.ServerConfig``.
     cpu_fallback: whether the pipeline was built with ``cpu_fallback=True``; decides whether a device
         fault ends the process.
-    max_connections: open connections, idle keep-alive ones included (default: concurrent requests
-        + 64). A request on a connection past it gets the JSON 503 ``too_many_connections`` and the
-        connection is closed; probes are exempt. uvicorn's own cap, with its plain-text 503, sits at
-        twice this as a backstop.
+    max_connections: open connections, idle keep-alive ones included (default: the soft
+        file-descriptor limit less a reserve, see ``server_connections``). Past it the longest-idle
+        connection is shed; only when every connection has a request in flight is a new one refused
+        (JSON 503 ``too_many_connections``). uvicorn's own cap, with its plain-text 503, sits at twice
+        this as a backstop. Requests in flight have their own limit, ``config.max_concurrent_requests``.
+    header_timeout_s: a connection must send a request's headers within this of connecting or of
+        its previous response (slowloris); ``pressure_header_timeout_s`` when over half the cap is open.
     """
 
     def __init__(self, pipeline, config=None, *, host: str = "127.0.0.1", port: int = 0,
                  cpu_fallback: bool = False, registry=None, max_connections: int | None = None,
-                 keepalive_s: int = 5, header_timeout_s: float = 10.0, shutdown_timeout_s: float = 30.0,
-                 log_level: str = "warning", access_log: bool = False, close_pipeline: bool = False):
+                 keepalive_s: int = 5, header_timeout_s: float = 10.0, pressure_header_timeout_s: float = 1.0,
+                 shutdown_timeout_s: float = 30.0, log_level: str = "warning", access_log: bool = False,
+                 close_pipeline: bool = False):
         import uvicorn
+        from prometheus_client import CollectorRegistry
 
         from aurora_core.server_app import ServerConfig, create_app
 
@@ -73,6 +85,7 @@ class Server:
         self.config = config or ServerConfig()
         self.cpu_fallback = cpu_fallback
         self.close_pipeline = close_pipeline
+        registry = registry if registry is not None else CollectorRegistry()
         self.app = create_app(pipeline, self.config, registry=registry)
         self.state = self.app.state.server
         self.sock = bind_socket(host, port)
@@ -80,16 +93,17 @@ class Server:
         self.exit_code = EXIT_OK
         self._thread: threading.Thread | None = None
         self._started = threading.Event()
-        self.max_connections = max_connections or self.config.max_concurrent_requests + 64
+        self.max_connections = max_connections or default_max_connections()
+        self.connections = ConnectionPolicy(self.max_connections, header_timeout_s, pressure_header_timeout_s,
+                                            registry=registry)
+        # ws="none": the app has no websocket route, and an upgraded connection would leave the policy's sight.
         uv_config = uvicorn.Config(
-            self.app, http=_http_protocol(header_timeout_s), lifespan="off", log_level=log_level,
-            access_log=access_log, limit_concurrency=2 * self.max_connections,
-            timeout_keep_alive=keepalive_s, timeout_graceful_shutdown=int(max(1, shutdown_timeout_s)),
-            server_header=False,
+            self.app, http=http_protocol(self.connections, _refuse_app(self.config.retry_after_s)),
+            ws="none", lifespan="off", log_level=log_level, access_log=access_log,
+            limit_concurrency=2 * self.max_connections, timeout_keep_alive=keepalive_s,
+            timeout_graceful_shutdown=int(max(1, shutdown_timeout_s)), server_header=False,
         )
         self._uv = _Uvicorn(uv_config, self.state)
-        self.state.max_connections = self.max_connections
-        self.state.connections = lambda: len(self._uv.server_state.connections)
 
     @property
     def url(self) -> str:
@@ -121,10 +135,12 @@ class Server:
 
     async def _serve(self):
         watch = asyncio.create_task(self._watch())
+        sweep = asyncio.create_task(self.connections.run())
         try:
             await self._uv.serve(sockets=[self.sock])
         finally:
             watch.cancel()
+            sweep.cancel()
             self._started.set()
         if not self._uv.started:  # uvicorn gave up during startup (it logged why)
             self.exit_code = self.exit_code or EXIT_STARTUP
@@ -213,46 +229,17 @@ def _Uvicorn(config, state):
     return _UvicornServer(config, state)
 
 
-def _http_protocol(header_timeout_s: float):
-    """uvicorn's h11 protocol plus a deadline on receiving a request's headers.
+def _refuse_app(retry_after_s: int):
+    """ASGI app for a connection refused at the cap: the JSON 503 ``too_many_connections``, then close."""
+    from aurora_core.server_app import error_response, new_request_id
 
-    uvicorn times out idle keep-alive connections, but a client that trickles header bytes resets
-    that timer with every byte and holds its connection (one of ``max_connections``) forever: the
-    slowloris attack. This closes any connection that has not completed a request's headers within
-    ``header_timeout_s`` of connecting or of its previous response. Bodies have their own deadline
-    (``ServerConfig.body_timeout_s``, answered with 408).
-    """
-    from uvicorn.protocols.http.h11_impl import H11Protocol
+    async def refuse(scope, receive, send):
+        resp = error_response(503, "too_many_connections", "too many open connections, all busy; retry later",
+                              new_request_id(), retry_after_s)
+        resp.headers["Connection"] = "close"
+        await resp(scope, receive, send)
 
-    class _Protocol(H11Protocol):
-        _header_timer = None
-
-        def connection_made(self, transport):
-            super().connection_made(transport)
-            self._arm_header_timer()
-
-        def on_response_complete(self):
-            super().on_response_complete()
-            if not self.transport.is_closing():
-                self._arm_header_timer()
-
-        def connection_lost(self, exc):
-            if self._header_timer is not None:
-                self._header_timer.cancel()
-            super().connection_lost(exc)
-
-        def _arm_header_timer(self):
-            if self._header_timer is not None:
-                self._header_timer.cancel()
-            self._header_timer = self.loop.call_later(header_timeout_s, self._on_header_timeout)
-
-        def _on_header_timeout(self):
-            self._header_timer = None
-            between_requests = self.cycle is None or self.cycle.response_complete
-            if between_requests and not self.transport.is_closing():
-                self.transport.close()
-
-    return _Protocol
+    return refuse
 
 
 def _pipeline_ready(pipeline) -> bool:
@@ -293,10 +280,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--max-concurrent-requests", type=int, default=256,
                    help="classify requests in flight (JSON 503 past it); probes are exempt")
     s.add_argument("--max-connections", type=int, default=None,
-                   help="open connections, idle keep-alive ones included (default: concurrent requests + 64)")
+                   help="open connections, idle keep-alive ones included; past it the longest-idle one is shed "
+                        "(default: the file-descriptor limit less a tenth, at least 256)")
     s.add_argument("--keepalive-s", type=int, default=5)
     s.add_argument("--header-timeout-s", type=float, default=10.0,
                    help="close connections that have not sent a request's headers within this (slowloris)")
+    s.add_argument("--pressure-header-timeout-s", type=float, default=1.0,
+                   help="the header deadline while over half of --max-connections are open")
     s.add_argument("--shutdown-timeout-s", type=float, default=30.0,
                    help="on SIGTERM, how long admitted requests may take to finish")
     s.add_argument("--retry-after-s", type=int, default=1)
@@ -320,6 +310,8 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_STARTUP
     from aurora_core.server_app import ServerConfig
 
+    before, nofile = raise_nofile_limit()
+    log.info("aurora serve: file-descriptor limit %d%s", nofile, f" (raised from {before})" if nofile != before else "")
     parts = _Parts()
     try:
         config = ServerConfig(
@@ -332,14 +324,16 @@ def run(args: argparse.Namespace) -> int:
         server = Server(parts.pipeline, config, host=args.host, port=args.port, cpu_fallback=args.cpu_fallback,
                         registry=parts.exporter.registry, max_connections=args.max_connections,
                         keepalive_s=args.keepalive_s, header_timeout_s=args.header_timeout_s,
+                        pressure_header_timeout_s=args.pressure_header_timeout_s,
                         shutdown_timeout_s=args.shutdown_timeout_s,
                         log_level=args.log_level, access_log=args.access_log)
     except Exception as e:  # a startup failure is one line for the operator, not a trace
         parts.close()
         print(f"aurora serve: cannot start: {e}", file=sys.stderr)
         return EXIT_STARTUP
-    log.info("aurora serve: listening on %s (model %s, device %s)", server.url, parts.pipeline.model_name,
-             parts.pipeline.device)
+    log.info("aurora serve: listening on %s (model %s, device %s, up to %d connections, %d requests in flight)",
+             server.url, parts.pipeline.model_name, parts.pipeline.device, server.max_connections,
+             config.max_concurrent_requests)
     try:
         code = server.run()
     finally:

@@ -13,8 +13,9 @@ Every response to ``/v1/classify`` is either a prediction or one JSON error body
 of ``SERVER_CODES``. ``reason`` is the finer stable cause the error carries (equal to ``code`` when
 there is none). A stack trace is logged on the server, never sent.
 
-Outside this app's reach: a request that is not HTTP gets uvicorn's plain-text 400, and a
-connection past uvicorn's hard backstop (twice the connection cap) its plain-text 503.
+Connections are not this app's business: ``aurora_core.server`` caps and sheds them (see
+``server_connections``) and answers a connection refused at its cap with this module's JSON 503
+``too_many_connections``. A request that is not HTTP gets uvicorn's plain-text 400.
 
 Admission is the pipeline's queue. The body is read asynchronously on the event loop before the
 request is submitted, so a slow client holds one coroutine and one connection slot, never a
@@ -228,9 +229,6 @@ class _State:
         self.draining = False
         self.fault: str | None = None
         self.in_flight = 0
-        # Open connections, when the server running the app can count them (aurora_core.server does).
-        self.connections = None
-        self.max_connections: int | None = None
 
     def is_ready(self) -> bool:
         return not self.draining and self.fault is None and bool(_safe(lambda: self.pipeline.ready, False))
@@ -264,15 +262,7 @@ class _Guard:
             await send(message)
 
         capped = path not in _PROBE_PATHS
-        st = self.state
-        if capped and st.connections is not None and st.connections() > st.max_connections:
-            resp = error_response(503, "too_many_connections", "too many open connections; retry later", rid,
-                                  self.config.retry_after_s)
-            resp.headers["Connection"] = "close"  # give the slot back now, not after keep-alive
-            await resp(scope, receive, send_wrapper)
-            self._observe(route, status, t0)
-            return
-        if capped and st.in_flight >= self.config.max_concurrent_requests:
+        if capped and self.state.in_flight >= self.config.max_concurrent_requests:
             resp = error_response(503, "too_many_requests", "too many concurrent requests; retry later", rid,
                                   self.config.retry_after_s)
             await resp(scope, receive, send_wrapper)

@@ -528,25 +528,139 @@ def test_503_too_many_concurrent_requests_probes_exempt():
             srv.stop()
 
 
-def test_503_too_many_connections_is_json_and_frees_the_slot(pipe):
-    with Server(pipe, ServerConfig(), max_connections=4) as srv:
-        idle = [socket.create_connection((srv.host, srv.port)) for _ in range(4)]
+def _wait_for(cond, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not cond() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return cond()
+
+
+def _closed_by_server(s: socket.socket, timeout: float = 0.0) -> bool:
+    """True when the server closed the connection (EOF readable within timeout)."""
+    s.settimeout(timeout or None) if timeout else s.setblocking(False)
+    try:
+        return s.recv(1) == b""
+    except (BlockingIOError, TimeoutError):
+        return False
+    except ConnectionResetError:
+        return True
+    finally:
+        s.setblocking(True)
+
+
+def _shed(metrics: str) -> dict[str, int]:
+    return {r: int(float(v)) for r, v in re.findall(r'aurora_http_connections_shed_total\{reason="(\w+)"\} ([0-9.e+]+)',
+                                                    metrics)}
+
+
+def _keepalive_get(s: socket.socket, path: str = "/healthz") -> int:
+    s.sendall(b"GET %s HTTP/1.1\r\nHost: t\r\n\r\n" % path.encode())
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        buf += s.recv(4096)
+    status, headers, body = parse_raw(buf)
+    while len(body) < int(headers["content-length"]):
+        body += s.recv(4096)
+    return status
+
+
+def test_at_the_cap_the_longest_idle_connection_is_shed_not_the_new_one(pipe):
+    """The old server answered the new connection's request with 503 too_many_connections."""
+    with Server(pipe, ServerConfig(max_concurrent_requests=2), max_connections=4,
+                pressure_header_timeout_s=8) as srv:
+        conns = []
+        for _ in range(4):  # opened in order: 0 is the oldest
+            conns.append(socket.create_connection((srv.host, srv.port)))
+            assert _wait_for(lambda: len(srv.connections.open) == len(conns))
         try:
-            deadline = time.monotonic() + 10
-            while srv.state.connections() < 4 and time.monotonic() < deadline:
-                time.sleep(0.01)
-            status, headers, body = parse_raw(raw_exchange(
-                srv.host, srv.port, b"POST /v1/classify HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n"))
-            assert status == 503 and headers["connection"] == "close" and "retry-after" in headers
-            assert json.loads(body)["error"]["code"] == "too_many_connections"
-            assert httpx.get(srv.url + "/healthz", timeout=10).status_code == 200  # probes still answer
+            # A request on 0 makes it the most recently idle: 1 is now the longest idle.
+            assert _keepalive_get(conns[0]) == 200
+            assert _wait_for(lambda: len(srv.connections.idle) == 4)
+            status, _, body = parse_raw(raw_exchange(
+                srv.host, srv.port, b"POST /v1/classify HTTP/1.1\r\nHost: t\r\nContent-Type: image/jpeg\r\n"
+                b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(make_jpeg(1)) + make_jpeg(1)))
+            assert status == 200 and json.loads(body)["top_k"]
+            assert _closed_by_server(conns[1], timeout=5)
+            assert not any(_closed_by_server(c) for c in (conns[0], conns[2], conns[3]))
+            assert _keepalive_get(conns[0]) == 200  # the survivors still serve
+            m = httpx.get(srv.url + "/metrics", timeout=10).text
+            assert _shed(m)["at_cap"] == 1 and _shed(m)["refused"] == 0, _shed(m)
+            assert "aurora_http_connections_limit 4.0" in m
+            assert re.search(r"^aurora_http_connections [1-4]\.0$", m, re.M)
         finally:
-            for s_ in idle:
-                s_.close()
-        deadline = time.monotonic() + 10
-        while srv.state.connections() > 0 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert httpx.post(srv.url + "/v1/classify", content=make_jpeg(1), timeout=30).status_code == 200
+            for c in conns:
+                c.close()
+
+
+def test_at_the_cap_with_every_connection_busy_the_new_one_gets_json_503(pipe):
+    gate = threading.Event()
+    net = TinyNet(gate=gate)
+    with make_pipeline(net) as p:
+        net.armed = True
+        srv = Server(p, ServerConfig(), max_connections=2).start()
+        try:
+            with ThreadPoolExecutor(2) as ex:
+                held = [ex.submit(httpx.post, srv.url + "/v1/classify", content=make_jpeg(i), timeout=30)
+                        for i in range(2)]
+                assert _wait_for(lambda: srv.state.in_flight == 2)
+                status, headers, body = parse_raw(raw_exchange(
+                    srv.host, srv.port, b"POST /v1/classify HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n"))
+                assert status == 503 and headers["connection"] == "close" and "retry-after" in headers
+                assert json.loads(body)["error"]["code"] == "too_many_connections"
+                gate.set()
+                assert [f.result().status_code for f in held] == [200, 200]
+            assert srv.connections.shed["refused"] == 1
+            assert _wait_for(lambda: not srv.connections.open)
+            assert httpx.post(srv.url + "/v1/classify", content=make_jpeg(1), timeout=30).status_code == 200
+        finally:
+            gate.set()
+            srv.stop()
+
+
+def test_header_deadline_shortens_under_pressure(pipe):
+    """Over half the cap open: connections without headers are closed after the pressure deadline,
+    oldest first, until half the cap is open; the rest keep the (long) quiet-time deadline."""
+    with Server(pipe, ServerConfig(), max_connections=4, header_timeout_s=30, pressure_header_timeout_s=0.3) as srv:
+        quiet = socket.create_connection((srv.host, srv.port))
+        quiet.sendall(b"GET /healthz HTTP/1.1\r\n")  # a request line, then nothing
+        time.sleep(0.6)
+        assert not _closed_by_server(quiet)  # 1 of 4 open: no pressure
+        flood = []
+        for _ in range(3):
+            flood.append(socket.create_connection((srv.host, srv.port)))
+            assert _wait_for(lambda: len(srv.connections.idle) == 1 + len(flood))
+        try:
+            assert _closed_by_server(quiet, timeout=5) and _closed_by_server(flood[0], timeout=5)
+            time.sleep(0.6)
+            assert not _closed_by_server(flood[1]) and not _closed_by_server(flood[2])  # 2 of 4: no pressure
+            assert srv.connections.shed == {"at_cap": 0, "pressure": 2, "header_timeout": 0, "refused": 0}
+            assert _keepalive_get(flood[1]) == 200
+        finally:
+            for c in [quiet] + flood:
+                c.close()
+
+
+def test_connection_cap_defaults_to_the_descriptor_limit_not_the_request_limit(pipe):
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with Server(pipe, ServerConfig(max_concurrent_requests=8)) as srv:
+        assert srv.max_connections == max(16, soft - max(256, soft // 10))
+        assert srv.connections.max_connections == srv.max_connections
+
+
+def test_raise_nofile_limit_lifts_the_soft_limit_to_the_hard_one():
+    import resource
+
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard <= 512:
+        pytest.skip(f"hard RLIMIT_NOFILE {hard}: nothing to raise to")
+    code = ("import resource; from aurora_core.server_connections import raise_nofile_limit as r; "
+            "print(r(), resource.getrlimit(resource.RLIMIT_NOFILE)[0])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (512, hard)),
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.stdout.split() == ["(512,", f"{hard})", str(hard)], out
 
 
 # ---------------------------------------------------------------------------------------------------
