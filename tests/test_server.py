@@ -729,15 +729,22 @@ def test_sigterm_finishes_admitted_requests_then_exits_zero(tmp_path):
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env,
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     try:
-        url = None
+        url, startup = None, []
         deadline = time.monotonic() + 120
         while url is None and time.monotonic() < deadline:
             line = proc.stderr.readline()
             if not line:
                 break
+            startup.append(line)
             m = re.search(r"listening on (http://\S+)", line)
             url = m.group(1) if m else None
         assert url, "server did not report its address"
+        # The descriptor limit it runs under (the soft one raised to the hard one), and its two caps.
+        import resource
+
+        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        assert any(f"file-descriptor limit {nofile}" in ln for ln in startup), startup
+        assert re.search(r"up to \d+ connections, 256 requests in flight", startup[-1]), startup
         threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep the pipe drained
         with httpx.Client(base_url=url, timeout=30) as c:
             assert c.get("/readyz").status_code == 200
