@@ -31,7 +31,12 @@ log = logging.getLogger("aurora_core.server")
 
 #: Why a connection was closed by the policy (the ``reason`` label of the shed counter).
 SHED_REASONS = ("at_cap", "pressure", "header_timeout", "refused")
-_SWEEP_PERIOD_S = 0.1
+_SWEEP_PERIOD_S = 0.05
+# Closes per sweep. A close costs the loop ~10 µs in the sweep (measured here, 1,000 closes) plus its
+# connection_lost callback; the bound keeps a deadline that passes for tens of thousands of connections at
+# once from stalling the loop for most of a second. 5,120 deadline closes a second at most; past that, the
+# cap sheds the rest as new connections arrive.
+_MAX_CLOSES_PER_SWEEP = 256
 _LOG_PERIOD_S = 5.0
 
 
@@ -79,7 +84,7 @@ class ConnectionPolicy:
         self.idle: OrderedDict = OrderedDict()
         self.shed = dict.fromkeys(SHED_REASONS, 0)
         self._logged = dict(self.shed)
-        self._last_log = float("-inf")
+        self._last_log = self._last_pressure_log = float("-inf")
         self._was_pressed = False
         self._counter = None
         if registry is not None:
@@ -133,7 +138,9 @@ class ConnectionPolicy:
         """Close the connections past their header deadline: the shorter one while over half the
         cap is open (so pressure sheds down to half the cap, oldest first), else the quiet-time one."""
         pressed = self.under_pressure
-        while self.idle:
+        for _ in range(_MAX_CLOSES_PER_SWEEP):
+            if not self.idle:
+                break
             conn, since = next(iter(self.idle.items()))
             if now - since >= self.header_timeout_s:
                 self._close(conn, "header_timeout")
@@ -163,14 +170,12 @@ class ConnectionPolicy:
     def _report(self, now: float, pressed: bool) -> None:
         """One log line per _LOG_PERIOD_S at most, whatever the flood's rate (a line per shed
         connection would cost the loop more than the connection did)."""
-        if pressed != self._was_pressed:
-            self._was_pressed = pressed
-            if pressed:
-                log.warning("connection pressure: %d open of a cap of %d; connections must send their headers "
-                            "within %g s, and the longest-idle ones are shed at the cap", len(self.open),
-                            self.max_connections, self.pressure_header_timeout_s)
-            else:
-                log.info("connection pressure over: %d open of a cap of %d", len(self.open), self.max_connections)
+        if pressed and not self._was_pressed and now - self._last_pressure_log >= _LOG_PERIOD_S:
+            self._last_pressure_log = now
+            log.warning("connection pressure: %d open of a cap of %d; connections must send their headers "
+                        "within %g s, and the longest-idle ones are shed at the cap", len(self.open),
+                        self.max_connections, self.pressure_header_timeout_s)
+        self._was_pressed = pressed
         if self.shed == self._logged or now - self._last_log < _LOG_PERIOD_S:
             return
         delta = {r: self.shed[r] - self._logged[r] for r in SHED_REASONS if self.shed[r] != self._logged[r]}
