@@ -640,6 +640,45 @@ def test_header_deadline_shortens_under_pressure(pipe):
                 c.close()
 
 
+class _Conn:
+    """What ConnectionPolicy needs of a connection: a way to close it."""
+
+    def __init__(self, name):
+        self.name, self.closed = name, False
+
+    def shed(self):
+        self.closed = True
+
+
+def test_connection_policy_sheds_longest_idle_never_busy_and_bounds_each_sweep():
+    from aurora_core import server_connections as sc
+
+    pol = sc.ConnectionPolicy(max_connections=3, header_timeout_s=10, pressure_header_timeout_s=1)
+    a, b, c, d, e = (_Conn(n) for n in "abcde")
+    assert pol.opened(a, 0.0) and pol.opened(b, 0.1) and pol.opened(c, 0.2)
+    pol.update(a, True, 0.3)     # a request in flight on a
+    pol.update(b, True, 0.3)
+    pol.update(b, False, 0.4)    # b answered: idle since 0.4, now younger than c
+    assert pol.opened(d, 0.5) and c.closed and not (a.closed or b.closed)
+    assert pol.shed["at_cap"] == 1 and len(pol.open) == 3
+    pol.update(b, True, 0.6)
+    pol.update(d, True, 0.6)     # every connection busy: the next one is refused, nothing is shed
+    assert not pol.opened(e, 0.7) and pol.shed["refused"] == 1 and not any(x.closed for x in (a, b, d))
+    pol.sweep(0.8)
+    assert not e.closed          # under pressure, but e is not past the 1 s deadline yet
+    pol.sweep(1.8)
+    assert e.closed and pol.shed["pressure"] == 1 and not any(x.closed for x in (a, b, d))
+
+    big = sc.ConnectionPolicy(max_connections=100_000, header_timeout_s=1)
+    conns = [_Conn(i) for i in range(sc._MAX_CLOSES_PER_SWEEP + 10)]
+    for i, x in enumerate(conns):
+        big.opened(x, i * 1e-6)
+    big.sweep(5.0)               # all past the deadline: one sweep closes a bounded number, oldest first
+    assert [x.closed for x in conns] == [True] * sc._MAX_CLOSES_PER_SWEEP + [False] * 10
+    big.sweep(5.05)
+    assert all(x.closed for x in conns) and big.shed["header_timeout"] == len(conns) and not big.open
+
+
 def test_connection_cap_defaults_to_the_descriptor_limit_not_the_request_limit(pipe):
     import resource
 
