@@ -154,7 +154,10 @@ class ConnectionPolicy:
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(_SWEEP_PERIOD_S)
-            self.sweep(loop.time())
+            try:
+                self.sweep(loop.time())
+            except Exception:  # a sweep that stopped would leave slowloris unchecked: report and go on
+                log.exception("connection sweep failed")
 
     # -- internals ----------------------------------------------------------------------------------
     def _close(self, conn, reason: str) -> None:
