@@ -537,7 +537,10 @@ def _wait_for(cond, timeout: float = 10.0) -> bool:
 
 def _closed_by_server(s: socket.socket, timeout: float = 0.0) -> bool:
     """True when the server closed the connection (EOF readable within timeout)."""
-    s.settimeout(timeout or None) if timeout else s.setblocking(False)
+    if timeout:
+        s.settimeout(timeout)
+    else:
+        s.setblocking(False)
     try:
         return s.recv(1) == b""
     except (BlockingIOError, TimeoutError):
