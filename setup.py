@@ -18,7 +18,7 @@ ext = Pybind11Extension(
     sorted(glob.glob("csrc/*.cpp")),
     cxx_std=17,
     extra_compile_args=flags,
-    extra_link_args=["-pthread"],
+    extra_link_args=["-pthread", "-ldl"],
 )
 
 setup(ext_modules=[ext], cmdclass={"build_ext": build_ext})
