@@ -463,9 +463,9 @@ def _decode_jpeg_region(buf: memoryview, hdr: _Header, scale: int, orig: tuple[i
     part = _orient(_cmyk_to_rgb(part) if hdr.cmyk else part, o)
     # Stored (top, left) lands at the oriented corner the inverse orientation maps it to.
     inv = {6: 8, 8: 6}.get(o, o)
-    t, _, l, _ = _map_rect(inv, (top, bottom, left, right), oh, ow)
+    y, _, x, _ = _map_rect(inv, (top, bottom, left, right), oh, ow)
     img = _alloc((oh, ow, 3), np.uint8)
-    img[t:t + part.shape[0], l:l + part.shape[1]] = part
+    img[y:y + part.shape[0], x:x + part.shape[1]] = part
     return img, valid
 
 
