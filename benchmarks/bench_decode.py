@@ -100,8 +100,8 @@ def ratios(photos: list[str], rounds: int) -> None:
         _, h, w = probe(data)
         for s in (1, 2):
             ms = None if s == 1 else (-(-h // s), -(-w // s))
-            wall = timed_medians({"full": lambda ms=ms: decode_ex(data, min_size=ms),
-                                  "crop": lambda ms=ms: decode_ex(data, min_size=ms, crop_for=SPEC)}, rounds)["wall"]
+            wall = timed_medians({"full": lambda ms=ms, data=data: decode_ex(data, min_size=ms),
+                                  "crop": lambda ms=ms, data=data: decode_ex(data, min_size=ms, crop_for=SPEC)}, rounds)["wall"]
             print(f"  {photo:6s} 1/{s}: full {wall['full'] * 1e3:6.2f}  crop {wall['crop'] * 1e3:6.2f}  "
                   f"ratio {wall['crop'] / wall['full']:.2f}")
     print(f"load average after {os.getloadavg()}")
