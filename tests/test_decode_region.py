@@ -188,3 +188,28 @@ def test_pipeline_rejects_a_bad_fast_gap_before_loading_the_model():
 
     with pytest.raises(ValueError, match="fast_min_size: expected gap"):
         Pipeline(model="no-such-model", device="cpu", fast_gap=0.5)
+
+
+@pytest.mark.parametrize("kw", [{"fast_decode": False}, {"fast_gap": 1}, {}])
+def test_pipeline_decodes_as_load_does(kw, monkeypatch):
+    """The Pipeline's decode is load()'s: crop-region, at the DCT scale its fast_gap picks (exact when
+    fast_decode=False). Undefined pixels are poisoned, so a pipeline reading them would differ."""
+    from aurora_core.batching import BatchingConfig
+    from aurora_core.pipeline import Pipeline
+    from tests.conftest import Tiny
+
+    monkeypatch.setattr(dec, "_alloc", poisoned(255))
+    spec = PreprocessSpec(resize=64, crop=56)
+    data = sample_bytes("2.5mp")  # 1920x1280: fast_gap 4 -> 1/4, fast_gap 1 -> 1/8
+    model = Tiny()
+    load_kw = {"fast": kw.get("fast_decode", True), "fast_gap": kw.get("fast_gap", 4)}
+    with torch.no_grad():
+        want = model(load(data, spec, **load_kw)[None]).softmax(1)[0]
+    # the settings give different inputs, so the comparison below tells them apart
+    assert not torch.equal(load(data, spec, fast=False), load(data, spec, fast_gap=1))
+    assert not torch.equal(load(data, spec), load(data, spec, fast_gap=1))
+    with Pipeline(model, spec, BatchingConfig(max_batch_size=1), device="cpu", jit_freeze=False, **kw) as p:
+        pred = p.infer(data, timeout=20)
+    got = dict(pred.top_k)
+    for cls, prob in got.items():
+        assert abs(prob - want[cls].item()) < 1e-5
