@@ -29,6 +29,11 @@ Policy (what a caller can rely on):
   further): the image stands for the extent (H0 / s, W0 / s), with no half-pixel offset. libjpeg-turbo
   converts to RGB, clipping to 0..255, after the reduction, so where full-size pixels are out of gamut
   (a saturated step edge with 4:2:0 chroma) a scaled pixel is not the mean of the clipped full decode.
+* ``crop_for=spec`` (what ``load`` and the ``Pipeline`` pass) decodes a JPEG only in the rows and columns that
+  ``preprocess`` with that spec reads, with libjpeg-turbo's jpeg_skip_scanlines / jpeg_crop_scanline
+  (``csrc/jpeg_region.cpp``, on the libjpeg-turbo the Pillow wheel ships). Those pixels equal the full
+  decode's bit for bit; the others are left unwritten (``Decoded.valid`` says which are which). The whole
+  entropy-coded stream is still read, so the same corrupt files fail.
 * EXIF orientation 1..8 is read from the first APP1 ``Exif`` segment (JPEG) or the ``eXIf`` chunk (PNG)
   with a small bounds-checked TIFF parser and applied as ``PIL.ImageOps.exif_transpose`` does. Malformed
   EXIF is ignored (orientation 1). XMP orientation is not used.

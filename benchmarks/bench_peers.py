@@ -215,19 +215,24 @@ def main() -> None:
     for name in names:
         if server_command(name, 0, args) is None:
             skipped[name] = "not installed (optional peer; not a project dependency)" \
-                if not _importable(name) else "no launcher in this script yet"
+                if not _importable(name) else "installed, but this script has no launcher for it (optional)"
             print(f"  {name}: skipped, {skipped[name]}", flush=True)
             continue
         results.append(measure_server(name, payloads, args))
     load = os.getloadavg()
     base = {r["server"]: r for r in results}
-    print(f"\n| server | highest rate at p99 <= {args.slo_ms:g} ms | saturated throughput | aurora / it (rate) |")
-    print("|---|---|---|---|")
+    def ratio(ref: str, r: dict, key: str) -> str:
+        return f"{base[ref][key] / r[key]:.2f}x" if ref in base and r[key] else "-"
+
+    print(f"\n| server | highest rate at p99 <= {args.slo_ms:g} ms | saturated throughput | aurora / it "
+          "(rate, saturated) | aurora --exact / it (rate, saturated) |")
+    print("|---|---|---|---|---|")
     for r in results:
-        ratio = (base["aurora"]["peak_rate"] / r["peak_rate"]) if "aurora" in base and r["peak_rate"] else float("nan")
-        print(f"| {r['server']} | {r['peak_rate']:.1f}/s | {r['saturated']:.1f}/s | {ratio:.2f}x |")
+        print(f"| {r['server']} | {r['peak_rate']:.1f}/s | {r['saturated']:.1f}/s | {ratio('aurora', r, 'peak_rate')}, "
+              f"{ratio('aurora', r, 'saturated')} | {ratio('aurora_exact', r, 'peak_rate')}, "
+              f"{ratio('aurora_exact', r, 'saturated')} |")
     for name, why in skipped.items():
-        print(f"| {name} | skipped: {why} | | |")
+        print(f"| {name} | skipped: {why} | | | |")
     print(f"load average after {load}")
     if args.out:
         with open(args.out, "w") as f:
