@@ -419,8 +419,9 @@ def _load_region_decoder():
 
     path = os.environ.get("AURORA_LIBJPEG")
     if not path:
-        found = sorted(glob.glob(os.path.join(os.path.dirname(PIL.__file__), os.pardir, "pillow.libs",
-                                              "libjpeg*.so*")))
+        here = os.path.dirname(PIL.__file__)  # Linux wheels: pillow.libs beside PIL; macOS: PIL/.dylibs
+        found = sorted(glob.glob(os.path.join(here, os.pardir, "pillow.libs", "libjpeg*.so*"))
+                       + glob.glob(os.path.join(here, ".dylibs", "libjpeg*.dylib")))
         path = found[0] if found else None
     if path is None:
         log.info("decode: no libjpeg-turbo found beside Pillow; JPEGs are decoded whole")

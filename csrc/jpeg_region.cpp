@@ -16,7 +16,9 @@
 // IDCT, upsampling and colour conversion outside it: 0.8x of a full decode there, not 0.5x. Progressive
 // JPEGs decode every coefficient before the first row.
 
+#ifndef _WIN32
 #include <dlfcn.h>
+#endif
 
 #include <csetjmp>
 #include <cstddef>
@@ -127,6 +129,11 @@ int run(const unsigned char* data, size_t size, unsigned char* out, ptrdiff_t ro
 
 bool jpeg_region_load(const char* path, std::string* why) {
   if (g_loaded) return true;
+#ifdef _WIN32
+  (void)path;
+  *why = "region decode is not built on Windows";
+  return false;
+#else
   void* h = dlopen(path, RTLD_NOW | RTLD_LOCAL);
   if (!h) {
     *why = dlerror();
@@ -157,6 +164,7 @@ bool jpeg_region_load(const char* path, std::string* why) {
   g_api = a;  // set once, before g_loaded, under the GIL (the Python wrapper calls this once)
   g_loaded = true;
   return true;
+#endif
 }
 
 bool jpeg_region_loaded() { return g_loaded; }

@@ -213,3 +213,27 @@ def test_pipeline_decodes_as_load_does(kw, monkeypatch):
     got = dict(pred.top_k)
     for cls, prob in got.items():
         assert abs(prob - want[cls].item()) < 1e-5
+
+
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_triton_kernel_reads_only_the_region(orientation, monkeypatch):
+    """The Triton kernel (interpreted on the CPU, on the GPU when present) computes its windows in float32:
+    the region's one-pixel margin covers that. Poisoned outside, its output equals the full decode's."""
+    from tests.conftest import has_cuda
+
+    kernels = pytest.importorskip("aurora_core.kernels.preprocess")
+    spec = PreprocessSpec(resize=12, crop=10)
+    data = jpeg(rocket(70, 130), orientation)
+    device = "cuda" if has_cuda else "cpu"
+    for s in (1, 2):
+        min_size = None if s == 1 else (ceil_div(70, s), ceil_div(130, s))
+        full = decode_ex(data, min_size=min_size)
+        want = kernels.preprocess_batch_triton([full.image], spec, orig_sizes=[full.orig_size], scales=[full.scale],
+                                               device=device)
+        for value in (0, 255):
+            monkeypatch.setattr(dec, "_alloc", poisoned(value))
+            r = decode_ex(data, min_size=min_size, crop_for=spec)
+            assert r.valid is not None and r.scale == full.scale
+            got = kernels.preprocess_batch_triton([r.image], spec, orig_sizes=[r.orig_size], scales=[r.scale],
+                                                  device=device)
+            assert torch.equal(got, want)
