@@ -237,3 +237,28 @@ def test_triton_kernel_reads_only_the_region(orientation, monkeypatch):
             got = kernels.preprocess_batch_triton([r.image], spec, orig_sizes=[r.orig_size], scales=[r.scale],
                                                   device=device)
             assert torch.equal(got, want)
+
+
+def test_serve_passes_fast_gap_and_exact_to_the_pipeline(monkeypatch, capsys):
+    import argparse
+
+    from aurora_core import pipeline as pipeline_mod
+    from aurora_core.server import EXIT_STARTUP, add_arguments, run
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_pipeline(*a, **kw):  # records what serve asks for, then stops the start-up
+        seen.update(kw)
+        raise Stop("stop here")
+
+    monkeypatch.setattr(pipeline_mod, "Pipeline", fake_pipeline)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    for argv, want in ((["--exact"], (False, 4.0)), (["--fast-gap", "2"], (True, 2.0)), ([], (True, 4.0))):
+        seen.clear()
+        assert run(parser.parse_args([*argv, "--port", "0", "--log-level", "error"])) == EXIT_STARTUP
+        assert (seen["fast_decode"], seen["fast_gap"]) == want
+    assert "cannot start: stop here" in capsys.readouterr().err
