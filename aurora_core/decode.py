@@ -427,10 +427,31 @@ def _load_region_decoder():
         log.info("decode: no libjpeg-turbo found beside Pillow; JPEGs are decoded whole")
         return None
     ok, why = _C.jpeg_region_load(path)
-    if not ok:
+    if ok:
+        why = _region_self_test(_C)
+    if why:
         log.warning("decode: cannot use %s for region decode (%s); JPEGs are decoded whole", path, why)
         return None
     return _C
+
+
+def _region_self_test(lib) -> str:
+    """'' when the loaded library decodes a small 4:2:0 JPEG, whole and cropped at 1/2, exactly as simplejpeg
+    does; else why not. A library with another ABI fails here once, instead of on every image as 'corrupt'."""
+    rng = np.random.default_rng(0)
+    src = np.repeat(np.repeat(rng.integers(0, 256, (6, 10, 3), np.uint8), 8, 0), 8, 1)
+    data = simplejpeg.encode_jpeg(src, quality=90, colorsubsampling="420")
+    for scale, rect in ((1, (0, 48, 0, 80)), (2, (5, 20, 17, 30))):
+        h, w = _ceil_div(48, scale), _ceil_div(80, scale)
+        want = simplejpeg.decode_jpeg(data, min_height=h, min_width=w, fastdct=False, fastupsample=False)
+        out = np.zeros((h, w, 3), np.uint8)
+        rc, _, _, why = lib.jpeg_decode_region(data, out, scale=scale, top=rect[0], bottom=rect[1], left=rect[2],
+                                               right=rect[3])
+        t, b = rect[0], rect[1]
+        l0, r0 = rect[2] + _REGION_MARGIN, rect[3] - _REGION_MARGIN
+        if rc or want.shape != out.shape or not np.array_equal(out[t:b, l0:r0], want[t:b, l0:r0]):
+            return f"self-test at 1/{scale}: rc {rc} {why or 'pixels differ from simplejpeg'}"
+    return ""
 
 
 def _to_stored(o: int, y: int, x: int, h: int, w: int) -> tuple[int, int]:

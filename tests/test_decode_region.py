@@ -262,3 +262,30 @@ def test_serve_passes_fast_gap_and_exact_to_the_pipeline(monkeypatch, capsys):
         assert run(parser.parse_args([*argv, "--port", "0", "--log-level", "error"])) == EXIT_STARTUP
         assert (seen["fast_decode"], seen["fast_gap"]) == want
     assert "cannot start: stop here" in capsys.readouterr().err
+
+
+def test_an_unusable_library_is_refused_once_and_jpegs_decode_whole(tmp_path):
+    """A path that is not a libjpeg-turbo (AURORA_LIBJPEG) or one that decodes wrongly (the self-test)
+    disables region decode with one warning; it never turns every JPEG into a 'corrupt' error."""
+    import os
+    import subprocess
+    import sys
+
+    bogus = tmp_path / "libjpeg.so"
+    bogus.write_bytes(b"not a library")
+    code = ("from aurora_core import decode as d; from aurora_core.ops.preprocess import PreprocessSpec;"
+            "from aurora_core.samples import sample_bytes;"
+            "assert d._region_decoder() is None;"
+            "assert d.decode_ex(sample_bytes('0.3mp'), crop_for=PreprocessSpec()).valid is None")
+    r = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, AURORA_LIBJPEG=str(bogus)),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "cannot use" in r.stderr and "JPEGs are decoded whole" in r.stderr
+
+    class Wrong:  # loads, but writes nothing: the self-test sees pixels differ
+        @staticmethod
+        def jpeg_decode_region(data, out, **kw):
+            return 0, 0, out.shape[1], ""
+
+    assert "pixels differ" in dec._region_self_test(Wrong)
+    assert dec._region_self_test(dec._region_decoder()) == ""
