@@ -100,7 +100,7 @@ class Pipeline:
                  fast_decode: bool = True, fast_gap: float = 4, decode_limits: dict | None = None, cuda_graphs: bool = True,
                  channels_last: bool | None = None, device_preprocess: str | bool | None = "auto", seed: int = 0,
                  jit_freeze: bool | None = None, gpu_decode="off"):
-        from aurora_core.ops.preprocess import PreprocessSpec
+        from aurora_core.ops.preprocess import PreprocessSpec, fast_min_size
 
         if spec is not None and not isinstance(spec, PreprocessSpec):
             raise TypeError(f"Pipeline: spec must be a PreprocessSpec, got {type(spec).__name__}")
@@ -130,8 +130,6 @@ class Pipeline:
         if nw < 1:
             raise ValueError(f"Pipeline: num_workers must be >= 1, got {nw}")
         self._fast = fast_decode
-        from aurora_core.ops.preprocess import fast_min_size
-
         fast_min_size((1, 1), self.spec, fast_gap)  # a bad gap fails here, before the model loads
         self._fast_gap = fast_gap
         self._limits = _decode_limits(decode_limits)

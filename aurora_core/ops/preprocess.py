@@ -108,9 +108,8 @@ def fast_min_size(orig_size: tuple[int, int], spec: PreprocessSpec = PreprocessS
 
     ``gap`` has Pillow's ``reducing_gap`` meaning: the DCT-scaled decode keeps at least ``gap`` times the
     resized size (2 and 1 decode at smaller scales, faster and further from exact mode; the errors per
-    setting are in benchmarks/RESULTS.md, issue 20). The default 4 asks for four times the resized size,
-    so that the antialiased resampler still downscales a
-    DCT-scaled decode 4x or more: then fast mode stays within mean 0.6 and max 8 uint8 levels of exact
+    setting are in benchmarks/RESULTS.md, issue 20). The default 4 keeps the antialiased resampler
+    downscaling a DCT-scaled decode 4x or more: then fast mode stays within mean 0.6 and max 8 uint8 levels of exact
     mode on the 1.6, 2.5 and 10 MP sample photos, at the default spec and at the rule's tightest spec for
     each scale (tests/test_preprocess.py; worst measured mean 0.35, max 6.6). At 2x, the block mean the
     scaled IDCT takes before the resampler, and libjpeg-turbo's colour clip after the reduction at
