@@ -478,8 +478,8 @@ def _decode_jpeg_region(buf: memoryview, hdr: _Header, scale: int, orig: tuple[i
     want = (max(valid[0] - m, 0), min(valid[1] + m, oh), max(valid[2] - m, 0), min(valid[3] + m, ow))
     top, bottom, left, right = _map_rect(o, want, h, w)
     stored = _alloc((h, w, 4 if hdr.cmyk else 3), np.uint8)  # only the region's pages are ever touched
-    rc, col0, col1, why = _REGION.jpeg_decode_region(buf, stored, scale=scale, top=top, bottom=bottom,
-                                                     left=left, right=right)
+    rc, _, _, why = _REGION.jpeg_decode_region(buf, stored, scale=scale, top=top, bottom=bottom,
+                                               left=left, right=right)
     if rc == -1:
         raise CorruptImage(f"decode: JPEG data is corrupt: {why}", reason="decode_failed")
     if rc:
