@@ -3,6 +3,7 @@
 import glob
 import os
 import platform
+import sys
 
 from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import setup
@@ -18,7 +19,8 @@ ext = Pybind11Extension(
     sorted(glob.glob("csrc/*.cpp")),
     cxx_std=17,
     extra_compile_args=flags,
-    extra_link_args=["-pthread"],
+    # -ldl: dlopen of Pillow's libjpeg-turbo (csrc/jpeg_region.cpp); in libc itself from glibc 2.34.
+    extra_link_args=["-pthread"] + (["-ldl"] if sys.platform.startswith("linux") else []),
 )
 
 setup(ext_modules=[ext], cmdclass={"build_ext": build_ext})

@@ -29,6 +29,11 @@ Policy (what a caller can rely on):
   further): the image stands for the extent (H0 / s, W0 / s), with no half-pixel offset. libjpeg-turbo
   converts to RGB, clipping to 0..255, after the reduction, so where full-size pixels are out of gamut
   (a saturated step edge with 4:2:0 chroma) a scaled pixel is not the mean of the clipped full decode.
+* ``crop_for=spec`` (what ``load`` and the ``Pipeline`` pass) decodes a JPEG only in the rows and columns that
+  ``preprocess`` with that spec reads, with libjpeg-turbo's jpeg_skip_scanlines / jpeg_crop_scanline
+  (``csrc/jpeg_region.cpp``, on the libjpeg-turbo the Pillow wheel ships). Those pixels equal the full
+  decode's bit for bit; the others are left unwritten (``Decoded.valid`` says which are which). The whole
+  entropy-coded stream is still read, so the same corrupt files fail.
 * EXIF orientation 1..8 is read from the first APP1 ``Exif`` segment (JPEG) or the ``eXIf`` chunk (PNG)
   with a small bounds-checked TIFF parser and applied as ``PIL.ImageOps.exif_transpose`` does. Malformed
   EXIF is ignored (orientation 1). XMP orientation is not used.
@@ -92,12 +97,19 @@ _PNG_DEPTHS = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: 
 
 
 class Decoded(NamedTuple):
-    """image: uint8 [ceil(H0/scale), ceil(W0/scale), 3] RGB; orig_size: (H0, W0) after orientation."""
+    """image: uint8 [ceil(H0/scale), ceil(W0/scale), 3] RGB; orig_size: (H0, W0) after orientation.
+
+    valid: None when every pixel was decoded; after a crop-region decode (``crop_for``), the rows
+    [top, bottom) and columns [left, right) that hold decoded pixels. Pixels outside it are undefined
+    (the memory was never written): only ``preprocess`` with the same spec, orig_size and scale, which
+    reads nothing else, may use such an image.
+    """
 
     image: np.ndarray
     orig_size: tuple[int, int]
     scale: int
     format: str  # "jpeg" or "png"
+    valid: tuple[int, int, int, int] | None = None
 
 
 class ImageInfo(NamedTuple):
@@ -125,25 +137,35 @@ def decode(data, max_pixels: int = 50_000_000, max_bytes: int = 32 << 20, min_si
     return decode_ex(data, max_pixels=max_pixels, max_bytes=max_bytes, min_size=min_size).image
 
 
-def decode_ex(data, max_pixels: int = 50_000_000, max_bytes: int = 32 << 20, min_size=None) -> Decoded:
-    """``decode`` plus what the resampler needs: Decoded(image, orig_size=(H0, W0), scale, format).
+def decode_ex(data, max_pixels: int = 50_000_000, max_bytes: int = 32 << 20, min_size=None,
+              crop_for=None) -> Decoded:
+    """``decode`` plus what the resampler needs: Decoded(image, orig_size=(H0, W0), scale, format, valid).
 
     image.shape[:2] == (ceil(H0 / scale), ceil(W0 / scale)); scale is 1, 2, 4 or 8 (always 1 for PNG).
+    crop_for: a PreprocessSpec; a JPEG is then decoded only in the rows and columns that
+    ``preprocess(image, crop_for, orig_size=..., scale=...)`` reads (``source_rect``), and ``valid`` says
+    which; the rest of ``image`` is undefined. The decoded pixels are the full decode's, bit for bit.
+    Without libjpeg-turbo's classic API (found in the Pillow wheel) or the native extension, the whole
+    image is decoded and valid is None.
     """
     buf = _as_buffer("decode", data)
     min_hw = _check_min_size(min_size)
+    if crop_for is not None and type(crop_for).__name__ != "PreprocessSpec":
+        raise TypeError(f"decode: crop_for must be None or a PreprocessSpec, got {type(crop_for).__name__}")
     hdr = _inspect("decode", buf, max_pixels, max_bytes)
     swap = hdr.orientation >= 5  # orientations 5..8 transpose the image
+    orig = (hdr.width, hdr.height) if swap else (hdr.height, hdr.width)
     if hdr.format == "jpeg":
         want = None if min_hw is None else (min_hw[::-1] if swap else min_hw)
         scale = _pick_scale(hdr.height, hdr.width, want)
+        if crop_for is not None and _region_decoder() is not None:
+            img, valid = _decode_jpeg_region(buf, hdr, scale, orig, crop_for)
+            return Decoded(img, orig, scale, "jpeg", valid)
         img = _decode_jpeg(buf, hdr, scale)
     else:
         scale = 1
         img = _decode_png(buf, hdr)
-    img = _orient(img, hdr.orientation)
-    orig = (hdr.width, hdr.height) if swap else (hdr.height, hdr.width)
-    return Decoded(img, orig, scale, hdr.format)
+    return Decoded(_orient(img, hdr.orientation), orig, scale, hdr.format)
 
 
 def probe(data, max_pixels: int = 50_000_000, max_bytes: int = 32 << 20) -> ImageInfo:
@@ -359,6 +381,119 @@ def _decode_jpeg(buf: memoryview, hdr: _Header, scale: int) -> np.ndarray:
         raise RuntimeError(f"decode: internal error: libjpeg-turbo returned {img.shape} for a "
                            f"{hdr.width}x{hdr.height} JPEG at scale 1/{scale}, expected ({h}, {w})")
     return _cmyk_to_rgb(img) if hdr.cmyk else img
+
+
+# Pixels decoded beyond the crop's filter windows on each side: libjpeg-turbo's fancy upsampling treats
+# the first and last column of a cropped scanline as an image edge, so those differ from a full decode
+# (by up to a few levels on 4:2:0 photos); everything further in is bit-identical (tests/test_decode_region.py).
+_REGION_MARGIN = 2
+
+
+def _region_decoder():
+    """aurora_core._C with a libjpeg-turbo loaded for region decode, or None (then decodes are whole).
+
+    The library is the libjpeg-turbo the Pillow wheel bundles (pillow.libs/libjpeg-*.so*), the one
+    Pillow itself decodes with; the environment variable AURORA_LIBJPEG names another (libjpeg 6.2 ABI).
+    """
+    global _REGION
+    if _REGION is None:
+        _REGION = _load_region_decoder() or False
+    return _REGION or None
+
+
+_REGION = None
+_alloc = np.empty  # tests poison the undefined pixels through this
+
+
+def _load_region_decoder():
+    import glob
+    import os
+
+    log = logging.getLogger("aurora_core")
+    try:
+        from aurora_core import _C
+    except ImportError as e:
+        log.info("decode: native extension unavailable (%r); JPEGs are decoded whole", e)
+        return None
+    import PIL
+
+    path = os.environ.get("AURORA_LIBJPEG")
+    if not path:
+        here = os.path.dirname(PIL.__file__)  # Linux wheels: pillow.libs beside PIL; macOS: PIL/.dylibs
+        found = sorted(glob.glob(os.path.join(here, os.pardir, "pillow.libs", "libjpeg*.so*"))
+                       + glob.glob(os.path.join(here, ".dylibs", "libjpeg*.dylib")))
+        path = found[0] if found else None
+    if path is None:
+        log.info("decode: no libjpeg-turbo found beside Pillow; JPEGs are decoded whole")
+        return None
+    ok, why = _C.jpeg_region_load(path)
+    if ok:
+        why = _region_self_test(_C)
+    if why:
+        log.warning("decode: cannot use %s for region decode (%s); JPEGs are decoded whole", path, why)
+        return None
+    return _C
+
+
+def _region_self_test(lib) -> str:
+    """'' when the loaded library decodes a small 4:2:0 JPEG, whole and cropped at 1/2, exactly as simplejpeg
+    does; else why not. A library with another ABI fails here once, instead of on every image as 'corrupt'."""
+    rng = np.random.default_rng(0)
+    src = np.repeat(np.repeat(rng.integers(0, 256, (6, 10, 3), np.uint8), 8, 0), 8, 1)
+    data = simplejpeg.encode_jpeg(src, quality=90, colorsubsampling="420")
+    for scale, rect in ((1, (0, 48, 0, 80)), (2, (5, 20, 17, 30))):
+        h, w = _ceil_div(48, scale), _ceil_div(80, scale)
+        want = simplejpeg.decode_jpeg(data, min_height=h, min_width=w, fastdct=False, fastupsample=False)
+        out = np.zeros((h, w, 3), np.uint8)
+        rc, _, _, why = lib.jpeg_decode_region(data, out, scale=scale, top=rect[0], bottom=rect[1], left=rect[2],
+                                               right=rect[3])
+        t, b = rect[0], rect[1]
+        l0, r0 = rect[2] + _REGION_MARGIN, rect[3] - _REGION_MARGIN
+        if rc or want.shape != out.shape or not np.array_equal(out[t:b, l0:r0], want[t:b, l0:r0]):
+            return f"self-test at 1/{scale}: rc {rc} {why or 'pixels differ from simplejpeg'}"
+    return ""
+
+
+def _to_stored(o: int, y: int, x: int, h: int, w: int) -> tuple[int, int]:
+    """Stored pixel behind oriented pixel (y, x) of orientation o; (h, w) is the stored image's size."""
+    return {1: (y, x), 2: (y, w - 1 - x), 3: (h - 1 - y, w - 1 - x), 4: (h - 1 - y, x), 5: (x, y),
+            6: (h - 1 - x, y), 7: (h - 1 - x, w - 1 - y), 8: (x, w - 1 - y)}[o]
+
+
+def _map_rect(o: int, rect: tuple[int, int, int, int], h: int, w: int) -> tuple[int, int, int, int]:
+    """An oriented (top, bottom, left, right) rect to stored coordinates (stored image h x w)."""
+    (y0, x0), (y1, x1) = _to_stored(o, rect[0], rect[2], h, w), _to_stored(o, rect[1] - 1, rect[3] - 1, h, w)
+    return min(y0, y1), max(y0, y1) + 1, min(x0, x1), max(x0, x1) + 1
+
+
+def _decode_jpeg_region(buf: memoryview, hdr: _Header, scale: int, orig: tuple[int, int], spec):
+    """(image, valid): the oriented 1/scale image, decoded only inside source_rect(orig, scale, spec)."""
+    from aurora_core.ops.preprocess import source_rect
+
+    o = hdr.orientation
+    h, w = _ceil_div(hdr.height, scale), _ceil_div(hdr.width, scale)  # stored, scaled
+    valid = source_rect(orig, scale, spec)
+    oh, ow = (w, h) if o >= 5 else (h, w)
+    m = _REGION_MARGIN
+    want = (max(valid[0] - m, 0), min(valid[1] + m, oh), max(valid[2] - m, 0), min(valid[3] + m, ow))
+    top, bottom, left, right = _map_rect(o, want, h, w)
+    stored = _alloc((h, w, 4 if hdr.cmyk else 3), np.uint8)  # only the region's pages are ever touched
+    rc, _, _, why = _REGION.jpeg_decode_region(buf, stored, scale=scale, top=top, bottom=bottom,
+                                               left=left, right=right)
+    if rc == -1:
+        raise CorruptImage(f"decode: JPEG data is corrupt: {why}", reason="decode_failed")
+    if rc:
+        raise RuntimeError(f"decode: internal error: {why} (a {hdr.width}x{hdr.height} JPEG)")
+    if o == 1 and not hdr.cmyk:
+        return stored, valid
+    part = stored[top:bottom, left:right]
+    part = _orient(_cmyk_to_rgb(part) if hdr.cmyk else part, o)
+    # Stored (top, left) lands at the oriented corner the inverse orientation maps it to.
+    inv = {6: 8, 8: 6}.get(o, o)
+    y, _, x, _ = _map_rect(inv, (top, bottom, left, right), oh, ow)
+    img = _alloc((oh, ow, 3), np.uint8)
+    img[y:y + part.shape[0], x:x + part.shape[1]] = part
+    return img, valid
 
 
 def _cmyk_to_rgb(stored: np.ndarray) -> np.ndarray:

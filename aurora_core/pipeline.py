@@ -77,7 +77,10 @@ class Pipeline:
         batched kernel call per batch) (default: CPU count, at most 8; 1 decodes on the batching thread).
         With the model on the CPU, the decoding threads run at a lower OS priority (Linux nice +10): they
         fill the cycles the model leaves, instead of taking turns with it on its core.
-    fast_decode: decode JPEGs at the smallest DCT scale that still covers the resize (fast_min_size).
+    fast_decode: decode JPEGs at the smallest DCT scale that keeps fast_gap x the resize (fast_min_size);
+        False decodes at full size (exact mode). Either way only the rows and columns the crop reads are
+        decoded (decode_ex's crop_for). fast_gap: 4 (default), 2 or 1 trade fidelity for speed (Pillow's
+        reducing_gap meaning; errors per setting in benchmarks/RESULTS.md, issue 20).
     decode_limits: max_pixels / max_bytes passed to decode. cuda_graphs / channels_last: runner options.
     device_preprocess: "auto" (default): on CUDA, preprocess with the Triton kernel on the device when it
         loads and warms up, else on the CPU; "on": the Triton kernel, raising when it cannot be used (and
@@ -94,10 +97,10 @@ class Pipeline:
 
     def __init__(self, model=None, spec=None, batching: BatchingConfig | None = None, device="auto", dtype=None, *,
                  weights=None, top_k: int = 5, sink=None, cpu_fallback: bool = False, num_workers: int | None = None,
-                 fast_decode: bool = True, decode_limits: dict | None = None, cuda_graphs: bool = True,
+                 fast_decode: bool = True, fast_gap: float = 4, decode_limits: dict | None = None, cuda_graphs: bool = True,
                  channels_last: bool | None = None, device_preprocess: str | bool | None = "auto", seed: int = 0,
                  jit_freeze: bool | None = None, gpu_decode="off"):
-        from aurora_core.ops.preprocess import PreprocessSpec
+        from aurora_core.ops.preprocess import PreprocessSpec, fast_min_size
 
         if spec is not None and not isinstance(spec, PreprocessSpec):
             raise TypeError(f"Pipeline: spec must be a PreprocessSpec, got {type(spec).__name__}")
@@ -127,6 +130,8 @@ class Pipeline:
         if nw < 1:
             raise ValueError(f"Pipeline: num_workers must be >= 1, got {nw}")
         self._fast = fast_decode
+        fast_min_size((1, 1), self.spec, fast_gap)  # a bad gap fails here, before the model loads
+        self._fast_gap = fast_gap
         self._limits = _decode_limits(decode_limits)
         self._cpu_fallback = cpu_fallback
         if jit_freeze is None:
@@ -645,8 +650,8 @@ class Pipeline:
             min_size = None
             if self._fast:
                 info = probe(r.data, **self._limits)
-                min_size = fast_min_size((info.height, info.width), self.spec)
-            d = decode_ex(r.data, min_size=min_size, **self._limits)
+                min_size = fast_min_size((info.height, info.width), self.spec, self._fast_gap)
+            d = decode_ex(r.data, min_size=min_size, crop_for=self.spec, **self._limits)
             r.image, r.orig_size, r.scale = d.image, d.orig_size, d.scale
         finally:
             rec.decode_end_ns = now_ns()  # a failed decode's CPU shows in the decode stage too

@@ -264,6 +264,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--crop", type=int, default=224)
     m.add_argument("--top-k", type=int, default=5, help="classes computed and returned (clients may ask fewer)")
     m.add_argument("--max-pixels", type=int, default=50_000_000, help="larger images get 413 image_too_large")
+    m.add_argument("--fast-gap", type=float, default=4.0,
+                   help="JPEGs decode at a DCT scale keeping this many times the resized size (4, 2, 1)")
+    m.add_argument("--exact", action="store_true",
+                   help="decode JPEGs at full size (within one uint8 level of torchvision's transform)")
     b = parser.add_argument_group("batching")
     b.add_argument("--max-batch-size", type=int, default=16)
     b.add_argument("--max-queue-delay-us", type=int, default=2000)
@@ -369,7 +373,8 @@ class _Parts:
         self.pipeline = Pipeline(model=args.model, spec=PreprocessSpec(resize=args.resize, crop=args.crop),
                                  batching=batching, device=args.device, dtype=args.dtype, top_k=args.top_k,
                                  sink=sinks, cpu_fallback=args.cpu_fallback,
-                                 decode_limits={"max_pixels": args.max_pixels}, **kwargs)
+                                 decode_limits={"max_pixels": args.max_pixels}, fast_decode=not args.exact,
+                                 fast_gap=args.fast_gap, **kwargs)
         self.exporter.model = os.path.basename(self.pipeline.model_name)  # the label dashboards group by
         if args.telemetry_period_s > 0:
             from aurora_core.telemetry.sampler import TelemetrySampler

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+# Scripts that start servers and run for minutes: run them directly, not in the benchmark smoke.
+collect_ignore = ["bench_peers.py"]
+
 
 @pytest.fixture
 def one_thread():

@@ -14,7 +14,13 @@ each measured with the same resampler and extent mapping (``preprocess(..., orig
 * decimation: box_s(full decode) against exact mode: what resampling an s x s box average costs against
   resampling the full image (the filters differ), with the scaled decode taken out.
 
-Run: python benchmarks/fast_mode_error.py [--resize 256] [--time] [--rounds 15] [--heatmap DIR]
+--gaps: the fidelity dial. For fast_gap 4 (default), 2 and 1, and for PIL ``draft("RGB", (resize, resize))``
+followed by torchvision's transform on the drafted image (what a server adds in one line), mean and max
+|x - exact| in uint8 levels over the crop, per shipped photo; with --time, the median thread CPU time of
+each (decode + preprocess, one thread, round-robin in one run), plus exact mode with a whole decode (the
+code before crop-region decode) and the naive PIL + torchvision path.
+
+Run: python benchmarks/fast_mode_error.py [--resize 256] [--time] [--rounds 15] [--heatmap DIR] [--gaps]
 (--time: load() per scale, timed round-robin on one thread; run it under flock /tmp/aurora-bench.lock.)
 """
 
@@ -149,15 +155,93 @@ def timings(rounds: int) -> None:
             print(f"  {name:6s} 1/{s}: {med * 1e3:7.2f} ms  ({med / wall[1]:.2f}x exact)")
 
 
+GAP_PHOTOS = ["0.3mp", "rocket_0.3mp", "retina_1.6mp", "2.5mp", "10mp"]
+
+
+def as_levels(x: torch.Tensor) -> torch.Tensor:
+    mean, std = (torch.tensor(v, dtype=torch.float64)[:, None, None] for v in (SPEC.mean, SPEC.std))
+    return (x.double() * std + mean) * 255
+
+
+def draft_transform(data: bytes) -> torch.Tensor:
+    """The naive server plus one line: PIL draft() to the smallest DCT scale covering resize x resize, then
+    torchvision's Resize/CenterCrop/ToTensor/Normalize on the drafted image."""
+    from torchvision import transforms as T
+
+    im = Image.open(io.BytesIO(data))
+    im.draft("RGB", (SPEC.resize, SPEC.resize))
+    tf = T.Compose([T.Resize(SPEC.resize), T.CenterCrop(SPEC.crop), T.ToTensor(),
+                    T.Normalize(SPEC.mean, SPEC.std)])
+    return tf(im.convert("RGB"))
+
+
+def naive_transform(data: bytes) -> torch.Tensor:
+    """The naive server's path: PIL full decode, then torchvision's transform."""
+    from torchvision import transforms as T
+
+    tf = T.Compose([T.Resize(SPEC.resize), T.CenterCrop(SPEC.crop), T.ToTensor(), T.Normalize(SPEC.mean, SPEC.std)])
+    return tf(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def gap_table(time_it: bool, rounds: int) -> None:
+    from aurora_core.ops.preprocess import load
+
+    gaps = (4, 2, 1)
+    torch.set_num_threads(1)
+    print(f"\n|x - exact| in uint8 levels over the {SPEC.crop}x{SPEC.crop} crop (mean / max), spec {SPEC.resize}/"
+          f"{SPEC.crop}; DCT scale in brackets")
+    print(f"{'photo':14s} " + " ".join(f"{'fast_gap ' + str(g):>20s}" for g in gaps) + f" {'PIL draft()':>20s}")
+    totals = {k: [] for k in [*gaps, "draft"]}
+    timings = {}
+    for name in GAP_PHOTOS:
+        data = sample_bytes(name)
+        info = dec.probe(data)
+        orig = (info.height, info.width)
+        exact = as_levels(load(data, SPEC, fast=False))
+        fns = {"exact, whole decode": lambda data=data: preprocess(dec.decode(data), SPEC),
+               "exact": lambda data=data: load(data, SPEC, fast=False)}
+        cells = []
+        for g in gaps:
+            d = as_levels(load(data, SPEC, fast_gap=g)) - exact
+            s = dec.decode_ex(data, min_size=fast_min_size(orig, SPEC, g)).scale
+            totals[g].append((d.abs().mean().item(), d.abs().max().item()))
+            cells.append(f"{d.abs().mean():.2f} / {d.abs().max():5.1f} [1/{s}]")
+            fns[f"fast_gap {g}"] = lambda data=data, g=g: load(data, SPEC, fast_gap=g)
+        im = Image.open(io.BytesIO(data))
+        im.draft("RGB", (SPEC.resize, SPEC.resize))
+        d = as_levels(draft_transform(data)) - exact
+        totals["draft"].append((d.abs().mean().item(), d.abs().max().item()))
+        cells.append(f"{d.abs().mean():.2f} / {d.abs().max():5.1f} [1/{info.width // im.size[0]}]")
+        fns["PIL draft()"] = lambda data=data: draft_transform(data)
+        fns["PIL full"] = lambda data=data: naive_transform(data)
+        print(f"{name:14s} " + " ".join(f"{c:>20s}" for c in cells))
+        if time_it:
+            timings[name] = timed_medians(fns, rounds)["cpu"]
+    print(f"{'mean / max':14s} " + " ".join(
+        f"{np.mean([m for m, _ in v]):.2f} / {max(x for _, x in v):5.1f}".rjust(20) for v in totals.values()))
+    if time_it:
+        cols = list(next(iter(timings.values())))
+        print(f"\ndecode + preprocess, median thread CPU ms of {rounds} round-robin rounds (one thread); "
+              f"load average {os.getloadavg()}")
+        print(f"{'photo':14s} " + " ".join(f"{c:>20s}" for c in cols))
+        for name, t in timings.items():
+            print(f"{name:14s} " + " ".join(f"{t[c] * 1e3:20.2f}" for c in cols))
+        print(f"{'mean':14s} " + " ".join(f"{np.mean([t[c] for t in timings.values()]) * 1e3:20.2f}" for c in cols))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--time", action="store_true", help="also time load() at each scale")
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--heatmap", metavar="DIR", help="write |fast - exact| heat maps (PNG) here")
     ap.add_argument("--resize", type=int, default=256, help="spec.resize (crop = 7/8 of it); default 256/224")
+    ap.add_argument("--gaps", action="store_true", help="only the fast_gap / PIL draft() error table")
     args = ap.parse_args()
     global SPEC
     SPEC = PreprocessSpec(resize=args.resize, crop=args.resize * 7 // 8)
+    if args.gaps:
+        gap_table(args.time, args.rounds)
+        return
     for name in PHOTOS:
         errors(name, args.heatmap)
     if args.time:

@@ -14,6 +14,7 @@
 #include <utility>
 #include <vector>
 
+#include "jpeg_region.h"
 #include "preprocess.h"
 
 namespace py = pybind11;
@@ -267,6 +268,35 @@ py::object preprocess_batch(py::handle imgs, py::handle out, int64_t resize, int
   return py::reinterpret_borrow<py::object>(out);
 }
 
+// data: the JPEG bytes; out: writable uint8 [H, W, C] (C = 3 RGB or 4 CMYK), C-contiguous, the scaled image.
+py::tuple jpeg_decode_region(py::handle data, py::handle out, int scale, int top, int bottom, int left,
+                             int right) {
+  const char* op = "jpeg_decode_region";
+  if (!aurora::jpeg_region_loaded())
+    throw std::runtime_error(std::string(op) + ": no libjpeg-turbo loaded; call jpeg_region_load(path) first.");
+  Buffer src, dst;
+  get_buffer(op, "data", data, "bytes", src);
+  if (dst.acquire(out.ptr()) == false || PyBuffer_IsContiguous(&dst.v(), 'C') == 0 || dst.v().readonly ||
+      dst.v().itemsize != 1 || dst.v().ndim != 3 || (dst.v().shape[2] != 3 && dst.v().shape[2] != 4))
+    throw py::value_error(std::string(op) + ": expected out as a writable C-contiguous uint8 array [H, W, 3 or 4].");
+  const Py_buffer& o = dst.v();
+  const int h = static_cast<int>(o.shape[0]), w = static_cast<int>(o.shape[1]), c = static_cast<int>(o.shape[2]);
+  if (scale < 1 || scale > 8 || top < 0 || bottom > h || top >= bottom || left < 0 || right > w || left >= right ||
+      o.shape[0] > (1 << 30) || o.shape[1] > (1 << 30))
+    throw py::value_error(std::string(op) + ": expected scale in 1..8 and 0 <= top < bottom <= H, 0 <= left < "
+                          "right <= W for out [" + std::to_string(h) + ", " + std::to_string(w) + "].");
+  int col0 = 0, col1 = 0, rc = 0;
+  std::string why;
+  {
+    py::gil_scoped_release release;
+    rc = aurora::jpeg_region_decode(static_cast<const unsigned char*>(src.v().buf),
+                                    static_cast<size_t>(src.v().len), static_cast<unsigned char*>(o.buf),
+                                    static_cast<ptrdiff_t>(w) * c, c, scale, top, bottom, left, right, h, w,
+                                    &col0, &col1, &why);
+  }
+  return py::make_tuple(rc, col0, col1, why);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -293,6 +323,19 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("orig_h"), py::arg("orig_w"), py::arg("scale"), py::arg("resize"), py::arg("crop"),
       "(new_h, new_w, top, left) of torchvision's Resize(resize) + CenterCrop(crop).");
+  m.def(
+      "jpeg_region_load",
+      [](const std::string& path) {
+        std::string why;
+        const bool ok = aurora::jpeg_region_load(path.c_str(), &why);
+        return py::make_tuple(ok, why);
+      },
+      py::arg("path"), "dlopen a libjpeg-turbo (libjpeg 6.2 ABI) once: (ok, why).");
+  m.def("jpeg_decode_region", &jpeg_decode_region, py::arg("data"), py::arg("out"), py::kw_only(),
+        py::arg("scale"), py::arg("top"), py::arg("bottom"), py::arg("left"), py::arg("right"),
+        "Decode rows [top, bottom), columns [left, right) widened to iMCU boundaries, of a JPEG at scale "
+        "1/scale into out (the whole scaled image's shape). Returns (rc, col0, col1, why): rc 0 ok, -1 "
+        "corrupt data, -2 size mismatch; [col0, col1) the columns written. GIL released.");
   m.def("coeff_cache_size", &aurora::coeff_cache_size);
   m.def("clear_coeff_cache", &aurora::clear_coeff_cache);
   m.def("hardware_concurrency", []() { return static_cast<int>(std::thread::hardware_concurrency()); });

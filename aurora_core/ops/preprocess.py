@@ -85,18 +85,41 @@ def resized_geometry(orig_size: tuple[int, int], spec: PreprocessSpec) -> tuple[
     return new_h, new_w, int(round((new_h - spec.crop) / 2.0)), int(round((new_w - spec.crop) / 2.0))
 
 
-def fast_min_size(orig_size: tuple[int, int], spec: PreprocessSpec = PreprocessSpec()) -> tuple[int, int]:
+def source_rect(orig_size: tuple[int, int], scale: int, spec: PreprocessSpec) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right): the rows [top, bottom) and columns [left, right) of a 1/scale image
+    standing for an (H0, W0) original that ``preprocess(..., spec)`` reads, i.e. the union of the crop's
+    filter windows (PIL's precompute_coeffs bounds, as every backend computes them), widened by one pixel
+    for backends that compute the bounds in float32. Decoding only these is what crop-region decode does."""
+    new_h, new_w, top, left = resized_geometry(orig_size, spec)
+    rect = []
+    for orig, new, off in ((orig_size[0], new_h, top), (orig_size[1], new_w, left)):
+        size = -(-orig // scale)
+        f = orig / scale / new
+        support = max(f, 1.0)
+        lo = int((off + 0.5) * f - support + 0.5) - 1
+        hi = int((off + spec.crop - 0.5) * f + support + 0.5) + 1
+        rect += [max(lo, 0), min(hi, size)]
+    return rect[0], rect[1], rect[2], rect[3]
+
+
+def fast_min_size(orig_size: tuple[int, int], spec: PreprocessSpec = PreprocessSpec(),
+                  gap: float = 4) -> tuple[int, int]:
     """``min_size=(h, w)`` that fast mode passes to decode for an original (H0, W0) image.
 
-    It asks for four times the resized size, so that the antialiased resampler still downscales a
-    DCT-scaled decode 4x or more: then fast mode stays within mean 0.6 and max 8 uint8 levels of exact
+    ``gap`` has Pillow's ``reducing_gap`` meaning: the DCT-scaled decode keeps at least ``gap`` times the
+    resized size (2 and 1 decode at smaller scales, faster and further from exact mode; the errors per
+    setting are in benchmarks/RESULTS.md, issue 20). The default 4 keeps the antialiased resampler
+    downscaling a DCT-scaled decode 4x or more: then fast mode stays within mean 0.6 and max 8 uint8 levels of exact
     mode on the 1.6, 2.5 and 10 MP sample photos, at the default spec and at the rule's tightest spec for
     each scale (tests/test_preprocess.py; worst measured mean 0.35, max 6.6). At 2x, the block mean the
     scaled IDCT takes before the resampler, and libjpeg-turbo's colour clip after the reduction at
     saturated edges, cost up to mean 1.16 and max 19. See benchmarks/fast_mode_error.py.
     """
+    if isinstance(gap, bool) or not isinstance(gap, (int, float)) or not 1 <= gap <= 64:
+        raise ValueError(f"fast_min_size: expected gap as a number in 1..64 (the DCT-scaled decode keeps gap x "
+                         f"the resized size), got {gap!r}.")
     new_h, new_w, _, _ = resized_geometry(orig_size, spec)
-    return 4 * new_h, 4 * new_w
+    return math.ceil(gap * new_h), math.ceil(gap * new_w)
 
 
 def _describe(x) -> str:
@@ -316,12 +339,14 @@ def preprocess_ref(img, spec: PreprocessSpec = PreprocessSpec(), *, orig_size=No
     return x.to(spec.dtype)
 
 
-def load(data, spec: PreprocessSpec = PreprocessSpec(), fast: bool = True, **decode_limits) -> torch.Tensor:
+def load(data, spec: PreprocessSpec = PreprocessSpec(), fast: bool = True, fast_gap: float = 4,
+         **decode_limits) -> torch.Tensor:
     """Decode ``data`` (JPEG/PNG bytes) and preprocess it: returns Tensor[3, crop, crop] of spec.dtype.
 
-    fast=True lets decode use a JPEG DCT scale (1/2, 1/4, 1/8) that keeps at least 4x the resized size
-    (``fast_min_size``); the resampler then maps onto the exact fractional extent. fast=False decodes at
-    full size (exact mode: within one uint8 level of torchvision's transform).
+    fast=True lets decode use a JPEG DCT scale (1/2, 1/4, 1/8) that keeps at least fast_gap x the resized
+    size (``fast_min_size``); the resampler then maps onto the exact fractional extent. fast=False decodes
+    at full size (exact mode: within one uint8 level of torchvision's transform). Either way a JPEG is
+    decoded only where the crop's filter windows read (``source_rect``).
     decode_limits: max_pixels, max_bytes, passed to aurora_core.decode.decode_ex.
     """
     from aurora_core import decode as dec
@@ -329,6 +354,6 @@ def load(data, spec: PreprocessSpec = PreprocessSpec(), fast: bool = True, **dec
     min_size = None
     if fast:
         info = dec.probe(data, **decode_limits)
-        min_size = fast_min_size((info.height, info.width), spec)
-    d = dec.decode_ex(data, min_size=min_size, **decode_limits)
+        min_size = fast_min_size((info.height, info.width), spec, fast_gap)
+    d = dec.decode_ex(data, min_size=min_size, crop_for=spec, **decode_limits)
     return preprocess(d.image, spec, orig_size=d.orig_size, scale=d.scale)
