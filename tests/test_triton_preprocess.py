@@ -324,59 +324,22 @@ def test_bf16_full_spec_in_a_slot_on_the_cpu():
     _check_bf16_batch(imgs, spec, big[1:4], out32)
 
 
-_AOT = """
-import importlib.util, json, os, re, subprocess, sys, tempfile
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
-from triton.compiler import ASTSource
-spec = importlib.util.spec_from_file_location("_aurora_preprocess_aot", sys.argv[1])
-mod = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(mod)
-banded = sys.argv[2] == "banded"
-kernel, configs = (mod._banded_kernel, mod._banded_configs) if banded else (mod._preprocess_kernel, mod._configs)
-sig = {"src": "*u8", "iparams": "*i64", "fparams": "*fp32", "out": "*bf16"}
-sig.update({k: "i32" for k in ("so_n", "so_c", "so_y", "so_x")})
-sig.update({k: "fp32" for k in ("m0", "m1", "m2", "r0", "r1", "r2")})
-sig.update({k: "constexpr" for k in ["CROP"] + list(configs()[0].kwargs)})
-# The pointers 16-byte aligned, as Triton's launcher specializes them for torch's allocations.
-attrs = {(i,): [["tt.divisibility", 16]] for i in range(4)}
-for cap, out_dtype, cfg in [(c, d, g) for c in (80, 90) for d in ("fp16", "bf16") for g in configs()]:
-    sig["out"] = "*" + out_dtype
-    src = ASTSource(fn=kernel.fn, signature=sig, constexprs={"CROP": 224, **cfg.kwargs}, attrs=attrs)
-    ptx = triton.compile(src, target=GPUTarget("cuda", cap, 32), options={"num_warps": cfg.num_warps}).asm["ptx"]
-    # Triton runs ptxas -v on this PTX but drops its log; the same call again gives registers and spills.
-    with tempfile.TemporaryDirectory() as d:
-        with open(os.path.join(d, "k.ptx"), "w") as f:
-            f.write(ptx)
-        log = subprocess.run(
-            [get_ptxas(cap).path, "-v", "--gpu-name=" + sm_arch_from_capability(cap), f.name, "-o", f.name + ".o"],
-            capture_output=True, text=True, check=True,
-        ).stderr
-    print(json.dumps({
-        "arch": cap, "out": out_dtype, "config": str(cfg), "mma": "mma" in ptx, "ld_local": "ld.local" in ptx,
-        "ld_v4": len(re.findall(r"ld\\.global(?:\\.\\w+)*\\.v4\\.", ptx)),
-        "ld_u8": len(re.findall(r"ld\\.global(?:\\.\\w+)*\\.[usb]8 ", ptx)),
-        "regs": int(re.search(r"Used (\\d+) registers", log).group(1)),
-        "spill_bytes": sum(map(int, re.findall(r"(\\d+) bytes spill", log))),
-    }))
-"""
-
 _aot_cache: dict = {}
 
 
 def _compile_ahead_of_time(impl: str) -> list[dict]:
-    """Every config of `impl` compiled for sm_80 and sm_90, fp16 and bf16 out, on this machine (no GPU
-    needed): per config, arch and dtype, whether the PTX has tensor-core mma, local memory, 16-byte and
-    1-byte global loads, and ptxas' registers and spill bytes. A separate process, because triton.jit
-    picks interpreted or compiled once per process; cached per impl (~20-40 s each). fp32 out, the
-    lightest epilogue, was checked by hand (benchmarks/RESULTS.md, issue 16)."""
+    """benchmarks/kernel_aot.py's report: every config of `impl` compiled for sm_80 and sm_90, fp16 and
+    bf16 out, on this machine (no GPU needed): whether the PTX has tensor-core mma, local memory, 16-byte
+    and 1-byte global loads, and ptxas' registers and spill bytes. A separate process, because
+    triton.jit picks interpreted or compiled once per process; cached per impl (~20-40 s each). fp32
+    out, the lightest epilogue, was checked by hand (benchmarks/RESULTS.md, issue 16)."""
     import subprocess
 
     if impl not in _aot_cache:
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         r = subprocess.run(
-            [sys.executable, "-c", _AOT, K.__file__, impl],
+            [sys.executable, os.path.join(root, "benchmarks", "kernel_aot.py"), K.__file__, impl],
             capture_output=True,
             text=True,
             env=env,
