@@ -16,13 +16,17 @@ differ: fp32 in banded, hi/lo fp16 in dense, which may flip PIL's rounding by on
 pixels); env AURORA_TRITON_IMPL (or ``impl=``) picks one, "banded" by default:
 
 - banded (``_banded_kernel``): the program walks the source rows of its tile's vertical windows in
-  chunks of BR. For each chunk the horizontal pass reads only the filter taps: per output column,
-  PIL's window (first source column xmin, at most ceil(support) * 2 + 1 taps, the count per image,
-  so small and large images share a launch without padding to the largest), TK taps per step as a
-  [BR, BX, TK] gather whose adjacent lanes read adjacent pixels, weighted and summed in fp32, then
-  rounded to uint8. The vertical pass is  Wy[BY, BR] @ H[BR, BX]  over the chunk. The source window is
-  read once per tile plus the filter margin; the tap weights are computed in registers (no host
-  tables).
+  chunks of BR. For each chunk the horizontal pass reads only the filter taps: one lane per (source
+  row, output column) loads PIL's window of that column (first source column xmin, at most
+  ceil(support) * 2 + 1 taps, the count per image, so small and large images share a launch without
+  padding to the largest) as whole aligned 16-byte blocks, int32 words through one ld.global.v4 each;
+  the words are unpacked with shifts and masks in registers, and every byte is weighted into its
+  channel's fp32 sum (one block stream serves all three channels of HWC rows; CHW planes, as nvJPEG
+  writes them, take one stream per plane), then rounded to uint8. The vertical pass is
+  Wy[BY, BR] @ H[BR, BX]  over the chunk. The source window is read once per tile plus the filter
+  margin; the tap weights are computed in registers (no host tables). The 16-byte blocks may start
+  up to 15 bytes before an image and end up to 15 after it, so the packed buffer is 16-byte aligned
+  and padded to a multiple of 16 bytes (``wide_readable``).
 - dense (``_preprocess_kernel``, the first version): both passes as tensor-core products over the
   tile's whole source window,  P[BR, BK] @ Wx[BK, BX]  then  Wy[BY, BR] @ H[BR, BX].
 
@@ -35,12 +39,13 @@ pixel can differ by one level there.
 
 Where it stops being fast. Dense: its horizontal product costs ~12 * BX * s^2 flops per output pixel
 for a downscale factor s against ~3 * s^2 bytes read, so it is compute-bound; on an H200 it reached
-3.5 to 7.3% of the copy bandwidth (benchmarks/RESULTS.md, run 1). Banded (by count, not yet measured
-on a GPU): the horizontal pass issues ~2 byte loads per source byte of the window (neighbouring
-triangles overlap), unvectorized (stride-3 pixels, arbitrary offsets), so at large s it leans on the
-load units and L1 rather than on DRAM; the vertical product still costs ~6 * BY * s MACs per pixel
-(cheap next to the gathers); a TK step wastes lanes when the tap count is not a multiple of TK (5
-taps at s < 2 fill 5 of 8). Both: batches of 1 fill only ~49-98 programs (a fraction of the SMs);
+3.5 to 7.3% of the copy bandwidth (benchmarks/RESULTS.md, run 1), and it still loads one byte per
+lane. Banded: the byte-per-lane version reached 5.1 to 9.4% (run 3), bound by load instructions; its
+wide-load rewrite (this version) issues one 16-byte load per ~5 HWC taps but spends ~15 ALU
+operations per loaded byte on unpacking and weighting (ceil((15 + 3 * taps) / 16) blocks per lane:
+2 at s < 2), neighbouring windows overlap (~2 reads per source byte, from L1), and the misalignment
+slack wastes up to 15 bytes a block; not yet measured on a GPU (issue 16). The vertical product costs
+~6 * BY * s MACs per pixel. Both: batches of 1 fill only ~49-98 programs (a fraction of the SMs);
 CPU inputs pay one host-to-device copy of the packed bytes, which for large photos costs more than the
 kernel. Under TRITON_INTERPRET=1 it runs on the CPU for tests only (slow: small shapes).
 """
@@ -113,30 +118,12 @@ def _store_out(ptr, y, mask):
     tl.store(ptr, y.to(ptr.dtype.element_ty), mask=mask)
 
 
-# Keyed on the crop only, so tuning happens once (call warmup() at start-up), never mid-serving.
-@triton.autotune(configs=_configs(), key=["CROP"])
 @triton.jit
-def _preprocess_kernel(
-    src,  # uint8 packed images
-    iparams,  # int64 [N, _NI]
-    fparams,  # float32 [N, _NF]
-    out,  # [N, 3, CROP, CROP] any strides
-    so_n,
-    so_c,
-    so_y,
-    so_x,
-    m0,
-    m1,
-    m2,  # mean * 255
-    r0,
-    r1,
-    r2,  # 1 / (std * 255)
-    CROP: tl.constexpr,
-    BY: tl.constexpr,
-    BX: tl.constexpr,
-    BR: tl.constexpr,
-    BK: tl.constexpr,
-):
+def _tile(iparams, fparams, CROP: tl.constexpr, BY: tl.constexpr, BX: tl.constexpr):
+    """One program's image and crop tile, shared by both implementations: the image's table row, PIL's
+    filter geometry for the tile's BY crop rows and BX crop columns, and the source rows [r_lo, r_hi) and
+    columns [c_lo, c_hi) that the tile's filter windows span (PIL's xmin/xmax of its first and last valid
+    output pixel)."""
     tiles_x = tl.cdiv(CROP, BX)
     ty = tl.program_id(0) // tiles_x
     tx = tl.program_id(0) % tiles_x
@@ -170,13 +157,11 @@ def _preprocess_kernel(
     in_crop_x = cx_idx < CROP
     ok_y = in_crop_y & (oy >= 0) & (oy < rh)
     ok_x = in_crop_x & (ox >= 0) & (ox < rw)
-    cen_y = (oy.to(tl.float32) + 0.5) * sy
     cen_x = (ox.to(tl.float32) + 0.5) * sx
     # Triangle weight of source index j for centre c: max(1 - |j * ss - (c - 0.5) * ss|, 0).
-    vy = (cen_y - 0.5) * ssy
+    vy = ((oy.to(tl.float32) + 0.5) * sy - 0.5) * ssy
     vx = (cen_x - 0.5) * ssx
 
-    # Source window of the whole tile (PIL's xmin/xmax of its first and last valid output pixel).
     oy_lo = tl.maximum(top + ty * BY, 0)
     oy_hi = tl.minimum(tl.minimum(top + ty * BY + BY, top + CROP), rh) - 1
     ox_lo = tl.maximum(left + tx * BX, 0)
@@ -185,6 +170,75 @@ def _preprocess_kernel(
     r_hi = tl.minimum(((oy_hi.to(tl.float32) + 0.5) * sy + fsy + 0.5).to(tl.int32) + 1, h_in)
     c_lo = tl.maximum(((ox_lo.to(tl.float32) + 0.5) * sx - fsx + 0.5).to(tl.int32), 0)
     c_hi = tl.minimum(((ox_hi.to(tl.float32) + 0.5) * sx + fsx + 0.5).to(tl.int32) + 1, w_in)
+    return (
+        n, off, w_in, s_row, s_col, s_ch, fsx, ssx, ssy, cy_idx, cx_idx, in_crop_y, in_crop_x,
+        ok_y, ok_x, cen_x, vy, vx, r_lo, r_hi, c_lo, c_hi,
+    )  # fmt: skip
+
+
+@triton.jit
+def _vertical(rows, row_ok, ssy, vy, sum_x, h0, h1, h2, acc0, acc1, acc2, sum_y):
+    """Vertical pass over one chunk of source rows: the tile's rows as tensor-core products
+    Wy[BY, BR] @ H[BR, BX] with hi/lo fp16 weights, after PIL's rounding of the horizontal pass."""
+    wy = tl.maximum(1.0 - tl.abs((rows.to(tl.float32) * ssy)[None, :] - vy[:, None]), 0.0)
+    sum_y += tl.sum(tl.where(row_ok[None, :], wy, 0.0), axis=1)
+    wy_hi, wy_lo = _split_fp16(wy)
+    # PIL rounds the horizontal pass to uint8 before the vertical one; integers are exact in fp16.
+    q = _round_u8(h0 / sum_x[None, :]).to(tl.float16)
+    acc0 = tl.dot(wy_hi, q, acc0)
+    acc0 = tl.dot(wy_lo, q, acc0)
+    q = _round_u8(h1 / sum_x[None, :]).to(tl.float16)
+    acc1 = tl.dot(wy_hi, q, acc1)
+    acc1 = tl.dot(wy_lo, q, acc1)
+    q = _round_u8(h2 / sum_x[None, :]).to(tl.float16)
+    acc2 = tl.dot(wy_hi, q, acc2)
+    acc2 = tl.dot(wy_lo, q, acc2)
+    return acc0, acc1, acc2, sum_y
+
+
+@triton.jit
+def _write_tile(out, n, so_n, so_c, so_y, so_x, cy_idx, cx_idx, in_crop_y, in_crop_x, ok_y, ok_x,
+                acc0, acc1, acc2, sum_y, m0, m1, m2, r0, r1, r2):  # fmt: skip
+    """Normalize the tile's three channels and store them (CHW, any strides, the output dtype)."""
+    sum_y = tl.where(sum_y > 0.0, sum_y, 1.0)
+    ok = ok_y[:, None] & ok_x[None, :]
+    store = in_crop_y[:, None] & in_crop_x[None, :]
+    optr = out + n * so_n + cy_idx[:, None].to(tl.int64) * so_y + cx_idx[None, :].to(tl.int64) * so_x
+    # Padding (crop larger than the resized image) is 0, as torchvision's CenterCrop pads.
+    v = tl.where(ok, _round_u8(acc0 / sum_y[:, None]), 0.0)
+    _store_out(optr, (v - m0) * r0, store)
+    v = tl.where(ok, _round_u8(acc1 / sum_y[:, None]), 0.0)
+    _store_out(optr + so_c, (v - m1) * r1, store)
+    v = tl.where(ok, _round_u8(acc2 / sum_y[:, None]), 0.0)
+    _store_out(optr + 2 * so_c, (v - m2) * r2, store)
+
+
+# Keyed on the crop only, so tuning happens once (call warmup() at start-up), never mid-serving.
+@triton.autotune(configs=_configs(), key=["CROP"])
+@triton.jit
+def _preprocess_kernel(
+    src,  # uint8 packed images
+    iparams,  # int64 [N, _NI]
+    fparams,  # float32 [N, _NF]
+    out,  # [N, 3, CROP, CROP] any strides
+    so_n,
+    so_c,
+    so_y,
+    so_x,
+    m0,
+    m1,
+    m2,  # mean * 255
+    r0,
+    r1,
+    r2,  # 1 / (std * 255)
+    CROP: tl.constexpr,
+    BY: tl.constexpr,
+    BX: tl.constexpr,
+    BR: tl.constexpr,
+    BK: tl.constexpr,
+):
+    (n, off, w_in, s_row, s_col, s_ch, fsx, ssx, ssy, cy_idx, cx_idx, in_crop_y, in_crop_x,
+     ok_y, ok_x, cen_x, vy, vx, r_lo, r_hi, c_lo, c_hi) = _tile(iparams, fparams, CROP, BY, BX)  # fmt: skip
 
     # Horizontal weight sums, needed before PIL's intermediate rounding.
     sum_x = tl.zeros([BX], dtype=tl.float32)
@@ -224,54 +278,99 @@ def _preprocess_kernel(
             p = tl.load(ptr + 2 * s_ch, mask=m, other=0).to(tl.float16)
             h2 = tl.dot(p, wx_hi, h2)
             h2 = tl.dot(p, wx_lo, h2)
-        wy = tl.maximum(1.0 - tl.abs((rows.to(tl.float32) * ssy)[None, :] - vy[:, None]), 0.0)
-        sum_y += tl.sum(tl.where(row_ok[None, :], wy, 0.0), axis=1)
-        wy_hi, wy_lo = _split_fp16(wy)
-        # PIL rounds the horizontal pass to uint8 before the vertical one; integers are exact in fp16.
-        q = _round_u8(h0 / sum_x[None, :]).to(tl.float16)
-        acc0 = tl.dot(wy_hi, q, acc0)
-        acc0 = tl.dot(wy_lo, q, acc0)
-        q = _round_u8(h1 / sum_x[None, :]).to(tl.float16)
-        acc1 = tl.dot(wy_hi, q, acc1)
-        acc1 = tl.dot(wy_lo, q, acc1)
-        q = _round_u8(h2 / sum_x[None, :]).to(tl.float16)
-        acc2 = tl.dot(wy_hi, q, acc2)
-        acc2 = tl.dot(wy_lo, q, acc2)
+        acc0, acc1, acc2, sum_y = _vertical(rows, row_ok, ssy, vy, sum_x, h0, h1, h2, acc0, acc1, acc2, sum_y)
 
-    sum_y = tl.where(sum_y > 0.0, sum_y, 1.0)
-    ok = ok_y[:, None] & ok_x[None, :]
-    store = in_crop_y[:, None] & in_crop_x[None, :]
-    optr = out + n * so_n + cy_idx[:, None].to(tl.int64) * so_y + cx_idx[None, :].to(tl.int64) * so_x
-    # Padding (crop larger than the resized image) is 0, as torchvision's CenterCrop pads.
-    v = tl.where(ok, _round_u8(acc0 / sum_y[:, None]), 0.0)
-    _store_out(optr, (v - m0) * r0, store)
-    v = tl.where(ok, _round_u8(acc1 / sum_y[:, None]), 0.0)
-    _store_out(optr + so_c, (v - m1) * r1, store)
-    v = tl.where(ok, _round_u8(acc2 / sum_y[:, None]), 0.0)
-    _store_out(optr + 2 * so_c, (v - m2) * r2, store)
+    _write_tile(out, n, so_n, so_c, so_y, so_x, cy_idx, cx_idx, in_crop_y, in_crop_x, ok_y, ok_x,
+                acc0, acc1, acc2, sum_y, m0, m1, m2, r0, r1, r2)  # fmt: skip
 
 
 def _banded_configs():
     if _INTERPRET:
-        # Big tiles: the interpreter's cost is per program and per op, not per element.
-        return [triton.Config({"BY": 32, "BX": 32, "BR": 16, "TK": 8}, num_warps=4)]
-    # BR x BX is the horizontal-pass tile, TK the taps gathered per step (adjacent lanes read adjacent
-    # pixels of one output column's window: TK = 8 puts 24 contiguous bytes under 8 lanes, where TK = 1
-    # spreads a warp's 32 lanes over 32 windows). BY sets how many crop rows share one pass over the
-    # window's source rows (the filter margin, ~2 * scale rows, is redone per tile). BR >= 16: it is the
-    # K of the vertical tl.dot. Untimed on a GPU so far: the autotuner picks per card.
+        # Big tiles: the interpreter's cost is per program and per op, not per element (the 224 crop of a
+        # 480x640 image took 32 s here against 130 s with the GPU's 32x32x16 tiles; several tiles still).
+        return [triton.Config({"BY": 64, "BX": 64, "BR": 32}, num_warps=4)]
+    # BR x BX is the horizontal-pass tile: one lane per (source row, output column), each loading its
+    # window's 16-byte blocks. BY sets how many crop rows share one pass over the window's source rows
+    # (the filter margin, ~2 * scale rows, is redone per tile). BR >= 16: it is the K of the vertical
+    # tl.dot. ptxas -v (triton 3.8, compiled on the CPU machine): these take 161 to 209 registers with
+    # no spills on sm_80 and sm_90a for every output dtype; 32x32 with 4 warps spilled 64 bytes (bf16 out,
+    # sm_80), BY=BX=64 with 8 warps 96, BR=32 76 (test_kernels_do_not_spill_registers). Untimed on a GPU:
+    # the autotuner picks.
     return [
-        triton.Config({"BY": 32, "BX": 32, "BR": 16, "TK": 8}, num_warps=4),
-        triton.Config({"BY": 64, "BX": 32, "BR": 16, "TK": 8}, num_warps=8),
-        triton.Config({"BY": 32, "BX": 32, "BR": 16, "TK": 4}, num_warps=4),
-        triton.Config({"BY": 32, "BX": 32, "BR": 32, "TK": 1}, num_warps=4),
+        triton.Config({"BY": 32, "BX": 32, "BR": 16}, num_warps=8),
+        triton.Config({"BY": 64, "BX": 32, "BR": 16}, num_warps=8),
+        triton.Config({"BY": 64, "BX": 16, "BR": 16}, num_warps=4),
+        triton.Config({"BY": 32, "BX": 64, "BR": 16}, num_warps=8),
     ]
+
+
+@triton.jit
+def _block_words(base32, start, k, mask):
+    """The k-th 16-byte block from the aligned one holding byte `start` ([BR, BX] int32, from base32),
+    as int32 words [BR, BX, 4]: one ld.global.v4 per lane (start >> 4 << 2 is a multiple of 4 words
+    and base32 is 16-byte aligned, which Triton sees, so it vectorizes)."""
+    w = ((start >> 4) << 2) + k * 4
+    return tl.load(base32 + (w[:, :, None] + tl.arange(0, 4)[None, None, :]), mask=mask[:, :, None], other=0)
+
+
+@triton.jit
+def _tap_weights(j, xmin, xmax, ssx, vx):
+    """PIL's triangle weight of source column j ([BR, BX, 4]) for each lane's output column; 0 outside
+    the column's window [xmin, xmax)."""
+    ok = (j >= xmin[None, :, None]) & (j < xmax[None, :, None])
+    return tl.where(ok, tl.maximum(1.0 - tl.abs(j.to(tl.float32) * ssx - vx[None, :, None]), 0.0), 0.0)
+
+
+@triton.jit
+def _taps_interleaved(
+    base32, rb, row_ok, lane_ok, xmin, xmax, ntx, ssx, vx, BR: tl.constexpr, BX: tl.constexpr
+):
+    """Horizontal pass of HWC rows (pixel j, channel c at byte rb + 3 j + c), all three channels from
+    one stream of 16-byte blocks: each lane reads its output column's window (xmax - xmin <= ntx
+    pixels) block by block and splits every byte by channel in registers."""
+    start = rb[:, None] + xmin[None, :] * 3  # [BR, BX] first byte of the lane's window
+    d0 = start - (start & 15) - rb[:, None]  # from the row's first byte to the aligned block (>= -15)
+    span = (start & 15) + (xmax - xmin)[None, :] * 3  # bytes from the aligned block to the window end
+    ok = row_ok[:, None] & lane_ok[None, :]
+    i4 = tl.arange(0, 4)
+    h0 = tl.zeros([BR, BX], dtype=tl.float32)
+    h1 = tl.zeros([BR, BX], dtype=tl.float32)
+    h2 = tl.zeros([BR, BX], dtype=tl.float32)
+    for k in range(0, (ntx * 3 + 30) // 16):
+        words = _block_words(base32, start, k, ok & (k * 16 < span))
+        for b in tl.static_range(4):
+            d = d0[:, :, None] + (k * 16 + b) + i4[None, None, :] * 4  # byte b of each word, from the row
+            j = (d + 48) // 3 - 16  # its pixel: floor division, biased since d may be negative
+            p = ((words >> (8 * b)) & 255).to(tl.float32) * _tap_weights(j, xmin, xmax, ssx, vx)
+            c = d - 3 * j
+            h0 += tl.sum(tl.where(c == 0, p, 0.0), axis=2)
+            h1 += tl.sum(tl.where(c == 1, p, 0.0), axis=2)
+            h2 += tl.sum(tl.where(c == 2, p, 0.0), axis=2)
+    return h0, h1, h2
+
+
+@triton.jit
+def _taps_planar(base32, rb, row_ok, lane_ok, xmin, xmax, ntx, ssx, vx, BR: tl.constexpr, BX: tl.constexpr):
+    """Horizontal pass of one channel plane's rows (pixel j at byte rb + j), e.g. nvJPEG's CHW output."""
+    start = rb[:, None] + xmin[None, :]
+    d0 = start - (start & 15) - rb[:, None]
+    span = (start & 15) + (xmax - xmin)[None, :]
+    ok = row_ok[:, None] & lane_ok[None, :]
+    i4 = tl.arange(0, 4)
+    h = tl.zeros([BR, BX], dtype=tl.float32)
+    for k in range(0, (ntx + 30) // 16):
+        words = _block_words(base32, start, k, ok & (k * 16 < span))
+        for b in tl.static_range(4):
+            j = d0[:, :, None] + (k * 16 + b) + i4[None, None, :] * 4
+            p = ((words >> (8 * b)) & 255).to(tl.float32) * _tap_weights(j, xmin, xmax, ssx, vx)
+            h += tl.sum(p, axis=2)
+    return h
 
 
 @triton.autotune(configs=_banded_configs(), key=["CROP"])
 @triton.jit
 def _banded_kernel(
-    src,  # uint8 packed images
+    src,  # uint8 packed images, 16-byte aligned and readable to a multiple of 16 bytes (launch_params)
     iparams,  # int64 [N, _NI]
     fparams,  # float32 [N, _NF]
     out,  # [N, 3, CROP, CROP] any strides
@@ -289,44 +388,9 @@ def _banded_kernel(
     BY: tl.constexpr,
     BX: tl.constexpr,
     BR: tl.constexpr,
-    TK: tl.constexpr,
 ):
-    tiles_x = tl.cdiv(CROP, BX)
-    ty = tl.program_id(0) // tiles_x
-    tx = tl.program_id(0) % tiles_x
-    n = tl.program_id(1).to(tl.int64)
-
-    ip = iparams + n * 10
-    off = tl.load(ip + 0)
-    h_in = tl.load(ip + 1).to(tl.int32)
-    w_in = tl.load(ip + 2).to(tl.int32)
-    # In-image offsets fit in int32 (the host checks H * W * 3 < 2**31); only the base is 64-bit.
-    s_row = tl.load(ip + 3).to(tl.int32)
-    s_col = tl.load(ip + 4).to(tl.int32)
-    s_ch = tl.load(ip + 5).to(tl.int32)
-    top = tl.load(ip + 6).to(tl.int32)
-    left = tl.load(ip + 7).to(tl.int32)
-    rh = tl.load(ip + 8).to(tl.int32)
-    rw = tl.load(ip + 9).to(tl.int32)
-    sy = tl.load(fparams + n * 2 + 0)
-    sx = tl.load(fparams + n * 2 + 1)
-    fsy = tl.maximum(sy, 1.0)
-    fsx = tl.maximum(sx, 1.0)
-    ssy = 1.0 / fsy
-    ssx = 1.0 / fsx
-
-    cy_idx = ty * BY + tl.arange(0, BY)
-    cx_idx = tx * BX + tl.arange(0, BX)
-    oy = top + cy_idx
-    ox = left + cx_idx
-    in_crop_y = cy_idx < CROP
-    in_crop_x = cx_idx < CROP
-    ok_y = in_crop_y & (oy >= 0) & (oy < rh)
-    ok_x = in_crop_x & (ox >= 0) & (ox < rw)
-    cen_y = (oy.to(tl.float32) + 0.5) * sy
-    cen_x = (ox.to(tl.float32) + 0.5) * sx
-    vy = (cen_y - 0.5) * ssy
-    vx = (cen_x - 0.5) * ssx
+    (n, off, w_in, s_row, s_col, s_ch, fsx, ssx, ssy, cy_idx, cx_idx, in_crop_y, in_crop_x,
+     ok_y, ok_x, cen_x, vy, vx, r_lo, r_hi, c_lo, c_hi) = _tile(iparams, fparams, CROP, BY, BX)  # fmt: skip
 
     # PIL's per-column window: xmin = (int)(center - support + 0.5) clipped to 0, xmax likewise clipped
     # to the width, at most ceil(support) * 2 + 1 taps. The tap count is per image (a runtime loop
@@ -334,71 +398,39 @@ def _banded_kernel(
     xmin = tl.maximum((cen_x - fsx + 0.5).to(tl.int32), 0)
     xmax = tl.minimum((cen_x + fsx + 0.5).to(tl.int32), w_in)
     ntx = tl.ceil(fsx).to(tl.int32) * 2 + 1
-    kk = tl.arange(0, TK)
+    kk = tl.arange(0, 8)
     sum_x = tl.zeros([BX], dtype=tl.float32)
-    for k0 in range(0, ntx, TK):
-        j = xmin[:, None] + (k0 + kk)[None, :]  # [BX, TK] source columns
+    for k0 in range(0, ntx, 8):
+        j = xmin[:, None] + (k0 + kk)[None, :]  # [BX, 8] source columns
         wk = tl.maximum(1.0 - tl.abs(j.to(tl.float32) * ssx - vx[:, None]), 0.0)
         sum_x += tl.sum(tl.where(j < xmax[:, None], wk, 0.0), axis=1)
     sum_x = tl.where(sum_x > 0.0, sum_x, 1.0)
 
-    # The rows the tile's vertical windows span, as in the dense kernel.
-    oy_lo = tl.maximum(top + ty * BY, 0)
-    oy_hi = tl.minimum(tl.minimum(top + ty * BY + BY, top + CROP), rh) - 1
-    r_lo = tl.maximum(((oy_lo.to(tl.float32) + 0.5) * sy - fsy + 0.5).to(tl.int32), 0)
-    r_hi = tl.minimum(((oy_hi.to(tl.float32) + 0.5) * sy + fsy + 0.5).to(tl.int32) + 1, h_in)
-
+    # The image's bytes as int32 words from the 16-byte boundary at or below its offset: every load
+    # below is a whole aligned 16-byte block (ld.global.v4.b32), where the byte-per-lane gathers of the
+    # previous version issued one 1-byte load per tap and channel (5.1 to 9.4% of the copy bandwidth on
+    # an H200, benchmarks/RESULTS.md run 3).
+    base32 = src.to(tl.pointer_type(tl.int32)) + ((off >> 4) << 2)
+    off_lo = (off & 15).to(tl.int32)
     acc0 = tl.zeros([BY, BX], dtype=tl.float32)
     acc1 = tl.zeros([BY, BX], dtype=tl.float32)
     acc2 = tl.zeros([BY, BX], dtype=tl.float32)
     sum_y = tl.zeros([BY], dtype=tl.float32)
-    base = src + off
     for rr in range(r_lo, r_hi, BR):
         rows = rr + tl.arange(0, BR)
         row_ok = rows < r_hi
-        row_off = rows[:, None, None] * s_row
-        h0 = tl.zeros([BR, BX], dtype=tl.float32)
-        h1 = tl.zeros([BR, BX], dtype=tl.float32)
-        h2 = tl.zeros([BR, BX], dtype=tl.float32)
-        # Horizontal pass over the taps only: each source byte of the window is gathered by the ~2
-        # output columns whose triangles cover it, instead of by all BX columns of a dense band.
-        for k0 in range(0, ntx, TK):
-            j = xmin[:, None] + (k0 + kk)[None, :]  # [BX, TK]
-            col_ok = (j < xmax[:, None]) & ok_x[:, None]
-            wk = tl.where(col_ok, tl.maximum(1.0 - tl.abs(j.to(tl.float32) * ssx - vx[:, None]), 0.0), 0.0)
-            ptr = base + (row_off + (j * s_col)[None, :, :])  # [BR, BX, TK]
-            m = row_ok[:, None, None] & col_ok[None, :, :]
-            w3 = wk[None, :, :]
-            h0 += tl.sum(tl.load(ptr, mask=m, other=0).to(tl.float32) * w3, axis=2)
-            h1 += tl.sum(tl.load(ptr + s_ch, mask=m, other=0).to(tl.float32) * w3, axis=2)
-            h2 += tl.sum(tl.load(ptr + 2 * s_ch, mask=m, other=0).to(tl.float32) * w3, axis=2)
-        # Vertical pass: the tile's rows as a tensor-core product over the BR window rows, with the
-        # same hi/lo fp16 weight split as the dense kernel (its BY * scale flops per pixel are cheap
-        # next to the gathers; a row-indexed gather of the rounded rows would need shared memory).
-        wy = tl.maximum(1.0 - tl.abs((rows.to(tl.float32) * ssy)[None, :] - vy[:, None]), 0.0)
-        sum_y += tl.sum(tl.where(row_ok[None, :], wy, 0.0), axis=1)
-        wy_hi, wy_lo = _split_fp16(wy)
-        # PIL rounds the horizontal pass to uint8 before the vertical one; integers are exact in fp16.
-        q = _round_u8(h0 / sum_x[None, :]).to(tl.float16)
-        acc0 = tl.dot(wy_hi, q, acc0)
-        acc0 = tl.dot(wy_lo, q, acc0)
-        q = _round_u8(h1 / sum_x[None, :]).to(tl.float16)
-        acc1 = tl.dot(wy_hi, q, acc1)
-        acc1 = tl.dot(wy_lo, q, acc1)
-        q = _round_u8(h2 / sum_x[None, :]).to(tl.float16)
-        acc2 = tl.dot(wy_hi, q, acc2)
-        acc2 = tl.dot(wy_lo, q, acc2)
+        rb = off_lo + rows * s_row  # [BR] byte of each row's first pixel, from base32
+        # The two layouts the host packs (make_params checks): HWC, and planes (CHW, e.g. nvJPEG's).
+        if s_col == 1:
+            h0 = _taps_planar(base32, rb, row_ok, ok_x, xmin, xmax, ntx, ssx, vx, BR, BX)
+            h1 = _taps_planar(base32, rb + s_ch, row_ok, ok_x, xmin, xmax, ntx, ssx, vx, BR, BX)
+            h2 = _taps_planar(base32, rb + 2 * s_ch, row_ok, ok_x, xmin, xmax, ntx, ssx, vx, BR, BX)
+        else:
+            h0, h1, h2 = _taps_interleaved(base32, rb, row_ok, ok_x, xmin, xmax, ntx, ssx, vx, BR, BX)
+        acc0, acc1, acc2, sum_y = _vertical(rows, row_ok, ssy, vy, sum_x, h0, h1, h2, acc0, acc1, acc2, sum_y)
 
-    sum_y = tl.where(sum_y > 0.0, sum_y, 1.0)
-    ok = ok_y[:, None] & ok_x[None, :]
-    store = in_crop_y[:, None] & in_crop_x[None, :]
-    optr = out + n * so_n + cy_idx[:, None].to(tl.int64) * so_y + cx_idx[None, :].to(tl.int64) * so_x
-    v = tl.where(ok, _round_u8(acc0 / sum_y[:, None]), 0.0)
-    _store_out(optr, (v - m0) * r0, store)
-    v = tl.where(ok, _round_u8(acc1 / sum_y[:, None]), 0.0)
-    _store_out(optr + so_c, (v - m1) * r1, store)
-    v = tl.where(ok, _round_u8(acc2 / sum_y[:, None]), 0.0)
-    _store_out(optr + 2 * so_c, (v - m2) * r2, store)
+    _write_tile(out, n, so_n, so_c, so_y, so_x, cy_idx, cx_idx, in_crop_y, in_crop_x, ok_y, ok_x,
+                acc0, acc1, acc2, sum_y, m0, m1, m2, r0, r1, r2)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -544,7 +576,7 @@ def pack_images(imgs, device) -> tuple[torch.Tensor, list[int], list[tuple[int, 
         total += h * w * 3
 
     if device.type != "cuda":
-        buf = torch.empty(total, dtype=torch.uint8)
+        buf = torch.empty(_padded(total), dtype=torch.uint8)[:total]
         host = buf.numpy()
         for img, off in zip(imgs, offsets, strict=True):
             a = img.numpy() if isinstance(img, torch.Tensor) else img
@@ -552,10 +584,13 @@ def pack_images(imgs, device) -> tuple[torch.Tensor, list[int], list[tuple[int, 
         return buf, offsets, strides
 
     if all(f is not None for f in flats):
-        buf = torch.cat(flats) if len(flats) > 1 else flats[0]  # the kernel only reads it
+        if len(flats) == 1:
+            return flats[0], offsets, strides  # the kernel only reads it
+        buf = torch.empty(_padded(total), dtype=torch.uint8, device=device)[:total]
+        torch.cat(flats, out=buf)
         return buf, offsets, strides
 
-    buf = torch.empty(total, dtype=torch.uint8, device=device)
+    buf = torch.empty(_padded(total), dtype=torch.uint8, device=device)[:total]
     cpu_idx = [i for i, f in enumerate(flats) if f is None]
     with _staging.lock:
         # CPU images are laid out contiguously in the staging buffer in their final offsets' order.
@@ -579,6 +614,12 @@ def pack_images(imgs, device) -> tuple[torch.Tensor, list[int], list[tuple[int, 
 def make_params(offsets, strides, shapes, geo, device):
     """Per-image tables on `device`: (iparams int64 [N, 10], fparams float32 [N, 2])."""
     n = len(shapes)
+    for i, (srow, scol, sch) in enumerate(strides):
+        if (scol, sch) != (3, 1) and scol != 1:  # the two layouts the banded kernel reads
+            raise ValueError(
+                f"preprocess_batch_triton: image {i} has byte strides (row, col, channel) {(srow, scol, sch)}; "
+                "expected interleaved HWC (row, 3, 1) or channel planes (row, 1, plane). Pass a contiguous copy."
+            )
     rows = [
         (off, h, w, srow, scol, sch, top, left, rh, rw)
         for (h, w), off, (srow, scol, sch), (top, left, rh, rw, _, _) in zip(
@@ -606,11 +647,32 @@ def impl_name(impl: str | None = None) -> str:
     return name
 
 
+def _padded(nbytes: int) -> int:
+    return max(16, -(-nbytes // 16) * 16)
+
+
+def wide_readable(packed: torch.Tensor) -> torch.Tensor:
+    """`packed` (uint8, 1-D, contiguous), or a copy of it, that the banded kernel may read in whole
+    aligned 16-byte blocks: its first byte on a 16-byte boundary and its storage readable up to the next
+    multiple of 16 bytes past its end. pack_images' buffers already are; a benchmark that packs its own
+    calls this once, outside the timed launch."""
+    storage = packed.untyped_storage()
+    room = storage.nbytes() - (packed.data_ptr() - storage.data_ptr())
+    if packed.data_ptr() % 16 == 0 and room >= _padded(packed.numel()):
+        return packed
+    buf = torch.zeros(_padded(packed.numel()), dtype=torch.uint8, device=packed.device)
+    buf[: packed.numel()].copy_(packed)
+    return buf[: packed.numel()]
+
+
 def launch_params(packed, iparams, fparams, spec, out, impl=None):
     """The launch alone, on packed bytes and prebuilt tables (what the kernel benchmarks time).
 
-    impl: "banded" or "dense" (default: env AURORA_TRITON_IMPL, else "banded")."""
+    impl: "banded" or "dense" (default: env AURORA_TRITON_IMPL, else "banded"). The banded kernel
+    reads `packed` through wide_readable (a copy only when it is misaligned or unpadded)."""
     n, crop, impl = iparams.shape[0], int(spec.crop), impl_name(impl)
+    if impl == "banded":
+        packed = wide_readable(packed)
     key = (impl, crop, out.dtype, packed.device)  # what the autotuner keys on (its key, plus arg dtypes)
     if key not in _tuned:
         # Triton's autotuner is not thread-safe: the first launch per key tunes alone.
