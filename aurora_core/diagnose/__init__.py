@@ -15,7 +15,7 @@ import numpy as np
 from aurora_core.recorder import RunData, load_run
 
 from .causes import CLAIM, analyze
-from .spikes import ALPHA, MIN_RATIO, Detection, Series, Window, build_series, detect
+from .spikes import ALPHA, MIN_RATIO, Detection, Series, Window, build_series, detect, parse_baseline
 
 __all__ = ["DiagnoseResult", "diagnose", "compare", "load_runs", "CLAIM"]
 
@@ -81,13 +81,18 @@ def _confinement(i: int, w: Window, verdict: str, all_series: list[Series], dets
     return out
 
 
-def diagnose(runs, interval_s: float | None = None, min_ratio: float = MIN_RATIO) -> DiagnoseResult:
-    """Find spike windows in ``runs`` (paths or RunData) and rank their causes."""
+def diagnose(runs, interval_s: float | None = None, min_ratio: float = MIN_RATIO,
+             baseline: str | None = None) -> DiagnoseResult:
+    """Find spike windows in ``runs`` (paths or RunData) and rank their causes.
+
+    baseline: the span taken as normal, "T0:T1" (seconds from a series' first request), "label:NAME" or
+    "run:PATH_OR_RUN_ID"; None picks it (``spikes.detect``). ValueError when it matches nothing."""
+    spec = parse_baseline(baseline) if baseline is not None else None
     runs = load_runs(runs)
     if not runs:
         raise ValueError("diagnose: expected at least one run file")
     series = build_series(runs)
-    dets = [detect(s, interval_s, min_ratio) for s in series]
+    dets = [detect(s, interval_s, min_ratio, baseline=spec) for s in series]
     analyses = [[analyze(s, det.baseline, w) for w in det.windows] for s, det in zip(series, dets, strict=True)]
     verdicts = [[an.verdict for an in row] for row in analyses]
     out_series, summary = [], []
@@ -111,6 +116,7 @@ def diagnose(runs, interval_s: float | None = None, min_ratio: float = MIN_RATIO
             "interval_s": round(det.interval_s, 4),
             "segments": [[round(a, 3), round(b, 3)] for a, b in det.segments],
             "baseline": _win_dict(det.baseline) if det.baseline else None,
+            "baseline_reason": det.baseline_reason,
             "windows": windows,
         })
     data = {"series": out_series, "summary": summary,

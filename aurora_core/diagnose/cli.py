@@ -16,6 +16,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--interval", type=number(gt=0), default=None, metavar="S",
                         help="interval width in seconds (> 0) for per-interval p50/p99 (default: automatic, "
                              "about 50 requests an interval)")
+    parser.add_argument("--baseline", default=None, metavar="SPAN",
+                        help="the span taken as normal: T0:T1 (seconds from the series' first request, as the "
+                             "report prints them), label:NAME (the runs with that label) or run:PATH_OR_RUN_ID "
+                             "(default: the lowest-latency calm stretch, see the report's 'normal' line)")
     # Below 1 the ratio gate passes every window and only the one-sided tests are left, exactly as at 1:
     # a value under 1 is a mistake (0 used to turn silently into the default), not a looser setting.
     parser.add_argument("--min-ratio", type=number(ge=1), default=None, metavar="R",
@@ -33,7 +37,8 @@ def run(args) -> int:
         return 2
     try:
         result = diagnose(args.runs, interval_s=args.interval,
-                          min_ratio=MIN_RATIO if args.min_ratio is None else args.min_ratio)
+                          min_ratio=MIN_RATIO if args.min_ratio is None else args.min_ratio,
+                          baseline=args.baseline)
     except (FileNotFoundError, ValueError) as e:
         print(f"aurora diagnose: error: {e}", file=sys.stderr)
         return 2

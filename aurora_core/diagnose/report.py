@@ -28,7 +28,10 @@ def text_diagnose(result) -> str:
                    f"interval {s['interval_s']:.2f} s)")
         b = s["baseline"]
         if b:
-            out.append(f"   baseline {b['start_s']:.1f}-{b['end_s']:.1f} s: p50 {b['p50_ms']:.2f} ms, p99 {b['p99_ms']:.2f} ms")
+            out.append(f"   normal (baseline) {b['start_s']:.1f}-{b['end_s']:.1f} s: p50 {b['p50_ms']:.2f} ms, "
+                       f"p99 {b['p99_ms']:.2f} ms, n={b['n']}")
+            if s.get("baseline_reason"):
+                out.append(f"     why: {s['baseline_reason']}")
         if not s["windows"]:
             out.append("   no spike window")
         for w in s["windows"]:
