@@ -323,3 +323,26 @@ def test_an_interval_too_fine_for_the_timeline_is_refused(tmp_path, monkeypatch)
     res = diagnose([run])
     series = spikes.build_series([load_run(run)])[0]
     assert (series.t[-1] - series.t[0]) / res.data["series"][0]["interval_s"] <= 12 * 1.001
+
+
+def test_cgroup_quota_set_while_running_is_named_with_its_cores(tmp_path):
+    """No quota for 5 s, then 0.5 cores (throttled 60% of periods): the sampler records the fraction only
+    from then on, and diagnose names the throttling with the quota in cores (the baseline had no fraction
+    at all, which used to drop the indicator)."""
+    def samples(t0):
+        return _periodic(t0, "cpu", lambda t: {"cpu_util_pct": 30.0, "proc_cpu_pct": 50.0, "cgroup_nr_throttled": 0.0,
+                                               **({"cgroup_throttled_frac": 0.6, "cgroup_quota_cores": 0.5}
+                                                  if t >= STEP + 0.1 else {})})
+
+    def events(t0):
+        return [Event(t0 + int(STEP * 1e9), "cpu", "cgroup_quota_change", 0.5, "cgroup CPU quota unlimited -> 0.5 cores")]
+
+    run = simulate_run(tmp_path / "q", _arrivals(), meta={"label": "v1", "cpu": {"logical_cores": 2}},
+                       item_ms=_step(6.0, 12.0), cpu_ms=_step(2.0, 4.0), samples=samples, events=events, seed=3)
+    w = _window_at(diagnose([run]), 7.5)
+    assert w["verdict"] == "cpu_contention", w["causes"]
+    ev = {e["name"].split(" (")[0]: e for e in w["causes"][0]["evidence"]}
+    assert ev["cpu.cgroup_throttled_frac"]["passed"] and ev["cpu.cgroup_throttled_frac"]["baseline"] == 0.0
+    q = ev["cgroup CPU quota"]
+    assert q["passed"] and q["window"] == 0.5 and q["baseline"] is None
+    assert "0.5 cores" in w["causes"][0]["summary"]

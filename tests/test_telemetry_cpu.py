@@ -16,7 +16,7 @@ CONTRACT_CPU = {
     "cpu_util_pct", "steal_pct", "iowait_pct", "load1", "runq", "freq_mhz", "cgroup_throttled_frac",
     "cgroup_nr_throttled", "psi_cpu_some_avg10", "psi_mem_some_avg10", "psi_mem_full_avg10", "psi_io_some_avg10",
     "proc_rss_bytes", "proc_threads", "proc_ctx_switches", "swap_used_bytes", "mem_available_bytes",
-    "thermal_throttle_count", "proc_cpu_pct", "sampler_cpu_s",
+    "thermal_throttle_count", "proc_cpu_pct", "sampler_cpu_s", "cgroup_quota_cores",
 }
 
 
@@ -104,6 +104,48 @@ def test_unlimited_cgroup_reports_count_but_no_fraction(host):
     v = be.tick().values
     assert "cgroup_throttled_frac" not in v and v["cgroup_nr_throttled"] == 10
     assert "no CPU quota" in be.missing["cgroup_throttled_frac"]
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_quota_set_while_running_is_seen(tmp_path, version):
+    """Started with no quota, then a limit is set, lowered, and lifted while the process runs (a pod resized
+    in place, systemd CPUQuota=): each change is an Event, the quota is a sample in cores, and the throttled
+    fraction is recorded whenever a quota is in force (it was 'missing' for the whole run before)."""
+    proc, sys_ = tmp_path / "proc", tmp_path / "sys"
+    if version == 2:
+        write(proc, "self/cgroup", "0::/svc\n")
+        d = "fs/cgroup/svc"
+        quota = lambda q: write(sys_, f"{d}/cpu.max", "max 100000\n" if q is None else f"{int(q * 100000)} 100000\n")  # noqa: E731
+    else:
+        write(proc, "self/cgroup", "3:cpu,cpuacct:/svc\n")
+        d = "fs/cgroup/cpu,cpuacct/svc"
+        write(sys_, f"{d}/cpu.cfs_period_us", "50000\n")
+        quota = lambda q: write(sys_, f"{d}/cpu.cfs_quota_us", "-1\n" if q is None else f"{int(q * 50000)}\n")  # noqa: E731
+    stat_ = lambda periods, thr: write(sys_, f"{d}/cpu.stat", f"nr_periods {periods}\nnr_throttled {thr}\n")  # noqa: E731
+    quota(None)
+    stat_(0, 0)
+    be = CpuBackend(proc=str(proc), sys=str(sys_), slow_every=2)
+    v = be.tick().values
+    assert "cgroup_quota_cores" not in v and "cgroup_throttled_frac" not in v and be.drain_events() == []
+    quota(0.5)
+    stat_(10, 0)
+    be.tick()  # a fast tick: the quota is re-read on the slow cadence only
+    assert be.drain_events() == []
+    stat_(20, 8)
+    v = be.tick().values
+    assert v["cgroup_quota_cores"] == 0.5 and v["cgroup_throttled_frac"] == pytest.approx(0.8)
+    (ev,) = be.drain_events()
+    assert (ev.source, ev.kind, ev.value) == ("cpu", "cgroup_quota_change", 0.5)
+    assert "unlimited -> 0.5 cores" in ev.detail and "cgroup_throttled_frac" not in be.missing
+    stat_(30, 18)
+    assert be.tick().values["cgroup_throttled_frac"] == pytest.approx(1.0)
+    quota(None)
+    stat_(40, 18)
+    v = be.tick().values
+    assert "cgroup_quota_cores" not in v and "cgroup_throttled_frac" not in v and v["cgroup_nr_throttled"] == 18
+    (ev,) = be.drain_events()
+    assert ev.value == -1.0 and "0.5 cores -> unlimited" in ev.detail
+    assert be.capabilities()["cgroup"]["quota_cores"] is None
 
 
 def test_bare_host_records_missing_with_reasons(tmp_path):

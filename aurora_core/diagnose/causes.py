@@ -40,7 +40,9 @@ cpu          other processes' CPU (cpu_util_pct x cores - proc_cpu_pct, in cores
              saturated before; only at flat load, since more load makes our own threads contend; with
              CPU time per request flat and no deployment in the window it also claims the
              stage-specific part of the slowdown);
-             steal >= +5 points; cgroup_throttled_frac >= +0.05 (primary); runq above
+             steal >= +5 points; cgroup_throttled_frac >= +0.05 (primary; 0 in a baseline with no quota in
+             force, so a quota set while running counts), with the quota in cores (cgroup_quota_cores,
+             and the quota-change events) named beside it; runq above
              the core count and >= +1, psi_cpu_some_avg10 >= +10 (supporting: our own threads raise
              them too).
 hardware     per GPU: any throttle_frac_* (not low_util/sync_boost) >= +0.1, sm_clock_mhz <= 0.9x
@@ -67,7 +69,7 @@ from aurora_core.records import coverage_cap
 from .spikes import ALPHA, SERVICE_STAGES, Series, Window, greater_p
 
 CLAIM = 0.3
-_EXTERNAL_CPU = ("other processes' CPU", "cpu.steal_pct", "cpu.cgroup_throttled_frac")
+_EXTERNAL_CPU = ("other processes' CPU", "cpu.steal_pct", "cpu.cgroup_throttled_frac")  # and the quota's
 STAGE_SHIFT = 1.15
 LOAD_RATE_UP = 1.05
 LOAD_Z = 3.0
@@ -330,7 +332,8 @@ def analyze(series: Series, baseline: Window, window: Window) -> Analysis:
     # With no outside cause in evidence (neighbours' CPU, steal, cgroup quota, GPU, memory), a slowdown
     # common to every stage after a deployment is the new code saturating the process: the regression
     # then takes it too, not only its stage-specific part.
-    external = (cpu is not None and any(e.passed and e.name in _EXTERNAL_CPU for e in cpu.evidence)) or any(
+    external = (cpu is not None and any(e.passed and (e.name in _EXTERNAL_CPU or e.name.startswith("cgroup CPU quota"))
+                                        for e in cpu.evidence)) or any(
         c is not None and c.strength >= 1 for c in (*hw, mem))
     reg = _regression(series, base, win, rate_ratio, specific_share if external else slowdown_share, checked)
     causes = [load, reg, cpu, *hw, mem, _dependency(series, base, win, shares, checked)]
@@ -529,11 +532,11 @@ def _cpu(series, base: Range, win: Range, rose: bool, share, full_share, checked
             if hit and cpu_b > 0 and cpu_w / cpu_b < STAGE_SHIFT and not deployed:
                 share = max(share, full_share)
     for metric, thr, unit, primary in (("steal_pct", STEAL_MORE, "%", True),
-                                       ("cgroup_throttled_frac", CGROUP_THROTTLED_MORE, "", True),
                                        ("psi_cpu_some_avg10", 10.0, "%", False)):
         e = _delta_ev(series, base, win, "cpu", metric, thr, unit, primary)
         if e:
             ev.append(e)
+    ev += _cgroup_quota(series, base, win)
     rb, rw = _mean_in(series, ("cpu", "runq"), base.a, base.b), _mean_in(series, ("cpu", "runq"), win.a, win.b)
     if rb is not None and rw is not None:
         ev.append(Evidence("cpu.runq", rb, rw, "tasks", f"> {cores} cores and window - baseline >= 1",
@@ -547,6 +550,32 @@ def _cpu(series, base: Range, win: Range, rose: bool, share, full_share, checked
     checked.append(f"cpu contention: {summary if fired else 'no indicator crossed its threshold'}")
     return Cause("cpu_contention", "CPU contention", share * strength, share, strength,
                  f"{summary}; service stages explain {share:.0%} of the extra latency", ev)
+
+
+def _cgroup_quota(series, base: Range, win: Range) -> list[Evidence]:
+    """Throttling by the cgroup's CPU quota, and the quota itself in cores. A quota set or lowered while
+    the process ran shows as a throttled fraction in the window only: the baseline, with no quota in force,
+    was throttled for none of its time (0, not unknown)."""
+    key, qkey = ("cpu", "cgroup_throttled_frac"), ("cpu", "cgroup_quota_cores")
+    tw = _mean_in(series, key, win.a, win.b)
+    if tw is None:
+        return []
+    tb = _mean_in(series, key, base.a, base.b)
+    tb = 0.0 if tb is None and _mean_in(series, qkey, base.a, base.b) is None else tb
+    if tb is None:
+        return []
+    throttled = tw - tb >= CGROUP_THROTTLED_MORE
+    out = [Evidence("cpu.cgroup_throttled_frac", tb, tw, "", f"window - baseline >= {CGROUP_THROTTLED_MORE}",
+                    throttled)]
+    qb, qw = _mean_in(series, qkey, base.a, base.b), _mean_in(series, qkey, win.a, win.b)
+    if qw is not None:
+        changes = [e["detail"] for e in series.events
+                   if e["kind"] == "cgroup_quota_change" and base.a <= e["t"] < win.b]
+        out.append(Evidence(f"cgroup CPU quota ({qb if qb is not None else 'unlimited'} -> {qw:g} cores"
+                            + (f"; {'; '.join(changes)}" if changes else "") + ")", qb, qw, "cores",
+                            "lower in the window (or set only there) while the throttled fraction rose",
+                            throttled and (qb is None or qw < qb)))
+    return out
 
 
 def _n_ok(series: Series, r: Range) -> int:

@@ -24,13 +24,22 @@ Detection (a small documented method around ruptures' PELT)
        moves.
     3. PELT with an l2 cost, min_size ``MIN_SEG`` (3) intervals, penalty ``3 * d * ln(n)`` (d = 2 columns): a
        BIC-style penalty made conservative so that noise alone does not cut segments.
-    4. Baseline: among segments at least max(3, 10% of the intervals) long, the one with the lowest
-       level, the mean of its pooled log p50 and log p99 (p99 alone is too noisy to choose by). A window is a segment whose pooled p99 or p50 is at least ``min_ratio`` (1.3) times
-       the baseline's, with significance at ``alpha`` (1e-3): for p50 a one-sided Mann-Whitney U test;
-       for p99 at least 5% of requests above the baseline's p99 (``TAIL_FACTOR`` x the 1% by chance)
-       and a binomial test on that share.
-       Adjacent windows merge when the merged segment still passes. Effect size and significance are both required, so a
-       long quiet run does not produce windows from tiny but "significant" drifts.
+    4. Baseline (the healthy regime): anchors are tried from the lowest-level segment up (level: mean of
+       its pooled log p50 and log p99); around each, adjacent segments join while they are no spike
+       against it (step 5's test), and the first stretch at least max(3, 10% of the intervals) long is
+       the baseline. So a calm stretch that PELT cut into short pieces is one baseline, and a saturated
+       plateau the run ends in is never taken for normal because it alone is long enough. ``--baseline``
+       gives it instead (T0:T1, label:NAME, run:PATH). ``Detection.baseline_reason`` says which and why.
+    5. A segment is a spike when its pooled p50 or p99 is at least ``min_ratio`` (1.3) times the
+       baseline's, significant at ``alpha`` (1e-3) against the noise of both sides: for p50 a one-sided
+       Mann-Whitney test on the requests and a t-test on the log per-interval medians; for p99 Fisher's
+       exact test on the share above the baseline's p99 (the baseline's own share counted, not taken as
+       1%) and a t-test on the per-interval shares. Each pair must pass: requests of one batch or queue
+       burst are slow together, and the per-interval test counts such a group once.
+    6. Only spike segments merge (adjacent ones, into one window when the merged range still passes), and
+       a window's edges are trimmed to the first and last interval above the baseline (p50 or p99 at least
+       sqrt(min_ratio) times the baseline's). Effect size and significance are both required, so a long
+       quiet run does not produce windows from tiny but "significant" drifts.
 """
 
 from __future__ import annotations
