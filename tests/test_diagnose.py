@@ -346,3 +346,58 @@ def test_cgroup_quota_set_while_running_is_named_with_its_cores(tmp_path):
     q = ev["cgroup CPU quota"]
     assert q["passed"] and q["window"] == 0.5 and q["baseline"] is None
     assert "0.5 cores" in w["causes"][0]["summary"]
+
+
+def _first_lines(res) -> dict[str, str]:
+    lines = text_diagnose(res).splitlines()[:4]
+    return dict(line.split(": ", 1) for line in lines)
+
+
+def test_report_opens_with_the_four_answers(tmp_path):
+    """deployment / load / confinement / dependency, each with its number or "no", before any detail."""
+    # a deployment: v1 then v2 (compute x2) on one host
+    a = simulate_run(tmp_path / "a", _arrivals(1)[_arrivals(1) < STEP], meta={"label": "v1", "host": "h"},
+                     item_ms=lambda t: 6.0, seed=1)
+    b = simulate_run(tmp_path / "b", _arrivals(2)[_arrivals(2) < STEP], meta={"label": "v2", "host": "h"},
+                     item_ms=lambda t: 12.0, seed=2)
+    ra, rb = load_run(a), load_run(b)
+    rb.meta["wall_minus_mono_ns"] = (ra.wall_minus_mono_ns + int(ra.requests["arrival_ns"].max()) + 100_000_000
+                                     - int(rb.requests["arrival_ns"].min()))
+    q = _first_lines(diagnose([ra, rb]))
+    assert list(q) == ["deployment lines up", "load rose", "confined to some hosts/regions", "dependency grew"]
+    assert q["deployment lines up"].startswith("yes: label v1 -> v2 [h ")
+    assert q["load rose"].startswith("no") and q["confined to some hosts/regions"] == "no (one host/region in the data)"
+    assert q["dependency grew"] == "no (no span linked to requests)"
+
+    # two hosts at the same wall-clock time, the spike on one: confined; nothing at all: every answer no
+    runs = []
+    for host, item in (("x", _step(6.0, 15.0)), ("y", lambda t: 6.0)):
+        runs.append(load_run(simulate_run(tmp_path / host, _arrivals(), meta={"label": "v1", "host": host},
+                                          item_ms=item, seed=3)))
+    runs[1].meta["wall_minus_mono_ns"] = (runs[0].wall_minus_mono_ns + int(runs[0].requests["arrival_ns"].min())
+                                          - int(runs[1].requests["arrival_ns"].min()))
+    q = _first_lines(diagnose(runs))
+    assert q["confined to some hosts/regions"].startswith("yes: x (not y) [x "), q
+    flat = simulate_run(tmp_path / "flat", _arrivals(), meta={"label": "v1"}, item_ms=lambda t: 6.0, seed=3)
+    assert set(_first_lines(diagnose([flat])).values()) == {"no (no spike window)"}
+
+
+def test_report_answers_load_and_dependency(tmp_path):
+    run_dir = simulate_run(tmp_path / "d", _arrivals(), meta={"label": "v1"}, item_ms=lambda t: 6.0, seed=3)
+    run = load_run(run_dir)
+    a = run.requests["arrival_ns"]
+    late = (a - a.min()) / 1e9 >= STEP
+    d = np.where(late, 40_000_000, 4_000_000)
+    run.spans = {"name": np.array(["feature_store"] * a.size), "start_ns": a - d - 1000, "end_ns": a - 1000,
+                 "request_id": run.requests["request_id"].copy(), "attrs": np.array([""] * a.size)}
+    q = _first_lines(diagnose([run]))
+    assert q["dependency grew"].startswith("feature_store 4.00 -> 40.00 ms (x10.00) ["), q
+    assert q["deployment lines up"] == "no" and q["load rose"].startswith("no")
+    from aurora_core.loadgen import step_schedule
+
+    step = simulate_run(tmp_path / "s", step_schedule([(0, 100), (10, 120)], 20, seed=0) / 1e9, meta={"label": "v1"},
+                        item_ms=lambda t: 6.0, max_batch=1, seed=1)
+    q = _first_lines(diagnose([step]))
+    assert q["load rose"].startswith("+") and "req/s, z " in q["load rose"], q
+    rise = int(q["load rose"][1:q["load rose"].index("%")])
+    assert 10 <= rise <= 30, q  # +20% offered from 10 s; the window holds the step and its queue

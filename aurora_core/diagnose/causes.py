@@ -265,11 +265,12 @@ class Analysis:
     shares: dict[str, float]
     baseline: dict
     window: dict
+    answers: dict = field(default_factory=dict)  # the report's four questions (``_answers``)
 
     def as_dict(self) -> dict:
         return {"verdict": self.verdict, "causes": [c.as_dict() for c in self.causes],
                 "checked": self.checked, "shares": {k: round(v, 3) for k, v in self.shares.items()},
-                "baseline": self.baseline, "window": self.window}
+                "baseline": self.baseline, "window": self.window, "answers": self.answers}
 
 
 def _summary_range(r: Range) -> dict:
@@ -336,7 +337,8 @@ def analyze(series: Series, baseline: Window, window: Window) -> Analysis:
                                         for e in cpu.evidence)) or any(
         c is not None and c.strength >= 1 for c in (*hw, mem))
     reg = _regression(series, base, win, rate_ratio, specific_share if external else slowdown_share, checked)
-    causes = [load, reg, cpu, *hw, mem, _dependency(series, base, win, shares, checked)]
+    spans: dict[str, dict] = {}
+    causes = [load, reg, cpu, *hw, mem, _dependency(series, base, win, shares, checked, spans)]
     causes = sorted([c for c in causes if c is not None and c.strength > 0], key=lambda c: -c.score)
     verdict = causes[0].cause if causes and causes[0].score >= CLAIM else "inconclusive"
     if verdict == "inconclusive":
@@ -344,7 +346,13 @@ def analyze(series: Series, baseline: Window, window: Window) -> Analysis:
         if top:
             checked.append(f"largest part of the extra latency: {top} ({shares[top]:.0%}); "
                            f"no cause reached a score of {CLAIM}")
-    return Analysis(causes, verdict, checked, shares, _summary_range(base), _summary_range(win))
+    answers = {
+        "deployment": {k: [_short(a), _short(b)] for k, (a, b) in deployment_change(series, base, win).items()},
+        "load": {"rose": rose, "rate_ratio": _r(rate_ratio), "z": _r(z), "baseline_per_s": _r(base.rate),
+                 "window_per_s": _r(win.rate)},
+        "dependency": spans,
+    }
+    return Analysis(causes, verdict, checked, shares, _summary_range(base), _summary_range(win), answers)
 
 
 def _common_fraction(base: Range, win: Range) -> dict[str, float]:
@@ -684,7 +692,8 @@ def _memory(series, base: Range, win: Range, share, checked) -> Cause | None:
     return Cause("memory", "Memory pressure", share * strength, share, strength, summary or "none", ev)
 
 
-def _dependency(series, base: Range, win: Range, shares, checked) -> Cause | None:
+def _dependency(series, base: Range, win: Range, shares, checked, found: dict) -> Cause | None:
+    """found: filled with each linked span's figures (name -> baseline_ms, window_ms, ratio, grew)."""
     best: Cause | None = None
     service_share = sum(shares.get(s, 0.0) for s in SERVICE_STAGES)
     for n in series.span_ns:
@@ -695,6 +704,8 @@ def _dependency(series, base: Range, win: Range, shares, checked) -> Cause | Non
         ratio, p = float(w.mean() / b.mean()), greater_p(w, b)
         share = shares.get(f"span:{n}", 0.0)
         grew = ratio >= STAGE_SHIFT and p < ALPHA
+        found[n] = {"baseline_ms": _r(b.mean() / 1e6), "window_ms": _r(w.mean() / 1e6), "ratio": _r(ratio),
+                    "grew": bool(grew)}
         ev = [Evidence(f"span {n!r} mean time", float(b.mean() / 1e6), float(w.mean() / 1e6), "ms",
                        f"x{STAGE_SHIFT} and Mann-Whitney p < {ALPHA} (p={p:.1e})", grew),
               Evidence("pipeline service stages' share of the extra latency", None, service_share, "",

@@ -19,9 +19,45 @@ from .spikes import SERVICE_STAGES, Series
 # --------------------------------------------------------------------------------------------------
 # Text
 # --------------------------------------------------------------------------------------------------
+def answers(data: dict) -> list[str]:
+    """The four questions, each answered with its number or "no", over every spike window of every series:
+    does a deployment line up, how far did the load rise, is the spike confined to some hosts/regions, did a
+    dependency grow. Where several windows answer yes, the first is named and the others counted."""
+    wins = [(s["name"], w) for s in data["series"] for w in s["windows"]]
+    if not wins:
+        return [f"{q}: no (no spike window)" for q in
+                ("deployment lines up", "load rose", "confined to some hosts/regions", "dependency grew")]
+
+    def line(question, hits, no):
+        if not hits:
+            return f"{question}: {no}"
+        (name, w), text = hits[0]
+        more = f" (and {len(hits) - 1} more window(s))" if len(hits) > 1 else ""
+        return f"{question}: {text} [{name} {w['start_s']:.1f}-{w['end_s']:.1f} s]{more}"
+
+    dep = [((n, w), "yes: " + "; ".join(f"{k} {a} -> {b}" for k, (a, b) in w["answers"]["deployment"].items()))
+           for n, w in wins if w.get("answers", {}).get("deployment")]
+    load = [((n, w), f"+{w['answers']['load']['rate_ratio'] - 1:.0%} ({w['answers']['load']['baseline_per_s']:.1f} -> "
+                     f"{w['answers']['load']['window_per_s']:.1f} req/s, z {w['answers']['load']['z']:.1f})")
+            for n, w in wins if w.get("answers", {}).get("load", {}).get("rose")]
+    ratios = [w["answers"]["load"]["rate_ratio"] for _, w in wins if w.get("answers", {}).get("load", {}).get("rate_ratio")]
+    load_no = "no" + (f" (rate x{max(ratios):.2f} at most, not beyond both sides' Poisson noise)" if ratios else "")
+    conf = [((n, w), f"yes: {', '.join(w['confinement']['affected'])} (not {', '.join(w['confinement']['unaffected'])})")
+            for n, w in wins if (w.get("confinement") or {}).get("confined")]
+    n_series = len(data["series"])
+    conf_no = "no (one host/region in the data)" if n_series == 1 else "no (seen on every host/region with data)"
+    grew = [((n, w), "; ".join(f"{k} {v['baseline_ms']:.2f} -> {v['window_ms']:.2f} ms (x{v['ratio']:.2f})"
+                               for k, v in w["answers"]["dependency"].items() if v["grew"]))
+            for n, w in wins if any(v["grew"] for v in w.get("answers", {}).get("dependency", {}).values())]
+    has_spans = any(w.get("answers", {}).get("dependency") for _, w in wins)
+    return [line("deployment lines up", dep, "no"), line("load rose", load, load_no),
+            line("confined to some hosts/regions", conf, conf_no),
+            line("dependency grew", grew, "no" if has_spans else "no (no span linked to requests)")]
+
+
 def text_diagnose(result) -> str:
     data = result.data if isinstance(result, DiagnoseResult) else result
-    out = []
+    out = answers(data) + [""]
     for s in data["series"]:
         labels = ", ".join(sorted({str(r["label"]) for r in s["runs"] if r.get("label")})) or "-"
         out.append(f"== {s['name']}  ({len(s['runs'])} run(s), {s['n_requests']} requests, labels: {labels}, "
