@@ -401,3 +401,41 @@ def test_report_answers_load_and_dependency(tmp_path):
     assert q["load rose"].startswith("+") and "req/s, z " in q["load rose"], q
     rise = int(q["load rose"][1:q["load rose"].index("%")])
     assert 10 <= rise <= 30, q  # +20% offered from 10 s; the window holds the step and its queue
+
+
+def test_request_context_links_serving_code_spans(tmp_path):
+    """The README's serving path: ``with pipe.request() as ctx:`` then the dependency call timed with
+    ``rec.span`` (or ``ctx.span``), then ``ctx.infer``. The span is linked to the request, so diagnose counts
+    it in the latency and names the dependency when it slows (an unlinked span could not be apportioned)."""
+    import time
+
+    from test_incidents import DATA, _pipeline, tiny_model
+
+    from aurora_core.pipeline import Pipeline
+    from aurora_core.recorder import Recorder
+
+    data = DATA.read_bytes()
+    rec = Recorder(tmp_path / "svc", meta={"label": "v1"})
+    with _pipeline(sink=rec) as pipe:
+        for k in range(240):
+            with pipe.request() as ctx:
+                span = rec.span("feature_store") if k % 2 else ctx.span("feature_store")
+                with span:
+                    time.sleep(0.002 if k < 120 else 0.03)
+                pred = ctx.infer(data)
+            assert pred.timings.request_id == ctx.request_id
+        with pytest.raises(ValueError, match="submitted already"):
+            ctx.submit(data)
+        with rec.span("outside"):  # no request open: unlinked, as before
+            pass
+    rec.close()
+    run = load_run(tmp_path / "svc")
+    linked = run.spans["request_id"][run.spans["name"] == "feature_store"]
+    assert sorted(linked.tolist()) == sorted(run.requests["request_id"].tolist())
+    assert run.spans["request_id"][run.spans["name"] == "outside"].tolist() == [-1]
+    res = diagnose([run])
+    w = max(res.data["series"][0]["windows"], key=lambda w: w["ratio_p50"])
+    assert w["verdict"] == "dependency" and "feature_store" in w["causes"][0]["title"], res.data["summary"]
+    with Pipeline(tiny_model(), device="cpu") as bare:
+        with pytest.raises(ValueError, match="records spans"):
+            bare.request().span("x")
