@@ -439,3 +439,30 @@ def test_request_context_links_serving_code_spans(tmp_path):
     with Pipeline(tiny_model(), device="cpu") as bare:
         with pytest.raises(ValueError, match="records spans"):
             bare.request().span("x")
+
+
+def test_thresholds_are_settings_with_documented_defaults(tmp_path, capsys):
+    """One place (diagnose.settings): the defaults are the constants the modules document; a changed setting
+    changes the judgement; a bad name or value is exit 2 with the names listed."""
+    import dataclasses
+
+    from aurora_core.diagnose import Settings, causes, compare, spikes
+    from aurora_core.diagnose.settings import DEFAULTS
+
+    assert (DEFAULTS.min_ratio, DEFAULTS.alpha, DEFAULTS.claim) == (spikes.MIN_RATIO, spikes.ALPHA, causes.CLAIM)
+    assert (DEFAULTS.min_ratio, DEFAULTS.alpha, DEFAULTS.claim) == (1.3, 1e-3, 0.3)
+    assert compare.OTHERS_CORES_MORE == DEFAULTS.others_cores_more and causes.STAGE_SHIFT == DEFAULTS.stage_shift
+    run = simulate_run(tmp_path / "r", _arrivals(), meta={"label": "v1"}, item_ms=_step(6.0, 12.0), seed=3)
+    assert any("compute x" in c for c in _window_at(diagnose([run]), 7.5)["checked"])  # compute x2 is a shift
+    strict = diagnose([run], settings=Settings(stage_shift=2.5))
+    assert not any("compute x" in c for c in _window_at(strict, 7.5)["checked"])      # not at x2.5
+    assert strict.data["method"]["settings"]["stage_shift"] == 2.5
+    assert main(["diagnose", str(run), "--json", "--set", "stage_shift=2.5", "--set", "claim=0.5"]) == 0
+    method = json.loads(capsys.readouterr().out)["method"]
+    assert method["settings"] == dataclasses.asdict(Settings(stage_shift=2.5, claim=0.5))
+    for bad, why in (("nope=1", "stage_shift"), ("alpha=2", "alpha must be in"), ("claim=x", "expected a number"),
+                     ("claim", "NAME=VALUE")):
+        assert main(["diagnose", str(run), "--set", bad]) == 2
+        assert why in capsys.readouterr().err, bad
+    with pytest.raises(ValueError, match="min_ratio"):
+        Settings(min_ratio=0.5)

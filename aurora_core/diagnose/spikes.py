@@ -53,9 +53,11 @@ from scipy import stats
 
 from aurora_core.recorder import RunData
 
+from .settings import DEFAULTS
+
 SERVICE_STAGES = ("decode", "preprocess", "h2d", "compute", "d2h")
-MIN_RATIO = 1.3
-ALPHA = 1e-3
+MIN_RATIO = DEFAULTS.min_ratio
+ALPHA = DEFAULTS.alpha
 #: PELT's minimum segment, in intervals.
 MIN_SEG = 3
 #: A gap between consecutive arrivals longer than this many intervals is idle time, not traffic. It is
