@@ -194,3 +194,56 @@ def test_burst_mode_is_bounded():
     assert s._period() == 0.1
     with pytest.raises(ValueError, match="period_s"):
         TelemetrySampler(period_s=0)
+
+
+def _v1_cpu_root() -> str | None:
+    """This machine's writable cgroup v1 cpu hierarchy (root), or None."""
+    root = "/sys/fs/cgroup/cpu"
+    ok = os.path.exists(os.path.join(root, "cpu.cfs_quota_us")) and os.access(root, os.W_OK) and os.geteuid() == 0
+    return root if ok else None
+
+
+@pytest.mark.skipif(_v1_cpu_root() is None, reason="needs a writable cgroup v1 cpu hierarchy (root)")
+def test_live_cgroup_v1_quota_set_while_running(tmp_path):
+    """A real cgroup v1: a CPU-burning child samples itself while the parent sets a 0.2-core quota on its
+    cgroup 1 s in. The child's sampler sees the change (an event), the quota in cores and a throttled fraction."""
+    import json
+    import subprocess
+    import sys
+
+    cg = os.path.join(_v1_cpu_root(), f"aurora_test_{os.getpid()}")
+    os.mkdir(cg)
+    code = f"""
+import json, os, sys, time
+with open({os.path.join(cg, "cgroup.procs")!r}, "w") as f:
+    f.write(str(os.getpid()))
+from aurora_core.telemetry.cpu import CpuBackend
+be, out, events, t0 = CpuBackend(slow_every=2), [], [], time.monotonic()
+while time.monotonic() - t0 < 3.0:
+    t1 = time.monotonic()
+    while time.monotonic() - t1 < 0.05:
+        pass
+    v = be.tick().values
+    out.append([time.monotonic() - t0, v.get("cgroup_quota_cores"), v.get("cgroup_throttled_frac")])
+    events += [[e.kind, e.value, e.detail] for e in be.drain_events()]
+print(json.dumps({{"samples": out, "events": events}}))
+"""
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    try:
+        time.sleep(1.0)
+        with open(os.path.join(cg, "cpu.cfs_quota_us"), "w") as f:
+            f.write(str(int(0.2 * int(open(os.path.join(cg, "cpu.cfs_period_us")).read()))))
+        out, _ = child.communicate(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        os.rmdir(cg)
+    got = json.loads(out)
+    early = [s for s in got["samples"] if s[0] < 0.8]
+    assert early and all(q is None and f is None for _, q, f in early)
+    late = [s for s in got["samples"] if s[1] is not None]
+    assert late and all(q == pytest.approx(0.2) for _, q, _f in late)
+    assert max(f for *_, f in late if f is not None) > 0.3, late  # a busy loop on 0.2 cores is throttled
+    assert [e[:2] for e in got["events"]] == [["cgroup_quota_change", pytest.approx(0.2)]], got["events"]
