@@ -108,9 +108,11 @@ def test_explicit_baseline_span_label_and_run(tmp_path, runs, capsys):
     assert main(["diagnose", str(a), "--baseline", "label:nope"]) == 2
 
 
-def _null_pair(tmp_path, seed):
-    runs = [load_run(simulate_run(tmp_path / f"{n}{seed}", poisson_schedule(40, 6, seed=2 * seed + k) / 1e9,
-                                  meta={"label": "v1", "host": "h"}, item_ms=lambda t: 8.0, seed=2 * seed + k))
+def _null_pair(tmp_path, seed, rate=40.0, max_batch=8, item=8.0, meta=None):
+    """Two back-to-back runs of one configuration (the second starts 25 ms after the first's last arrival)."""
+    meta = {"label": "v1", "host": "h", **(meta or {})}
+    runs = [load_run(simulate_run(tmp_path / f"{n}{seed}", poisson_schedule(rate, 6, seed=2 * seed + k) / 1e9, meta=meta,
+                                  item_ms=lambda t: item, max_batch=max_batch, seed=2 * seed + k))
             for k, n in enumerate("ab")]
     ra, rb = runs
     rb.meta["wall_minus_mono_ns"] = (ra.wall_minus_mono_ns + int(ra.requests["arrival_ns"].max()) + 25_000_000
@@ -119,17 +121,31 @@ def _null_pair(tmp_path, seed):
 
 
 def _long_run(tmp_path, seed):
+    """One steady 60 s run."""
     return diagnose([simulate_run(tmp_path / f"long{seed}", poisson_schedule(40, 60, seed=seed + 500) / 1e9,
                                   meta={"label": "v1"}, item_ms=lambda t: 8.0, seed=seed)])
 
 
-@pytest.mark.parametrize("case", [_null_pair, _long_run], ids=["two runs of one configuration", "one long steady run"])
+NULL_CASES = {
+    "pair, batching at 40/s": _null_pair,
+    "one long steady run": _long_run,
+    # Near saturation (one request at a time, 0.72 of capacity): the previous detector claimed a cause
+    # in 3 of these 20 (a Poisson burst against a short calm baseline, taken as "load").
+    "pair, one at a time at 90/s": lambda p, s: _null_pair(p, s, rate=90.0, max_batch=1, item=6.0),
+    # The runs say what was offered (aurora bench writes it): the previous detector claimed 2 of 20.
+    "pair, batching at 60/s, offered rate in meta": lambda p, s: _null_pair(p, s, rate=60.0,
+                                                                               meta={"offered_rate_per_s": 60.0}),
+}
+
+
+@pytest.mark.parametrize("case", list(NULL_CASES))
 def test_null_cases_claim_nothing_in_19_of_20_seeds(tmp_path, case):
-    """Poisson noise alone (no change, batching at 40/s): a cause is claimed in at most 1 of 20 seeded
-    repetitions. Spike windows left inconclusive are allowed (a queue burst is a real, if causeless, slowdown)."""
+    """Poisson noise alone (no change): a cause is claimed in at most 1 of 20 seeded repetitions (issue 18
+    asks for >= 19 of 20 claiming nothing; these seeds claim nothing in 20 of 20). Spike windows left
+    inconclusive are allowed: a queue burst is a real slowdown, with no cause to name."""
     claims = []
     for seed in range(20):
-        res = case(tmp_path, seed)
+        res = NULL_CASES[case](tmp_path, seed)
         claimed = [w for s in res.data["series"] for w in s["windows"] if w["verdict"] != "inconclusive"]
         if claimed:
             claims.append((seed, res.data["summary"]))
@@ -141,13 +157,19 @@ def test_load_test_counts_the_baselines_own_noise():
     claim); taken as exact, the baseline's rate gave z = 3.3."""
     from types import SimpleNamespace
 
-    series = SimpleNamespace(run_bounds=[(0.0, 200.0)])
+    series = SimpleNamespace(run_bounds=[(0.0, 200.0)], runs=[SimpleNamespace(meta={})])
     base = SimpleNamespace(a=0.0, b=5.5, n_arrivals=195, rate=195 / 5.5)
     win = SimpleNamespace(a=10.0, b=21.0, n_arrivals=455, rate=455 / 11)
     rose, z = load_rose(series, base, win)
     assert not rose and z == pytest.approx(1.8, abs=0.1)
     big = SimpleNamespace(a=0.0, b=110.0, n_arrivals=3900, rate=3900 / 110)  # 20x the baseline: significant
     assert load_rose(series, big, win)[0]
+    # When the run says what was offered, that decides: a steady issuer's burst is no load rise, a step is.
+    series.runs[0].meta["offered_rate_per_s"] = 40.0
+    assert not load_rose(series, big, win)[0]
+    series.runs[0].meta = {"offered_schedule": [[0, 40.0], [10.0, 48.0]]}
+    assert load_rose(series, base, win)[0] and not load_rose(series, big, win)[0]  # big: mostly after the step
+    assert not load_rose(series, SimpleNamespace(a=12.0, b=30.0, n_arrivals=0, rate=0.0), win)[0]
 
 
 def test_window_does_not_swallow_the_calm_time_after_it(tmp_path):

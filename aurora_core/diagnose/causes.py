@@ -22,7 +22,8 @@ Method
 Thresholds (window minus baseline unless said; the defaults of ``settings.Settings``, where each can be set)
 ------------------------------------------------------------------------------------------------------------
 load         arrival rate >= +5% and z >= 3 in a two-sample Poisson test (the baseline's count is a sample
-             too: binomial split of both ranges' arrivals by their durations) (primary). Cross-check: Kingman's G/G/1 wait
+             too: binomial split of both ranges' arrivals by their durations) (primary). When the runs
+             carry the offered load (offered_rate_per_s, offered_schedule), offered >= +5% decides instead. Cross-check: Kingman's G/G/1 wait
              ratio rho/(1-rho)*S between the ranges, rho = the busier pipeline thread's measured busy
              fraction (compute thread or batch-forming thread); the variability factor cancels when the
              traffic shape is the same. Consistent when observed/predicted is within x3, or rho >= 0.95.
@@ -374,20 +375,53 @@ def _common_fraction(base: Range, win: Range) -> dict[str, float]:
 
 
 def load_rose(series: Series, base: Range, win: Range, cfg: Settings = DEFAULTS) -> tuple[bool, float]:
-    """Arrival rate up by >= 5% and beyond the Poisson noise of both ranges (z >= 3). Returns (rose, z).
+    """Did the load rise from base to win? Returns (rose, z).
 
-    Two-sample: given the n_b + n_w arrivals of both ranges, equal rates put each in the window with
-    probability T_w / (T_b + T_w), so n_w is binomial; z is its standard score. A short baseline's own
-    count is then as uncertain as it is (a 5.5 s baseline at 35.5/s against an 11 s window at 41.4/s is
-    z = 1.8 here; taking the baseline's rate as exact gave 3.3)."""
+    When the runs say what load was offered (``offered_rate_per_s``, or ``offered_schedule`` from a step
+    scenario), that decides: offered x``load_rate_up`` or more rose, anything less did not, whatever the
+    arrivals did (a Poisson burst of a steady issuer is not a load change). Otherwise the measured arrival
+    rate must be up by ``load_rate_up`` and beyond the Poisson noise of both ranges (z >= ``load_z``):
+    given the n_b + n_w arrivals of both ranges, equal rates put each in the window with probability
+    T_w / (T_b + T_w), so n_w is binomial; z is its standard score. A short baseline's own count is then as
+    uncertain as it is (a 5.5 s baseline at 35.5/s against an 11 s window at 41.4/s is z = 1.8 here;
+    taking the baseline's rate as exact gave 3.3)."""
     tb, tw = active_s(series, base.a, base.b), active_s(series, win.a, win.b)
     n = base.n_arrivals + win.n_arrivals
     z = 0.0
     if tb > 0 and tw > 0 and n > 0:
         p = tw / (tb + tw)
         z = (win.n_arrivals - n * p) / math.sqrt(n * p * (1 - p))
+    ob, ow = offered_rate(series, base), offered_rate(series, win)
+    if ob and ow:
+        return bool(ow / ob >= cfg.load_rate_up), z
     ratio = win.rate / base.rate if base.rate > 0 else math.inf
     return bool(ratio >= cfg.load_rate_up and z >= cfg.load_z), z
+
+
+def offered_rate(series: Series, r: Range) -> float | None:
+    """The mean offered rate over [r.a, r.b) from the covering runs' meta: ``offered_rate_per_s`` (steady),
+    or ``offered_schedule`` [[t_s, rate], ...] (t from the run's first arrival). None when a covering run
+    says nothing."""
+    total = dur = 0.0
+    for i, (r0, r1) in enumerate(series.run_bounds):
+        a, b = max(r.a, r0), min(r.b, r1)
+        if not b > a:
+            continue
+        m = series.runs[i].meta
+        steps = m.get("offered_schedule")
+        if not steps and isinstance(m.get("offered_rate_per_s"), int | float):
+            steps = [[0.0, float(m["offered_rate_per_s"])]]
+        try:
+            steps = sorted((float(t), float(x)) for t, x in steps or ())
+        except (TypeError, ValueError):
+            steps = []
+        if not steps:
+            return None
+        for k, (t, x) in enumerate(steps):
+            lo, hi = r0 + t, (r0 + steps[k + 1][0]) if k + 1 < len(steps) else math.inf
+            part = max(0.0, min(b, hi) - max(a, lo))
+            total, dur = total + part * x, dur + part
+    return total / dur if dur > 0 else None
 
 
 def _cpu_per_request(series: Series, r: Range) -> float | None:
@@ -417,8 +451,13 @@ def _work_ratio(series, base: Range, win: Range, rose: bool, s_ratio, cfg: Setti
 def _load(series, base: Range, win: Range, rose: bool, z: float, rate_ratio, s_ratio, share, checked,
           work_note="", cfg: Settings = DEFAULTS) -> Cause | None:
     """rose, z: ``load_rose`` of (base, win)."""
-    ev = [Evidence("arrival rate", base.rate, win.rate, "req/s",
-                   f"x{cfg.load_rate_up} and Poisson z >= {cfg.load_z} (z={z:.1f})", rose)]
+    ob, ow = offered_rate(series, base), offered_rate(series, win)
+    if ob and ow:
+        ev = [Evidence("offered rate (run meta)", ob, ow, "req/s", f"x{cfg.load_rate_up} (it decides: measured "
+                       f"arrivals {base.rate:.1f} -> {win.rate:.1f}/s, z={z:.1f}, vary by Poisson noise)", rose)]
+    else:
+        ev = [Evidence("arrival rate", base.rate, win.rate, "req/s",
+                       f"x{cfg.load_rate_up} and two-sample Poisson z >= {cfg.load_z} (z={z:.1f})", rose)]
     ev.append(Evidence("per-item service time", base.item_service_ns / 1e6, win.item_service_ns / 1e6,
                        "ms", f"flat: within +{cfg.stage_shift - 1:.0%}", s_ratio < cfg.stage_shift, primary=False))
     ev.append(Evidence("mean wait", base.wait_ns / 1e6, win.wait_ns / 1e6, "ms", "rises", win.wait_ns > base.wait_ns,
