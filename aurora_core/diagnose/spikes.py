@@ -47,6 +47,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from scipy import stats
@@ -456,8 +457,6 @@ def resolve_baseline(series: Series, spec: tuple[str, object]) -> tuple[float, f
     if kind == "span":
         t0, t1 = val
         return t0, t1, f"given: --baseline {t0:g}:{t1:g}"
-    from pathlib import Path
-
     def hit(i: int) -> bool:
         m = series.runs[i].meta
         if kind == "label":
@@ -475,7 +474,7 @@ def resolve_baseline(series: Series, spec: tuple[str, object]) -> tuple[float, f
     return a, math.nextafter(b, math.inf), f"given: --baseline {kind}:{val} ({len(idx)} run(s))"
 
 
-def _auto_baseline(series: Series, segments, lens, pooled, min_len: int, min_ratio, alpha) -> tuple[int, int, str]:
+def _auto_baseline(segments, lens, pooled, min_len: int, min_ratio, alpha) -> tuple[int, int, str]:
     """The healthy regime: the lowest-latency stretch of adjacent calm segments at least ``min_len``
     intervals long. Anchors are tried from the lowest level up; around each, adjacent segments join while
     they are no spike against it (``_judge``: the same effect size and significance a window needs), so a
@@ -486,7 +485,6 @@ def _auto_baseline(series: Series, segments, lens, pooled, min_len: int, min_rat
     for anchor in order:
         ref = pooled[anchor]
         lo = hi = anchor
-
         while lo > 0 and _touching(segments, lo - 1, lo) and _judge(pooled[lo - 1], ref, min_ratio, alpha,
                                                                      *segments[lo - 1]) is None:
             lo -= 1
@@ -539,7 +537,7 @@ def detect(series: Series, interval_s: float | None = None, min_ratio: float = M
     pooled = [_pooled(series, *ab, width) for ab in segments]
     if baseline is None:
         min_len = max(3, int(0.1 * good.size))
-        lo, hi, why = _auto_baseline(series, segments, lens, pooled, min_len, min_ratio, alpha)
+        lo, hi, why = _auto_baseline(segments, lens, pooled, min_len, min_ratio, alpha)
         ba, bb = segments[lo][0], segments[hi][1]
         cands = [ab for i, ab in enumerate(segments) if not lo <= i <= hi]
     else:
@@ -561,15 +559,14 @@ def detect(series: Series, interval_s: float | None = None, min_ratio: float = M
             groups.append([(a, b)])
     wins: list[Window] = []
     for g in groups:
-        merged = _window(series, iv, base, b50, b99, min_ratio, alpha, g[0][0], g[-1][1])
-        wins += [merged] if merged else [w for w in (_window(series, iv, base, b50, b99, min_ratio, alpha, a, b)
+        merged = _window(series, iv, width, base, min_ratio, alpha, g[0][0], g[-1][1])
+        wins += [merged] if merged else [w for w in (_window(series, iv, width, base, min_ratio, alpha, a, b)
                                                      for a, b in g) if w]
     return Detection(width, iv, segments, base_w, wins, why)
 
 
-def _window(series, iv, base, b50, b99, min_ratio, alpha, a, b) -> Window | None:
+def _window(series, iv, width, base: Lat, min_ratio, alpha, a, b) -> Window | None:
     """Judge [a, b) trimmed to the intervals above the baseline; untrimmed when the trimmed one fails."""
-    ta, tb = _trim(iv, a, b, b50, b99, min_ratio)
-    w = float(iv.edges[1] - iv.edges[0])
-    return (_judge(_pooled(series, ta, tb, w), base, min_ratio, alpha, ta, tb)
-            or _judge(_pooled(series, a, b, w), base, min_ratio, alpha, a, b))
+    ta, tb = _trim(iv, a, b, float(np.percentile(base.ms, 50)), float(np.percentile(base.ms, 99)), min_ratio)
+    return (_judge(_pooled(series, ta, tb, width), base, min_ratio, alpha, ta, tb)
+            or _judge(_pooled(series, a, b, width), base, min_ratio, alpha, a, b))
