@@ -176,6 +176,7 @@ def test_outputs_and_cli(tmp_path, capsys):
     html = render_section(res)
     assert html.count("<img") == 2 and "data:image/png;base64," in html
     assert "<section" in render_section(res.data)  # from JSON alone: tables, no plots
+    assert "<li>deployment lines up: no</li>" in html and "Normal (baseline) " in html
     assert main(["diagnose", str(run), "--json", "--html", str(tmp_path / "r.html")]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["series"][0]["windows"]

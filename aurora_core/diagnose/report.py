@@ -281,9 +281,14 @@ def _evidence_plot(s: Series, det, w: dict) -> str | None:
 
 def _diagnose_html(result) -> str:
     data = result.data if isinstance(result, DiagnoseResult) else result
-    parts = ['<section class="aurora-diagnose"><h2>Latency diagnosis</h2>']
+    parts = ['<section class="aurora-diagnose"><h2>Latency diagnosis</h2>', "<ul>"]
+    parts += [f"<li>{html.escape(line)}</li>" for line in answers(data)] + ["</ul>"]
     for i, s in enumerate(data["series"]):
         parts.append(f"<h3>{html.escape(s['name'])}</h3>")
+        b = s.get("baseline")
+        if b:
+            parts.append(f"<p>Normal (baseline) {b['start_s']:.1f}-{b['end_s']:.1f} s: p50 {b['p50_ms']:.2f} ms, "
+                         f"p99 {b['p99_ms']:.2f} ms; {html.escape(s.get('baseline_reason') or '')}</p>")
         if isinstance(result, DiagnoseResult):
             parts.append(_timeline_plot(result.series[i], result.detections[i], s["windows"]))
         if not s["windows"]:
