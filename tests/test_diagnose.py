@@ -402,6 +402,12 @@ def test_report_answers_load_and_dependency(tmp_path):
     assert q["load rose"].startswith("+") and "req/s, z " in q["load rose"], q
     rise = int(q["load rose"][1:q["load rose"].index("%")])
     assert 10 <= rise <= 30, q  # +20% offered from 10 s; the window holds the step and its queue
+    # The run says what was offered (aurora bench --scenario step writes the schedule): that figure is given.
+    stepped = simulate_run(tmp_path / "o", step_schedule([(0, 100), (10, 120)], 20, seed=0) / 1e9,
+                           meta={"label": "v1", "offered_schedule": [[0, 100.0], [10, 120.0]]},
+                           item_ms=lambda t: 6.0, max_batch=1, seed=1)
+    q = _first_lines(diagnose([stepped]))
+    assert q["load rose"].startswith("+") and " offered (100.0 -> 1" in q["load rose"], q  # ~120 from the step on
 
 
 def test_request_context_links_serving_code_spans(tmp_path):

@@ -351,7 +351,8 @@ def analyze(series: Series, baseline: Window, window: Window, cfg: Settings = DE
     answers = {
         "deployment": {k: [_short(a), _short(b)] for k, (a, b) in deployment_change(series, base, win).items()},
         "load": {"rose": rose, "rate_ratio": _r(rate_ratio), "z": _r(z), "baseline_per_s": _r(base.rate),
-                 "window_per_s": _r(win.rate)},
+                 "window_per_s": _r(win.rate), "offered_per_s": [_r(offered_rate(series, base)),
+                                                                 _r(offered_rate(series, win))]},
         "dependency": spans,
     }
     return Analysis(causes, verdict, checked, shares, _summary_range(base), _summary_range(win), answers)

@@ -37,9 +37,7 @@ def answers(data: dict) -> list[str]:
 
     dep = [((n, w), "yes: " + "; ".join(f"{k} {a} -> {b}" for k, (a, b) in w["answers"]["deployment"].items()))
            for n, w in wins if w.get("answers", {}).get("deployment")]
-    load = [((n, w), f"+{w['answers']['load']['rate_ratio'] - 1:.0%} ({w['answers']['load']['baseline_per_s']:.1f} -> "
-                     f"{w['answers']['load']['window_per_s']:.1f} req/s, z {w['answers']['load']['z']:.1f})")
-            for n, w in wins if w.get("answers", {}).get("load", {}).get("rose")]
+    load = [((n, w), _load_answer(w["answers"]["load"])) for n, w in wins if w.get("answers", {}).get("load", {}).get("rose")]
     ratios = [w["answers"]["load"]["rate_ratio"] for _, w in wins if w.get("answers", {}).get("load", {}).get("rate_ratio")]
     load_no = "no" + (f" (rate x{max(ratios):.2f} at most, not beyond both sides' Poisson noise)" if ratios else "")
     conf = [((n, w), f"yes: {', '.join(w['confinement']['affected'])} (not {', '.join(w['confinement']['unaffected'])})")
@@ -53,6 +51,14 @@ def answers(data: dict) -> list[str]:
     return [line("deployment lines up", dep, "no"), line("load rose", load, load_no),
             line("confined to some hosts/regions", conf, conf_no),
             line("dependency grew", grew, "no" if has_spans else "no (no span linked to requests)")]
+
+
+def _load_answer(ld: dict) -> str:
+    measured = f"{ld['baseline_per_s']:.1f} -> {ld['window_per_s']:.1f} req/s"
+    ob, ow = ld.get("offered_per_s") or (None, None)
+    if ob and ow:  # the runs' offered load decided (causes.load_rose)
+        return f"+{ow / ob - 1:.0%} offered ({ob:.1f} -> {ow:.1f} req/s; arrivals {measured})"
+    return f"+{ld['rate_ratio'] - 1:.0%} ({measured}, z {ld['z']:.1f})"
 
 
 def text_diagnose(result) -> str:
