@@ -718,7 +718,10 @@ def _run(args: argparse.Namespace, prep: dict) -> int:
             elif args.scenario == "server":
                 scenario = lg.Scenario.server(rate, args.duration, args.seed)
             elif args.scenario == "step":
-                scenario = lg.Scenario.step(parse_steps(args.steps, rate, args.duration), args.duration, args.seed)
+                steps = parse_steps(args.steps, rate, args.duration)
+                # diagnose tells a load step from Poisson noise by the offered schedule (s from the first arrival).
+                rec.set_meta("offered_schedule", [[float(t), float(r)] for t, r in steps])
+                scenario = lg.Scenario.step(steps, args.duration, args.seed)
             elif args.scenario == "offline":
                 scenario = lg.Scenario.offline(args.count or max(1, int(capacity * args.duration)))
             elif args.scenario == "closed_loop":

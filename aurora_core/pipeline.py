@@ -46,7 +46,7 @@ import torch
 
 from aurora_core.batching import Batcher, BatchingConfig, Request
 from aurora_core.errors import AuroraError, DeviceLost, ImageError, PipelineClosed, ResourceExhausted
-from aurora_core.records import RequestRecord, now_ns
+from aurora_core.records import RequestRecord, current_request, now_ns
 from aurora_core.runner import Runner, load_model, resolve_dtype
 
 log = logging.getLogger(__name__)
@@ -251,12 +251,29 @@ class Pipeline:
             "ready": self.ready,
         }
 
+    def request(self) -> RequestContext:
+        """Open a request before its data is ready, so that the work serving code does for it first (a
+        feature-store call) is timed as a span of this request, and ``diagnose`` counts it in the latency
+        the user saw and can name it as a slow dependency::
+
+            with pipe.request() as ctx:
+                with rec.span("feature_store"):   # or ctx.span(...): linked to ctx.request_id
+                    features = fetch(...)
+                pred = ctx.infer(data)
+
+        The request id is reserved now; the request arrives when ``ctx.submit``/``infer`` is called."""
+        return RequestContext(self, next(self._ids))
+
     def submit(self, data, timeout: float | None = None, priority: int = 0) -> Future:
         """Queue one request. data: encoded bytes, or a decoded uint8 [H, W, 3] array.
         timeout (s): the request is dropped with DeadlineExceeded if its batch has not closed by then; it
             bounds the wait in the queue only (a batch that has closed is computed). None or inf: no deadline.
         priority: 0 (default, lowest) .. priority_levels - 1. Returns a Future of Prediction.
         Raises PipelineClosed in a process forked after the Pipeline was created."""
+        return self._submit(data, timeout, priority, -1)
+
+    def _submit(self, data, timeout: float | None, priority: int, request_id: int) -> Future:
+        """submit(); request_id >= 0: the id ``request()`` reserved, else a new one."""
         arrival = now_ns()
         if _fork_generation != self._generation:
             # Raised, not set on a future: the parent's threads may have held any lock at the fork.
@@ -278,7 +295,8 @@ class Pipeline:
                                  "Pass encoded bytes or decode with aurora_core.decode() first.")
         if timeout is not None:
             timeout = _timeout_s(timeout)
-        rec = RequestRecord(request_id=next(self._ids), arrival_ns=arrival, priority=priority,
+        rec = RequestRecord(request_id=request_id if request_id >= 0 else next(self._ids), arrival_ns=arrival,
+                            priority=priority,
                             device=self._runner.device_str)
         fut: Future = Future()
         req = Request(data, priority, arrival + int(timeout * 1e9) if timeout is not None else 0, fut, rec)
@@ -879,3 +897,46 @@ def _triton_available() -> bool:
         return _dispatch.backend_for(torch.device("cuda")) == "triton"
     except Exception:  # noqa: BLE001 - no Triton, or no dispatch module yet: preprocess on the CPU
         return False
+
+
+class RequestContext:
+    """A request opened by ``Pipeline.request()``: its id exists before its data does. Submit it once.
+
+    As a context manager it makes itself the current request (``records.current_request``), so a
+    ``Recorder.span`` opened inside is linked to it; ``span()`` links one explicitly, on the pipeline's
+    first sink that records spans (a Recorder)."""
+
+    __slots__ = ("pipe", "request_id", "_submitted", "_token")
+
+    def __init__(self, pipe: Pipeline, request_id: int):
+        self.pipe, self.request_id, self._submitted, self._token = pipe, request_id, False, None
+
+    def span(self, name: str, **attrs):
+        """``with ctx.span("feature_store"):`` times the body as a span of this request."""
+        rec = next((s for s in self.pipe._sinks if callable(getattr(s, "span", None))), None)
+        if rec is None:
+            raise ValueError("RequestContext.span: no sink of this Pipeline records spans; create the Pipeline "
+                             "with sink=Recorder(...) (or use rec.span inside 'with pipe.request():')")
+        return rec.span(name, request_id=self.request_id, **attrs)
+
+    def submit(self, data, timeout: float | None = None, priority: int = 0) -> Future:
+        """``Pipeline.submit`` under this request's id. A second submit is a ValueError."""
+        if self._submitted:
+            raise ValueError(f"RequestContext.submit: request {self.request_id} was submitted already; "
+                             "open a new one with Pipeline.request()")
+        self._submitted = True
+        return self.pipe._submit(data, timeout, priority, self.request_id)
+
+    def infer(self, data, timeout: float | None = None, priority: int = 0):
+        """Blocking submit(...).result()."""
+        return self.submit(data, timeout, priority).result()
+
+    async def infer_async(self, data, timeout: float | None = None, priority: int = 0):
+        return await asyncio.wrap_future(self.submit(data, timeout, priority))
+
+    def __enter__(self) -> RequestContext:
+        self._token = current_request.set(self.request_id)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        current_request.reset(self._token)

@@ -68,7 +68,7 @@ from pathlib import Path
 import numpy as np
 from hdrh.histogram import HdrHistogram
 
-from .records import FIELD_NAMES, STAGES, Event, RequestRecord, Sample, Span, now_ns
+from .records import FIELD_NAMES, STAGES, Event, RequestRecord, Sample, Span, current_request, now_ns
 
 log = logging.getLogger(__name__)
 
@@ -302,8 +302,10 @@ class Recorder:
 
     def span(self, name: str, request_id: int = -1, **attrs) -> _SpanTimer:
         """``with rec.span("feature_store"):`` times the body as a user span (an external call).
-        Exceptions propagate; the span is still recorded, with ``attrs.error`` = the exception type."""
-        return _SpanTimer(self, name, request_id, attrs)
+        Exceptions propagate; the span is still recorded, with ``attrs.error`` = the exception type.
+        request_id -1: the request of the enclosing ``with pipe.request():`` block, if any (``diagnose``
+        apportions only spans linked to a request)."""
+        return _SpanTimer(self, name, request_id if request_id >= 0 else current_request.get(), attrs)
 
     def set_meta(self, key: str, value) -> None:
         json.dumps(value)  # fail at the caller, not on the writer thread

@@ -8,11 +8,16 @@ before batching) keeps 0.
 
 from __future__ import annotations
 
+import contextvars
 import time
 from dataclasses import dataclass, fields
 from typing import Protocol
 
 now_ns = time.monotonic_ns
+
+#: The request the running code works for, -1 for none. ``with pipe.request() as ctx:`` sets it, so that a
+#: ``Recorder.span`` opened inside (a feature-store call before the data is ready) is linked to that request.
+current_request: contextvars.ContextVar[int] = contextvars.ContextVar("aurora_current_request", default=-1)
 
 #: Stage name -> (start field, end field). The order is the order a request crosses them.
 STAGES: dict[str, tuple[str, str]] = {

@@ -176,6 +176,7 @@ def test_outputs_and_cli(tmp_path, capsys):
     html = render_section(res)
     assert html.count("<img") == 2 and "data:image/png;base64," in html
     assert "<section" in render_section(res.data)  # from JSON alone: tables, no plots
+    assert "<li>deployment lines up: no</li>" in html and "Normal (baseline) " in html
     assert main(["diagnose", str(run), "--json", "--html", str(tmp_path / "r.html")]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["series"][0]["windows"]
@@ -323,3 +324,152 @@ def test_an_interval_too_fine_for_the_timeline_is_refused(tmp_path, monkeypatch)
     res = diagnose([run])
     series = spikes.build_series([load_run(run)])[0]
     assert (series.t[-1] - series.t[0]) / res.data["series"][0]["interval_s"] <= 12 * 1.001
+
+
+def test_cgroup_quota_set_while_running_is_named_with_its_cores(tmp_path):
+    """No quota for 5 s, then 0.5 cores (throttled 60% of periods): the sampler records the fraction only
+    from then on, and diagnose names the throttling with the quota in cores (the baseline had no fraction
+    at all, which used to drop the indicator)."""
+    def samples(t0):
+        return _periodic(t0, "cpu", lambda t: {"cpu_util_pct": 30.0, "proc_cpu_pct": 50.0, "cgroup_nr_throttled": 0.0,
+                                               **({"cgroup_throttled_frac": 0.6, "cgroup_quota_cores": 0.5}
+                                                  if t >= STEP + 0.1 else {})})
+
+    def events(t0):
+        return [Event(t0 + int(STEP * 1e9), "cpu", "cgroup_quota_change", 0.5, "cgroup CPU quota unlimited -> 0.5 cores")]
+
+    run = simulate_run(tmp_path / "q", _arrivals(), meta={"label": "v1", "cpu": {"logical_cores": 2}},
+                       item_ms=_step(6.0, 12.0), cpu_ms=_step(2.0, 4.0), samples=samples, events=events, seed=3)
+    w = _window_at(diagnose([run]), 7.5)
+    assert w["verdict"] == "cpu_contention", w["causes"]
+    ev = {e["name"].split(" (")[0]: e for e in w["causes"][0]["evidence"]}
+    assert ev["cpu.cgroup_throttled_frac"]["passed"] and ev["cpu.cgroup_throttled_frac"]["baseline"] == 0.0
+    q = ev["cgroup CPU quota"]
+    assert q["passed"] and q["window"] == 0.5 and q["baseline"] is None
+    assert "0.5 cores" in w["causes"][0]["summary"]
+
+
+def _first_lines(res) -> dict[str, str]:
+    lines = text_diagnose(res).splitlines()[:4]
+    return dict(line.split(": ", 1) for line in lines)
+
+
+def test_report_opens_with_the_four_answers(tmp_path):
+    """deployment / load / confinement / dependency, each with its number or "no", before any detail."""
+    # a deployment: v1 then v2 (compute x2) on one host
+    a = simulate_run(tmp_path / "a", _arrivals(1)[_arrivals(1) < STEP], meta={"label": "v1", "host": "h"},
+                     item_ms=lambda t: 6.0, seed=1)
+    b = simulate_run(tmp_path / "b", _arrivals(2)[_arrivals(2) < STEP], meta={"label": "v2", "host": "h"},
+                     item_ms=lambda t: 12.0, seed=2)
+    ra, rb = load_run(a), load_run(b)
+    rb.meta["wall_minus_mono_ns"] = (ra.wall_minus_mono_ns + int(ra.requests["arrival_ns"].max()) + 100_000_000
+                                     - int(rb.requests["arrival_ns"].min()))
+    q = _first_lines(diagnose([ra, rb]))
+    assert list(q) == ["deployment lines up", "load rose", "confined to some hosts/regions", "dependency grew"]
+    assert q["deployment lines up"].startswith("yes: label v1 -> v2 [h ")
+    assert q["load rose"].startswith("no") and q["confined to some hosts/regions"] == "no (one host/region in the data)"
+    assert q["dependency grew"] == "no (no span linked to requests)"
+
+    # two hosts at the same wall-clock time, the spike on one: confined; nothing at all: every answer no
+    runs = []
+    for host, item in (("x", _step(6.0, 15.0)), ("y", lambda t: 6.0)):
+        runs.append(load_run(simulate_run(tmp_path / host, _arrivals(), meta={"label": "v1", "host": host},
+                                          item_ms=item, seed=3)))
+    runs[1].meta["wall_minus_mono_ns"] = (runs[0].wall_minus_mono_ns + int(runs[0].requests["arrival_ns"].min())
+                                          - int(runs[1].requests["arrival_ns"].min()))
+    q = _first_lines(diagnose(runs))
+    assert q["confined to some hosts/regions"].startswith("yes: x (not y) [x "), q
+    flat = simulate_run(tmp_path / "flat", _arrivals(), meta={"label": "v1"}, item_ms=lambda t: 6.0, seed=3)
+    assert set(_first_lines(diagnose([flat])).values()) == {"no (no spike window)"}
+
+
+def test_report_answers_load_and_dependency(tmp_path):
+    run_dir = simulate_run(tmp_path / "d", _arrivals(), meta={"label": "v1"}, item_ms=lambda t: 6.0, seed=3)
+    run = load_run(run_dir)
+    a = run.requests["arrival_ns"]
+    late = (a - a.min()) / 1e9 >= STEP
+    d = np.where(late, 40_000_000, 4_000_000)
+    run.spans = {"name": np.array(["feature_store"] * a.size), "start_ns": a - d - 1000, "end_ns": a - 1000,
+                 "request_id": run.requests["request_id"].copy(), "attrs": np.array([""] * a.size)}
+    q = _first_lines(diagnose([run]))
+    assert q["dependency grew"].startswith("feature_store 4.00 -> 40.00 ms (x10.00) ["), q
+    assert q["deployment lines up"] == "no" and q["load rose"].startswith("no")
+    from aurora_core.loadgen import step_schedule
+
+    step = simulate_run(tmp_path / "s", step_schedule([(0, 100), (10, 120)], 20, seed=0) / 1e9, meta={"label": "v1"},
+                        item_ms=lambda t: 6.0, max_batch=1, seed=1)
+    q = _first_lines(diagnose([step]))
+    assert q["load rose"].startswith("+") and "req/s, z " in q["load rose"], q
+    rise = int(q["load rose"][1:q["load rose"].index("%")])
+    assert 10 <= rise <= 30, q  # +20% offered from 10 s; the window holds the step and its queue
+    # The run says what was offered (aurora bench --scenario step writes the schedule): that figure is given.
+    stepped = simulate_run(tmp_path / "o", step_schedule([(0, 100), (10, 120)], 20, seed=0) / 1e9,
+                           meta={"label": "v1", "offered_schedule": [[0, 100.0], [10, 120.0]]},
+                           item_ms=lambda t: 6.0, max_batch=1, seed=1)
+    q = _first_lines(diagnose([stepped]))
+    assert q["load rose"].startswith("+") and " offered (100.0 -> 1" in q["load rose"], q  # ~120 from the step on
+
+
+def test_request_context_links_serving_code_spans(tmp_path):
+    """The README's serving path: ``with pipe.request() as ctx:`` then the dependency call timed with
+    ``rec.span`` (or ``ctx.span``), then ``ctx.infer``. The span is linked to the request, so diagnose counts
+    it in the latency and names the dependency when it slows (an unlinked span could not be apportioned)."""
+    import time
+
+    from test_incidents import DATA, _pipeline, tiny_model
+
+    from aurora_core.pipeline import Pipeline
+    from aurora_core.recorder import Recorder
+
+    data = DATA.read_bytes()
+    rec = Recorder(tmp_path / "svc", meta={"label": "v1"})
+    with _pipeline(sink=rec) as pipe:
+        for k in range(240):
+            with pipe.request() as ctx:
+                span = rec.span("feature_store") if k % 2 else ctx.span("feature_store")
+                with span:
+                    time.sleep(0.002 if k < 120 else 0.03)
+                pred = ctx.infer(data)
+            assert pred.timings.request_id == ctx.request_id
+        with pytest.raises(ValueError, match="submitted already"):
+            ctx.submit(data)
+        with rec.span("outside"):  # no request open: unlinked, as before
+            pass
+    rec.close()
+    run = load_run(tmp_path / "svc")
+    linked = run.spans["request_id"][run.spans["name"] == "feature_store"]
+    assert sorted(linked.tolist()) == sorted(run.requests["request_id"].tolist())
+    assert run.spans["request_id"][run.spans["name"] == "outside"].tolist() == [-1]
+    res = diagnose([run])
+    w = max(res.data["series"][0]["windows"], key=lambda w: w["ratio_p50"])
+    assert w["verdict"] == "dependency" and "feature_store" in w["causes"][0]["title"], res.data["summary"]
+    with Pipeline(tiny_model(), device="cpu") as bare:
+        with pytest.raises(ValueError, match="records spans"):
+            bare.request().span("x")
+
+
+def test_thresholds_are_settings_with_documented_defaults(tmp_path, capsys):
+    """One place (diagnose.settings): the defaults are the constants the modules document; a changed setting
+    changes the judgement; a bad name or value is exit 2 with the names listed."""
+    import dataclasses
+
+    from aurora_core.diagnose import Settings, causes, compare, spikes
+    from aurora_core.diagnose.settings import DEFAULTS
+
+    assert (DEFAULTS.min_ratio, DEFAULTS.alpha, DEFAULTS.claim) == (spikes.MIN_RATIO, spikes.ALPHA, causes.CLAIM)
+    assert (DEFAULTS.min_ratio, DEFAULTS.alpha, DEFAULTS.claim) == (1.3, 1e-3, 0.3)
+    assert compare.OTHERS_CORES_MORE == DEFAULTS.others_cores_more and causes.STAGE_SHIFT == DEFAULTS.stage_shift
+    run = simulate_run(tmp_path / "r", _arrivals(), meta={"label": "v1"}, item_ms=_step(6.0, 12.0), seed=3)
+    assert any("compute x" in c for c in _window_at(diagnose([run]), 7.5)["checked"])  # compute x2 is a shift
+    strict = diagnose([run], settings=Settings(stage_shift=2.5))
+    assert not any("compute x" in c for c in _window_at(strict, 7.5)["checked"])      # not at x2.5
+    assert strict.data["method"]["settings"]["stage_shift"] == 2.5
+    assert main(["diagnose", str(run), "--json", "--set", "stage_shift=2.5", "--set", "claim=0.5"]) == 0
+    method = json.loads(capsys.readouterr().out)["method"]
+    assert method["settings"] == dataclasses.asdict(Settings(stage_shift=2.5, claim=0.5))
+    for bad, why in (("nope=1", "stage_shift"), ("alpha=2", "alpha must be in"), ("claim=x", "expected a number"),
+                     ("claim", "NAME=VALUE")):
+        assert main(["diagnose", str(run), "--set", bad]) == 2
+        assert why in capsys.readouterr().err, bad
+    with pytest.raises(ValueError, match="min_ratio"):
+        Settings(min_ratio=0.5)

@@ -16,7 +16,7 @@ CONTRACT_CPU = {
     "cpu_util_pct", "steal_pct", "iowait_pct", "load1", "runq", "freq_mhz", "cgroup_throttled_frac",
     "cgroup_nr_throttled", "psi_cpu_some_avg10", "psi_mem_some_avg10", "psi_mem_full_avg10", "psi_io_some_avg10",
     "proc_rss_bytes", "proc_threads", "proc_ctx_switches", "swap_used_bytes", "mem_available_bytes",
-    "thermal_throttle_count", "proc_cpu_pct", "sampler_cpu_s",
+    "thermal_throttle_count", "proc_cpu_pct", "sampler_cpu_s", "cgroup_quota_cores",
 }
 
 
@@ -106,6 +106,48 @@ def test_unlimited_cgroup_reports_count_but_no_fraction(host):
     assert "no CPU quota" in be.missing["cgroup_throttled_frac"]
 
 
+@pytest.mark.parametrize("version", [1, 2])
+def test_quota_set_while_running_is_seen(tmp_path, version):
+    """Started with no quota, then a limit is set, lowered, and lifted while the process runs (a pod resized
+    in place, systemd CPUQuota=): each change is an Event, the quota is a sample in cores, and the throttled
+    fraction is recorded whenever a quota is in force (it was 'missing' for the whole run before)."""
+    proc, sys_ = tmp_path / "proc", tmp_path / "sys"
+    if version == 2:
+        write(proc, "self/cgroup", "0::/svc\n")
+        d = "fs/cgroup/svc"
+        quota = lambda q: write(sys_, f"{d}/cpu.max", "max 100000\n" if q is None else f"{int(q * 100000)} 100000\n")  # noqa: E731
+    else:
+        write(proc, "self/cgroup", "3:cpu,cpuacct:/svc\n")
+        d = "fs/cgroup/cpu,cpuacct/svc"
+        write(sys_, f"{d}/cpu.cfs_period_us", "50000\n")
+        quota = lambda q: write(sys_, f"{d}/cpu.cfs_quota_us", "-1\n" if q is None else f"{int(q * 50000)}\n")  # noqa: E731
+    stat_ = lambda periods, thr: write(sys_, f"{d}/cpu.stat", f"nr_periods {periods}\nnr_throttled {thr}\n")  # noqa: E731
+    quota(None)
+    stat_(0, 0)
+    be = CpuBackend(proc=str(proc), sys=str(sys_), slow_every=2)
+    v = be.tick().values
+    assert "cgroup_quota_cores" not in v and "cgroup_throttled_frac" not in v and be.drain_events() == []
+    quota(0.5)
+    stat_(10, 0)
+    be.tick()  # a fast tick: the quota is re-read on the slow cadence only
+    assert be.drain_events() == []
+    stat_(20, 8)
+    v = be.tick().values
+    assert v["cgroup_quota_cores"] == 0.5 and v["cgroup_throttled_frac"] == pytest.approx(0.8)
+    (ev,) = be.drain_events()
+    assert (ev.source, ev.kind, ev.value) == ("cpu", "cgroup_quota_change", 0.5)
+    assert "unlimited -> 0.5 cores" in ev.detail and "cgroup_throttled_frac" not in be.missing
+    stat_(30, 18)
+    assert be.tick().values["cgroup_throttled_frac"] == pytest.approx(1.0)
+    quota(None)
+    stat_(40, 18)
+    v = be.tick().values
+    assert "cgroup_quota_cores" not in v and "cgroup_throttled_frac" not in v and v["cgroup_nr_throttled"] == 18
+    (ev,) = be.drain_events()
+    assert ev.value == -1.0 and "0.5 cores -> unlimited" in ev.detail
+    assert be.capabilities()["cgroup"]["quota_cores"] is None
+
+
 def test_bare_host_records_missing_with_reasons(tmp_path):
     proc, sys_ = tmp_path / "proc", tmp_path / "sys"
     write(proc, "stat", stat([1] * 8, [1] * 8, [1] * 8))
@@ -152,3 +194,56 @@ def test_burst_mode_is_bounded():
     assert s._period() == 0.1
     with pytest.raises(ValueError, match="period_s"):
         TelemetrySampler(period_s=0)
+
+
+def _v1_cpu_root() -> str | None:
+    """This machine's writable cgroup v1 cpu hierarchy (root), or None."""
+    root = "/sys/fs/cgroup/cpu"
+    ok = os.path.exists(os.path.join(root, "cpu.cfs_quota_us")) and os.access(root, os.W_OK) and os.geteuid() == 0
+    return root if ok else None
+
+
+@pytest.mark.skipif(_v1_cpu_root() is None, reason="needs a writable cgroup v1 cpu hierarchy (root)")
+def test_live_cgroup_v1_quota_set_while_running(tmp_path):
+    """A real cgroup v1: a CPU-burning child samples itself while the parent sets a 0.2-core quota on its
+    cgroup 1 s in. The child's sampler sees the change (an event), the quota in cores and a throttled fraction."""
+    import json
+    import subprocess
+    import sys
+
+    cg = os.path.join(_v1_cpu_root(), f"aurora_test_{os.getpid()}")
+    os.mkdir(cg)
+    code = f"""
+import json, os, sys, time
+with open({os.path.join(cg, "cgroup.procs")!r}, "w") as f:
+    f.write(str(os.getpid()))
+from aurora_core.telemetry.cpu import CpuBackend
+be, out, events, t0 = CpuBackend(slow_every=2), [], [], time.monotonic()
+while time.monotonic() - t0 < 3.0:
+    t1 = time.monotonic()
+    while time.monotonic() - t1 < 0.05:
+        pass
+    v = be.tick().values
+    out.append([time.monotonic() - t0, v.get("cgroup_quota_cores"), v.get("cgroup_throttled_frac")])
+    events += [[e.kind, e.value, e.detail] for e in be.drain_events()]
+print(json.dumps({{"samples": out, "events": events}}))
+"""
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    try:
+        time.sleep(1.0)
+        with open(os.path.join(cg, "cpu.cfs_quota_us"), "w") as f:
+            f.write(str(int(0.2 * int(open(os.path.join(cg, "cpu.cfs_period_us")).read()))))
+        out, _ = child.communicate(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        os.rmdir(cg)
+    got = json.loads(out)
+    early = [s for s in got["samples"] if s[0] < 0.8]
+    assert early and all(q is None and f is None for _, q, f in early)
+    late = [s for s in got["samples"] if s[1] is not None]
+    assert late and all(q == pytest.approx(0.2) for _, q, _f in late)
+    assert max(f for *_, f in late if f is not None) > 0.3, late  # a busy loop on 0.2 cores is throttled
+    assert [e[:2] for e in got["events"]] == [["cgroup_quota_change", pytest.approx(0.2)]], got["events"]

@@ -8,6 +8,7 @@ after)`` is the deployment gate (``compare``). ``report`` renders text and an HT
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -15,9 +16,10 @@ import numpy as np
 from aurora_core.recorder import RunData, load_run
 
 from .causes import CLAIM, analyze
-from .spikes import ALPHA, MIN_RATIO, Detection, Series, Window, build_series, detect
+from .settings import DEFAULTS, Settings
+from .spikes import Detection, Series, Window, build_series, detect, parse_baseline
 
-__all__ = ["DiagnoseResult", "diagnose", "compare", "load_runs", "CLAIM"]
+__all__ = ["DiagnoseResult", "diagnose", "compare", "load_runs", "CLAIM", "Settings"]
 
 
 def load_runs(runs) -> list[RunData]:
@@ -81,14 +83,25 @@ def _confinement(i: int, w: Window, verdict: str, all_series: list[Series], dets
     return out
 
 
-def diagnose(runs, interval_s: float | None = None, min_ratio: float = MIN_RATIO) -> DiagnoseResult:
-    """Find spike windows in ``runs`` (paths or RunData) and rank their causes."""
+def diagnose(runs, interval_s: float | None = None, min_ratio: float | None = None,
+             baseline: str | None = None, settings: Settings | None = None) -> DiagnoseResult:
+    """Find spike windows in ``runs`` (paths or RunData) and rank their causes.
+
+    baseline: the span taken as normal, "T0:T1" (seconds from a series' first request), "label:NAME" or
+    "run:PATH_OR_RUN_ID"; None picks it (``spikes.detect``). ValueError when it matches nothing.
+    settings: the thresholds (``settings.Settings``; defaults documented there); min_ratio, when given,
+    overrides its ``min_ratio``."""
+    cfg = settings or DEFAULTS
+    if min_ratio is not None:
+        cfg = dataclasses.replace(cfg, min_ratio=min_ratio)
+    min_ratio = cfg.min_ratio
+    spec = parse_baseline(baseline) if baseline is not None else None
     runs = load_runs(runs)
     if not runs:
         raise ValueError("diagnose: expected at least one run file")
     series = build_series(runs)
-    dets = [detect(s, interval_s, min_ratio) for s in series]
-    analyses = [[analyze(s, det.baseline, w) for w in det.windows] for s, det in zip(series, dets, strict=True)]
+    dets = [detect(s, interval_s, min_ratio, cfg.alpha, baseline=spec) for s in series]
+    analyses = [[analyze(s, det.baseline, w, cfg) for w in det.windows] for s, det in zip(series, dets, strict=True)]
     verdicts = [[an.verdict for an in row] for row in analyses]
     out_series, summary = [], []
     for i, (s, det) in enumerate(zip(series, dets, strict=True)):
@@ -111,10 +124,12 @@ def diagnose(runs, interval_s: float | None = None, min_ratio: float = MIN_RATIO
             "interval_s": round(det.interval_s, 4),
             "segments": [[round(a, 3), round(b, 3)] for a, b in det.segments],
             "baseline": _win_dict(det.baseline) if det.baseline else None,
+            "baseline_reason": det.baseline_reason,
             "windows": windows,
         })
     data = {"series": out_series, "summary": summary,
-            "method": {"min_ratio": min_ratio, "alpha": ALPHA, "claim_score": CLAIM}}
+            "method": {"min_ratio": min_ratio, "alpha": cfg.alpha, "claim_score": cfg.claim,
+                       "settings": dataclasses.asdict(cfg)}}
     return DiagnoseResult(data, series, dets)
 
 

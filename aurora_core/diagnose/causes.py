@@ -19,9 +19,11 @@ Method
    score is >= ``CLAIM`` (0.3): it explains at least 30% of the extra latency with full evidence.
    Otherwise the verdict is "inconclusive", listing every check made.
 
-Thresholds (window minus baseline unless said)
-----------------------------------------------
-load         arrival rate >= +5% and Poisson z >= 3 (primary). Cross-check: Kingman's G/G/1 wait
+Thresholds (window minus baseline unless said; the defaults of ``settings.Settings``, where each can be set)
+------------------------------------------------------------------------------------------------------------
+load         arrival rate >= +5% and z >= 3 in a two-sample Poisson test (the baseline's count is a sample
+             too: binomial split of both ranges' arrivals by their durations) (primary). When the runs
+             carry the offered load (offered_rate_per_s, offered_schedule), offered >= +5% decides instead. Cross-check: Kingman's G/G/1 wait
              ratio rho/(1-rho)*S between the ranges, rho = the busier pipeline thread's measured busy
              fraction (compute thread or batch-forming thread); the variability factor cancels when the
              traffic shape is the same. Consistent when observed/predicted is within x3, or rho >= 0.95.
@@ -39,7 +41,9 @@ cpu          other processes' CPU (cpu_util_pct x cores - proc_cpu_pct, in cores
              saturated before; only at flat load, since more load makes our own threads contend; with
              CPU time per request flat and no deployment in the window it also claims the
              stage-specific part of the slowdown);
-             steal >= +5 points; cgroup_throttled_frac >= +0.05 (primary); runq above
+             steal >= +5 points; cgroup_throttled_frac >= +0.05 (primary; 0 in a baseline with no quota in
+             force, so a quota set while running counts), with the quota in cores (cgroup_quota_cores,
+             and the quota-change events) named beside it; runq above
              the core count and >= +1, psi_cpu_some_avg10 >= +10 (supporting: our own threads raise
              them too).
 hardware     per GPU: any throttle_frac_* (not low_util/sync_boost) >= +0.1, sm_clock_mhz <= 0.9x
@@ -63,20 +67,21 @@ import numpy as np
 
 from aurora_core.records import coverage_cap
 
-from .spikes import ALPHA, SERVICE_STAGES, Series, Window, greater_p
+from .settings import DEFAULTS, Settings
+from .spikes import SERVICE_STAGES, Series, Window, greater_p
 
-CLAIM = 0.3
-_EXTERNAL_CPU = ("other processes' CPU", "cpu.steal_pct", "cpu.cgroup_throttled_frac")
-STAGE_SHIFT = 1.15
-LOAD_RATE_UP = 1.05
-LOAD_Z = 3.0
-MATCHED_RATE = 0.10
+CLAIM = DEFAULTS.claim
+_EXTERNAL_CPU = ("other processes' CPU", "cpu.steal_pct", "cpu.cgroup_throttled_frac")  # and the quota's
+STAGE_SHIFT = DEFAULTS.stage_shift
+LOAD_RATE_UP = DEFAULTS.load_rate_up
+LOAD_Z = DEFAULTS.load_z
+MATCHED_RATE = DEFAULTS.matched_rate
 # Margins, window over baseline, at which a CPU or GPU signal counts (module doc); compare's environment
 # check uses them between its two sides.
-OTHERS_CORES_MORE = 0.5       # other processes' CPU, cores
-STEAL_MORE = 5.0              # steal_pct, points
-CGROUP_THROTTLED_MORE = 0.05  # cgroup_throttled_frac
-THROTTLED_MORE = 0.1          # any limiting throttle_frac_*
+OTHERS_CORES_MORE = DEFAULTS.others_cores_more
+STEAL_MORE = DEFAULTS.steal_more
+CGROUP_THROTTLED_MORE = DEFAULTS.cgroup_throttled_more
+THROTTLED_MORE = DEFAULTS.throttled_more
 GPU_STAGES = ("h2d", "compute", "d2h")
 _THROTTLE_REASONS = ("thermal", "power", "hw_slowdown", "hw_thermal", "power_brake", "board_limit",
                      "reliability")
@@ -262,11 +267,12 @@ class Analysis:
     shares: dict[str, float]
     baseline: dict
     window: dict
+    answers: dict = field(default_factory=dict)  # the report's four questions (``_answers``)
 
     def as_dict(self) -> dict:
         return {"verdict": self.verdict, "causes": [c.as_dict() for c in self.causes],
                 "checked": self.checked, "shares": {k: round(v, 3) for k, v in self.shares.items()},
-                "baseline": self.baseline, "window": self.window}
+                "baseline": self.baseline, "window": self.window, "answers": self.answers}
 
 
 def _summary_range(r: Range) -> dict:
@@ -275,7 +281,7 @@ def _summary_range(r: Range) -> dict:
             "busy_frac": _r(r.busy), "queue_depth": _r(r.queue_depth)}
 
 
-def analyze(series: Series, baseline: Window, window: Window) -> Analysis:
+def analyze(series: Series, baseline: Window, window: Window, cfg: Settings = DEFAULTS) -> Analysis:
     base = range_stats(series, baseline.start_s, baseline.end_s)
     win = range_stats(series, window.start_s, window.end_s)
     checked: list[str] = []
@@ -301,8 +307,8 @@ def analyze(series: Series, baseline: Window, window: Window) -> Analysis:
     # 2. load versus slowdown in the wait
     rate_ratio = win.rate / base.rate if base.rate > 0 else math.inf
     s_ratio = win.item_service_ns / base.item_service_ns if base.item_service_ns > 0 else 1.0
-    rose, z = load_rose(series, base, win)
-    work_ratio, work_note = _work_ratio(series, base, win, rose, s_ratio)
+    rose, z = load_rose(series, base, win, cfg)
+    work_ratio, work_note = _work_ratio(series, base, win, rose, s_ratio, cfg)
     lr, ls = max(math.log(rate_ratio), 0.0) if math.isfinite(rate_ratio) else 1.0, max(math.log(work_ratio), 0.0)
     f_load = lr / (lr + ls) if lr + ls > 0 else 0.0
     wait_share = shares.get("wait", 0.0)
@@ -322,25 +328,34 @@ def analyze(series: Series, baseline: Window, window: Window) -> Analysis:
 
     common_share = part(SERVICE_STAGES, lambda s: common[s])
 
-    load = _load(series, base, win, rose, z, rate_ratio, s_ratio, f_load * wait_share, checked, work_note)
-    cpu = _cpu(series, base, win, rose, common_share, slowdown_share(SERVICE_STAGES), checked)
-    hw = _hardware(series, base, win, slowdown_share(GPU_STAGES), checked)
-    mem = _memory(series, base, win, slowdown_share(SERVICE_STAGES), checked)
+    load = _load(series, base, win, rose, z, rate_ratio, s_ratio, f_load * wait_share, checked, work_note, cfg)
+    cpu = _cpu(series, base, win, rose, common_share, slowdown_share(SERVICE_STAGES), checked, cfg)
+    hw = _hardware(series, base, win, slowdown_share(GPU_STAGES), checked, cfg)
+    mem = _memory(series, base, win, slowdown_share(SERVICE_STAGES), checked, cfg)
     # With no outside cause in evidence (neighbours' CPU, steal, cgroup quota, GPU, memory), a slowdown
     # common to every stage after a deployment is the new code saturating the process: the regression
     # then takes it too, not only its stage-specific part.
-    external = (cpu is not None and any(e.passed and e.name in _EXTERNAL_CPU for e in cpu.evidence)) or any(
+    external = (cpu is not None and any(e.passed and (e.name in _EXTERNAL_CPU or e.name.startswith("cgroup CPU quota"))
+                                        for e in cpu.evidence)) or any(
         c is not None and c.strength >= 1 for c in (*hw, mem))
-    reg = _regression(series, base, win, rate_ratio, specific_share if external else slowdown_share, checked)
-    causes = [load, reg, cpu, *hw, mem, _dependency(series, base, win, shares, checked)]
+    reg = _regression(series, base, win, rate_ratio, specific_share if external else slowdown_share, checked, cfg)
+    spans: dict[str, dict] = {}
+    causes = [load, reg, cpu, *hw, mem, _dependency(series, base, win, shares, checked, spans, cfg)]
     causes = sorted([c for c in causes if c is not None and c.strength > 0], key=lambda c: -c.score)
-    verdict = causes[0].cause if causes and causes[0].score >= CLAIM else "inconclusive"
+    verdict = causes[0].cause if causes and causes[0].score >= cfg.claim else "inconclusive"
     if verdict == "inconclusive":
         top = max(shares, key=shares.get) if tot > 0 else None
         if top:
             checked.append(f"largest part of the extra latency: {top} ({shares[top]:.0%}); "
-                           f"no cause reached a score of {CLAIM}")
-    return Analysis(causes, verdict, checked, shares, _summary_range(base), _summary_range(win))
+                           f"no cause reached a score of {cfg.claim}")
+    answers = {
+        "deployment": {k: [_short(a), _short(b)] for k, (a, b) in deployment_change(series, base, win).items()},
+        "load": {"rose": rose, "rate_ratio": _r(rate_ratio), "z": _r(z), "baseline_per_s": _r(base.rate),
+                 "window_per_s": _r(win.rate), "offered_per_s": [_r(offered_rate(series, base)),
+                                                                 _r(offered_rate(series, win))]},
+        "dependency": spans,
+    }
+    return Analysis(causes, verdict, checked, shares, _summary_range(base), _summary_range(win), answers)
 
 
 def _common_fraction(base: Range, win: Range) -> dict[str, float]:
@@ -360,12 +375,54 @@ def _common_fraction(base: Range, win: Range) -> dict[str, float]:
             for s in SERVICE_STAGES}
 
 
-def load_rose(series: Series, base: Range, win: Range) -> tuple[bool, float]:
-    """Arrival rate up by >= 5% and beyond Poisson noise (z >= 3). Returns (rose, z)."""
-    expected = base.rate * active_s(series, win.a, win.b)
-    z = (win.n_arrivals - expected) / math.sqrt(expected) if expected > 0 else 0.0
+def load_rose(series: Series, base: Range, win: Range, cfg: Settings = DEFAULTS) -> tuple[bool, float]:
+    """Did the load rise from base to win? Returns (rose, z).
+
+    When the runs say what load was offered (``offered_rate_per_s``, or ``offered_schedule`` from a step
+    scenario), that decides: offered x``load_rate_up`` or more rose, anything less did not, whatever the
+    arrivals did (a Poisson burst of a steady issuer is not a load change). Otherwise the measured arrival
+    rate must be up by ``load_rate_up`` and beyond the Poisson noise of both ranges (z >= ``load_z``):
+    given the n_b + n_w arrivals of both ranges, equal rates put each in the window with probability
+    T_w / (T_b + T_w), so n_w is binomial; z is its standard score. A short baseline's own count is then as
+    uncertain as it is (a 5.5 s baseline at 35.5/s against an 11 s window at 41.4/s is z = 1.8 here;
+    taking the baseline's rate as exact gave 3.3)."""
+    tb, tw = active_s(series, base.a, base.b), active_s(series, win.a, win.b)
+    n = base.n_arrivals + win.n_arrivals
+    z = 0.0
+    if tb > 0 and tw > 0 and n > 0:
+        p = tw / (tb + tw)
+        z = (win.n_arrivals - n * p) / math.sqrt(n * p * (1 - p))
+    ob, ow = offered_rate(series, base), offered_rate(series, win)
+    if ob and ow:
+        return bool(ow / ob >= cfg.load_rate_up), z
     ratio = win.rate / base.rate if base.rate > 0 else math.inf
-    return bool(ratio >= LOAD_RATE_UP and z >= LOAD_Z), z
+    return bool(ratio >= cfg.load_rate_up and z >= cfg.load_z), z
+
+
+def offered_rate(series: Series, r: Range) -> float | None:
+    """The mean offered rate over [r.a, r.b) from the covering runs' meta: ``offered_rate_per_s`` (steady),
+    or ``offered_schedule`` [[t_s, rate], ...] (t from the run's first arrival). None when a covering run
+    says nothing."""
+    total = dur = 0.0
+    for i, (r0, r1) in enumerate(series.run_bounds):
+        a, b = max(r.a, r0), min(r.b, r1)
+        if not b > a:
+            continue
+        m = series.runs[i].meta
+        steps = m.get("offered_schedule")
+        if not steps and isinstance(m.get("offered_rate_per_s"), int | float):
+            steps = [[0.0, float(m["offered_rate_per_s"])]]
+        try:
+            steps = sorted((float(t), float(x)) for t, x in steps or ())
+        except (TypeError, ValueError):
+            steps = []
+        if not steps:
+            return None
+        for k, (t, x) in enumerate(steps):
+            lo, hi = r0 + t, (r0 + steps[k + 1][0]) if k + 1 < len(steps) else math.inf
+            part = max(0.0, min(b, hi) - max(a, lo))
+            total, dur = total + part * x, dur + part
+    return total / dur if dur > 0 else None
 
 
 def _cpu_per_request(series: Series, r: Range) -> float | None:
@@ -379,7 +436,7 @@ def _other_cores(series: Series, r: Range) -> float | None:
     return None if util is None or own is None else max(util / 100 * series.cores - own / 100, 0.0)
 
 
-def _work_ratio(series, base: Range, win: Range, rose: bool, s_ratio) -> tuple[float, str]:
+def _work_ratio(series, base: Range, win: Range, rose: bool, s_ratio, cfg: Settings = DEFAULTS) -> tuple[float, str]:
     """The service ratio used to split wait between load and slowdown.
 
     When the load rose, other processes took no more CPU, and this process's CPU time per request did
@@ -387,18 +444,23 @@ def _work_ratio(series, base: Range, win: Range, rose: bool, s_ratio) -> tuple[f
     Then the work per request is measured by CPU time per request instead of wall-clock service."""
     cb, cw = _cpu_per_request(series, base), _cpu_per_request(series, win)
     ob, ow = _other_cores(series, base), _other_cores(series, win)
-    if not rose or None in (cb, cw, ob, ow) or not cb or ow - ob >= 0.5:
+    if not rose or None in (cb, cw, ob, ow) or not cb or ow - ob >= cfg.others_cores_more:
         return s_ratio, ""
     return cw / cb, f"; CPU time per request {cb * 1e3:.2f} -> {cw * 1e3:.2f} ms (work per request x{cw / cb:.2f})"
 
 
 def _load(series, base: Range, win: Range, rose: bool, z: float, rate_ratio, s_ratio, share, checked,
-          work_note="") -> Cause | None:
+          work_note="", cfg: Settings = DEFAULTS) -> Cause | None:
     """rose, z: ``load_rose`` of (base, win)."""
-    ev = [Evidence("arrival rate", base.rate, win.rate, "req/s",
-                   f"x{LOAD_RATE_UP} and Poisson z >= {LOAD_Z} (z={z:.1f})", rose)]
+    ob, ow = offered_rate(series, base), offered_rate(series, win)
+    if ob and ow:
+        ev = [Evidence("offered rate (run meta)", ob, ow, "req/s", f"x{cfg.load_rate_up} (it decides: measured "
+                       f"arrivals {base.rate:.1f} -> {win.rate:.1f}/s, z={z:.1f}, vary by Poisson noise)", rose)]
+    else:
+        ev = [Evidence("arrival rate", base.rate, win.rate, "req/s",
+                       f"x{cfg.load_rate_up} and two-sample Poisson z >= {cfg.load_z} (z={z:.1f})", rose)]
     ev.append(Evidence("per-item service time", base.item_service_ns / 1e6, win.item_service_ns / 1e6,
-                       "ms", "flat: within +15%", s_ratio < STAGE_SHIFT, primary=False))
+                       "ms", f"flat: within +{cfg.stage_shift - 1:.0%}", s_ratio < cfg.stage_shift, primary=False))
     ev.append(Evidence("mean wait", base.wait_ns / 1e6, win.wait_ns / 1e6, "ms", "rises", win.wait_ns > base.wait_ns,
                        primary=False))
     ev.append(Evidence("queue depth at arrival", base.queue_depth, win.queue_depth, "requests", "rises",
@@ -410,9 +472,10 @@ def _load(series, base: Range, win: Range, rose: bool, z: float, rate_ratio, s_r
 
     pred = kingman(win) / kingman(base) if kingman(base) > 0 else math.inf
     obs = win.wait_ns / base.wait_ns if base.wait_ns > 0 else math.inf
-    consistent = win.busy >= 0.95 or (math.isfinite(pred) and pred > 0 and 1 / 3 <= obs / pred <= 3)
+    k = cfg.kingman_within
+    consistent = win.busy >= cfg.saturated_busy or (math.isfinite(pred) and pred > 0 and 1 / k <= obs / pred <= k)
     ev.append(Evidence("pipeline busy fraction (bottleneck thread)", base.busy, win.busy, "",
-                       ">= 0.95 saturated, or Kingman wait ratio within x3 of observed "
+                       f">= {cfg.saturated_busy} saturated, or Kingman wait ratio within x{k:g} of observed "
                        f"(predicted x{pred:.2f}, observed x{obs:.2f})", consistent, primary=False))
     strength = 1.0 if ev[0].passed else 0.0
     if strength and not consistent:
@@ -438,7 +501,7 @@ def deployment_change(series: Series, base: Range, win: Range) -> dict:
     return {k: (fb[k], fw[k]) for k in fb if fb[k] != fw[k]}
 
 
-def _regression(series, base: Range, win: Range, rate_ratio, slowdown_share, checked) -> Cause | None:
+def _regression(series, base: Range, win: Range, rate_ratio, slowdown_share, checked, cfg: Settings = DEFAULTS) -> Cause | None:
     shifted, ev = [], []
     for s in SERVICE_STAGES:
         b, w = base.stage_item[s], win.stage_item[s]
@@ -447,18 +510,18 @@ def _regression(series, base: Range, win: Range, rate_ratio, slowdown_share, che
             continue
         ratio = float(w.mean() / b.mean())
         p = greater_p(w, b)
-        hit = ratio >= STAGE_SHIFT and p < ALPHA
+        hit = ratio >= cfg.stage_shift and p < cfg.alpha
         ev.append(Evidence(f"{s} per-item service time", float(b.mean() / 1e6), float(w.mean() / 1e6), "ms",
-                           f"x{STAGE_SHIFT} and Mann-Whitney p < {ALPHA} (p={p:.1e})", hit, primary=False))
+                           f"x{cfg.stage_shift} and Mann-Whitney p < {cfg.alpha} (p={p:.1e})", hit, primary=False))
         if hit:
             shifted.append((s, ratio))
     changed = deployment_change(series, base, win)
     what = "; ".join(f"{k}: {_short(a)} -> {_short(b)}" for k, (a, b) in changed.items())
     ev.append(Evidence(f"deployment change ({what or 'none'})", None, None, "",
                        "label/config/model/versions differ between baseline and window runs", bool(changed)))
-    matched = abs(rate_ratio - 1) <= MATCHED_RATE
+    matched = abs(rate_ratio - 1) <= cfg.matched_rate
     ev.append(Evidence("load matched (arrival rate)", base.rate, win.rate, "req/s",
-                       f"within +-{MATCHED_RATE:.0%}", matched, primary=False))
+                       f"within +-{cfg.matched_rate:.0%}", matched, primary=False))
     stages = [s for s, _ in shifted]
     desc = ", ".join(f"{s} x{r:.2f}" for s, r in shifted) or "none"
     if changed:
@@ -482,7 +545,7 @@ def _short(v) -> str:
     return s if len(s) <= 60 else s[:57] + "..."
 
 
-def _cpu(series, base: Range, win: Range, rose: bool, share, full_share, checked) -> Cause | None:
+def _cpu(series, base: Range, win: Range, rose: bool, share, full_share, checked, cfg: Settings = DEFAULTS) -> Cause | None:
     """share: the part of the slowdown common to all stages. When service stretched while the CPU time
     per request stayed flat (< x1.15), no stage did more work, so every stage's slowdown is waiting to
     run: ``full_share``. (A regression adds work: CPU per request rises with it.) rose: ``load_rose``
@@ -497,7 +560,7 @@ def _cpu(series, base: Range, win: Range, rose: bool, share, full_share, checked
         other_b = max(ub / 100 * cores - ob / 100, 0.0)
         other_w = max(uw / 100 * cores - ow / 100, 0.0)
         ev.append(Evidence("other processes' CPU", other_b, other_w, "cores",
-                           f"window - baseline >= {OTHERS_CORES_MORE}", other_w - other_b >= OTHERS_CORES_MORE))
+                           f"window - baseline >= {cfg.others_cores_more}", other_w - other_b >= cfg.others_cores_more))
     if ob is not None and ow is not None:
         # Wall-clock service per request against CPU time per request: when service stretches but the
         # CPU it burns does not, the threads were runnable and waiting (or the CPU was taken from them).
@@ -508,22 +571,22 @@ def _cpu(series, base: Range, win: Range, rose: bool, share, full_share, checked
             cpu_w = ow / 100 * active_s(series, win.a, win.b) / nw
             svc = win.item_service_ns / base.item_service_ns
             stretch = svc / (cpu_w / cpu_b) if cpu_b > 0 and cpu_w > 0 else 1.0
-            hit = svc >= STAGE_SHIFT and stretch >= 1.3
+            hit = svc >= cfg.stage_shift and stretch >= cfg.cpu_stretch
             # New code can itself make the process wait (locks, thread pools, saturating its CPU share),
             # so with a deployment in the window the stretch does not single out neighbours: it is then
             # supporting evidence only, and claims the common part of the slowdown only.
             deployed = bool(deployment_change(series, base, win))
             ev.append(Evidence("service time / own CPU time per request", 1.0, stretch, "x",
-                               f">= 1.3 with service >= x{STAGE_SHIFT} (service x{svc:.2f}, CPU/request "
+                               f">= {cfg.cpu_stretch} with service >= x{cfg.stage_shift} (service x{svc:.2f}, CPU/request "
                                f"{cpu_b * 1e3:.2f} -> {cpu_w * 1e3:.2f} ms)", hit, primary=not deployed))
-            if hit and cpu_b > 0 and cpu_w / cpu_b < STAGE_SHIFT and not deployed:
+            if hit and cpu_b > 0 and cpu_w / cpu_b < cfg.stage_shift and not deployed:
                 share = max(share, full_share)
-    for metric, thr, unit, primary in (("steal_pct", STEAL_MORE, "%", True),
-                                       ("cgroup_throttled_frac", CGROUP_THROTTLED_MORE, "", True),
-                                       ("psi_cpu_some_avg10", 10.0, "%", False)):
+    for metric, thr, unit, primary in (("steal_pct", cfg.steal_more, "%", True),
+                                       ("psi_cpu_some_avg10", cfg.psi_cpu_more, "%", False)):
         e = _delta_ev(series, base, win, "cpu", metric, thr, unit, primary)
         if e:
             ev.append(e)
+    ev += _cgroup_quota(series, base, win, cfg)
     rb, rw = _mean_in(series, ("cpu", "runq"), base.a, base.b), _mean_in(series, ("cpu", "runq"), win.a, win.b)
     if rb is not None and rw is not None:
         ev.append(Evidence("cpu.runq", rb, rw, "tasks", f"> {cores} cores and window - baseline >= 1",
@@ -537,6 +600,32 @@ def _cpu(series, base: Range, win: Range, rose: bool, share, full_share, checked
     checked.append(f"cpu contention: {summary if fired else 'no indicator crossed its threshold'}")
     return Cause("cpu_contention", "CPU contention", share * strength, share, strength,
                  f"{summary}; service stages explain {share:.0%} of the extra latency", ev)
+
+
+def _cgroup_quota(series, base: Range, win: Range, cfg: Settings = DEFAULTS) -> list[Evidence]:
+    """Throttling by the cgroup's CPU quota, and the quota itself in cores. A quota set or lowered while
+    the process ran shows as a throttled fraction in the window only: the baseline, with no quota in force,
+    was throttled for none of its time (0, not unknown)."""
+    key, qkey = ("cpu", "cgroup_throttled_frac"), ("cpu", "cgroup_quota_cores")
+    tw = _mean_in(series, key, win.a, win.b)
+    if tw is None:
+        return []
+    tb = _mean_in(series, key, base.a, base.b)
+    tb = 0.0 if tb is None and _mean_in(series, qkey, base.a, base.b) is None else tb
+    if tb is None:
+        return []
+    throttled = tw - tb >= cfg.cgroup_throttled_more
+    out = [Evidence("cpu.cgroup_throttled_frac", tb, tw, "", f"window - baseline >= {cfg.cgroup_throttled_more}",
+                    throttled)]
+    qb, qw = _mean_in(series, qkey, base.a, base.b), _mean_in(series, qkey, win.a, win.b)
+    if qw is not None:
+        changes = [e["detail"] for e in series.events
+                   if e["kind"] == "cgroup_quota_change" and base.a <= e["t"] < win.b]
+        out.append(Evidence(f"cgroup CPU quota ({qb if qb is not None else 'unlimited'} -> {qw:g} cores"
+                            + (f"; {'; '.join(changes)}" if changes else "") + ")", qb, qw, "cores",
+                            "lower in the window (or set only there) while the throttled fraction rose",
+                            throttled and (qb is None or qw < qb)))
+    return out
 
 
 def _n_ok(series: Series, r: Range) -> int:
@@ -553,7 +642,7 @@ def _gpu_sources(series: Series) -> list[str]:
     return sorted({s for s, _ in series.samples if s.startswith("gpu")})
 
 
-def _hardware(series, base: Range, win: Range, share, checked) -> list[Cause]:
+def _hardware(series, base: Range, win: Range, share, checked, cfg: Settings = DEFAULTS) -> list[Cause]:
     out = []
     gpus = _gpu_sources(series)
     if not gpus:
@@ -562,22 +651,24 @@ def _hardware(series, base: Range, win: Range, share, checked) -> list[Cause]:
     for g in gpus:
         ev: list[Evidence] = []
         for reason in _THROTTLE_REASONS:
-            e = _delta_ev(series, base, win, g, f"throttle_frac_{reason}", THROTTLED_MORE, "of time",
+            e = _delta_ev(series, base, win, g, f"throttle_frac_{reason}", cfg.throttled_more, "of time",
                           label=f"{g} throttled ({reason})", mean=_interval_mean)
             if e:
                 ev.append(e)
         cb, cw = _mean_in(series, (g, "sm_clock_mhz"), base.a, base.b), _mean_in(series, (g, "sm_clock_mhz"), win.a, win.b)
         if cb and cw is not None:
-            ev.append(Evidence(f"{g} SM clock", cb, cw, "MHz", "window <= 0.9 x baseline", cw <= 0.9 * cb))
+            ev.append(Evidence(f"{g} SM clock", cb, cw, "MHz", f"window <= {cfg.sm_clock_ratio} x baseline",
+                               cw <= cfg.sm_clock_ratio * cb))
         tm = _min_in(series, (g, "temp_margin_c"), win.a, win.b)
         if tm is not None:
             tb = _min_in(series, (g, "temp_margin_c"), base.a, base.b)
-            ev.append(Evidence(f"{g} temperature margin (min)", tb, tm, "C", "<= 5 C", tm <= 5, primary=False))
+            ev.append(Evidence(f"{g} temperature margin (min)", tb, tm, "C", f"<= {cfg.temp_margin_c:g} C",
+                               tm <= cfg.temp_margin_c, primary=False))
         pw, pl = _max_in(series, (g, "power_w"), win.a, win.b), _mean_in(series, (g, "power_limit_w"), win.a, win.b)
         if pw is not None and pl:
             pb = _max_in(series, (g, "power_w"), base.a, base.b)
             ev.append(Evidence(f"{g} power vs limit (max)", pb / pl if pb else None, pw / pl, "x limit",
-                               ">= 0.97", pw / pl >= 0.97, primary=False))
+                               f">= {cfg.power_of_limit}", pw / pl >= cfg.power_of_limit, primary=False))
         for kind in ("gen", "width"):
             cur, mx = (g, f"pcie_{kind}"), (g, f"pcie_{kind}_max")
             cw_, mw = _min_in(series, cur, win.a, win.b), _mean_in(series, mx, win.a, win.b)
@@ -592,7 +683,7 @@ def _hardware(series, base: Range, win: Range, share, checked) -> list[Cause]:
         fired = [e for e in ev if e.passed]
         summary = ", ".join(f"{e.name} {_fmt(e.baseline)} -> {_fmt(e.window)} {e.unit}".strip() for e in fired)
         checked.append(f"hardware {g}: {summary or 'no indicator crossed its threshold'}")
-        idle = _idle_clocks(series, g, win, share)
+        idle = _idle_clocks(series, g, win, share, cfg)
         # Idling lowers the clock by design: when the idle case holds and the clock drop is the only
         # primary finding, the generic "hardware-bound" reading would name the same thing less exactly.
         clock_only = [e.name for e in ev if e.passed and e.primary] == [f"{g} SM clock"]
@@ -605,35 +696,36 @@ def _hardware(series, base: Range, win: Range, share, checked) -> list[Cause]:
     return out
 
 
-def _idle_clocks(series, g, win: Range, share) -> Cause | None:
-    if win.median_gap_s < 0.5:
+def _idle_clocks(series, g, win: Range, share, cfg: Settings = DEFAULTS) -> Cause | None:
+    if win.median_gap_s < cfg.idle_gap_s:
         return None
     ic = _mean_in(series, (g, "idle_clocks"), win.a, win.b)
     clk, mx = _mean_in(series, (g, "sm_clock_mhz"), win.a, win.b), _mean_in(series, (g, "sm_clock_max_mhz"), win.a, win.b)
-    ev = [Evidence("median inter-arrival", None, win.median_gap_s, "s", ">= 0.5 (sparse traffic)", True)]
+    ev = [Evidence("median inter-arrival", None, win.median_gap_s, "s", f">= {cfg.idle_gap_s} (sparse traffic)", True)]
     if ic is not None:
-        ev.append(Evidence(f"{g} idle clocks", None, ic, "fraction", ">= 0.5", ic >= 0.5))
+        ev.append(Evidence(f"{g} idle clocks", None, ic, "fraction", f">= {cfg.idle_clock_ratio}", ic >= cfg.idle_clock_ratio))
     if clk is not None and mx:
-        ev.append(Evidence(f"{g} SM clock / max", None, clk / mx, "", "<= 0.5", clk / mx <= 0.5))
+        ev.append(Evidence(f"{g} SM clock / max", None, clk / mx, "", f"<= {cfg.idle_clock_ratio}",
+                           clk / mx <= cfg.idle_clock_ratio))
     if not any(e.passed for e in ev[1:]):
         return None
     return Cause("hardware_idle_clocks", f"Idle clocks before sparse traffic ({g})", share, share, 1.0,
                  f"traffic sparse (median gap {win.median_gap_s:.2f} s) and {g} at idle clocks", ev)
 
 
-def _memory(series, base: Range, win: Range, share, checked) -> Cause | None:
+def _memory(series, base: Range, win: Range, share, checked, cfg: Settings = DEFAULTS) -> Cause | None:
     ev: list[Evidence] = []
     for g in _gpu_sources(series):
         used, total = _max_in(series, (g, "mem_used_bytes"), win.a, win.b), _mean_in(series, (g, "mem_total_bytes"), win.a, win.b)
         if used is not None and total:
             ub = _max_in(series, (g, "mem_used_bytes"), base.a, base.b)
             ev.append(Evidence(f"{g} memory used (max)", ub / total if ub else None, used / total, "x total",
-                               ">= 0.95", used / total >= 0.95))
-    e = _delta_ev(series, base, win, "cpu", "swap_used_bytes", 64 * 2**20, "bytes")
+                               f">= {cfg.gpu_mem_full}", used / total >= cfg.gpu_mem_full))
+    e = _delta_ev(series, base, win, "cpu", "swap_used_bytes", cfg.swap_more_bytes, "bytes")
     if e:
         ev.append(e)
     for metric in ("psi_mem_some_avg10",):
-        e = _delta_ev(series, base, win, "cpu", metric, 10.0, "%")
+        e = _delta_ev(series, base, win, "cpu", metric, cfg.psi_mem_more, "%")
         if e:
             ev.append(e)
     ooms = [e for e in series.events if win.a <= e["t"] < win.b and ("oom" in e["kind"] or "alloc" in e["kind"])]
@@ -645,7 +737,8 @@ def _memory(series, base: Range, win: Range, share, checked) -> Cause | None:
     return Cause("memory", "Memory pressure", share * strength, share, strength, summary or "none", ev)
 
 
-def _dependency(series, base: Range, win: Range, shares, checked) -> Cause | None:
+def _dependency(series, base: Range, win: Range, shares, checked, found: dict, cfg: Settings = DEFAULTS) -> Cause | None:
+    """found: filled with each linked span's figures (name -> baseline_ms, window_ms, ratio, grew)."""
     best: Cause | None = None
     service_share = sum(shares.get(s, 0.0) for s in SERVICE_STAGES)
     for n in series.span_ns:
@@ -655,9 +748,11 @@ def _dependency(series, base: Range, win: Range, shares, checked) -> Cause | Non
             continue
         ratio, p = float(w.mean() / b.mean()), greater_p(w, b)
         share = shares.get(f"span:{n}", 0.0)
-        grew = ratio >= STAGE_SHIFT and p < ALPHA
+        grew = ratio >= cfg.stage_shift and p < cfg.alpha
+        found[n] = {"baseline_ms": _r(b.mean() / 1e6), "window_ms": _r(w.mean() / 1e6), "ratio": _r(ratio),
+                    "grew": bool(grew)}
         ev = [Evidence(f"span {n!r} mean time", float(b.mean() / 1e6), float(w.mean() / 1e6), "ms",
-                       f"x{STAGE_SHIFT} and Mann-Whitney p < {ALPHA} (p={p:.1e})", grew),
+                       f"x{cfg.stage_shift} and Mann-Whitney p < {cfg.alpha} (p={p:.1e})", grew),
               Evidence("pipeline service stages' share of the extra latency", None, service_share, "",
                        f"below the span's share ({share:.0%})", service_share < share, primary=False)]
         strength = (1.0 if service_share < share else 0.7) if grew else 0.0

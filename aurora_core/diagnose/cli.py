@@ -16,6 +16,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--interval", type=number(gt=0), default=None, metavar="S",
                         help="interval width in seconds (> 0) for per-interval p50/p99 (default: automatic, "
                              "about 50 requests an interval)")
+    parser.add_argument("--baseline", default=None, metavar="SPAN",
+                        help="the span taken as normal: T0:T1 (seconds from the series' first request, as the "
+                             "report prints them), label:NAME (the runs with that label) or run:PATH_OR_RUN_ID "
+                             "(default: the lowest-latency calm stretch, see the report's 'normal' line)")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", dest="settings",
+                        help="change one threshold (repeatable), e.g. --set stage_shift=1.2; the names and "
+                             "their defaults are in aurora_core/diagnose/settings.py")
     # Below 1 the ratio gate passes every window and only the one-sided tests are left, exactly as at 1:
     # a value under 1 is a mistake (0 used to turn silently into the default), not a looser setting.
     parser.add_argument("--min-ratio", type=number(ge=1), default=None, metavar="R",
@@ -26,14 +33,14 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from . import diagnose
     from .report import render_section, text_diagnose
-    from .spikes import MIN_RATIO
+    from .settings import DEFAULTS
 
     if args.html and (why := unwritable(args.html)):
         print(f"aurora diagnose: error: cannot write --html {args.html}: {why}", file=sys.stderr)
         return 2
     try:
-        result = diagnose(args.runs, interval_s=args.interval,
-                          min_ratio=MIN_RATIO if args.min_ratio is None else args.min_ratio)
+        result = diagnose(args.runs, interval_s=args.interval, min_ratio=args.min_ratio, baseline=args.baseline,
+                          settings=DEFAULTS.with_pairs(args.settings))
     except (FileNotFoundError, ValueError) as e:
         print(f"aurora diagnose: error: {e}", file=sys.stderr)
         return 2

@@ -19,16 +19,61 @@ from .spikes import SERVICE_STAGES, Series
 # --------------------------------------------------------------------------------------------------
 # Text
 # --------------------------------------------------------------------------------------------------
+def answers(data: dict) -> list[str]:
+    """The four questions, each answered with its number or "no", over every spike window of every series:
+    does a deployment line up, how far did the load rise, is the spike confined to some hosts/regions, did a
+    dependency grow. Where several windows answer yes, the first is named and the others counted."""
+    wins = [(s["name"], w) for s in data["series"] for w in s["windows"]]
+    if not wins:
+        return [f"{q}: no (no spike window)" for q in
+                ("deployment lines up", "load rose", "confined to some hosts/regions", "dependency grew")]
+
+    def line(question, hits, no):
+        if not hits:
+            return f"{question}: {no}"
+        (name, w), text = hits[0]
+        more = f" (and {len(hits) - 1} more window(s))" if len(hits) > 1 else ""
+        return f"{question}: {text} [{name} {w['start_s']:.1f}-{w['end_s']:.1f} s]{more}"
+
+    dep = [((n, w), "yes: " + "; ".join(f"{k} {a} -> {b}" for k, (a, b) in w["answers"]["deployment"].items()))
+           for n, w in wins if w.get("answers", {}).get("deployment")]
+    load = [((n, w), _load_answer(w["answers"]["load"])) for n, w in wins if w.get("answers", {}).get("load", {}).get("rose")]
+    ratios = [w["answers"]["load"]["rate_ratio"] for _, w in wins if w.get("answers", {}).get("load", {}).get("rate_ratio")]
+    load_no = "no" + (f" (rate x{max(ratios):.2f} at most, not beyond both sides' Poisson noise)" if ratios else "")
+    conf = [((n, w), f"yes: {', '.join(w['confinement']['affected'])} (not {', '.join(w['confinement']['unaffected'])})")
+            for n, w in wins if (w.get("confinement") or {}).get("confined")]
+    n_series = len(data["series"])
+    conf_no = "no (one host/region in the data)" if n_series == 1 else "no (seen on every host/region with data)"
+    grew = [((n, w), "; ".join(f"{k} {v['baseline_ms']:.2f} -> {v['window_ms']:.2f} ms (x{v['ratio']:.2f})"
+                               for k, v in w["answers"]["dependency"].items() if v["grew"]))
+            for n, w in wins if any(v["grew"] for v in w.get("answers", {}).get("dependency", {}).values())]
+    has_spans = any(w.get("answers", {}).get("dependency") for _, w in wins)
+    return [line("deployment lines up", dep, "no"), line("load rose", load, load_no),
+            line("confined to some hosts/regions", conf, conf_no),
+            line("dependency grew", grew, "no" if has_spans else "no (no span linked to requests)")]
+
+
+def _load_answer(ld: dict) -> str:
+    measured = f"{ld['baseline_per_s']:.1f} -> {ld['window_per_s']:.1f} req/s"
+    ob, ow = ld.get("offered_per_s") or (None, None)
+    if ob and ow:  # the runs' offered load decided (causes.load_rose)
+        return f"+{ow / ob - 1:.0%} offered ({ob:.1f} -> {ow:.1f} req/s; arrivals {measured})"
+    return f"+{ld['rate_ratio'] - 1:.0%} ({measured}, z {ld['z']:.1f})"
+
+
 def text_diagnose(result) -> str:
     data = result.data if isinstance(result, DiagnoseResult) else result
-    out = []
+    out = answers(data) + [""]
     for s in data["series"]:
         labels = ", ".join(sorted({str(r["label"]) for r in s["runs"] if r.get("label")})) or "-"
         out.append(f"== {s['name']}  ({len(s['runs'])} run(s), {s['n_requests']} requests, labels: {labels}, "
                    f"interval {s['interval_s']:.2f} s)")
         b = s["baseline"]
         if b:
-            out.append(f"   baseline {b['start_s']:.1f}-{b['end_s']:.1f} s: p50 {b['p50_ms']:.2f} ms, p99 {b['p99_ms']:.2f} ms")
+            out.append(f"   normal (baseline) {b['start_s']:.1f}-{b['end_s']:.1f} s: p50 {b['p50_ms']:.2f} ms, "
+                       f"p99 {b['p99_ms']:.2f} ms, n={b['n']}")
+            if s.get("baseline_reason"):
+                out.append(f"     why: {s['baseline_reason']}")
         if not s["windows"]:
             out.append("   no spike window")
         for w in s["windows"]:
@@ -242,9 +287,14 @@ def _evidence_plot(s: Series, det, w: dict) -> str | None:
 
 def _diagnose_html(result) -> str:
     data = result.data if isinstance(result, DiagnoseResult) else result
-    parts = ['<section class="aurora-diagnose"><h2>Latency diagnosis</h2>']
+    parts = ['<section class="aurora-diagnose"><h2>Latency diagnosis</h2>', "<ul>"]
+    parts += [f"<li>{html.escape(line)}</li>" for line in answers(data)] + ["</ul>"]
     for i, s in enumerate(data["series"]):
         parts.append(f"<h3>{html.escape(s['name'])}</h3>")
+        b = s.get("baseline")
+        if b:
+            parts.append(f"<p>Normal (baseline) {b['start_s']:.1f}-{b['end_s']:.1f} s: p50 {b['p50_ms']:.2f} ms, "
+                         f"p99 {b['p99_ms']:.2f} ms; {html.escape(s.get('baseline_reason') or '')}</p>")
         if isinstance(result, DiagnoseResult):
             parts.append(_timeline_plot(result.series[i], result.detections[i], s["windows"]))
         if not s["windows"]:

@@ -24,33 +24,41 @@ Detection (a small documented method around ruptures' PELT)
        moves.
     3. PELT with an l2 cost, min_size ``MIN_SEG`` (3) intervals, penalty ``3 * d * ln(n)`` (d = 2 columns): a
        BIC-style penalty made conservative so that noise alone does not cut segments.
-    4. Baseline: among segments at least max(3, 10% of the intervals) long, the one with the lowest
-       level, the mean of its pooled log p50 and log p99 (p99 alone is too noisy to choose by). A window is a segment whose pooled p99 or p50 is at least ``min_ratio`` (1.3) times
-       the baseline's, with significance at ``alpha`` (1e-3): for p50 a one-sided Mann-Whitney U test;
-       for p99 at least 5% of requests above the baseline's p99 (``TAIL_FACTOR`` x the 1% by chance)
-       and a binomial test on that share.
-       Adjacent windows merge when the merged segment still passes. Effect size and significance are both required, so a
-       long quiet run does not produce windows from tiny but "significant" drifts.
+    4. Baseline (the healthy regime): anchors are tried from the lowest-level segment up (level: mean of
+       its pooled log p50 and log p99); around each, adjacent segments join while they are no spike
+       against it (step 5's test), and the first stretch at least max(3, 10% of the intervals) long is
+       the baseline. So a calm stretch that PELT cut into short pieces is one baseline, and a saturated
+       plateau the run ends in is never taken for normal because it alone is long enough. ``--baseline``
+       gives it instead (T0:T1, label:NAME, run:PATH). ``Detection.baseline_reason`` says which and why.
+    5. A segment is a spike when its pooled p50 or p99 is at least ``min_ratio`` (1.3) times the
+       baseline's, significant at ``alpha`` (1e-3) against the noise of both sides: for p50 a one-sided
+       Mann-Whitney test on the requests and a t-test on the log per-interval medians; for p99 Fisher's
+       exact test on the share above the baseline's p99 (the baseline's own share counted, not taken as
+       1%) and a t-test on the per-interval shares. Each pair must pass: requests of one batch or queue
+       burst are slow together, and the per-interval test counts such a group once.
+    6. Only spike segments merge (adjacent ones, into one window when the merged range still passes), and
+       a window's edges are trimmed to the first and last interval above the baseline (p50 or p99 at least
+       sqrt(min_ratio) times the baseline's). Effect size and significance are both required, so a long
+       quiet run does not produce windows from tiny but "significant" drifts.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from scipy import stats
 
 from aurora_core.recorder import RunData
 
+from .settings import DEFAULTS
+
 SERVICE_STAGES = ("decode", "preprocess", "h2d", "compute", "d2h")
-MIN_RATIO = 1.3
-ALPHA = 1e-3
-#: A tail spike needs at least this many times the 1% of requests above the baseline's p99 that chance
-#: gives. The baseline is the calmest segment, so its p99 is biased low and a bare binomial test on
-#: "more than 1%" fires on ordinary Poisson bursts; 5x (5% above it) does not, and a real tail spike
-#: (p99 x1.3 or more) puts far more than 5% there.
-TAIL_FACTOR = 5
+MIN_RATIO = DEFAULTS.min_ratio
+ALPHA = DEFAULTS.alpha
 #: PELT's minimum segment, in intervals.
 MIN_SEG = 3
 #: A gap between consecutive arrivals longer than this many intervals is idle time, not traffic. It is
@@ -331,11 +339,47 @@ class Detection:
     segments: list[tuple[float, float]]
     baseline: Window | None
     windows: list[Window]
+    baseline_reason: str = ""  # which span was taken as normal, and why
 
 
-def _pooled(series: Series, a: float, b: float) -> np.ndarray:
+@dataclass
+class Lat:
+    """The successful requests of a range: latency (ms) and the detection interval each arrived in."""
+
+    ms: np.ndarray
+    block: np.ndarray
+
+    @property
+    def size(self) -> int:
+        return int(self.ms.size)
+
+
+def _pooled(series: Series, a: float, b: float, width: float) -> Lat:
     m = (series.t >= a) & (series.t < b) & series.ok & (series.e2e_ns >= 0)
-    return series.e2e_ns[m] / 1e6
+    return Lat(series.e2e_ns[m] / 1e6, ((series.t[m] - series.t[0]) // width).astype(np.int64))
+
+
+def _per_block(x: Lat, values: np.ndarray, stat) -> np.ndarray:
+    """``stat`` of ``values`` (one per request of ``x``) in each interval holding >= 3 of its requests."""
+    order = np.argsort(x.block, kind="stable")
+    blk, vals = x.block[order], values[order]
+    cut = np.flatnonzero(np.r_[True, blk[1:] != blk[:-1], True])
+    return np.array([stat(vals[i:j]) for i, j in zip(cut[:-1], cut[1:], strict=True) if j - i >= 3])
+
+
+def block_p(v: np.ndarray, base: np.ndarray) -> float:
+    """One-sided two-sample t-test p-value (pooled variance) on per-interval figures: the interval, not the
+    request, is the unit. Pooled, because a short window has too few intervals to estimate its own spread
+    (Welch's test on three intervals of a x12 step gave p = 0.015), and a rank test on three intervals
+    cannot go below 1/C(n+3, 3)."""
+    if v.size < 1 or base.size < 2 or v.size + base.size < 4:
+        return 1.0
+    with warnings.catch_warnings():  # near-identical figures: scipy warns, and the NaN case is handled below
+        warnings.simplefilter("ignore", RuntimeWarning)
+        p = float(stats.ttest_ind(v, base, equal_var=True, alternative="greater").pvalue)
+    if math.isnan(p):  # no spread on either side: the figures either all rose or did not
+        return 0.0 if v.min() > base.max() else 1.0
+    return p
 
 
 def _subsample(x: np.ndarray, rng) -> np.ndarray:
@@ -350,60 +394,179 @@ def greater_p(a: np.ndarray, b: np.ndarray) -> float:
     return float(stats.mannwhitneyu(_subsample(a, rng), _subsample(b, rng), alternative="greater").pvalue)
 
 
-def _level(v: np.ndarray) -> float:
+def tail_p(v: np.ndarray, base: np.ndarray, threshold: float) -> float:
+    """One-sided Fisher exact p-value for "a larger share of ``v`` than of ``base`` lies above ``threshold``".
+
+    Two-sample on purpose: the baseline's p99 from a few hundred requests rests on a handful of them, so its
+    own share above the threshold is counted with its noise, not taken as an exact 1%."""
+    if v.size == 0 or base.size == 0:
+        return 1.0
+    kv, kb = int(np.count_nonzero(v > threshold)), int(np.count_nonzero(base > threshold))
+    return float(stats.fisher_exact([[kv, v.size - kv], [kb, base.size - kb]], alternative="greater")[1])
+
+
+def _level(v: Lat) -> float:
     """Segment level: mean of log p50 and log p99, the two columns PELT cut on."""
     if v.size == 0:
         return math.inf
-    return 0.5 * (math.log(max(np.percentile(v, 50), 1e-9)) + math.log(max(np.percentile(v, 99), 1e-9)))
+    return 0.5 * (math.log(max(np.percentile(v.ms, 50), 1e-9)) + math.log(max(np.percentile(v.ms, 99), 1e-9)))
 
 
-def _judge(v, base, b50, b99, min_ratio, alpha, a, b) -> Window | None:
-    """A segment is a spike when its median shifted (ratio and Mann-Whitney) or its tail grew: ratio,
-    and more requests above the baseline's p99 than the 1% chance gives (binomial test). The tail test
-    stands in for a test on p99 itself, which over a short window is little more than the maximum."""
-    p50, p99 = float(np.percentile(v, 50)), float(np.percentile(v, 99))
+def _judge(v: Lat, base: Lat, min_ratio, alpha, a, b) -> Window | None:
+    """A range is a spike when its median shifted or its tail grew by ``min_ratio``, significantly against
+    the noise of both sides. Median: one-sided Mann-Whitney on the requests, and a t-test on the log
+    per-interval medians. Tail: a larger share above the baseline's p99 than the baseline's own, by Fisher's exact test
+    on the requests and a t-test on the per-interval shares. Both tests are two-sample, so a short
+    baseline's own noise widens them; each must pass (the larger p counts), because the requests of one
+    batch or one queue burst are slow together, and the per-interval test counts such a group once."""
+    if v.size < 3 or base.size < 3:
+        return None
+    b50, b99 = float(np.percentile(base.ms, 50)), float(np.percentile(base.ms, 99))
+    p50, p99 = float(np.percentile(v.ms, 50)), float(np.percentile(v.ms, 99))
     r50, r99 = p50 / b50, p99 / b99
     ps = []
     if r50 >= min_ratio:
-        ps.append(greater_p(v, base))
-    k = int(np.count_nonzero(v > b99))
-    if r99 >= min_ratio and k >= TAIL_FACTOR * 0.01 * v.size:
-        ps.append(float(stats.binomtest(k, v.size, 0.01, alternative="greater").pvalue))
+        ps.append(max(greater_p(v.ms, base.ms),
+                      block_p(np.log(_per_block(v, v.ms, np.median)), np.log(_per_block(base, base.ms, np.median)))))
+    if r99 >= min_ratio:
+        share = lambda x: _per_block(x, (x.ms > b99).astype(float), np.mean)  # noqa: E731
+        ps.append(max(tail_p(v.ms, base.ms, b99), block_p(share(v), share(base))))
     p = min(ps) if ps else 1.0
     return Window(a, b, p50, p99, r50, r99, p, int(v.size)) if p < alpha else None
 
 
+def parse_baseline(spec: str) -> tuple[str, object]:
+    """``--baseline`` text -> ("span", (t0, t1)) | ("label", name) | ("run", path or run_id)."""
+    text = spec.strip()
+    head, sep, rest = text.partition(":")
+    if head in ("label", "run") and sep and rest:
+        return head, rest
+    try:
+        t0, t1 = (float(x) for x in text.split(":"))
+    except ValueError:
+        raise ValueError(f"diagnose: --baseline expects T0:T1 (seconds from the series' first request), "
+                         f"label:NAME or run:PATH_OR_RUN_ID, got {spec!r}") from None
+    if not (math.isfinite(t0) and math.isfinite(t1) and t1 > t0):
+        raise ValueError(f"diagnose: --baseline {spec!r}: expected T0 < T1, both finite")
+    return "span", (t0, t1)
+
+
+def resolve_baseline(series: Series, spec: tuple[str, object]) -> tuple[float, float, str]:
+    """A parsed ``--baseline`` -> (start s, end s, why) on this series' timeline."""
+    kind, val = spec
+    if kind == "span":
+        t0, t1 = val
+        return t0, t1, f"given: --baseline {t0:g}:{t1:g}"
+    def hit(i: int) -> bool:
+        m = series.runs[i].meta
+        if kind == "label":
+            return str(m.get("label")) == val
+        p = series.runs[i].path
+        return str(m.get("run_id")) == val or (p is not None and Path(val).resolve() in
+                                               (Path(p).resolve(), Path(p).resolve().parent))
+
+    idx = [i for i in range(len(series.runs)) if hit(i) and series.run_bounds[i][0] == series.run_bounds[i][0]]
+    if not idx:
+        raise ValueError(f"diagnose: --baseline {kind}:{val} matches no run of {series.name} "
+                         f"(labels: {sorted({str(r.meta.get('label')) for r in series.runs})})")
+    a = min(series.run_bounds[i][0] for i in idx)
+    b = max(series.run_bounds[i][1] for i in idx)
+    return a, math.nextafter(b, math.inf), f"given: --baseline {kind}:{val} ({len(idx)} run(s))"
+
+
+def _auto_baseline(segments, lens, pooled, min_len: int, min_ratio, alpha) -> tuple[int, int, str]:
+    """The healthy regime: the lowest-latency stretch of adjacent calm segments at least ``min_len``
+    intervals long. Anchors are tried from the lowest level up; around each, adjacent segments join while
+    they are no spike against it (``_judge``: the same effect size and significance a window needs), so a
+    calm stretch that PELT cut into short pieces is one baseline, and a saturated plateau at the end of the
+    run is not taken for normal because it alone is long enough. Returns (first, last) segment, why."""
+    order = sorted(range(len(segments)), key=lambda i: _level(pooled[i]))
+    best = None
+    for anchor in order:
+        ref = pooled[anchor]
+        lo = hi = anchor
+        while lo > 0 and _touching(segments, lo - 1, lo) and _judge(pooled[lo - 1], ref, min_ratio, alpha,
+                                                                     *segments[lo - 1]) is None:
+            lo -= 1
+        while hi + 1 < len(segments) and _touching(segments, hi, hi + 1) and _judge(
+                pooled[hi + 1], ref, min_ratio, alpha, *segments[hi + 1]) is None:
+            hi += 1
+        total = sum(lens[lo:hi + 1])
+        if total >= min_len:
+            why = (f"automatic: the lowest-latency stretch of >= {min_len} intervals; "
+                   f"{hi - lo + 1} adjacent segment(s), {total} intervals, none a spike against the calmest "
+                   f"of them ({segments[anchor][0]:.1f}-{segments[anchor][1]:.1f} s)")
+            return lo, hi, why
+        if best is None or total > best[2]:
+            best = (lo, hi, total, anchor)
+    lo, hi, total, anchor = best
+    return lo, hi, (f"automatic: no calm stretch reaches {min_len} intervals; the longest ({total} intervals, "
+                    f"{hi - lo + 1} segment(s)) was taken")
+
+
+def _touching(segments, i: int, j: int) -> bool:
+    """Segments i and j meet (no idle gap of empty intervals between them)."""
+    return math.isclose(segments[i][1], segments[j][0])
+
+
+def _trim(iv: Intervals, a: float, b: float, b50: float, b99: float, min_ratio: float) -> tuple[float, float]:
+    """Cut [a, b) down to the intervals from the first to the last one above the baseline: p50 or p99 at
+    least sqrt(min_ratio) (the geometric midpoint between normal and a spike) times the baseline's. PELT
+    places a change point where the cost is lowest, which can leave flat intervals at a window's edges."""
+    edge = math.sqrt(min_ratio)
+    k = np.flatnonzero((iv.edges[:-1] >= a - 1e-9) & (iv.edges[1:] <= b + 1e-9) & ~np.isnan(iv.p99_ms))
+    above = k[(iv.p50_ms[k] >= edge * b50) | (iv.p99_ms[k] >= edge * b99)]
+    if above.size == 0:
+        return a, b
+    return float(iv.edges[above[0]]), float(iv.edges[above[-1] + 1])
+
+
 def detect(series: Series, interval_s: float | None = None, min_ratio: float = MIN_RATIO,
-           alpha: float = ALPHA) -> Detection:
+           alpha: float = ALPHA, baseline: tuple[str, object] | None = None) -> Detection:
+    """Spike windows of one series. baseline: a ``parse_baseline`` result, or None for the automatic one."""
     width = interval_s or auto_interval(series)
     iv = intervals(series, width)
     good = np.flatnonzero(~np.isnan(iv.p99_ms))
     if good.size == 0:
-        return Detection(width, iv, [], None, [])
+        return Detection(width, iv, [], None, [], "no successful request with a latency")
     starts = change_points(iv)
     seg_idx = [(good[s], good[e - 1] if e > 0 else good[-1])
                for s, e in zip(starts, starts[1:] + [good.size], strict=True)]
     segments = [(float(iv.edges[a]), float(iv.edges[b + 1])) for a, b in seg_idx]
-    min_len = max(3, int(0.1 * good.size))
-    lens = [np.count_nonzero((good >= a) & (good <= b)) for a, b in seg_idx]
-    cands = [i for i, n in enumerate(lens) if n >= min_len] or list(range(len(segments)))
-    levels = {i: _pooled(series, *segments[i]) for i in range(len(segments))}
-    base_i = min(cands, key=lambda i: _level(levels[i]))
-    base = levels[base_i]
-    b50, b99 = float(np.percentile(base, 50)), float(np.percentile(base, 99))
-    baseline = Window(*segments[base_i], b50, b99, 1.0, 1.0, 1.0, int(base.size))
+    lens = [int(np.count_nonzero((good >= a) & (good <= b))) for a, b in seg_idx]
+    pooled = [_pooled(series, *ab, width) for ab in segments]
+    if baseline is None:
+        min_len = max(3, int(0.1 * good.size))
+        lo, hi, why = _auto_baseline(segments, lens, pooled, min_len, min_ratio, alpha)
+        ba, bb = segments[lo][0], segments[hi][1]
+        cands = [ab for i, ab in enumerate(segments) if not lo <= i <= hi]
+    else:
+        ba, bb, why = resolve_baseline(series, baseline)
+        cands = [(x, y) for a, b in segments for x, y in ((a, min(b, ba)), (max(a, bb), b)) if y > x]
+    base = _pooled(series, ba, bb, width)
+    if base.size < 3:
+        raise ValueError(f"diagnose: the baseline {ba:.1f}-{bb:.1f} s of {series.name} holds {base.size} "
+                         "successful requests (at least 3 needed); pick a longer span")
+    b50, b99 = float(np.percentile(base.ms, 50)), float(np.percentile(base.ms, 99))
+    base_w = Window(ba, bb, b50, b99, 1.0, 1.0, 1.0, int(base.size))
+    spikes = [(a, b) for a, b in cands if _judge(_pooled(series, a, b, width), base, min_ratio, alpha, a, b)]
+    # Only spike segments merge: a calm segment after a spike is not folded into it.
+    groups: list[list[tuple[float, float]]] = []
+    for a, b in spikes:
+        if groups and math.isclose(groups[-1][-1][1], a):
+            groups[-1].append((a, b))
+        else:
+            groups.append([(a, b)])
     wins: list[Window] = []
-    for i, (a, b) in enumerate(segments):
-        v = levels[i]
-        if i == base_i or v.size < 3:
-            continue
-        if wins and math.isclose(wins[-1].end_s, a):
-            merged = _pooled(series, wins[-1].start_s, b)
-            w = _judge(merged, base, b50, b99, min_ratio, alpha, wins[-1].start_s, b)
-            if w is not None:
-                wins[-1] = w
-                continue
-        w = _judge(v, base, b50, b99, min_ratio, alpha, a, b)
-        if w is not None:
-            wins.append(w)
-    return Detection(width, iv, segments, baseline, wins)
+    for g in groups:
+        merged = _window(series, iv, width, base, min_ratio, alpha, g[0][0], g[-1][1])
+        wins += [merged] if merged else [w for w in (_window(series, iv, width, base, min_ratio, alpha, a, b)
+                                                     for a, b in g) if w]
+    return Detection(width, iv, segments, base_w, wins, why)
+
+
+def _window(series, iv, width, base: Lat, min_ratio, alpha, a, b) -> Window | None:
+    """Judge [a, b) trimmed to the intervals above the baseline; untrimmed when the trimmed one fails."""
+    ta, tb = _trim(iv, a, b, float(np.percentile(base.ms, 50)), float(np.percentile(base.ms, 99)), min_ratio)
+    return (_judge(_pooled(series, ta, tb, width), base, min_ratio, alpha, ta, tb)
+            or _judge(_pooled(series, a, b, width), base, min_ratio, alpha, a, b))

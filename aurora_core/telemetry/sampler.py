@@ -202,7 +202,7 @@ class TelemetrySampler:
             if self._cpu_backend is not None:
                 s = self._cpu_backend.tick()
                 s.values["sampler_cpu_s"] = self._account(name)
-                self._publish([s])
+                self._publish([s], self._cpu_backend.drain_events())
             self._watchdog()
             self._account(name)
             self._stop.wait(self._period())
