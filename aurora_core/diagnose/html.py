@@ -125,6 +125,10 @@ def _host_plots(s: Series, det, entry: dict, shift: float) -> list[Plot]:
 def add_diagnosis(page: Page, result, cards: list[Card] | None = None) -> Page:
     """Append a diagnosis (a DiagnoseResult; a JSON dict gives cards and tables only) to ``page``."""
     data = result.data if isinstance(result, DiagnoseResult) else result
+    for name, w in _windows(data):
+        verdict = "inconclusive" if w["verdict"] == "inconclusive" or not w["causes"] else w["causes"][0]["title"]
+        page.p(f"Spike on {name}, {w['start_s']:.1f}-{w['end_s']:.1f} s: p99 x{w['ratio_p99']:.2f}, "
+               f"p50 x{w['ratio_p50']:.2f}: {verdict}", cls="verdict")
     if cards:
         page.cards(cards)
     entries = data["series"]
@@ -230,7 +234,7 @@ def diagnose_cards(data: dict) -> list[Card]:
         rr = [w["window"]["arrival_rate_per_s"] / w["baseline"]["arrival_rate_per_s"] for _, w in wins
               if w["baseline"].get("arrival_rate_per_s")]
         cards.append(Card("Traffic", "the load did not rise significantly in any spike window",
-                          f"{_pct(max(rr))} at most" if rr else "", status="no",
+                          f"largest change: arrivals {_pct(max(rr, key=lambda r: abs(r - 1)))}" if rr else "", status="no",
                           detail="a rise counts when it is significant against the Poisson noise of both the "
                                  "baseline and the window"))
     cards.append(_where_card(data, wins))
