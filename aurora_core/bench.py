@@ -796,7 +796,7 @@ def _run(args: argparse.Namespace, prep: dict) -> int:
                           bottleneck=verdict_line, telemetry=tele_rows, samples=series, slo_ms=slo_ms, peak=peak,
                           meta={**{k: v for k, v in rec.meta.items() if k != "capabilities"}, **hw,
                                 "scenario": scenario.describe(), "capacity_qps": capacity},
-                          extra_sections=_diagnosis_section(files["run"]))
+                          extra=[_diagnosis(files["run"])])
         doc["wall_s"] = time.monotonic() - wall0
         with open(files["summary"], "w") as f:
             json.dump(doc, f, indent=2, default=str)
@@ -808,19 +808,20 @@ def _run(args: argparse.Namespace, prep: dict) -> int:
     return 0 if valid else 1
 
 
-def _diagnosis_section(run_path: str) -> list[tuple[str, str]]:
-    """The diagnosis of this run, when ``aurora_core.diagnose`` provides an HTML section."""
-    try:
+def _diagnosis(run_path: str):
+    """Adds this run's diagnosis to the report page; a failed diagnosis says why instead."""
+    def add(page) -> None:
         from aurora_core.diagnose import diagnose
-        from aurora_core.diagnose.report import render_section
-    except ImportError:
-        return []
-    try:
-        return [("", render_section(diagnose([run_path])))]
-    except Exception as e:  # the bench result stands without it; say why it is missing
-        import html
+        from aurora_core.diagnose.html import add_diagnosis, diagnose_cards
 
-        return [("Diagnosis", f"<p>diagnosis failed: {html.escape(repr(e))}</p>")]
+        page.h("Diagnosis")
+        try:
+            res = diagnose([run_path])
+        except Exception as e:  # the bench result stands without it
+            page.p(f"diagnosis failed: {e!r}")
+            return
+        add_diagnosis(page, res, diagnose_cards(res.data))
+    return add
 
 
 def _print(console, s: dict, tele_rows, valid, reasons, verdict_line, files, peak, capacity, wall_s) -> None:

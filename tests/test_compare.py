@@ -9,7 +9,8 @@ import pytest
 
 from aurora_core.cli import main
 from aurora_core.diagnose.compare import bootstrap_delta, compare
-from aurora_core.diagnose.report import render_section, text_compare
+from aurora_core.diagnose.html import compare_page
+from aurora_core.diagnose.report import text_compare
 from aurora_core.recorder import Recorder
 from aurora_core.records import RequestRecord, Sample
 
@@ -64,7 +65,9 @@ def test_slower_preprocess_is_a_regression_and_only_there(tmp_path):
     row = _row(res, "preprocess")
     assert row["p50_ci_ms"][0] > 0 and 0.3 < row["p50_rel"] < 0.7
     assert row["mw_p_greater"] < 1e-6
-    assert "REGRESSION" in text_compare(res) and "<table>" in render_section(res)
+    assert "REGRESSION" in text_compare(res)
+    page = compare_page(res).render()
+    assert "<table>" in page and "REGRESSION" in page and "data-question='Deployment gate'" in page
     json.dumps(res)
 
 

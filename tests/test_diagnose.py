@@ -10,7 +10,8 @@ from test_incidents import simulate_run
 
 from aurora_core.cli import main
 from aurora_core.diagnose import diagnose
-from aurora_core.diagnose.report import render_section, text_diagnose
+from aurora_core.diagnose.html import diagnose_page
+from aurora_core.diagnose.report import text_diagnose
 from aurora_core.loadgen import poisson_schedule
 from aurora_core.recorder import load_run
 from aurora_core.records import Event, Sample, Span
@@ -173,14 +174,15 @@ def test_outputs_and_cli(tmp_path, capsys):
     run = simulate_run(tmp_path / "o", _arrivals(), meta={"label": "v1"}, item_ms=_step(6.0, 12.0), seed=3)
     res = diagnose([run])
     json.dumps(res.data)
-    html = render_section(res)
-    assert html.count("<img") == 2 and "data:image/png;base64," in html
-    assert "<section" in render_section(res.data)  # from JSON alone: tables, no plots
-    assert "<li>deployment lines up: no</li>" in html and "Normal (baseline) " in html
+    html = diagnose_page(res).render()
+    assert html.count("class='plot'") >= 4 and "id='aurora-data'" in html
+    json_only = diagnose_page(res.data).render()  # from JSON alone: cards and tables, no plots
+    assert "class='plot'" not in json_only and "data-question='Deployment'" in json_only
+    assert "Normal (baseline) " in html and "no deployment in the spike windows" in html
     assert main(["diagnose", str(run), "--json", "--html", str(tmp_path / "r.html")]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["series"][0]["windows"]
-    assert (tmp_path / "r.html").read_text().count("<img") == 2
+    assert (tmp_path / "r.html").read_text().count("class='plot'") >= 4
     assert main(["diagnose", str(tmp_path / "nothing")]) == 2
 
 

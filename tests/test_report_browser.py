@@ -92,21 +92,62 @@ class _Cdp:
             os.close(fd)
 
 
-def load_in_chromium(path, tmp_path) -> dict:
-    """Open ``path`` in headless Chromium. Returns {"errors": [...], "images": [[alt, w, h], ...], "text": str}."""
+#: After load and two animation frames (uPlot draws on a frame): the text, images, and per plot its
+#: group, x range and how many canvas pixels it painted.
+_INSPECT = """new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r))).then(() => JSON.stringify({
+  images: [...document.images].map(i => [i.alt, i.naturalWidth, i.naturalHeight, i.complete]),
+  text: document.body.innerText,
+  cards: [...document.querySelectorAll('.card')].map(c => [c.dataset.question, c.className, c.innerText]),
+  empty: [...document.querySelectorAll('.empty')].map(e => e.innerText),
+  plots: [...document.querySelectorAll('.plot')].map(el => {
+    const c = el.querySelector('canvas'); let painted = 0;
+    if (c) { const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+             for (let i = 3; i < d.length; i += 4) if (d[i]) painted++; }
+    const u = (window.auroraPlots || []).find(p => p.root.parentNode === el);
+    return {id: el.id, painted, group: u ? u.cursor.sync.key : null,
+            x: u ? [u.scales.x.min, u.scales.x.max] : null};
+  })}))"""
+
+
+def _drag_js(plot_id: str) -> str:
+    return f"JSON.stringify(document.querySelector('#{plot_id} .u-over').getBoundingClientRect())"
+
+
+def load_in_chromium(path, tmp_path, drag: str | None = None) -> dict:
+    """Open ``path`` in headless Chromium. Returns {"errors": [...], "images": [[alt, w, h, complete], ...],
+    "text": str, "cards": [[question, class, text]], "empty": [...], "plots": [{id, painted, group, x}]}.
+    ``drag``: a plot id to zoom with a real mouse drag over its middle third; the plots are then read
+    again into "after_drag"."""
     cdp = _Cdp(str(tmp_path / "chromium-profile"))
     try:
         target = cdp.send("Target.createTarget", {"url": "about:blank"})["targetId"]
         session = cdp.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
         for domain in ("Page", "Runtime", "Log", "Network"):
             cdp.send(f"{domain}.enable", session=session)
+        cdp.send("Emulation.setDeviceMetricsOverride", {"width": 1200, "height": 900, "deviceScaleFactor": 1,
+                                                        "mobile": False}, session=session)
         cdp.send("Page.navigate", {"url": "file://" + os.path.abspath(path)}, session=session)
         cdp.wait_event("Page.loadEventFired")
-        res = cdp.send("Runtime.evaluate", {
-            "expression": "JSON.stringify({images: [...document.images].map(i => [i.alt, i.naturalWidth,"
-                          " i.naturalHeight, i.complete]), text: document.body.innerText})",
-            "returnByValue": True}, session=session)
-        page = json.loads(res["result"]["value"])
+
+        def inspect() -> dict:
+            res = cdp.send("Runtime.evaluate", {"expression": _INSPECT, "awaitPromise": True, "returnByValue": True},
+                           session=session)
+            return json.loads(res["result"]["value"])
+
+        page = inspect()
+        if drag:
+            cdp.send("Runtime.evaluate", {"expression": f"document.getElementById('{drag}').scrollIntoView()"},
+                     session=session)
+            box = json.loads(cdp.send("Runtime.evaluate", {"expression": _drag_js(drag), "returnByValue": True},
+                                      session=session)["result"]["value"])
+            y = box["top"] + box["height"] / 2
+            x0, x1 = box["left"] + box["width"] / 3, box["left"] + 2 * box["width"] / 3
+            for kind, x in (("mouseMoved", x0), ("mousePressed", x0), ("mouseMoved", (x0 + x1) / 2),
+                            ("mouseMoved", x1), ("mouseReleased", x1)):
+                cdp.send("Input.dispatchMouseEvent", {"type": kind, "x": x, "y": y, "button": "left",
+                                                      "buttons": 0 if kind == "mouseReleased" else 1,
+                                                      "clickCount": 1}, session=session)
+            page["after_drag"] = inspect()["plots"]
         errors = []
         for e in cdp.events:
             m, p = e.get("method"), e.get("params", {})
@@ -124,6 +165,15 @@ def load_in_chromium(path, tmp_path) -> dict:
         return page
     finally:
         cdp.close()
+
+
+def assert_plots_drawn(page: dict, at_least: int = 1) -> None:
+    """Every plot element holds a uPlot whose canvas painted pixels (axes alone paint some: lines
+    paint far more, so a plot counts as drawn at 2,000 pixels)."""
+    assert len(page["plots"]) >= at_least, page["plots"]
+    for p in page["plots"]:
+        assert p["group"] is not None, p
+        assert p["painted"] > 2000, p
 
 
 def _result(with_errors=True) -> lg.RunResult:
@@ -171,8 +221,8 @@ def _write(tmp_path, gpu: bool):
 def test_report_is_self_contained(tmp_path):
     path, _ = _write(tmp_path, gpu=False)
     text = path.read_text()
-    assert text.count("data:image/png;base64,") == 3
-    assert "http://" not in text and "https://" not in text and "<script" not in text
+    assert "<img" not in text and "src=" not in text and "href=" not in text  # nothing to fetch
+    assert "http://" not in text and "https://" not in text
     assert "compute-bound: test &lt;b&gt;" in text  # caller text is escaped
 
 
@@ -180,20 +230,36 @@ def test_report_is_self_contained(tmp_path):
 @pytest.mark.parametrize("gpu", [False, True])
 def test_report_loads_in_chromium(tmp_path, gpu):
     path, ok = _write(tmp_path, gpu)
-    page = load_in_chromium(path, tmp_path)
+    page = load_in_chromium(path, tmp_path, drag="plot0")
     assert page["errors"] == []
-    assert sorted(i[0] for i in page["images"]) == ["cdf", "stages", "timeline"]
-    assert all(w > 100 and h > 100 and complete for _, w, h, complete in page["images"]), page["images"]
+    assert_plots_drawn(page, at_least=5 if gpu else 4)
     assert ("VALID" if ok else "INVALID") in page["text"]
     assert "Per-stage breakdown" in page["text"] and "Latency CDF" in page["text"]
+    # no empty panels: on a CPU run each GPU panel is one line saying why
+    no_gpu = [e for e in page["empty"] if "no GPU telemetry" in e]
+    assert len(no_gpu) == (0 if gpu else 3), page["empty"]
+    # a drag on the latency plot zooms every timeline plot to the same range, and not the CDF
+    before = {p["id"]: p for p in page["plots"]}
+    after = {p["id"]: p for p in page["after_drag"]}
+    run = [i for i, p in before.items() if p["group"] == "run"]
+    lo, hi = after["plot0"]["x"]
+    full = before["plot0"]["x"]
+    assert full[0] < lo < hi < full[1] and hi - lo < 0.6 * (full[1] - full[0])
+    for i in run:
+        assert after[i]["x"] == pytest.approx([lo, hi]), (i, after[i])
+    cdf = [i for i, p in before.items() if p["group"] == "cdf"]
+    assert cdf and all(after[i]["x"] == before[i]["x"] for i in cdf)
 
 
 @needs_chromium
 def test_browser_check_catches_a_broken_page(tmp_path):
-    """The check itself can fail: a console error and an undecodable image are both reported."""
+    """The check itself can fail: a console error, an undecodable image and a plot that drew nothing are
+    all reported."""
     bad = tmp_path / "bad.html"
-    bad.write_text("<html><body><img alt='x' src='data:image/png;base64,AAAA'>"
+    bad.write_text("<html><body><img alt='x' src='data:image/png;base64,AAAA'><div class='plot' id='p'></div>"
                    "<script>console.error('boom')</script></body></html>")
     page = load_in_chromium(bad, tmp_path)
     assert any(kind == "console" for kind, _ in page["errors"])
     assert page["images"][0][1] == 0  # naturalWidth of a broken image
+    with pytest.raises(AssertionError):
+        assert_plots_drawn(page)

@@ -12,7 +12,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("runs", nargs="+", metavar="RUN",
                         help="run directories or .sqlite run files (several hosts/regions, or before and after a deployment)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON instead of text")
-    parser.add_argument("--html", metavar="FILE", help="also write an HTML page with the evidence plots")
+    parser.add_argument("--html", metavar="FILE", help="also write an interactive HTML page: the four answers, the fleet, the evidence plots")
     parser.add_argument("--interval", type=number(gt=0), default=None, metavar="S",
                         help="interval width in seconds (> 0) for per-interval p50/p99 (default: automatic, "
                              "about 50 requests an interval)")
@@ -32,7 +32,8 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from . import diagnose
-    from .report import render_section, text_diagnose
+    from .html import diagnose_page
+    from .report import text_diagnose
     from .settings import DEFAULTS
 
     if args.html and (why := unwritable(args.html)):
@@ -50,9 +51,7 @@ def run(args) -> int:
         print(text_diagnose(result))
     if args.html:
         try:
-            with open(args.html, "w", encoding="utf-8") as f:
-                f.write("<!doctype html><meta charset='utf-8'><title>aurora diagnose</title>\n")
-                f.write(render_section(result))
+            diagnose_page(result).write(args.html)
         except OSError as e:
             print(f"aurora diagnose: error: cannot write --html {args.html}: {e.strerror}", file=sys.stderr)
             return 2

@@ -37,7 +37,8 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from .compare import compare
-    from .report import render_section, text_compare
+    from .html import compare_page
+    from .report import text_compare
 
     def fail(msg: str) -> int:
         print(f"aurora compare: error: {msg}", file=sys.stderr)
@@ -55,9 +56,7 @@ def run(args) -> int:
     print(json.dumps(res, indent=2) if args.json else text_compare(res))
     if args.html:
         try:
-            with open(args.html, "w", encoding="utf-8") as f:
-                f.write("<!doctype html><meta charset='utf-8'><title>aurora compare</title>\n")
-                f.write(render_section(res))
+            compare_page(res).write(args.html)
         except OSError as e:
             return fail(f"cannot write --html {args.html}: {e.strerror or e}")
     if res["verdict"] == "regression":
