@@ -27,18 +27,20 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ipaddress
 import json
 import logging
 import os
 import socket
 import sys
+import threading
 import time
 
 import ray
 from ray import serve
 
 from aurora_core.server import EXIT_OK, EXIT_STARTUP, _Parts
-from aurora_core.server_app import ServerConfig, create_app
+from aurora_core.server_app import ServerConfig, _request_id, create_app, error_response
 
 log = logging.getLogger("aurora_core.ray_serve")
 
@@ -108,7 +110,7 @@ class AuroraReplica:
         """Serve this replica's registry on an ephemeral port of the node; list it for Prometheus."""
         from prometheus_client import start_http_server
 
-        addr = args.metrics_host or ray.util.get_node_ip_address()
+        addr = args.metrics_host or ("127.0.0.1" if _is_loopback(args.host) else ray.util.get_node_ip_address())
         server, _ = start_http_server(0, addr=addr, registry=self.parts.exporter.registry)
         self._metrics_server = server
         target = f"{addr}:{server.server_port}"
@@ -147,6 +149,54 @@ class AuroraReplica:
             self.parts.close()
 
 
+class _TypedProxyErrors:
+    """ASGI middleware in Ray's HTTP proxy. When a replica dies with a request in flight (``ray.kill``, a
+    crash, an OOM kill), Ray's proxy ends the request without a response and its uvicorn answers a
+    plain-text 500; this sends the server's JSON ``internal_error`` body instead, so a client always
+    gets one error schema."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def send_wrapper(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            if not started:
+                rid = _request_id(scope)
+                log.warning("aurora serve --ray: request %s got no response from its replica", rid)
+                await error_response(500, "internal_error", "the replica serving this request stopped before "
+                                     "answering (Ray replaces it); retry", rid)(scope, receive, send)
+
+
+def proxy_middlewares() -> list:
+    """The callback named by ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH`` (``PROXY_ENV``)."""
+    from starlette.middleware import Middleware
+
+    return [Middleware(_TypedProxyErrors)]
+
+
+#: Environment of the Ray processes (set before ``ray start`` / ``ray.init``) that puts
+#: ``_TypedProxyErrors`` into Serve's HTTP proxies.
+PROXY_ENV = {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": f"{__name__}.proxy_middlewares"}
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+    except (OSError, ValueError):
+        return False
+
+
 def deployment_options(args: argparse.Namespace) -> dict:
     """Ray Serve options for ``aurora serve``'s arguments: fixed ``--replicas`` or ``--autoscale``."""
     opts = {
@@ -171,11 +221,13 @@ def build(args: argparse.Namespace):
     return AuroraReplica.options(**deployment_options(args)).bind(args, region=args.region)
 
 
-def connect(address: str | None = None, num_cpus: int | None = None) -> None:
+def connect(address: str | None = None, num_cpus: int | None = None, host: str = "127.0.0.1") -> None:
     """Join the Ray cluster at ``address`` (or RAY_ADDRESS, or a running local one); start a local Ray
-    when there is none."""
+    when there is none (on loopback only when ``host``, the HTTP address, is loopback)."""
     if ray.is_initialized():
         return
+    for k, v in PROXY_ENV.items():  # inherited by the local Ray this may start
+        os.environ.setdefault(k, v)
     kwargs = {"include_dashboard": False, "log_to_driver": False}
     try:
         ray.init(address=address or "auto", **kwargs)
@@ -183,6 +235,8 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
     except ConnectionError:
         if address:
             raise
+        if _is_loopback(host):
+            kwargs["_node_ip_address"] = "127.0.0.1"  # a one-machine Ray needs no port on the network
         ray.init(num_cpus=num_cpus, **kwargs)
         log.info("aurora serve --ray: no Ray cluster was running; started a local one")
 
@@ -197,18 +251,25 @@ def run(args: argparse.Namespace) -> int:
     """``aurora serve --ray``: deploy, then hold the deployment until Ctrl-C / SIGTERM."""
     import signal
 
+    stop = []  # set before starting, so that a Ctrl-C during the deployment still ends in a drain
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.append(True))
     try:
-        connect(args.ray_address)
+        connect(args.ray_address, host=args.host)
         start(args)
     except Exception as e:
         print(f"aurora serve --ray: cannot start: {e}", file=sys.stderr)
         return EXIT_STARTUP
     log.info("aurora serve --ray: listening on http://%s:%d (%s)", args.host, args.port,
              f"autoscale {args.autoscale[0]}:{args.autoscale[1]}" if args.autoscale else f"{args.replicas} replicas")
-    stop = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.append(True))
     while not stop:
         time.sleep(0.2)
-    serve.delete(APP_NAME)  # graceful: every replica drains
+    # Graceful: every replica drains. Bounded, because a Ctrl-C in a terminal also reaches the local Ray's
+    # own processes (one process group), and a dead raylet would leave serve.delete waiting for ever.
+    deleting = threading.Thread(target=serve.delete, args=(APP_NAME,), daemon=True)
+    deleting.start()
+    deleting.join(args.shutdown_timeout_s + 10)
+    if deleting.is_alive():
+        log.error("aurora serve --ray: Ray did not confirm the drain within %g s", args.shutdown_timeout_s + 10)
+        return 1
     return EXIT_OK
