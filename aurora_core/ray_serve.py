@@ -46,10 +46,10 @@ log = logging.getLogger("aurora_core.ray_serve")
 
 APP_NAME = "aurora"
 
-#: Autoscaling on Ray's count of ongoing requests per replica. One replica keeps its batcher fed at about
-#: two full batches in flight (default --max-batch-size 16); Ray adds replicas above that and removes
-#: them after a quiet minute. To scale on aurora's queue time instead, see README "Scaling out".
 def autoscaling_preset(min_replicas: int, max_replicas: int, max_batch_size: int = 16) -> dict:
+    """Ray's ``autoscaling_config`` on its count of ongoing requests per replica. One replica keeps its
+    batcher fed with about two full batches in flight; Ray adds replicas after 10 s above that and removes
+    them after a quiet minute. To scale on aurora's queue time instead, see README "Scaling out"."""
     return {
         "min_replicas": min_replicas,
         "max_replicas": max_replicas,
@@ -97,7 +97,7 @@ class AuroraReplica:
             self.parts.build(args)
             if self.parts.recorder is not None:
                 for key, value in (("host", self.host), ("region", region), ("replica", self.replica_id),
-                                   ("label", f"aurora serve --ray ({ctx.deployment})")):
+                                   ("label", f"replica {self.replica_id}")):  # RunData.name shows it
                     self.parts.recorder.set_meta(key, value)
             self._sd_file = None
             self.metrics_target = self._expose_metrics(args)

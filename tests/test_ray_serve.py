@@ -86,6 +86,19 @@ class SlowNet(nn.Module):
         return self.fc(self.pool(x).flatten(1)) + (h @ h @ h).mean() * 0
 
 
+@pytest.mark.skipif(ray is None, reason="needs ray[serve]")
+def test_deployment_options_are_valid_ray_serve_options():
+    fixed = ray_serve.deployment_options(_parse(["--ray", "--replicas", "3", "--max-concurrent-requests", "64"]))
+    assert fixed["num_replicas"] == 3 and "autoscaling_config" not in fixed
+    assert fixed["max_ongoing_requests"] == 64  # Ray's default of 5 would cap the batch size
+    auto = ray_serve.deployment_options(_parse(["--ray", "--autoscale", "2:8", "--max-batch-size", "8"]))
+    assert "num_replicas" not in auto
+    # Ray validates the options here (unknown keys, min > max, types) without a cluster.
+    d = ray_serve.AuroraReplica.options(**auto)
+    cfg = d._deployment_config.autoscaling_config
+    assert (cfg.min_replicas, cfg.max_replicas, cfg.target_ongoing_requests) == (2, 8, 16)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -178,6 +191,7 @@ def test_two_replicas_predict_like_an_in_process_pipeline_and_each_records(fleet
                 break
             time.sleep(0.3)
         assert run.n_requests == served[replica]
+        assert run.meta["label"] == f"replica {replica}"
         assert (run.meta["replica"], run.meta["region"], run.meta["host"]) == (
             replica, "local", d.split("host=")[1].split(os.sep)[0])
 
