@@ -97,6 +97,7 @@ class AuroraReplica:
             self.parts.build(args)
             if self.parts.recorder is not None:
                 for key, value in (("host", self.host), ("region", region), ("replica", self.replica_id),
+                                   ("pid", os.getpid()), ("node_id", ray.get_runtime_context().get_node_id()),
                                    ("label", f"replica {self.replica_id}")):  # RunData.name shows it
                     self.parts.recorder.set_meta(key, value)
             self._sd_file = None

@@ -112,14 +112,17 @@ def measure(name: str, extra: list[str], work: str, duration: float, rate: float
         s = _bench(srv.url, os.path.join(work, f"{name}-single"), "--scenario", "single_stream",
                    "--duration", str(duration))
         row["single_p50_ms"] = s["latency_ms"]["p50"]
-        before = _ray_cpu()
+        me = psutil.Process(srv.proc.pid)
+        before = {**_ray_cpu(), "server": sum(me.cpu_times()[:2])}
         s = _bench(srv.url, os.path.join(work, f"{name}-closed"), "--scenario", "closed_loop",
                    "--concurrency", "32", "--duration", str(duration))
-        after = _ray_cpu()
+        after = {**_ray_cpu(), "server": sum(me.cpu_times()[:2])}
         row["throughput"] = s["throughput"]
         n_ok = s["completed_ok"]
         row["proxy_cpu_ms_per_req"] = 1e3 * (after["proxy"] - before["proxy"]) / max(n_ok, 1)
-        row["replica_cpu_ms_per_req"] = 1e3 * (after["replicas"] - before["replicas"]) / max(n_ok, 1)
+        # The serving process: aurora serve itself, or Ray's replicas (the aurora serve --ray driver idles).
+        key = "replicas" if "--ray" in extra else "server"
+        row["replica_cpu_ms_per_req"] = 1e3 * (after[key] - before[key]) / max(n_ok, 1)
         row["ray_other_cpu_ms_per_req"] = 1e3 * (after["ray_other"] - before["ray_other"]) / max(n_ok, 1)
         rate = rate if rate is not None else rate_frac * row["throughput"]
         s = _bench(srv.url, os.path.join(work, f"{name}-poisson"), "--scenario", "server", "--rate", f"{rate:.2f}",
@@ -147,7 +150,7 @@ def main() -> int:
                             rows[0]["rate"], a.rate_frac))
     print(f"load average after: {os.getloadavg()}", file=sys.stderr)
     print("| server | start-up s | single-stream p50 ms | closed-loop 32 req/s | Poisson rate | achieved | "
-          "p50 ms | p99 ms | errors | proxy CPU ms/req | replica CPU ms/req | other Ray CPU ms/req |")
+          "p50 ms | p99 ms | errors | proxy CPU ms/req | server or replicas CPU ms/req | other Ray CPU ms/req |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['name']} | {r['startup_s']:.1f} | {r['single_p50_ms']:.2f} | {r['throughput']:.1f} | "
