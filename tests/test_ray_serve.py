@@ -99,6 +99,19 @@ def test_deployment_options_are_valid_ray_serve_options():
     assert (cfg.min_replicas, cfg.max_replicas, cfg.target_ongoing_requests) == (2, 8, 16)
 
 
+@pytest.mark.skipif(ray is None, reason="needs ray[serve]")
+def test_check_health_follows_pipeline_ready():
+    # A device fault is not reproducible on a CPU machine: the pipeline's readiness is set by hand here;
+    # the Ray side (an unhealthy replica is replaced) is Ray's own, and ray.kill below exercises replacement.
+    replica = ray_serve.AuroraReplica.func_or_class.__new__(ray_serve.AuroraReplica.func_or_class)
+    replica.replica_id = "r1"
+    replica.parts = argparse.Namespace(pipeline=argparse.Namespace(ready=True))
+    replica.check_health()
+    replica.parts.pipeline.ready = False
+    with pytest.raises(RuntimeError, match="r1: pipeline not ready"):
+        replica.check_health()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
