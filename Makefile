@@ -13,7 +13,8 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	$(PY) -m pip install -q --upgrade pip
 	# The CUDA build of torch runs on the CPU too; the versions are the ones this project is tested with.
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e '.[dev,serve]'
+	# [ray] adds ~20 s of install and ~50 s of tests (tests/test_ray_serve.py); see RESULTS.md, issue 15.
+	$(PY) -m pip install -q -e '.[dev,serve,ray]'
 	touch $(STAMP)
 
 # aurora bench exits 1 for an INVALID run (a measured result, printed with its reasons) and 2 on an

@@ -300,11 +300,51 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--telemetry-period-s", type=float, default=1.0,
                    help="hardware sampling period for /metrics (0 turns the sampler off)")
     t.add_argument("--record", default=None, metavar="DIR",
-                   help="also write a run file (requests, samples, events) for aurora diagnose")
+                   help="also write a run file (requests, samples, events) for aurora diagnose; with --ray, "
+                        "one per replica under DIR/region=R/host=H/replica=ID/")
+    r = parser.add_argument_group("ray serve (pip install 'aurora_core[ray]'; see README 'Scaling out')")
+    r.add_argument("--ray", action="store_true",
+                   help="serve as Ray Serve replicas: joins the running Ray cluster (RAY_ADDRESS or a local "
+                        "one), or starts a local Ray when none runs")
+    n = r.add_mutually_exclusive_group()
+    n.add_argument("--replicas", type=_at_least_one, default=1, help="fixed number of replicas")
+    n.add_argument("--autoscale", type=_min_max, default=None, metavar="MIN:MAX",
+                   help="autoscale between MIN and MAX replicas on ongoing requests")
+    r.add_argument("--ray-address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else auto)")
+    r.add_argument("--region", default=os.environ.get("AURORA_REGION", "local"),
+                   help="region recorded by every replica (default: $AURORA_REGION or 'local')")
+    r.add_argument("--replica-cpus", type=float, default=1.0, help="Ray CPUs reserved per replica")
+    r.add_argument("--replica-gpus", type=float, default=0.0, help="Ray GPUs reserved per replica")
+    r.add_argument("--metrics-sd-dir", default=None, metavar="DIR",
+                   help="write one Prometheus file_sd target file per replica here (each replica serves "
+                        "its own /metrics on an ephemeral port)")
+    r.add_argument("--metrics-host", default=None,
+                   help="address the replicas' metrics endpoints bind (default: the node's Ray IP)")
+
+
+def _at_least_one(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return int(text)
+
+
+def _min_max(text: str) -> tuple[int, int]:
+    lo, sep, hi = text.partition(":")
+    if not (sep and lo.isdigit() and hi.isdigit() and int(lo) <= int(hi) and int(hi) >= 1):
+        raise argparse.ArgumentTypeError(f"expected MIN:MAX with 0 <= MIN <= MAX and MAX >= 1, got {text!r}")
+    return int(lo), int(hi)
 
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if getattr(args, "ray", False):
+        try:
+            from aurora_core import ray_serve
+        except ImportError as e:
+            print(f"aurora serve --ray: {e.name} is missing; install with: pip install 'aurora_core[serve,ray]'",
+                  file=sys.stderr)
+            return EXIT_STARTUP
+        return ray_serve.run(args)
     try:
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
