@@ -81,12 +81,21 @@ def _confinement(i: int, w: Window, verdict: str, all_series: list[Series], dets
     return out
 
 
-def diagnose(runs, interval_s: float | None = None, min_ratio: float = MIN_RATIO) -> DiagnoseResult:
-    """Find spike windows in ``runs`` (paths or RunData) and rank their causes."""
-    runs = load_runs(runs)
+def diagnose(runs, interval_s: float | None = None, min_ratio: float = MIN_RATIO, **selection) -> DiagnoseResult:
+    """Find spike windows in ``runs`` (run files, RunData, store roots or Stores) and rank their causes.
+    selection: since, until, region, host, label (see ``fromstore.load_series``), for stores."""
+    if isinstance(runs, (str, bytes)) or not hasattr(runs, "__iter__"):
+        runs = [runs]
+    runs = list(runs)
     if not runs:
-        raise ValueError("diagnose: expected at least one run file")
-    series = build_series(runs)
+        raise ValueError("diagnose: expected at least one run file or store")
+    store_info = None
+    if all(isinstance(r, RunData) for r in runs) and not any(v is not None for v in selection.values()):
+        series = build_series(runs)
+    else:
+        from .fromstore import load_series
+
+        series, store_info = load_series(runs, **selection)
     dets = [detect(s, interval_s, min_ratio) for s in series]
     analyses = [[analyze(s, det.baseline, w) for w in det.windows] for s, det in zip(series, dets, strict=True)]
     verdicts = [[an.verdict for an in row] for row in analyses]
@@ -115,13 +124,17 @@ def diagnose(runs, interval_s: float | None = None, min_ratio: float = MIN_RATIO
         })
     data = {"series": out_series, "summary": summary,
             "method": {"min_ratio": min_ratio, "alpha": ALPHA, "claim_score": CLAIM}}
+    if store_info is not None:
+        data["store"] = store_info
     return DiagnoseResult(data, series, dets)
 
 
-def _run_info(r: RunData) -> dict:
+def _run_info(r) -> dict:
+    """r: a RunData, or a store segment (``store.reader.Segment``) standing in for one."""
     m = r.meta
     return {"path": str(r.path), "host": m.get("host"), "region": m.get("region"), "label": m.get("label"),
-            "run_id": m.get("run_id"), "started_wall": m.get("started_wall"), "n_requests": r.n_requests}
+            "run_id": m.get("run_id"), "started_wall": m.get("started_wall"),
+            "n_requests": getattr(r, "n_selected", r.n_requests)}
 
 
 def _line(name: str, w: Window, base: Window, entry: dict) -> str:

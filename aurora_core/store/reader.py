@@ -1,0 +1,452 @@
+"""Reading a store: find and check segments, select by time/region/host/label, query with DuckDB.
+
+``open_store(roots, since=, until=, region=, host=, label=)`` scans ``ROOT/region=*/host=*/`` for
+segments, reads each one's meta from its schema metadata (the Parquet footer, or the head of an open
+Arrow stream), and keeps the segments that may hold selected requests. A file that cannot be used is
+named in ``Store.warnings`` and left out; the rest is analysed:
+
+- a file that is not a segment table (a stray file, a truncated or foreign Parquet file, a ``.tmp``
+  left by a crash during rotation);
+- a segment of a newer format version than this reader knows;
+- a segment that overlaps another process's segment of the same host (a copy under another name, or two
+  recorders writing one host directory): the later one is left out;
+- a segment whose host clock was ahead of this machine's (timestamps in the future), or that stepped
+  by more than 1 s while it was written (kept, with the warning: its times follow the clock at start).
+
+An open segment (``.arrows``: the process is running, or was killed) is read up to its last complete
+record batch. DuckDB scans the Parquet files, with the time filter pushed into the scan (``t_ns`` is on
+the wall clock; row groups carry min/max) and region/host/label resolved per segment before any scan.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.ipc as ipc
+import pyarrow.parquet as pq
+
+from .schema import FORMAT_VERSION, META_KEY, STAMPS, TABLES, request_arrays
+
+_NAME = re.compile(r"^(?P<seg>[^.]+)\.(?P<table>requests|spans|samples|events)\.(?P<ext>parquet|arrows)$")
+#: A clock step or disagreement smaller than this is ordinary NTP slew, not worth a word.
+CLOCK_TOLERANCE_NS = 1_000_000_000
+
+
+class StoreError(ValueError):
+    """Nothing to analyse: no store at the path, or no segment matches the selection (the message says
+    what the store holds)."""
+
+
+def is_store(path) -> bool:
+    p = Path(path)
+    return p.is_dir() and any(p.glob("region=*/host=*"))
+
+
+def parse_time(text) -> int:
+    """A --since/--until value as wall-clock ns: ISO 8601 (a naive time is UTC) or Unix seconds."""
+    if isinstance(text, (int, float)):
+        return int(text * 1e9)
+    s = str(text).strip()
+    try:
+        return int(float(s) * 1e9)
+    except ValueError:
+        pass
+    try:
+        d = _dt.datetime.fromisoformat(s.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"store: expected a time as ISO 8601 (2026-12-05T14:00:00Z) or Unix seconds, "
+                         f"got {text!r}") from None
+    if d.tzinfo is None:
+        d = d.replace(tzinfo=_dt.timezone.utc)
+    return int(d.timestamp() * 1e9)
+
+
+def fmt_ns(ns) -> str:
+    if ns is None:
+        return "?"
+    return _dt.datetime.fromtimestamp(ns / 1e9, _dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S") + "Z"
+
+
+@dataclass
+class Segment:
+    """One segment of one process: its files (table -> path), meta, and where its requests lie."""
+
+    name: str
+    dir: Path
+    meta: dict
+    files: dict[str, Path] = field(default_factory=dict)
+    open: bool = False                        # still an Arrow stream (running or killed process)
+    tables: dict[str, pa.Table] = field(default_factory=dict)  # open segments, read in memory
+    t_first_ns: int | None = None
+    t_last_ns: int | None = None
+    n_requests: int = 0
+
+    @property
+    def path(self) -> Path:
+        return self.files["requests"]
+
+    @property
+    def wall_minus_mono_ns(self) -> int:
+        return int(self.meta.get("wall_minus_mono_ns") or 0)
+
+    @property
+    def host(self) -> str:
+        return str(self.meta.get("host") or "?")
+
+    @property
+    def region(self) -> str:
+        return str(self.meta.get("region") or "")
+
+    @property
+    def label(self) -> str | None:
+        return self.meta.get("label")
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.host, self.region)
+
+    @property
+    def name_(self) -> str:
+        return f"{self.host}/{self.region}" if self.region else self.host
+
+
+def _read_stream(path: Path, warnings: list[str]) -> tuple[dict, pa.Table]:
+    """An open segment's stream up to its last complete batch."""
+    with pa.OSFile(str(path), "rb") as f:
+        try:
+            reader = ipc.open_stream(f)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise ValueError(f"not an Arrow stream ({e})") from None
+        meta = json.loads((reader.schema.metadata or {}).get(META_KEY, b"{}"))
+        batches = []
+        try:
+            for b in reader:
+                batches.append(b)
+        except (pa.ArrowInvalid, OSError) as e:
+            warnings.append(f"store: {path}: cut off after {sum(b.num_rows for b in batches)} rows (a crash while "
+                            f"writing); read what was complete ({e})")
+    return meta, pa.Table.from_batches(batches, schema=reader.schema)
+
+
+def _read_meta(path: Path) -> dict:
+    md = pq.read_schema(path).metadata or {}
+    if META_KEY not in md:
+        raise ValueError("a Parquet file without aurora segment metadata")
+    return json.loads(md[META_KEY])
+
+
+def scan(roots) -> tuple[list[Segment], list[str]]:
+    """Every usable segment under ``roots`` (store roots), and a warning per file left out."""
+    warnings: list[str] = []
+    segs: dict[tuple[Path, str], Segment] = {}
+    for root in roots:
+        root = Path(root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"store: no store at {root} (expected a directory holding region=*/host=*/)")
+        for d in sorted(root.glob("region=*/host=*")):
+            if not d.is_dir():
+                continue
+            files = sorted(p for p in d.iterdir() if p.is_file())
+            by_seg: dict[str, dict[str, dict[str, Path]]] = {}
+            for p in files:
+                m = _NAME.match(p.name)
+                if not m:
+                    why = ("left by a crash during rotation; the segment's stream or Parquet file is read instead"
+                           if p.name.endswith(".tmp") else "not a segment file (<segment>.<table>.parquet|arrows)")
+                    warnings.append(f"store: ignoring {p}: {why}")
+                    continue
+                by_seg.setdefault(m["seg"], {}).setdefault(m["table"], {})[m["ext"]] = p
+            for name, tables in by_seg.items():
+                seg = _segment(d, name, tables, warnings)
+                if seg is not None:
+                    segs[(d, name)] = seg
+    return list(segs.values()), warnings
+
+
+def _segment(d: Path, name: str, tables: dict[str, dict[str, Path]], warnings: list[str]) -> Segment | None:
+    req = tables.get("requests")
+    if req is None:
+        warnings.append(f"store: ignoring segment {d / name}: it has no requests file")
+        return None
+    seg = Segment(name, d, {})
+    for table, exts in tables.items():
+        # A crash between the Parquet rename and the stream's removal leaves both: the Parquet is whole.
+        seg.files[table] = exts.get("parquet") or exts["arrows"]
+    seg.open = seg.files["requests"].suffix == ".arrows"
+    try:
+        if seg.open:
+            for table, p in seg.files.items():
+                meta, tbl = _read_stream(p, warnings)
+                if table == "requests":
+                    seg.meta = meta
+                seg.tables[table] = tbl
+        else:
+            seg.meta = _read_meta(seg.path)
+    except (ValueError, OSError, pa.ArrowException) as e:
+        warnings.append(f"store: ignoring {seg.path}: not a readable aurora segment ({e})")
+        return None
+    fmt = seg.meta.get("format")
+    if not isinstance(fmt, int) or fmt > FORMAT_VERSION:
+        warnings.append(f"store: ignoring {seg.path}: written by format version {fmt}, this reader knows up to "
+                        f"{FORMAT_VERSION}; read it with a newer aurora_core")
+        return None
+    if seg.open:
+        t = seg.tables["requests"].column("t_ns")
+        seg.n_requests = seg.tables["requests"].num_rows
+        seg.t_first_ns, seg.t_last_ns = pa.compute.min(t).as_py(), pa.compute.max(t).as_py()
+    else:
+        seg.t_first_ns, seg.t_last_ns = seg.meta.get("t_first_ns"), seg.meta.get("t_last_ns")
+        seg.n_requests = int((seg.meta.get("segment_counts") or {}).get("requests", 0))
+    return seg
+
+
+def _check(segs: list[Segment], warnings: list[str]) -> list[Segment]:
+    """Clocks and overlaps (see the module doc); returns the segments kept."""
+    now = time.time_ns()
+    kept = []
+    for s in segs:
+        if s.t_last_ns is not None and s.t_last_ns > now + 60 * 1_000_000_000:
+            warnings.append(f"store: ignoring {s.path}: host {s.host}'s clock is ahead of this machine's: its "
+                            f"requests end at {fmt_ns(s.t_last_ns)}, {(s.t_last_ns - now) / 1e9:.0f} s from now; "
+                            "fix the host's clock (NTP) before comparing it with others")
+            continue
+        end = s.meta.get("wall_minus_mono_end_ns")
+        if end is not None and abs(end - s.wall_minus_mono_ns) > CLOCK_TOLERANCE_NS:
+            warnings.append(f"store: {s.path}: host {s.host}'s clock stepped by {(end - s.wall_minus_mono_ns) / 1e9:+.1f} s "
+                            "while it was written; its times follow the clock at the segment's start")
+        kept.append(s)
+    by_host: dict[tuple[str, str], list[Segment]] = {}
+    for s in kept:
+        by_host.setdefault(s.key, []).append(s)
+    out = []
+    for _, ss in sorted(by_host.items()):
+        ss.sort(key=lambda s: (s.t_first_ns is None, s.t_first_ns or 0, s.name))
+        last: Segment | None = None
+        for s in ss:
+            dup = last is not None and s.name == last.name
+            clash = (last is not None and s.t_first_ns is not None and last.t_last_ns is not None
+                     and s.meta.get("run_id") != last.meta.get("run_id")
+                     and s.t_first_ns < last.t_last_ns - CLOCK_TOLERANCE_NS)
+            if dup or clash:
+                warnings.append(f"store: ignoring {s.path}: it overlaps {last.path} of the same host {s.host} "
+                                f"({fmt_ns(s.t_first_ns)} to {fmt_ns(min(s.t_last_ns, last.t_last_ns))})"
+                                + ("; the same segment twice (copied under two roots?)" if dup else
+                                   "; two recorders wrote one host directory (give each its own host name)"))
+                continue
+            out.append(s)
+            if last is None or (s.t_last_ns or 0) >= (last.t_last_ns or 0):
+                last = s
+    return out
+
+
+class Store:
+    """The selected segments of one or more store roots, and a DuckDB connection over them.
+
+    since/until: wall-clock ns (``parse_time``); region/host/label: exact names, or lists of them."""
+
+    def __init__(self, roots, *, since: int | None = None, until: int | None = None, region=None, host=None,
+                 label=None):
+        import duckdb
+
+        self.roots = [Path(r) for r in roots]
+        all_segs, self.warnings = scan(self.roots)
+        self.all_segments = _check(all_segs, self.warnings)
+        self.since, self.until = since, until
+        want = {k: (None if v is None else {v} if isinstance(v, str) else set(v))
+                for k, v in (("region", region), ("host", host), ("label", label))}
+        self.filters = {k: sorted(v) for k, v in want.items() if v}
+
+        def keep(s: Segment) -> bool:
+            if want["region"] and s.region not in want["region"]:
+                return False
+            if want["host"] and s.host not in want["host"]:
+                return False
+            if want["label"] and s.label not in want["label"]:
+                return False
+            if s.t_first_ns is None:
+                return False
+            return not ((since is not None and s.t_last_ns < since) or (until is not None and s.t_first_ns >= until))
+
+        self.segments = [s for s in self.all_segments if keep(s)]
+        self.con = duckdb.connect()
+        self.con.execute("SET threads TO 2")
+        self.con.execute("SET preserve_insertion_order = false")
+        self._register()
+
+    # ---- what the store holds (for messages) ----------------------------------------------------
+    def holds(self) -> str:
+        segs = self.all_segments
+        if not segs:
+            return "it holds no readable segment"
+        lo = min((s.t_first_ns for s in segs if s.t_first_ns is not None), default=None)
+        hi = max((s.t_last_ns for s in segs if s.t_last_ns is not None), default=None)
+        regions = sorted({s.region or "-" for s in segs})
+        hosts = sorted({s.host for s in segs})
+        labels = sorted({str(s.label) for s in segs if s.label})
+        shown = ", ".join(hosts[:8]) + (f" and {len(hosts) - 8} more" if len(hosts) > 8 else "")
+        return (f"it holds {sum(s.n_requests for s in segs):,} requests from {fmt_ns(lo)} to {fmt_ns(hi)} in "
+                f"{len(segs)} segment(s); regions {', '.join(regions)}; hosts {shown}"
+                + (f"; labels {', '.join(labels)}" if labels else ""))
+
+    def describe_selection(self) -> str:
+        parts = [f"{k} {'|'.join(v)}" for k, v in self.filters.items()]
+        if self.since is not None:
+            parts.append(f"since {fmt_ns(self.since)}")
+        if self.until is not None:
+            parts.append(f"until {fmt_ns(self.until)}")
+        return ", ".join(parts) or "everything"
+
+    def require(self, what: str = "store") -> None:
+        """StoreError when the selection holds no request (a typo in a host name, a range outside the data)."""
+        if not self.segments or self.count() == 0:
+            raise StoreError(f"{what}: no requests match ({self.describe_selection()}) in "
+                             f"{', '.join(map(str, self.roots))}: {self.holds()}")
+
+    # ---- DuckDB ---------------------------------------------------------------------------------
+    def _register(self) -> None:
+        segs = pa.table({
+            "seg": pa.array(range(len(self.segments)), pa.int64()),
+            "wmm": pa.array([s.wall_minus_mono_ns for s in self.segments], pa.int64()),
+            "run_id": pa.array([str(s.meta.get("run_id")) for s in self.segments], pa.string()),
+        })
+        self.con.register("segs", segs)
+        for table, schema in TABLES.items():
+            parts = []
+            files, names = [], []
+            for i, s in enumerate(self.segments):
+                if s.open:
+                    tbl = s.tables.get(table)
+                    if tbl is None:
+                        continue
+                    tbl = tbl.append_column("seg", pa.array(np.full(tbl.num_rows, i), pa.int64()))
+                    tbl = tbl.append_column("row", pa.array(np.arange(tbl.num_rows), pa.int64()))
+                    self.con.register(f"open_{table}_{i}", tbl)
+                    parts.append(f"SELECT * FROM open_{table}_{i}")
+                elif table in s.files:
+                    files.append(str(s.files[table]))
+                    names.append(i)
+            if files:
+                self.con.register(f"files_{table}", pa.table({"filename": files, "seg": pa.array(names, pa.int64())}))
+                parts.insert(0, f"SELECT p.* EXCLUDE (filename, file_row_number), f.seg, p.file_row_number AS row "
+                                f"FROM read_parquet({files!r}, filename=true, file_row_number=true) p "
+                                f"JOIN files_{table} f USING (filename)")
+            if not parts:
+                cols = ", ".join(f"NULL::{_duck_type(f.type)} AS {f.name}" for f in schema)
+                parts = [f"SELECT {cols}, NULL::BIGINT AS seg, NULL::BIGINT AS row WHERE false"]
+            self.con.execute(f"CREATE VIEW {table} AS " + " UNION ALL BY NAME ".join(parts))
+
+    def time_where(self, col: str = "t_ns") -> str:
+        w = [f"{col} IS NOT NULL"]
+        if self.since is not None:
+            w.append(f"{col} >= {int(self.since)}")
+        if self.until is not None:
+            w.append(f"{col} < {int(self.until)}")
+        return " AND ".join(w)
+
+    def count(self) -> int:
+        if not self.segments:
+            return 0
+        return int(self.con.execute(f"SELECT count(*) FROM requests WHERE {self.time_where()}").fetchall()[0][0])
+
+    def groups(self) -> dict[tuple[str, str], list[int]]:
+        """(host, region) -> indices of its selected segments."""
+        out: dict[tuple[str, str], list[int]] = {}
+        for i, s in enumerate(self.segments):
+            out.setdefault(s.key, []).append(i)
+        return out
+
+    # ---- results ----------------------------------------------------------------------------------
+    def fetch(self, sql: str, columns: dict[str, np.dtype], n: int | None = None) -> dict[str, np.ndarray]:
+        """Run ``sql`` and stream its result into numpy arrays of the given dtypes, one batch at a time, so
+        the peak is the arrays plus one batch (not the whole result twice)."""
+        if n is None:
+            n = int(self.con.execute(f"SELECT count(*) FROM ({sql})").fetchall()[0][0])
+        out = {c: np.empty(n, dt) for c, dt in columns.items()}
+        pos = 0
+        reader = self.con.sql(sql).to_arrow_reader(1 << 17)
+        for b in reader:
+            k = b.num_rows
+            for c, dt in columns.items():
+                col = b.column(c)
+                if np.dtype(dt).kind == "f":
+                    col = col.fill_null(math.nan)
+                out[c][pos:pos + k] = col.to_numpy(zero_copy_only=False)
+            pos += k
+        if pos != n:
+            raise RuntimeError(f"store: query returned {pos} rows, expected {n}")
+        return out
+
+    def run_data(self):
+        """The selection as RunData, one per segment (for commands that read whole runs, e.g. compare)."""
+        from aurora_core.recorder import RunData
+
+        runs = []
+        for i, s in enumerate(self.segments):
+            req = self.con.execute(f"SELECT * EXCLUDE (seg, row) FROM requests WHERE seg = {i} AND "
+                                   f"({self.time_where()}) ORDER BY row").to_arrow_table()
+            if req.num_rows == 0:
+                continue
+            requests = request_arrays(req, s.wall_minus_mono_ns)
+            lo, hi = _mono_range(self, s)
+            sp = self.con.execute(f"SELECT name, start_ns, end_ns, request_id, attrs FROM spans WHERE seg = {i} "
+                                  f"AND start_ns >= {lo} AND start_ns < {hi} ORDER BY start_ns").fetchnumpy()
+            spans = {k: (np.asarray(v, dtype=str) if k in ("name", "attrs") else np.asarray(v, np.int64))
+                     for k, v in sp.items()}
+            smp = self.con.execute(f"SELECT source, metric, ts_ns, value FROM samples WHERE seg = {i} AND "
+                                   f"ts_ns >= {lo} AND ts_ns < {hi} ORDER BY source, metric, ts_ns, value").fetchall()
+            samples: dict = {}
+            for src, met, ts, v in smp:
+                samples.setdefault((src, met), ([], []))
+                samples[(src, met)][0].append(ts)
+                samples[(src, met)][1].append(math.nan if v is None else v)
+            samples = {k: (np.array(a, np.int64), np.array(b, np.float64)) for k, (a, b) in samples.items()}
+            ev = self.con.execute(f"SELECT ts_ns, source, kind, value, detail FROM events WHERE seg = {i} AND "
+                                  f"ts_ns >= {lo} AND ts_ns < {hi} ORDER BY ts_ns").fetchnumpy()
+            events = {k: (np.asarray(v, dtype=str) if k in ("source", "kind", "detail") else
+                          np.asarray(v, np.float64 if k == "value" else np.int64)) for k, v in ev.items()}
+            runs.append(RunData(s.path, dict(s.meta), requests, spans, samples, events, {}))
+        return runs
+
+
+#: Telemetry, events and spans are kept this far outside a --since/--until range, so that a counter read
+#: just after the range still covers its last seconds.
+MARGIN_NS = 10_000_000_000
+
+
+def _mono_range(store: Store, s: Segment) -> tuple[int, int]:
+    lo = -(2**62) if store.since is None else store.since - MARGIN_NS - s.wall_minus_mono_ns
+    hi = 2**62 if store.until is None else store.until + MARGIN_NS - s.wall_minus_mono_ns
+    return lo, hi
+
+
+def _duck_type(t: pa.DataType) -> str:
+    if pa.types.is_dictionary(t) or pa.types.is_string(t):
+        return "VARCHAR"
+    if pa.types.is_floating(t):
+        return "DOUBLE"
+    if t == pa.int32():
+        return "INTEGER"
+    return "BIGINT"
+
+
+def stamp_exprs(alias: str = "") -> dict[str, str]:
+    """SQL for each stamp's wall-clock ns (NULL where it did not happen), from the chained offsets."""
+    a = f"{alias}." if alias else ""
+    out = {"arrival_ns": f"{a}t_ns"}
+    acc = f"{a}t_ns"
+    for f in STAMPS:
+        acc = f"{acc} + coalesce({a}{f}, 0)"
+        out[f] = f"CASE WHEN {a}{f} IS NULL THEN NULL ELSE {acc} END"
+    return out
+
+
+def open_store(roots, **kw) -> Store:
+    return Store([roots] if isinstance(roots, (str, Path)) else roots, **kw)
