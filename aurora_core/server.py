@@ -23,6 +23,8 @@ import socket
 import sys
 import threading
 
+from aurora_core.cli import number
+
 log = logging.getLogger("aurora_core.server")
 
 EXIT_OK = 0
@@ -305,8 +307,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t = parser.add_argument_group("telemetry")
     t.add_argument("--telemetry-period-s", type=float, default=1.0,
                    help="hardware sampling period for /metrics (0 turns the sampler off)")
-    t.add_argument("--record", default=None, metavar="DIR",
-                   help="also write a run file (requests, samples, events) for aurora diagnose")
+    t.add_argument("--record", default=None, metavar="ROOT",
+                   help="record always-on into a store root (ROOT/region=R/host=H/ segments of requests, samples and "
+                        "events) for aurora diagnose ROOT")
+    t.add_argument("--record-rotate-s", type=number(gt=0), default=600.0, metavar="S",
+                   help="start a new segment every S seconds (default 600)")
+    t.add_argument("--record-max-bytes", type=number(int, gt=0), default=None, metavar="B",
+                   help="keep this host's store under B bytes, removing its oldest segments (default: no bound)")
+    t.add_argument("--record-max-age-s", type=number(gt=0), default=None, metavar="S",
+                   help="remove this host's segments older than S seconds (default: keep)")
+    t.add_argument("--label", default=os.environ.get("AURORA_LABEL"),
+                   help="deployment/version label stored in every segment (default $AURORA_LABEL)")
+    t.add_argument("--region", default=os.environ.get("AURORA_REGION"),
+                   help="region stored in every segment, its region= partition (default $AURORA_REGION)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -348,6 +361,20 @@ def run(args: argparse.Namespace) -> int:
     return code
 
 
+#: Options that say where and how to record or log, not what is served: outside the deployment fingerprint.
+_NOT_DEPLOYMENT = ("record", "record_rotate_s", "record_max_bytes", "record_max_age_s", "label", "region",
+                   "host", "port", "log_level", "access_log")
+
+
+def record_meta(args) -> dict:
+    """A store segment's description of this server: the deployment is every serving option; the load is
+    whatever clients send, so the server declares no load keys (diagnose measures the arrivals)."""
+    deployment = {k: v for k, v in vars(args).items() if k not in _NOT_DEPLOYMENT}
+    meta = {"tool": "aurora serve", "model": str(args.model), "config": deployment, "deployment": deployment,
+            "load": {}, "label": args.label, "region": args.region}
+    return {k: v for k, v in meta.items() if v is not None}
+
+
 class _Parts:
     """What ``aurora serve`` builds around the server: the pipeline, the Prometheus exporter (the
     pipeline's sink and the sampler's callback), the telemetry sampler and an optional run file."""
@@ -369,7 +396,9 @@ class _Parts:
         if args.record:
             from aurora_core.recorder import Recorder
 
-            self.recorder = Recorder(args.record, meta={"label": "aurora serve", "model": str(args.model)})
+            self.recorder = Recorder(
+                store=args.record, meta=record_meta(args), rotate_s=args.record_rotate_s,
+                max_bytes=args.record_max_bytes, max_age_s=args.record_max_age_s)
             sinks.append(self.recorder)
         kwargs = {"weights": args.weights} if args.weights else {}
         self.pipeline = Pipeline(model=args.model, spec=PreprocessSpec(resize=args.resize, crop=args.crop),

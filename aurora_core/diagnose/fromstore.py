@@ -13,7 +13,8 @@ import math
 
 import numpy as np
 
-from aurora_core.store.reader import Segment, Store, _mono_range, stamp_exprs
+from aurora_core.store.reader import Segment, Store, _mono_range
+from aurora_core.store.schema import STAMPS
 
 from .spikes import SERVICE_STAGES, Series
 
@@ -23,8 +24,63 @@ _STAGE_COLS = {"queue": ("enqueue_ns", "batch_closed_ns"), "decode": ("decode_st
                "total": ("arrival_ns", "completion_ns")}
 
 
-def _dur(a: str, b: str) -> str:
-    return f"CASE WHEN {a} IS NOT NULL AND {b} IS NOT NULL AND {b} >= {a} THEN {b} - {a} ELSE -1 END"
+_COLS = {"t": np.float64, "run_idx": np.int64, "ok": np.bool_, "e2e_ns": np.int64, "wait_ns": np.int64,
+         **{f"stage_{s}": np.int64 for s in SERVICE_STAGES}, "bucket": np.int64, "queue_depth": np.int64,
+         "batch": np.int64, "compute0": np.float64, "compute1": np.float64, "form0": np.float64,
+         "form1": np.float64}
+
+
+def _fill(c: dict, at: slice, tbl, k: int, t0: int, links) -> None:
+    """Series columns of one segment's rows (``tbl``: t_ns, the chained offsets, ...), written at ``at``.
+    The arithmetic of ``spikes._series`` on wall-clock stamps; -1 / NaN where a stage did not happen."""
+    def col(name, fill=0):
+        return tbl.column(name).fill_null(fill).to_numpy()
+
+    def present(name):
+        return tbl.column(name).is_valid().to_numpy(zero_copy_only=False)
+
+    arrival = col("t_ns")
+    abs_: dict[str, np.ndarray] = {"arrival_ns": arrival}
+    has: dict[str, np.ndarray] = {"arrival_ns": np.ones(arrival.size, bool)}
+    ref = arrival
+    for f in STAMPS:
+        ref = ref + col(f)
+        abs_[f], has[f] = ref, present(f)
+
+    def dur(a, b):
+        ok = has[a] & has[b] & (abs_[b] >= abs_[a])
+        return np.where(ok, abs_[b] - abs_[a], -1)
+
+    st = {s: dur(*_STAGE_COLS[s]) for s in SERVICE_STAGES}
+    total = dur("arrival_ns", "completion_ns")
+    service = sum(np.where(v > 0, v, 0) for v in st.values())
+    c["wait_ns"][at] = np.where(total >= 0, np.maximum(total - service, 0), -1)
+    for s, v in st.items():
+        c[f"stage_{s}"][at] = v
+    start, end = arrival, np.where(has["completion_ns"], abs_["completion_ns"], 0)
+    if links is not None:
+        ids, s0, s1, per = links
+        rid = col("request_id")
+        j = np.clip(np.searchsorted(ids, rid), 0, max(ids.size - 1, 0))
+        hit = (ids[j] == rid) if ids.size else np.zeros(rid.size, bool)
+        start = np.where(hit, np.minimum(start, s0[j]), start)
+        end = np.where(hit, np.maximum(end, s1[j]), end)
+        for q, v in enumerate(per):
+            c[f"span_{q}"][at] = np.where(hit, v[j], 0)
+    c["e2e_ns"][at] = np.where((total >= 0) & (end >= start), end - start, -1)
+    c["t"][at] = (arrival - t0) / 1e9
+    c["run_idx"][at] = k
+    c["ok"][at] = tbl.column("ok").to_numpy(zero_copy_only=False)
+    bucket, size = col("bucket"), col("batch_size")
+    c["bucket"][at] = np.where(bucket > 0, bucket, np.maximum(size, 1))
+    c["queue_depth"][at] = col("queue_depth")
+    bid = col("batch_id")
+    c["batch"][at] = np.where(bid >= 0, k * 2**32 + bid, -1)
+    for name, (a, b) in {"compute": ("compute_start_ns", "compute_end_ns"),
+                         "form": ("decode_start_ns", "preprocess_end_ns")}.items():
+        ok = has[a] & has[b] & (abs_[b] >= abs_[a])
+        c[f"{name}0"][at] = np.where(ok, (abs_[a] - t0) / 1e9, np.nan)
+        c[f"{name}1"][at] = np.where(ok, (abs_[b] - t0) / 1e9, np.nan)
 
 
 def series_from_store(store: Store) -> list[Series]:
@@ -55,47 +111,43 @@ def _group(store: Store, name: str, idx: list[int]) -> Series | None:
                              for i in order for lo, hi in [_mono_range(store, store.segments[i])])
     span_names = [r[0] for r in con.execute(f"SELECT DISTINCT name FROM spans s WHERE {span_where} ORDER BY name")
                   .fetchall()]
-    st = stamp_exprs("q")
-    stage = {k: _dur(st[a], st[b]) for k, (a, b) in _STAGE_COLS.items()}
-    # Spans link to requests of the same process (run_id), whichever segment each landed in.
-    link = ""
-    span_cols = ""
-    if span_names:
-        per_name = ", ".join(f"sum(CASE WHEN name = '{_q(n)}' THEN d ELSE 0 END) AS span_{k}"
-                             for k, n in enumerate(span_names))
-        link = (f"LEFT JOIN (SELECT r.run_id, s.request_id, min(s.start_ns + r.wmm) AS s0, max(s.end_ns + r.wmm) AS s1, "
-                f"{per_name} FROM (SELECT *, end_ns - start_ns AS d FROM spans s WHERE ({span_where}) AND "
-                f"request_id >= 0) s JOIN ridx r USING (seg) GROUP BY ALL) l "
-                f"ON l.run_id = x.run_id AND l.request_id = q.request_id")
-        span_cols = ", " + ", ".join(f"coalesce(l.span_{k}, 0) AS span_{k}" for k in range(len(span_names)))
-    start = "least(q.t_ns, coalesce(l.s0, q.t_ns))" if span_names else "q.t_ns"
-    end = f"greatest({st['completion_ns']}, coalesce(l.s1, {st['completion_ns']}))" if span_names else st["completion_ns"]
-    service = " + ".join(f"greatest({stage[s]}, 0)" for s in SERVICE_STAGES)
     sec = lambda e: f"CAST(({e}) - {t0} AS DOUBLE) / 1e9"  # noqa: E731
-    win = lambda a, b: (f"CASE WHEN {st[a]} IS NOT NULL AND {st[b]} >= {st[a]} THEN {sec(st[a])} ELSE 'NaN'::DOUBLE END",  # noqa: E731
-                        f"CASE WHEN {st[a]} IS NOT NULL AND {st[b]} >= {st[a]} THEN {sec(st[b])} ELSE 'NaN'::DOUBLE END")
-    c0, c1 = win("compute_start_ns", "compute_end_ns")
-    f0, f1 = win("decode_start_ns", "preprocess_end_ns")
-    sql = f"""
-        SELECT {sec('q.t_ns')} AS t, x.ridx AS run_idx, q.status = 'ok' AS ok,
-               CASE WHEN {stage['total']} >= 0 AND ({end}) >= ({start}) THEN ({end}) - ({start}) ELSE -1 END AS e2e_ns,
-               CASE WHEN {stage['total']} >= 0 THEN greatest({stage['total']} - ({service}), 0) ELSE -1 END AS wait_ns,
-               {', '.join(f"{stage[s]} AS stage_{s}" for s in SERVICE_STAGES)},
-               CASE WHEN q.bucket > 0 THEN q.bucket ELSE greatest(q.batch_size, 1) END AS bucket,
-               q.queue_depth AS queue_depth,
-               CASE WHEN q.batch_id >= 0 THEN x.ridx * 4294967296 + q.batch_id ELSE -1 END AS batch,
-               {c0} AS compute0, {c1} AS compute1, {f0} AS form0, {f1} AS form1 {span_cols}
-        FROM (SELECT * FROM requests WHERE {where}) q JOIN ridx x USING (seg) {link}
-        ORDER BY q.t_ns, x.ridx, q.row"""
-    cols = {"t": np.float64, "run_idx": np.int64, "ok": np.bool_, "e2e_ns": np.int64, "wait_ns": np.int64,
-            **{f"stage_{s}": np.int64 for s in SERVICE_STAGES}, "bucket": np.int64, "queue_depth": np.int64,
-            "batch": np.int64, "compute0": np.float64, "compute1": np.float64, "form0": np.float64,
-            "form1": np.float64, **{f"span_{k}": np.int64 for k in range(len(span_names))}}
-    n = sum(int(c) for c in con.execute(f"SELECT count(*) FROM requests WHERE {where}").fetchall()[0])
-    c = store.fetch(sql, cols, n)
-    bounds = [tuple(map(float, r[1:])) for r in con.execute(
-        f"SELECT x.ridx, {sec('min(q.t_ns)')}, {sec('max(q.t_ns)')} FROM (SELECT * FROM requests WHERE {where}) q "
-        "JOIN ridx x USING (seg) GROUP BY x.ridx ORDER BY x.ridx").fetchall()]
+    counts = dict(con.execute(f"SELECT seg, count(*) FROM requests WHERE {where} GROUP BY seg").fetchall())
+    n = sum(counts.values())
+    c = {k: np.empty(n, dt) for k, dt in _COLS.items()}
+    c.update({f"span_{k}": np.empty(n, np.int64) for k in range(len(span_names))})
+    linked = None
+    if span_names:
+        # Spans link to requests of the same process (run_id), whichever segment each landed in.
+        per_name = ", ".join(f"sum(CASE WHEN name = '{_q(n)}' THEN end_ns - start_ns ELSE 0 END) AS span_{k}"
+                             for k, n in enumerate(span_names))
+        linked = con.sql(f"""
+            SELECT r.run_id, s.request_id, min(s.start_ns + r.wmm) AS s0, max(s.end_ns + r.wmm) AS s1, {per_name}
+            FROM spans s JOIN ridx r USING (seg) WHERE ({span_where}) AND s.request_id >= 0 GROUP BY ALL
+            ORDER BY r.run_id, s.request_id""").to_arrow_table()
+    pos = 0
+    bounds = []
+    cols = f"t_ns, {', '.join(STAMPS)}, request_id, batch_id, batch_size, bucket, queue_depth, status = 'ok' AS ok"
+    # One batch at a time, each segment a plain scan in file order: the peak is the Series plus one batch.
+    for k, seg in enumerate(order):
+        links = _links_of(linked, str(store.segments[seg].meta.get("run_id")), len(span_names))
+        lo = pos
+        reader = con.sql(f"SELECT {cols} FROM {store.source(seg)} WHERE {store.time_where()}").to_arrow_reader(1 << 16)
+        for batch in reader:
+            m = batch.num_rows
+            _fill(c, slice(pos, pos + m), batch, k, t0, links)
+            pos += m
+        del reader
+        t = c["t"][lo:pos]
+        bounds.append((float(t.min()), float(t.max())) if pos > lo else (math.nan, math.nan))
+    if pos != n:
+        raise RuntimeError(f"store: read {pos} requests of {name}, counted {n}")
+    # build_series' order: by arrival, ties in run then record order (a stable sort of the concatenation).
+    if n and np.any(np.diff(c["t"]) < 0):
+        perm = np.argsort(c["t"], kind="stable")
+        for key in c:
+            c[key] = c[key][perm]
+        del perm
 
     samples = {}
     rows = con.execute(f"""SELECT source, metric, list({sec('s.ts_ns + x.wmm')} ORDER BY {sec('s.ts_ns + x.wmm')}, x.ridx, s.ts_ns, s.value),
@@ -131,6 +183,17 @@ def _group(store: Store, name: str, idx: list[int]) -> Series | None:
         bucket=c["bucket"], queue_depth=c["queue_depth"], batch=c["batch"], compute_s=compute_s, form_s=form_s,
         span_ns={n: c[f"span_{k}"] for k, n in enumerate(span_names)}, unlinked_spans=unl, samples=samples, events=events,
         run_bounds=bounds)
+
+
+def _links_of(linked, run_id: str, n_spans: int):
+    """(request ids sorted, first span start, last span end, [ns per span name]) of one process, or None."""
+    if linked is None:
+        return None
+    import pyarrow.compute as pc
+
+    rows = linked.filter(pc.equal(linked.column("run_id"), run_id))
+    get = lambda name: rows.column(name).to_numpy()  # noqa: E731
+    return get("request_id"), get("s0"), get("s1"), [get(f"span_{q}") for q in range(n_spans)]
 
 
 def _ridx_table(ridx: dict[int, int], store: Store):

@@ -278,7 +278,6 @@ class Store:
         self.segments = [s for s in self.all_segments if keep(s)]
         self.con = duckdb.connect()
         self.con.execute("SET threads TO 2")
-        self.con.execute("SET preserve_insertion_order = false")
         self._register()
 
     # ---- what the store holds (for messages) ----------------------------------------------------
@@ -342,6 +341,15 @@ class Store:
                 cols = ", ".join(f"NULL::{_duck_type(f.type)} AS {f.name}" for f in schema)
                 parts = [f"SELECT {cols}, NULL::BIGINT AS seg, NULL::BIGINT AS row WHERE false"]
             self.con.execute(f"CREATE VIEW {table} AS " + " UNION ALL BY NAME ".join(parts))
+
+    def source(self, i: int, table: str = "requests") -> str:
+        """A FROM item for one segment's table alone: a plain scan, so rows come in file order."""
+        s = self.segments[i]
+        if s.open:
+            return f"open_{table}_{i}" if table in s.tables else f"(SELECT * FROM {table} WHERE false)"
+        if table not in s.files:
+            return f"(SELECT * FROM {table} WHERE false)"
+        return f"read_parquet('{_sql_str(s.files[table])}')"
 
     def time_where(self, col: str = "t_ns") -> str:
         w = [f"{col} IS NOT NULL"]
@@ -425,6 +433,10 @@ def _mono_range(store: Store, s: Segment) -> tuple[int, int]:
     lo = -(2**62) if store.since is None else store.since - MARGIN_NS - s.wall_minus_mono_ns
     hi = 2**62 if store.until is None else store.until + MARGIN_NS - s.wall_minus_mono_ns
     return lo, hi
+
+
+def _sql_str(p) -> str:
+    return str(p).replace("'", "''")
 
 
 def _duck_type(t: pa.DataType) -> str:
