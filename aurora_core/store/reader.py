@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
@@ -118,8 +119,11 @@ class Segment:
         return f"{self.host}/{self.region}" if self.region else self.host
 
 
-def _read_stream(path: Path, warnings: list[str]) -> tuple[dict, pa.Table]:
-    """An open segment's stream up to its last complete batch."""
+def _read_stream(path: Path, table: str, warnings: list[str]) -> tuple[dict, pa.Table]:
+    """An open segment's stream up to its last complete batch. Arrow writes a stream's schema with its
+    first batch, so a table nothing was written to yet is an empty file: an empty table."""
+    if path.stat().st_size == 0:
+        return {}, TABLES[table].empty_table()
     with pa.OSFile(str(path), "rb") as f:
         try:
             reader = ipc.open_stream(f)
@@ -184,8 +188,10 @@ def _segment(d: Path, name: str, tables: dict[str, dict[str, Path]], warnings: l
     try:
         if seg.open:
             for table, p in seg.files.items():
-                meta, tbl = _read_stream(p, warnings)
+                meta, tbl = _read_stream(p, table, warnings)
                 if table == "requests":
+                    if not meta:
+                        return None  # stopped before its first write: nothing to read, nothing lost
                     seg.meta = meta
                 seg.tables[table] = tbl
         else:
@@ -201,7 +207,7 @@ def _segment(d: Path, name: str, tables: dict[str, dict[str, Path]], warnings: l
     if seg.open:
         t = seg.tables["requests"].column("t_ns")
         seg.n_requests = seg.tables["requests"].num_rows
-        seg.t_first_ns, seg.t_last_ns = pa.compute.min(t).as_py(), pa.compute.max(t).as_py()
+        seg.t_first_ns, seg.t_last_ns = pc.min(t).as_py(), pc.max(t).as_py()
     else:
         seg.t_first_ns, seg.t_last_ns = seg.meta.get("t_first_ns"), seg.meta.get("t_last_ns")
         seg.n_requests = int((seg.meta.get("segment_counts") or {}).get("requests", 0))
@@ -234,7 +240,9 @@ def _check(segs: list[Segment], warnings: list[str]) -> list[Segment]:
             dup = last is not None and s.name == last.name
             clash = (last is not None and s.t_first_ns is not None and last.t_last_ns is not None
                      and s.meta.get("run_id") != last.meta.get("run_id")
-                     and s.t_first_ns < last.t_last_ns - CLOCK_TOLERANCE_NS)
+                     and min(s.t_last_ns, last.t_last_ns) - s.t_first_ns > min(
+                         CLOCK_TOLERANCE_NS, (s.t_last_ns - s.t_first_ns) // 2,
+                         (last.t_last_ns - last.t_first_ns) // 2))
             if dup or clash:
                 warnings.append(f"store: ignoring {s.path}: it overlaps {last.path} of the same host {s.host} "
                                 f"({fmt_ns(s.t_first_ns)} to {fmt_ns(min(s.t_last_ns, last.t_last_ns))})"
@@ -398,8 +406,7 @@ class Store:
 
         runs = []
         for i, s in enumerate(self.segments):
-            req = self.con.execute(f"SELECT * EXCLUDE (seg, row) FROM requests WHERE seg = {i} AND "
-                                   f"({self.time_where()}) ORDER BY row").to_arrow_table()
+            req = self.con.sql(f"SELECT * FROM {self.source(i)} WHERE {self.time_where()}").to_arrow_table()
             if req.num_rows == 0:
                 continue
             requests = request_arrays(req, s.wall_minus_mono_ns)

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
@@ -36,6 +37,8 @@ from .schema import FORMAT_VERSION, META_KEY, TABLES
 log = logging.getLogger(__name__)
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")
+_OWN = ("format", "segment", "seq", "segment_started_wall", "segment_closed_wall", "segment_counts", "t_first_ns",
+        "t_last_ns", "wall_minus_mono_end_ns")
 
 
 def partition(value) -> str:
@@ -67,7 +70,7 @@ class StoreWriter:
         self.root = Path(root)
         self.dir = segment_dir(root, meta)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.meta = dict(meta)
+        self.meta = {k: v for k, v in meta.items() if k not in _OWN}
         self.rotate_s, self.rotate_bytes = rotate_s, rotate_bytes
         self.max_bytes, self.max_age_s = max_bytes, max_age_s
         self.seq = 0
@@ -125,7 +128,8 @@ class StoreWriter:
     def write(self, batches: dict[str, pa.RecordBatch], meta_updates: dict | None = None) -> None:
         """Append one flush's batches (table -> RecordBatch, any subset); rotate when due."""
         if meta_updates:
-            self.meta.update(meta_updates)
+            # The recorder's "format" is its run file's; a segment's keys are the writer's own.
+            self.meta.update({k: v for k, v in meta_updates.items() if k not in _OWN})
         for table, batch in batches.items():
             if batch.num_rows == 0:
                 continue
@@ -133,7 +137,7 @@ class StoreWriter:
             self._counts[table] += batch.num_rows
             if table == "requests":
                 t = batch.column(0)
-                lo, hi = pa.compute.min(t).as_py(), pa.compute.max(t).as_py()
+                lo, hi = pc.min(t).as_py(), pc.max(t).as_py()
                 if lo is not None:
                     a, b = self._t_range
                     self._t_range = [lo if a is None else min(a, lo), hi if b is None else max(b, hi)]
@@ -161,16 +165,15 @@ class StoreWriter:
         segs: dict[str, list[Path]] = {}
         live = time.time() - 60
         for p in self.dir.iterdir():
-            seg = p.name.split(".", 1)[0]
-            if seg != self._name:
-                segs.setdefault(seg, []).append(p)
+            segs.setdefault(p.name.split(".", 1)[0], []).append(p)
+        # The segment being written (or just closed) counts toward the total but is never removed.
+        total = sum(_size(p) for ps in segs.values() for p in ps)
+        segs.pop(self._name, None)
         # Another live writer's open segment (one process per host directory is the rule, but do no harm).
         segs = {s: ps for s, ps in segs.items() if not any(p.suffix == ".arrows" and _mtime(p) > live for p in ps)}
-        open_size = self.open_bytes()
         # Names start with the UTC start time, so name order is age order.
         order = sorted(segs)
         sizes = {s: sum(_size(p) for p in segs[s]) for s in order}
-        total = open_size + sum(sizes.values())
         now = time.time()
         gone = []
         for s in order:
