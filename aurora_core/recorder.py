@@ -50,6 +50,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import importlib.metadata
+import itertools
 import json
 import logging
 import os
@@ -431,7 +432,9 @@ class Recorder:
     def _histogram(self, reqs: list[RequestRecord]) -> None:
         # One int64 matrix of every record serves the histograms and the store (built once: it is most of
         # the writer's per-record cost).
-        self._last_ints = cols = np.array([_get_ints(r) for r in reqs], dtype=np.int64).reshape(len(reqs), -1)
+        # fromiter over a flat chain: no nested-sequence discovery (~2x np.array on a list of tuples).
+        self._last_ints = cols = np.fromiter(itertools.chain.from_iterable(map(_get_ints, reqs)), np.int64,
+                                             len(reqs) * len(_INT_FIELDS)).reshape(len(reqs), -1)
         ok = np.fromiter((r.status == "ok" for r in reqs), bool, len(reqs))
         if not ok.any():
             return
