@@ -65,6 +65,10 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(result.data, indent=2))
     else:
+        from .fromstore import overview_lines
+
+        for ov in (result.data.get("store") or {}).get("overview", ()):
+            print("\n".join(overview_lines(ov)))
         print(text_diagnose(result))
     if args.html:
         try:

@@ -241,10 +241,76 @@ def load_series(runs, *, since=None, until=None, region=None, host=None, label=N
     for st in stores:
         st.require("diagnose")
         series += series_from_store(st)
-        info = info or {"selection": [], "requests": 0, "warnings": []}
+        info = info or {"selection": [], "requests": 0, "warnings": [], "overview": []}
         info["selection"].append(st.describe_selection())
         info["requests"] += st.count()
         info["warnings"] += st.warnings
+        info["overview"].append(fleet_overview(st))
     if sel["since"] is not None and sel["until"] is not None and sel["until"] <= sel["since"]:
         raise ValueError("diagnose: --until must be later than --since")
     return series, info
+
+
+def fleet_overview(store: Store, width_s: float | None = None) -> dict:
+    """The store-level answers, from the engine's per-interval aggregates (``Store.intervals``): per region
+    and host the request rate, its peak interval against its median one (did the load rise, by how much),
+    and the worst interval's p99 against the median interval's (where it spiked); and each deployment (a
+    label or config change between a host's segments) with its time."""
+    from aurora_core.store.reader import fmt_ns
+
+    span_s = 0.0
+    segs = store.segments
+    lo = max([x for x in (store.since, min((s.t_first_ns for s in segs), default=None)) if x is not None], default=0)
+    hi = min([x for x in (store.until, max((s.t_last_ns for s in segs), default=None)) if x is not None], default=0)
+    span_s = max((hi - lo) / 1e9, 1e-9)
+    width = width_s or max(10.0, span_s / 60)
+    iv = store.intervals(width)
+    out = {"interval_s": width, "regions": [], "hosts": [], "deployments": store.deployments()}
+    if not iv:
+        return out
+    for level, key in (("regions", ("region",)), ("hosts", ("region", "host"))):
+        names = sorted(set(zip(*(iv[k].tolist() for k in key), strict=True)))
+        for name in names:
+            m = np.ones(iv["requests"].size, bool)
+            for k, v in zip(key, name, strict=True):
+                m &= iv[k] == v
+            # Per interval across the level's hosts: sum the counts; p99 as the worst host's (a bound).
+            starts, inv = np.unique(iv["start_ns"][m], return_inverse=True)
+            req = np.bincount(inv, weights=iv["requests"][m])
+            p99 = np.full(starts.size, np.nan)
+            np.fmax.at(p99, inv, iv["p99_ms"][m])
+            full = req[:-1] if req.size > 2 else req  # the last interval is usually cut short
+            med_rate = float(np.median(full)) / width
+            peak = int(np.argmax(full))
+            good = ~np.isnan(p99)
+            worst = int(np.nanargmax(p99)) if good.any() else 0
+            out[level].append({
+                "name": "/".join(name), "requests": int(req.sum()), "rate_per_s": float(req.sum()) / span_s,
+                "median_rate_per_s": med_rate, "peak_rate_per_s": float(full[peak]) / width,
+                "peak_at": fmt_ns(int(starts[peak])),
+                "p99_median_ms": float(np.median(p99[good])) if good.any() else math.nan,
+                "p99_worst_ms": float(p99[worst]) if good.any() else math.nan, "p99_worst_at": fmt_ns(int(starts[worst]))})
+    return out
+
+
+def overview_lines(ov: dict, top: int = 8) -> list[str]:
+    lines = [f"== fleet: per-interval figures over {ov['interval_s']:.0f} s intervals (computed in the store's engine)"]
+    for level in ("regions", "hosts"):
+        rows = ov[level]
+        if level == "hosts":
+            rows = sorted(rows, key=lambda r: -(r["p99_worst_ms"] / r["p99_median_ms"] if r["p99_median_ms"] > 0 else 0))
+            if len(rows) > top:
+                lines.append(f"   hosts: the {top} with the largest worst/median p99 of {len(rows)}")
+            rows = rows[:top]
+        for r in rows:
+            rise = r["peak_rate_per_s"] / r["median_rate_per_s"] - 1 if r["median_rate_per_s"] > 0 else math.nan
+            lines.append(f"   {level[:-1]} {r['name']}: {r['requests']:,} requests, {r['median_rate_per_s']:.0f}/s median, "
+                         f"peak {r['peak_rate_per_s']:.0f}/s ({rise:+.0%}) at {r['peak_at']}; p99 {r['p99_median_ms']:.1f} ms "
+                         f"median, worst {r['p99_worst_ms']:.1f} ms at {r['p99_worst_at']}")
+    if ov["deployments"]:
+        for d in ov["deployments"]:
+            what = f"label {d['from']} -> {d['to']}" + (" and config" if d["config_changed"] else "")
+            lines.append(f"   deployment on {d['host']}/{d['region']} at {d['at']}: {what}")
+    else:
+        lines.append("   deployments: no label or config change in the selection")
+    return lines

@@ -325,6 +325,10 @@ class Store:
             "run_id": pa.array([str(s.meta.get("run_id")) for s in self.segments], pa.string()),
         })
         self.con.register("segs", segs)
+        self.con.register("seginfo", pa.table({
+            "seg": pa.array(range(len(self.segments)), pa.int64()),
+            "region": pa.array([s.region or "-" for s in self.segments], pa.string()),
+            "host": pa.array([s.host for s in self.segments], pa.string())}))
         for table, schema in TABLES.items():
             parts = []
             files, names = [], []
@@ -358,6 +362,59 @@ class Store:
         if table not in s.files:
             return f"(SELECT * FROM {table} WHERE false)"
         return f"read_parquet('{_sql_str(s.files[table])}')"
+
+    # ---- aggregation inside the engine ----------------------------------------------------------
+    def intervals(self, width_s: float) -> dict[str, np.ndarray]:
+        """Per (region, host, interval of ``width_s`` from the selection's first arrival), computed by DuckDB
+        in one pass over the selection: ``start_ns`` (wall), ``requests``, ``ok``, ``p50_ms``/``p99_ms`` of the
+        ok requests' pipeline latency (arrival to completion), and ``<stage>_ms``, the summed time of each
+        service stage. Memory is one row per interval and host, however many requests."""
+        if width_s <= 0:
+            raise ValueError(f"store.intervals: width must be > 0 s, got {width_s}")
+        w = int(width_s * 1e9)
+        t0 = self.con.sql(f"SELECT min(t_ns) FROM requests WHERE {self.time_where()}").fetchall()[0][0]
+        if t0 is None:
+            return {}
+        st = stamp_exprs()
+        total = f"({st['completion_ns']}) - t_ns"
+        stages = {"decode": ("decode_start_ns", "decode_end_ns"), "preprocess": ("preprocess_start_ns", "preprocess_end_ns"),
+                  "compute": ("compute_start_ns", "compute_end_ns"), "queue": ("enqueue_ns", "batch_closed_ns")}
+        sums = ", ".join(f"sum(CASE WHEN ({st[b]}) >= ({st[a]}) THEN ({st[b]}) - ({st[a]}) END) / 1e6 AS {k}_ms"
+                         for k, (a, b) in stages.items())
+        rows = self.con.sql(f"""
+            SELECT g.region, g.host, (t_ns - {t0}) // {w} AS k, count(*) AS requests,
+                   count(*) FILTER (WHERE status = 'ok') AS ok,
+                   quantile_cont(({total}) / 1e6, [0.5, 0.99]) FILTER (WHERE status = 'ok' AND {st['completion_ns']} IS NOT NULL) AS q,
+                   {sums}
+            FROM requests JOIN seginfo g USING (seg) WHERE {self.time_where()}
+            GROUP BY ALL ORDER BY g.region, g.host, k""").to_arrow_table()
+        out = {"region": np.array(rows.column("region").to_pylist(), dtype=str),
+               "host": np.array(rows.column("host").to_pylist(), dtype=str),
+               "start_ns": rows.column("k").to_numpy() * w + t0,
+               "requests": rows.column("requests").to_numpy(), "ok": rows.column("ok").to_numpy()}
+        q = rows.column("q").to_pylist()
+        out["p50_ms"] = np.array([x[0] if x else np.nan for x in q], np.float64)
+        out["p99_ms"] = np.array([x[1] if x else np.nan for x in q], np.float64)
+        for k in stages:
+            out[f"{k}_ms"] = rows.column(f"{k}_ms").fill_null(0.0).to_numpy()
+        return out
+
+    def deployments(self) -> list[dict]:
+        """Label (or deployment config) changes between consecutive segments of each host: when and to what."""
+        out = []
+        by_host: dict[tuple[str, str], list[Segment]] = {}
+        for s in self.all_segments:
+            by_host.setdefault(s.key, []).append(s)
+        for (host, region), ss in sorted(by_host.items()):
+            ss = sorted(ss, key=lambda s: s.t_first_ns or 0)
+            for a, b in zip(ss, ss[1:], strict=False):
+                fa = (a.label, a.meta.get("deployment"), a.meta.get("model"))
+                fb = (b.label, b.meta.get("deployment"), b.meta.get("model"))
+                if fa != fb and (self.since is None or (b.t_first_ns or 0) >= self.since - 3600 * 10**9) and (
+                        self.until is None or (b.t_first_ns or 0) < self.until + 3600 * 10**9):
+                    out.append({"host": host, "region": region, "at_ns": b.t_first_ns, "at": fmt_ns(b.t_first_ns),
+                                "from": a.label, "to": b.label, "config_changed": fa[1:] != fb[1:]})
+        return out
 
     def time_where(self, col: str = "t_ns") -> str:
         w = [f"{col} IS NOT NULL"]
