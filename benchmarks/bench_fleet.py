@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -32,7 +31,7 @@ import pyarrow.parquet as pq
 
 from aurora_core.recorder import Recorder
 from aurora_core.records import RequestRecord, now_ns
-from aurora_core.store.reader import META_KEY
+from aurora_core.store.schema import META_KEY
 
 ROOT_DIR = Path(__file__).resolve().parents[1]
 
@@ -125,16 +124,31 @@ def replicate(base: list[Path], out: Path, hosts: int, regions: int, duration_s:
     return total
 
 
-def timed(cmd: list[str]) -> tuple[float, float, int, str]:
-    """(wall s, peak RSS MB of the child, exit status, stderr tail)."""
-    t = time.perf_counter()
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT_DIR)})
-    wall = time.perf_counter() - t
-    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    if rss <= before:  # ru_maxrss of children is the max over all of them: run each measure in its own process
-        rss = before
-    return wall, rss / 1024, p.returncode, (p.stderr or "")[-400:] + p.stdout[:300]
+def sqlite_baseline(store: Path, out: Path) -> Path:
+    """The first host's requests as one version-1 run file (``run.aurora.sqlite``), for the old reader."""
+    import sqlite3
+
+    from aurora_core.recorder import _INSERT_REQ, _REQ_COLUMNS, _SCHEMA
+    from aurora_core.store import open_store
+
+    st = open_store(store, host=sorted({s.host for s in open_store(store).segments})[0])
+    runs = st.run_data()
+    wmm0 = runs[0].wall_minus_mono_ns
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "run.aurora.sqlite"
+    path.unlink(missing_ok=True)
+    db = sqlite3.connect(path)
+    for stmt in _SCHEMA:
+        db.execute(stmt)
+    meta = dict(runs[0].meta, format=1, wall_minus_mono_ns=wmm0)
+    db.executemany("INSERT INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in meta.items()])
+    for r in runs:
+        shift = r.wall_minus_mono_ns - wmm0
+        q = {f: (np.where(v != 0, v + shift, 0) if f.endswith("_ns") else v) for f, v in r.requests.items()}
+        db.executemany(_INSERT_REQ, zip(*(q[c].tolist() for c in _REQ_COLUMNS), strict=True))
+    db.commit()
+    db.close()
+    return out
 
 
 def main(argv=None) -> int:
@@ -147,6 +161,9 @@ def main(argv=None) -> int:
     ap.add_argument("--window", type=float, default=None, help="also diagnose a window of this many s at the middle")
     ap.add_argument("--out", default="/tmp/aurora-fleet")
     ap.add_argument("--keep", action="store_true", help="reuse an existing fleet at --out")
+    ap.add_argument("--baseline", action="store_true",
+                    help="also write the first host as one old run file and time `aurora diagnose` on it")
+    ap.add_argument("--repeat", type=int, default=1, help="time each command this many times (median reported)")
     ap.add_argument("--measure-only", choices=["all", "window"], default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -172,20 +189,38 @@ def main(argv=None) -> int:
         mid = (lo + hi) // 2
         a, b = (mid - args.window * 5e8) / 1e9, (mid + args.window * 5e8) / 1e9
         runs.append((f"{args.window:.0f} s window", ["--since", f"{a:.3f}", "--until", f"{b:.3f}"]))
-    for what, extra in runs:
-        cmd = [py, "-m", "aurora_core.cli", "diagnose", str(store), "--json", *extra]
-        # Each measure in a fresh child of a fresh helper so ru_maxrss is that command's alone.
-        helper = [py, "-c", "import resource,subprocess,sys,time;t=time.perf_counter();"
-                  "p=subprocess.run(sys.argv[1:],capture_output=True,text=True);w=time.perf_counter()-t;"
-                  "r=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss;"
-                  "print(w,r,p.returncode);sys.stderr.write(p.stderr[-600:])", *cmd]
-        p = subprocess.run(helper, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT_DIR)})
-        wall, rss_kb, rc = p.stdout.split()
-        print(f"aurora diagnose, {what}: {float(wall):.2f} s wall, {int(rss_kb) / 1024:.0f} MB peak RSS, exit {rc}")
-        if rc != "0":
-            print(p.stderr, file=sys.stderr)
+    targets = [(what, [str(store), *extra]) for what, extra in runs]
+    if args.baseline:
+        base = out / "baseline"
+        if not (base / "run.aurora.sqlite").exists():
+            sqlite_baseline(store, base)
+        targets.append(("old run file (run.aurora.sqlite, first host)", [str(base)]))
+    results: dict[str, list] = {what: [] for what, _ in targets}
+    for _ in range(args.repeat):
+        for what, target in targets:  # interleaved, so both see the same load
+            results[what].append(_measure(py, target))
+    for what, rs in results.items():
+        wall = float(np.median([r[0] for r in rs]))
+        rss = float(np.median([r[1] for r in rs]))
+        print(f"aurora diagnose, {what}: {wall:.2f} s wall, {rss:.0f} MB peak RSS (median of {len(rs)}), "
+              f"exit {rs[0][2]}")
+        if rs[0][2] != 0:
+            print(rs[0][3], file=sys.stderr)
     print(f"load average: {os.getloadavg()}")
     return 0
+
+
+def _measure(py: str, target: list[str]) -> tuple[float, float, int, str]:
+    """(wall s, peak RSS MB, exit status, stderr) of one `aurora diagnose` in a fresh process."""
+    cmd = [py, "-m", "aurora_core.cli", "diagnose", *target, "--json"]
+    # A fresh helper per measure, so its RUSAGE_CHILDREN ru_maxrss is this command's alone.
+    helper = [py, "-c", "import resource,subprocess,sys,time;t=time.perf_counter();"
+              "p=subprocess.run(sys.argv[1:],capture_output=True,text=True);w=time.perf_counter()-t;"
+              "r=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss;"
+              "print(w,r,p.returncode);sys.stderr.write(p.stderr[-600:])", *cmd]
+    p = subprocess.run(helper, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT_DIR)})
+    wall, rss_kb, rc = p.stdout.split()
+    return float(wall), int(rss_kb) / 1024, int(rc), p.stderr
 
 
 def test_fleet_smoke(tmp_path):

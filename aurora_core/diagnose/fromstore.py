@@ -30,57 +30,62 @@ _COLS = {"t": np.float64, "run_idx": np.int64, "ok": np.bool_, "e2e_ns": np.int6
          "form1": np.float64}
 
 
-def _fill(c: dict, at: slice, tbl, k: int, t0: int, links) -> None:
-    """Series columns of one segment's rows (``tbl``: t_ns, the chained offsets, ...), written at ``at``.
-    The arithmetic of ``spikes._series`` on wall-clock stamps; -1 / NaN where a stage did not happen."""
-    def col(name, fill=0):
-        return tbl.column(name).fill_null(fill).to_numpy()
+def _partial(upto: str) -> str:
+    """SQL: the stamp ``upto`` minus the arrival, from the chained offsets (valid where ``upto`` is present)."""
+    return " + ".join(f"coalesce({f}, 0)" for f in STAMPS[:STAMPS.index(upto) + 1])
 
-    def present(name):
-        return tbl.column(name).is_valid().to_numpy(zero_copy_only=False)
 
-    arrival = col("t_ns")
-    abs_: dict[str, np.ndarray] = {"arrival_ns": arrival}
-    has: dict[str, np.ndarray] = {"arrival_ns": np.ones(arrival.size, bool)}
-    ref = arrival
-    for f in STAMPS:
-        ref = ref + col(f)
-        abs_[f], has[f] = ref, present(f)
+def _select(t0: int) -> str:
+    """The Series columns of one segment's rows, as DuckDB expressions over the stored offsets. A stage whose
+    end stamp directly follows its start stamp (all service stages) is the end's offset when the start is
+    present; arrival to completion is the sum of the offsets (see ``store.schema``)."""
+    for a, b in (_STAGE_COLS[s] for s in SERVICE_STAGES):
+        assert STAMPS.index(b) == STAMPS.index(a) + 1
+    stage = {s: f"CASE WHEN {a} IS NOT NULL AND {b} >= 0 THEN {b} ELSE -1 END"
+             for s, (a, b) in ((s, _STAGE_COLS[s]) for s in SERVICE_STAGES)}
+    total = f"CASE WHEN completion_ns IS NOT NULL AND ({_partial('completion_ns')}) >= 0 THEN {_partial('completion_ns')} ELSE -1 END"
+    service = " + ".join(f"greatest({e}, 0)" for e in stage.values())
+    sec = lambda e: f"CAST(t_ns + {e} - {t0} AS DOUBLE) / 1e9"  # noqa: E731
+    comp = "compute_start_ns IS NOT NULL AND compute_end_ns >= 0"
+    form = (f"decode_start_ns IS NOT NULL AND preprocess_end_ns IS NOT NULL AND "
+            f"({_partial('preprocess_end_ns')}) >= ({_partial('decode_start_ns')})")
+    return f"""CAST(t_ns - {t0} AS DOUBLE) / 1e9 AS t, t_ns, request_id, status = 'ok' AS ok, {total} AS total,
+        {', '.join(f"{e} AS stage_{s}" for s, e in stage.items())},
+        CASE WHEN ({total}) >= 0 THEN greatest(({total}) - ({service}), 0) ELSE -1 END AS wait_ns,
+        CAST(CASE WHEN bucket > 0 THEN bucket ELSE greatest(batch_size, 1) END AS BIGINT) AS bucket,
+        CAST(queue_depth AS BIGINT) AS queue_depth, batch_id,
+        CASE WHEN {comp} THEN {sec(_partial('compute_start_ns'))} ELSE 'NaN'::DOUBLE END AS compute0,
+        CASE WHEN {comp} THEN {sec(_partial('compute_end_ns'))} ELSE 'NaN'::DOUBLE END AS compute1,
+        CASE WHEN {form} THEN {sec(_partial('decode_start_ns'))} ELSE 'NaN'::DOUBLE END AS form0,
+        CASE WHEN {form} THEN {sec(_partial('preprocess_end_ns'))} ELSE 'NaN'::DOUBLE END AS form1"""
 
-    def dur(a, b):
-        ok = has[a] & has[b] & (abs_[b] >= abs_[a])
-        return np.where(ok, abs_[b] - abs_[a], -1)
 
-    st = {s: dur(*_STAGE_COLS[s]) for s in SERVICE_STAGES}
-    total = dur("arrival_ns", "completion_ns")
-    service = sum(np.where(v > 0, v, 0) for v in st.values())
-    c["wait_ns"][at] = np.where(total >= 0, np.maximum(total - service, 0), -1)
-    for s, v in st.items():
-        c[f"stage_{s}"][at] = v
-    start, end = arrival, np.where(has["completion_ns"], abs_["completion_ns"], 0)
-    if links is not None:
-        ids, s0, s1, per = links
-        rid = col("request_id")
-        j = np.clip(np.searchsorted(ids, rid), 0, max(ids.size - 1, 0))
-        hit = (ids[j] == rid) if ids.size else np.zeros(rid.size, bool)
-        start = np.where(hit, np.minimum(start, s0[j]), start)
-        end = np.where(hit, np.maximum(end, s1[j]), end)
-        for q, v in enumerate(per):
-            c[f"span_{q}"][at] = np.where(hit, v[j], 0)
-    c["e2e_ns"][at] = np.where((total >= 0) & (end >= start), end - start, -1)
-    c["t"][at] = (arrival - t0) / 1e9
+def _fill(c: dict, at: slice, tbl, k: int, links) -> None:
+    """Copy one batch of ``_select`` rows into the Series columns at ``at``; link spans (widening e2e)."""
+    def col(name):
+        return tbl.column(name).to_numpy(zero_copy_only=False)
+
+    for name in ("t", "ok", "wait_ns", "bucket", "queue_depth", "compute0", "compute1", "form0", "form1",
+                 *(f"stage_{s}" for s in SERVICE_STAGES)):
+        c[name][at] = col(name)
     c["run_idx"][at] = k
-    c["ok"][at] = tbl.column("ok").to_numpy(zero_copy_only=False)
-    bucket, size = col("bucket"), col("batch_size")
-    c["bucket"][at] = np.where(bucket > 0, bucket, np.maximum(size, 1))
-    c["queue_depth"][at] = col("queue_depth")
     bid = col("batch_id")
     c["batch"][at] = np.where(bid >= 0, k * 2**32 + bid, -1)
-    for name, (a, b) in {"compute": ("compute_start_ns", "compute_end_ns"),
-                         "form": ("decode_start_ns", "preprocess_end_ns")}.items():
-        ok = has[a] & has[b] & (abs_[b] >= abs_[a])
-        c[f"{name}0"][at] = np.where(ok, (abs_[a] - t0) / 1e9, np.nan)
-        c[f"{name}1"][at] = np.where(ok, (abs_[b] - t0) / 1e9, np.nan)
+    total = col("total")
+    if links is None:
+        c["e2e_ns"][at] = total  # no span: the user saw arrival to completion
+        return
+    ids, s0, s1, per = links
+    rid = col("request_id")
+    j = np.clip(np.searchsorted(ids, rid), 0, max(ids.size - 1, 0))
+    hit = (ids[j] == rid) if ids.size else np.zeros(rid.size, bool)
+    arrival = col("t_ns")
+    start = np.where(hit, np.minimum(arrival, s0[j]), arrival)
+    end = np.where(total >= 0, arrival + total, 0)
+    end = np.where(hit, np.maximum(end, s1[j]), end)
+    c["e2e_ns"][at] = np.where((total >= 0) & (end >= start), end - start, -1)
+    for q, v in enumerate(per):
+        c[f"span_{q}"][at] = np.where(hit, v[j], 0)
 
 
 def series_from_store(store: Store) -> list[Series]:
@@ -127,7 +132,7 @@ def _group(store: Store, name: str, idx: list[int]) -> Series | None:
             ORDER BY r.run_id, s.request_id""").to_arrow_table()
     pos = 0
     bounds = []
-    cols = f"t_ns, {', '.join(STAMPS)}, request_id, batch_id, batch_size, bucket, queue_depth, status = 'ok' AS ok"
+    cols = _select(t0)
     # One batch at a time, each segment a plain scan in file order: the peak is the Series plus one batch.
     for k, seg in enumerate(order):
         links = _links_of(linked, str(store.segments[seg].meta.get("run_id")), len(span_names))
@@ -135,7 +140,7 @@ def _group(store: Store, name: str, idx: list[int]) -> Series | None:
         reader = con.sql(f"SELECT {cols} FROM {store.source(seg)} WHERE {store.time_where()}").to_arrow_reader(1 << 16)
         for batch in reader:
             m = batch.num_rows
-            _fill(c, slice(pos, pos + m), batch, k, t0, links)
+            _fill(c, slice(pos, pos + m), batch, k, links)
             pos += m
         del reader
         t = c["t"][lo:pos]

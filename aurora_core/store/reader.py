@@ -375,16 +375,18 @@ class Store:
         t0 = self.con.sql(f"SELECT min(t_ns) FROM requests WHERE {self.time_where()}").fetchall()[0][0]
         if t0 is None:
             return {}
-        st = stamp_exprs()
-        total = f"({st['completion_ns']}) - t_ns"
+        # Offsets are chained (schema doc): a stage whose end stamp directly follows its start stamp is the end's
+        # offset when the start is present, and arrival to completion is the sum of all offsets.
+        total = " + ".join(f"coalesce({f}, 0)" for f in STAMPS)
         stages = {"decode": ("decode_start_ns", "decode_end_ns"), "preprocess": ("preprocess_start_ns", "preprocess_end_ns"),
                   "compute": ("compute_start_ns", "compute_end_ns"), "queue": ("enqueue_ns", "batch_closed_ns")}
-        sums = ", ".join(f"sum(CASE WHEN ({st[b]}) >= ({st[a]}) THEN ({st[b]}) - ({st[a]}) END) / 1e6 AS {k}_ms"
+        assert all(STAMPS.index(b) == STAMPS.index(a) + 1 for a, b in stages.values())
+        sums = ", ".join(f"sum(CASE WHEN {a} IS NOT NULL AND {b} >= 0 THEN {b} END) / 1e6 AS {k}_ms"
                          for k, (a, b) in stages.items())
         rows = self.con.sql(f"""
             SELECT g.region, g.host, (t_ns - {t0}) // {w} AS k, count(*) AS requests,
                    count(*) FILTER (WHERE status = 'ok') AS ok,
-                   quantile_cont(({total}) / 1e6, [0.5, 0.99]) FILTER (WHERE status = 'ok' AND {st['completion_ns']} IS NOT NULL) AS q,
+                   quantile_cont(({total}) / 1e6, [0.5, 0.99]) FILTER (WHERE status = 'ok' AND completion_ns IS NOT NULL) AS q,
                    {sums}
             FROM requests JOIN seginfo g USING (seg) WHERE {self.time_where()}
             GROUP BY ALL ORDER BY g.region, g.host, k""").to_arrow_table()
