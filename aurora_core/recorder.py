@@ -594,8 +594,13 @@ def find_run_file(path) -> Path:
 
 
 def load_run(path) -> RunData:
-    """Read a run file (a directory holding ``run.aurora.sqlite``, or the file itself). Raises
+    """Read a run file (a directory holding ``run.aurora.sqlite``, or the file itself), or a store root of
+    one host / one host's directory (``aurora_core.store.reader.load_store_run``). Raises
     FileNotFoundError when there is none, ValueError when the file is not a readable run file."""
+    from aurora_core.store.reader import is_host_dir, is_store, load_store_run
+
+    if not (Path(path) / FILE_NAME).exists() and (is_store(path) or is_host_dir(path)):
+        return load_store_run(path)
     p = find_run_file(path)
     try:
         return _read_run(p)

@@ -348,3 +348,46 @@ def test_sigkill_of_a_recording_server_under_load(tmp_path):
     p = _cli("diagnose", store, "--json")
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["series"][0]["n_requests"] >= old
+
+
+def test_fleet_overview_from_the_engine(tmp_path):
+    """Per region and host figures aggregated inside DuckDB match the requests; a label change is a deployment."""
+    base = now_ns()
+    wmm = time.time_ns() - time.monotonic_ns()
+    for host, region, label, k in (("a", "eu", "v1", 0), ("a", "eu", "v2", 1), ("b", "us", "v1", 2)):
+        rec = Recorder(store=tmp_path, meta={"host": host, "region": region, "label": label, "run_id": f"r{k}",
+                                             "wall_minus_mono_ns": wmm})
+        for r in _records(1000 if k < 2 else 2000, t0=base + (k % 2) * 5_000_000_000, gap_ns=5_000_000 if k < 2 else 2_500_000):
+            rec(r)
+        rec.close()
+    st = open_store(tmp_path)
+    iv = st.intervals(1.0)
+    assert iv["requests"].sum() == 4000 and set(iv["region"]) == {"eu", "us"}
+    one = (iv["host"] == "b") & (iv["requests"] == 400)
+    assert one.any() and np.all(iv["compute_ms"][one] > 0)
+    from aurora_core.diagnose.fromstore import fleet_overview, overview_lines
+
+    ov = fleet_overview(st, width_s=1.0)
+    assert [d["host"] for d in ov["deployments"]] == ["a"] and ov["deployments"][0]["to"] == "v2"
+    regions = {r["name"]: r for r in ov["regions"]}
+    assert regions["us"]["requests"] == 2000 and regions["us"]["median_rate_per_s"] == pytest.approx(400, rel=0.01)
+    assert any("deployment on a/eu" in line and "v1 -> v2" in line for line in overview_lines(ov))
+
+
+def test_trace_and_replay_read_a_store_host(tmp_path):
+    from aurora_core.loadgen import replay_schedule
+
+    rec = Recorder(store=tmp_path, meta={"host": "h", "region": "eu"}, rotate_bytes=30_000, flush_interval_s=0.01)
+    for r in _records(3000):
+        rec(r)
+        if r.request_id % 500 == 0:
+            rec.flush()
+    rec.close()
+    assert rec._store.segments_written >= 2
+    host = tmp_path / "region=eu" / "host=h"
+    run = load_run(host)
+    assert run.n_requests == 3000 and np.all(np.diff(np.sort(run.requests["arrival_ns"])) == 1_000_000)
+    assert replay_schedule(tmp_path).size == 3000
+    p = _cli("trace", host, "--max-requests", "10")
+    assert p.returncode == 0 and (tmp_path / "trace-h.json").is_file(), p.stderr
+    assert open_store(tmp_path).warnings == []  # the trace lands outside the partitions

@@ -261,7 +261,7 @@ class Store:
     since/until: wall-clock ns (``parse_time``); region/host/label: exact names, or lists of them."""
 
     def __init__(self, roots, *, since: int | None = None, until: int | None = None, region=None, host=None,
-                 label=None):
+                 label=None, dirs=None):
         import duckdb
 
         self.roots = [Path(r) for r in roots]
@@ -272,7 +272,11 @@ class Store:
                 for k, v in (("region", region), ("host", host), ("label", label))}
         self.filters = {k: sorted(v) for k, v in want.items() if v}
 
+        dirs = None if dirs is None else {Path(d).resolve() for d in dirs}
+
         def keep(s: Segment) -> bool:
+            if dirs is not None and s.dir.resolve() not in dirs:
+                return False
             if want["region"] and s.region not in want["region"]:
                 return False
             if want["host"] and s.host not in want["host"]:
@@ -528,3 +532,38 @@ def stamp_exprs(alias: str = "") -> dict[str, str]:
 
 def open_store(roots, **kw) -> Store:
     return Store([roots] if isinstance(roots, (str, Path)) else roots, **kw)
+
+
+def is_host_dir(path) -> bool:
+    p = Path(path)
+    return p.is_dir() and p.name.startswith("host=") and p.parent.name.startswith("region=")
+
+
+def load_store_run(path):
+    """A store root holding one host, or one host's directory (ROOT/region=R/host=H), as one RunData: its
+    segments end to end on the first one's monotonic clock. For the commands that read one run (trace,
+    bench --replay); diagnose and compare read stores directly."""
+    from aurora_core.recorder import RunData
+
+    p = Path(path)
+    st = Store([p.parent.parent], dirs=[p]) if is_host_dir(p) else Store([p])
+    st.require("load_run")
+    hosts = sorted({s.name_ for s in st.segments})
+    if len(hosts) > 1:
+        raise ValueError(f"load_run: the store {p} holds {len(hosts)} hosts ({', '.join(hosts[:5])}); pass one "
+                         "host's directory, ROOT/region=R/host=H")
+    runs = st.run_data()
+    w0 = runs[0].wall_minus_mono_ns
+    def shifted(arrs: dict, r) -> dict:
+        d = r.wall_minus_mono_ns - w0
+        return {k: (np.where(v != 0, v + d, 0) if k.endswith("_ns") and v.dtype.kind == "i" else v)
+                for k, v in arrs.items()}
+    cat = lambda dicts: {k: np.concatenate([x[k] for x in dicts]) for k in dicts[0]}  # noqa: E731
+    samples: dict = {}
+    for r in runs:
+        for key, (ts, v) in r.samples.items():
+            samples.setdefault(key, []).append((ts + (r.wall_minus_mono_ns - w0), v))
+    samples = {k: (np.concatenate([a for a, _ in x]), np.concatenate([b for _, b in x])) for k, x in samples.items()}
+    meta = dict(runs[0].meta, segments=[str(r.path) for r in runs])
+    return RunData(p, meta, cat([shifted(r.requests, r) for r in runs]), cat([shifted(r.spans, r) for r in runs]),
+                   samples, cat([shifted(r.events, r) for r in runs]), {})
