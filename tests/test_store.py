@@ -391,3 +391,18 @@ def test_trace_and_replay_read_a_store_host(tmp_path):
     p = _cli("trace", host, "--max-requests", "10")
     assert p.returncode == 0 and (tmp_path / "trace-h.json").is_file(), p.stderr
     assert open_store(tmp_path).warnings == []  # the trace lands outside the partitions
+
+
+def test_a_clock_step_while_recording_is_named_and_the_segment_kept(tmp_path):
+    rec = Recorder(store=tmp_path, meta={"host": "h", "region": "eu"})
+    for r in _records(300):
+        rec(r)
+    rec.close()
+    f = next(tmp_path.glob("region=eu/host=h/*.requests.parquet"))
+    tbl = pq.read_table(f)
+    meta = json.loads(tbl.schema.metadata[META_KEY])
+    meta["wall_minus_mono_end_ns"] = meta["wall_minus_mono_ns"] + 5_000_000_000  # NTP stepped the clock by 5 s
+    pq.write_table(tbl.replace_schema_metadata({META_KEY: json.dumps(meta)}), f)
+    st = open_store(tmp_path)
+    assert st.count() == 300
+    assert any(str(f) in w and "stepped by +5.0 s" in w for w in st.warnings), st.warnings
