@@ -13,16 +13,11 @@ import math
 
 import numpy as np
 
+from aurora_core.records import STAGES
 from aurora_core.store.reader import Segment, Store, _mono_range
 from aurora_core.store.schema import STAMPS
 
 from .spikes import SERVICE_STAGES, Series
-
-_STAGE_COLS = {"queue": ("enqueue_ns", "batch_closed_ns"), "decode": ("decode_start_ns", "decode_end_ns"),
-               "preprocess": ("preprocess_start_ns", "preprocess_end_ns"), "h2d": ("h2d_start_ns", "h2d_end_ns"),
-               "compute": ("compute_start_ns", "compute_end_ns"), "d2h": ("compute_end_ns", "d2h_end_ns"),
-               "total": ("arrival_ns", "completion_ns")}
-
 
 _COLS = {"t": np.float64, "run_idx": np.int64, "ok": np.bool_, "e2e_ns": np.int64, "wait_ns": np.int64,
          **{f"stage_{s}": np.int64 for s in SERVICE_STAGES}, "bucket": np.int64, "queue_depth": np.int64,
@@ -39,10 +34,10 @@ def _select(t0: int) -> str:
     """The Series columns of one segment's rows, as DuckDB expressions over the stored offsets. A stage whose
     end stamp directly follows its start stamp (all service stages) is the end's offset when the start is
     present; arrival to completion is the sum of the offsets (see ``store.schema``)."""
-    for a, b in (_STAGE_COLS[s] for s in SERVICE_STAGES):
+    for a, b in (STAGES[s] for s in SERVICE_STAGES):
         assert STAMPS.index(b) == STAMPS.index(a) + 1
     stage = {s: f"CASE WHEN {a} IS NOT NULL AND {b} >= 0 THEN {b} ELSE -1 END"
-             for s, (a, b) in ((s, _STAGE_COLS[s]) for s in SERVICE_STAGES)}
+             for s, (a, b) in ((s, STAGES[s]) for s in SERVICE_STAGES)}
     total = f"CASE WHEN completion_ns IS NOT NULL AND ({_partial('completion_ns')}) >= 0 THEN {_partial('completion_ns')} ELSE -1 END"
     service = " + ".join(f"greatest({e}, 0)" for e in stage.values())
     sec = lambda e: f"CAST(t_ns + {e} - {t0} AS DOUBLE) / 1e9"  # noqa: E731

@@ -323,12 +323,6 @@ class Store:
 
     # ---- DuckDB ---------------------------------------------------------------------------------
     def _register(self) -> None:
-        segs = pa.table({
-            "seg": pa.array(range(len(self.segments)), pa.int64()),
-            "wmm": pa.array([s.wall_minus_mono_ns for s in self.segments], pa.int64()),
-            "run_id": pa.array([str(s.meta.get("run_id")) for s in self.segments], pa.string()),
-        })
-        self.con.register("segs", segs)
         self.con.register("seginfo", pa.table({
             "seg": pa.array(range(len(self.segments)), pa.int64()),
             "region": pa.array([s.region or "-" for s in self.segments], pa.string()),
@@ -443,26 +437,6 @@ class Store:
         return out
 
     # ---- results ----------------------------------------------------------------------------------
-    def fetch(self, sql: str, columns: dict[str, np.dtype], n: int | None = None) -> dict[str, np.ndarray]:
-        """Run ``sql`` and stream its result into numpy arrays of the given dtypes, one batch at a time, so
-        the peak is the arrays plus one batch (not the whole result twice)."""
-        if n is None:
-            n = int(self.con.execute(f"SELECT count(*) FROM ({sql})").fetchall()[0][0])
-        out = {c: np.empty(n, dt) for c, dt in columns.items()}
-        pos = 0
-        reader = self.con.sql(sql).to_arrow_reader(1 << 17)
-        for b in reader:
-            k = b.num_rows
-            for c, dt in columns.items():
-                col = b.column(c)
-                if np.dtype(dt).kind == "f":
-                    col = col.fill_null(math.nan)
-                out[c][pos:pos + k] = col.to_numpy(zero_copy_only=False)
-            pos += k
-        if pos != n:
-            raise RuntimeError(f"store: query returned {pos} rows, expected {n}")
-        return out
-
     def run_data(self):
         """The selection as RunData, one per segment (for commands that read whole runs, e.g. compare)."""
         from aurora_core.recorder import RunData
@@ -517,17 +491,6 @@ def _duck_type(t: pa.DataType) -> str:
     if t == pa.int32():
         return "INTEGER"
     return "BIGINT"
-
-
-def stamp_exprs(alias: str = "") -> dict[str, str]:
-    """SQL for each stamp's wall-clock ns (NULL where it did not happen), from the chained offsets."""
-    a = f"{alias}." if alias else ""
-    out = {"arrival_ns": f"{a}t_ns"}
-    acc = f"{a}t_ns"
-    for f in STAMPS:
-        acc = f"{acc} + coalesce({a}{f}, 0)"
-        out[f] = f"CASE WHEN {a}{f} IS NULL THEN NULL ELSE {acc} END"
-    return out
 
 
 def open_store(roots, **kw) -> Store:
