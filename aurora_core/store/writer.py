@@ -57,7 +57,7 @@ def _parquet_kw(table: str) -> dict:
     delta = ["t_ns", "request_id", "batch_id"]
     return {"compression": "zstd", "compression_level": 6, "use_dictionary": ["status", "device", "batch_size",
             "bucket", "queue_depth", "priority"], "column_encoding": {c: "DELTA_BINARY_PACKED" for c in delta},
-            "row_group_size": 1 << 20}
+            "row_group_size": 1 << 17}
 
 
 class StoreWriter:
