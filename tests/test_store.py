@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 import pytest
 from test_incidents import simulate_run
@@ -25,7 +27,7 @@ from aurora_core.diagnose.fromstore import series_from_store
 from aurora_core.diagnose.spikes import build_series
 from aurora_core.loadgen import poisson_schedule
 from aurora_core.recorder import Recorder, load_run
-from aurora_core.records import Event, RequestRecord, Sample, now_ns
+from aurora_core.records import Event, RequestRecord, Sample, Span, now_ns
 from aurora_core.store import StoreError, convert, open_store
 from aurora_core.store.schema import META_KEY
 
@@ -216,7 +218,7 @@ def test_bad_files_are_named_and_the_rest_analysed(tmp_path):
     ahead.mkdir(parents=True)
     shift = 3600 * 10**9
     t = tbl.column("t_ns").to_numpy() + shift
-    fut = tbl.set_column(0, "t_ns", __import__("pyarrow").array(t)).replace_schema_metadata({META_KEY: json.dumps(
+    fut = tbl.set_column(0, "t_ns", pa.array(t)).replace_schema_metadata({META_KEY: json.dumps(
         {**meta, "host": "z", "region": "us", "t_first_ns": int(t.min()), "t_last_ns": int(t.max())})})
     pq.write_table(fut, ahead / "20260101T000000000000Z-z-00000.requests.parquet")
 
@@ -406,3 +408,28 @@ def test_a_clock_step_while_recording_is_named_and_the_segment_kept(tmp_path):
     st = open_store(tmp_path)
     assert st.count() == 300
     assert any(str(f) in w and "stepped by +5.0 s" in w for w in st.warnings), st.warnings
+
+
+def test_a_crash_while_closing_and_a_damaged_table(tmp_path):
+    """Requests already Parquet, spans still a stream (killed between the two renames); samples damaged:
+    requests and spans are read, the damaged file is named, and quotes in a path do no harm."""
+    root = tmp_path / "it's a store"
+    rec = Recorder(store=root, meta={"host": "h"})
+    for r in _records(200):
+        rec(r)
+    rec.add_span(Span("db", 1, 2, 5))
+    rec.add_sample(Sample(now_ns(), "cpu", {"cpu_util_pct": 1.0}))
+    rec.close()
+    d = root / "region=_" / "host=h"
+    spans = next(d.glob("*.spans.parquet"))
+    tbl = pq.read_table(spans)
+    with pa.OSFile(str(spans.with_suffix(".arrows")), "wb") as sink, ipc.new_stream(sink, tbl.schema) as w:
+        w.write_table(tbl)
+    spans.unlink()
+    samples = next(d.glob("*.samples.parquet"))
+    samples.write_bytes(samples.read_bytes()[:20])
+    st = open_store(root)
+    assert st.count() == 200
+    assert st.con.sql("SELECT count(*) FROM spans").fetchall()[0][0] == 1
+    assert any(str(samples) in w and "not readable" in w for w in st.warnings), st.warnings
+    assert diagnose([root]).data["series"][0]["n_requests"] == 200

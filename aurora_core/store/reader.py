@@ -187,18 +187,28 @@ def _segment(d: Path, name: str, tables: dict[str, dict[str, Path]], warnings: l
     seg.open = seg.files["requests"].suffix == ".arrows"
     try:
         if seg.open:
-            for table, p in seg.files.items():
-                meta, tbl = _read_stream(p, table, warnings)
-                if table == "requests":
-                    if not meta:
-                        return None  # stopped before its first write: nothing to read, nothing lost
-                    seg.meta = meta
-                seg.tables[table] = tbl
+            meta, seg.tables["requests"] = _read_stream(seg.path, "requests", warnings)
+            if not meta:
+                return None  # stopped before its first write: nothing to read, nothing lost
+            seg.meta = meta
         else:
             seg.meta = _read_meta(seg.path)
     except (ValueError, OSError, pa.ArrowException) as e:
         warnings.append(f"store: ignoring {seg.path}: not a readable aurora segment ({e})")
         return None
+    # The other tables: a stream is read now (open, or a crash in the middle of closing the segment); a
+    # Parquet file's footer is checked, so that one damaged table costs that table, not the whole query.
+    for table, p in list(seg.files.items()):
+        if table == "requests":
+            continue
+        try:
+            if p.suffix == ".arrows":
+                seg.tables[table] = _read_stream(p, table, warnings)[1]
+            else:
+                pq.read_schema(p)
+        except (ValueError, OSError, pa.ArrowException) as e:
+            warnings.append(f"store: ignoring {p}: not readable ({e}); the segment's other tables are read")
+            del seg.files[table]
     fmt = seg.meta.get("format")
     if not isinstance(fmt, int) or fmt > FORMAT_VERSION:
         warnings.append(f"store: ignoring {seg.path}: written by format version {fmt}, this reader knows up to "
@@ -331,10 +341,8 @@ class Store:
             parts = []
             files, names = [], []
             for i, s in enumerate(self.segments):
-                if s.open:
-                    tbl = s.tables.get(table)
-                    if tbl is None:
-                        continue
+                if table in s.tables:
+                    tbl = s.tables[table]
                     tbl = tbl.append_column("seg", pa.array(np.full(tbl.num_rows, i), pa.int64()))
                     tbl = tbl.append_column("row", pa.array(np.arange(tbl.num_rows), pa.int64()))
                     self.con.register(f"open_{table}_{i}", tbl)
@@ -345,7 +353,8 @@ class Store:
             if files:
                 self.con.register(f"files_{table}", pa.table({"filename": files, "seg": pa.array(names, pa.int64())}))
                 parts.insert(0, f"SELECT p.* EXCLUDE (filename, file_row_number), f.seg, p.file_row_number AS row "
-                                f"FROM read_parquet({files!r}, filename=true, file_row_number=true) p "
+                                f"FROM read_parquet([{', '.join(_sql_lit(f) for f in files)}], filename=true, "
+                                f"file_row_number=true) p "
                                 f"JOIN files_{table} f USING (filename)")
             if not parts:
                 cols = ", ".join(f"NULL::{_duck_type(f.type)} AS {f.name}" for f in schema)
@@ -355,8 +364,8 @@ class Store:
     def source(self, i: int, table: str = "requests") -> str:
         """A FROM item for one segment's table alone: a plain scan, so rows come in file order."""
         s = self.segments[i]
-        if s.open:
-            return f"open_{table}_{i}" if table in s.tables else f"(SELECT * FROM {table} WHERE false)"
+        if table in s.tables:
+            return f"open_{table}_{i}"
         if table not in s.files:
             return f"(SELECT * FROM {table} WHERE false)"
         return f"read_parquet('{_sql_str(s.files[table])}')"
@@ -481,6 +490,10 @@ def _mono_range(store: Store, s: Segment) -> tuple[int, int]:
 
 def _sql_str(p) -> str:
     return str(p).replace("'", "''")
+
+
+def _sql_lit(p) -> str:
+    return "'" + _sql_str(p) + "'"
 
 
 def _duck_type(t: pa.DataType) -> str:
