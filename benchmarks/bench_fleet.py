@@ -27,11 +27,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from aurora_core.recorder import Recorder
 from aurora_core.records import RequestRecord, now_ns
 from aurora_core.store.schema import META_KEY
+from aurora_core.store.writer import _parquet_kw
 
 ROOT_DIR = Path(__file__).resolve().parents[1]
 
@@ -115,10 +117,8 @@ def replicate(base: list[Path], out: Path, hosts: int, regions: int, duration_s:
             for table, tbl in tables[k].items():
                 if table == "requests":
                     t = tbl.column("t_ns").to_numpy() + shift
-                    tbl = tbl.set_column(0, "t_ns", __import__("pyarrow").array(t))
+                    tbl = tbl.set_column(0, "t_ns", pa.array(t))
                 tbl = tbl.replace_schema_metadata({META_KEY: json.dumps(meta)})
-                from aurora_core.store.writer import _parquet_kw
-
                 pq.write_table(tbl, d / f"{name}.{table}.parquet", **_parquet_kw(table))
             total += tables[k]["requests"].num_rows
     return total
