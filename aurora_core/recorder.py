@@ -193,7 +193,7 @@ def default_meta() -> dict:
     return {
         "format": FORMAT_VERSION,
         "run_id": uuid.uuid4().hex,
-        "host": socket.gethostname(),
+        "host": os.environ.get("AURORA_HOST") or socket.gethostname(),
         "region": os.environ.get("AURORA_REGION"),
         "label": os.environ.get("AURORA_LABEL"),
         "started_wall": _dt.datetime.fromtimestamp(wall / 1e9, _dt.timezone.utc).isoformat(),
