@@ -433,3 +433,13 @@ def test_a_crash_while_closing_and_a_damaged_table(tmp_path):
     assert st.con.sql("SELECT count(*) FROM spans").fetchall()[0][0] == 1
     assert any(str(samples) in w and "not readable" in w for w in st.warnings), st.warnings
     assert diagnose([root]).data["series"][0]["n_requests"] == 200
+
+
+def test_aurora_host_names_the_host_directory(tmp_path, monkeypatch):
+    monkeypatch.setenv("AURORA_HOST", "gpu-07-a")
+    monkeypatch.setenv("AURORA_REGION", "eu-west")
+    rec = Recorder(store=tmp_path)
+    for r in _records(10):
+        rec(r)
+    rec.close()
+    assert list(tmp_path.glob("region=eu-west/host=gpu-07-a/*.requests.parquet"))
