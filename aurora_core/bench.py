@@ -124,6 +124,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quiet", action="store_true", help="no progress output")
 
 
+#: Option groups of ``add_arguments`` that describe the deployment; every other group (load, verdict,
+#: output) describes the load or the run.
+DEPLOYMENT_GROUPS = ("pipeline",)
+
+
+def config_split(args: argparse.Namespace) -> tuple[dict, dict]:
+    """The run's options as (deployment, load): the split diagnose and compare read from the run's meta.
+    Read off this command's own option groups, so a new option lands on its group's side."""
+    p = argparse.ArgumentParser(add_help=False)
+    add_arguments(p)
+    # argparse has no public accessor for its groups; these two attributes are stable since Python 2.7.
+    side = {a.dest: g.title in DEPLOYMENT_GROUPS for g in p._action_groups for a in g._group_actions}
+    values = {k: v for k, v in vars(args).items() if k not in ("quiet", "no_report") and k in side}
+    return ({k: v for k, v in values.items() if side[k]}, {k: v for k, v in values.items() if not side[k]})
+
+
 class _Gate:
     """Pipeline sink that forwards to the recorder only while the measured run is on, so calibration
     and peak-search trials do not enter the run file."""
@@ -660,9 +676,11 @@ def _run(args: argparse.Namespace, prep: dict) -> int:
     payloads = samples.default_mix()
     model = args.model or ("resnet50" if device.startswith("cuda") else "mobilenet_v3_small")
 
+    deployment, load = config_split(args)
     meta = {"label": args.label, "region": args.region, "tool": "aurora bench",
             "model": (args.model or "the server's") if args.url else model,
-            "config": {k: v for k, v in vars(args).items() if k not in ("quiet", "no_report")}}
+            "config": {k: v for k, v in vars(args).items() if k not in ("quiet", "no_report")},
+            "deployment": deployment, "load": load}
     meta = {k: v for k, v in meta.items() if v is not None}
     rec = Recorder(path=out, meta=meta)
     gate = _Gate(rec)

@@ -16,8 +16,9 @@ from aurora_core.errors import AuroraError
 #: subcommand -> (module, one-line help). The module defines ``add_arguments(parser)`` and ``run(args) -> int``.
 COMMANDS = {
     "bench": ("aurora_core.bench", "benchmark the whole pipeline on this hardware (the main job)"),
-    "diagnose": ("aurora_core.diagnose.cli", "find latency spikes in run files and name their cause"),
+    "diagnose": ("aurora_core.diagnose.cli", "find latency spikes in run files or stores and name their cause"),
     "compare": ("aurora_core.diagnose.compare_cli", "gate a deployment: compare two runs statistically"),
+    "convert": ("aurora_core.store.cli", "write old run files into a store root"),
     "serve": ("aurora_core.server", "run the reference HTTP server"),
     "telemetry": ("aurora_core.telemetry.cli", "record or show hardware telemetry"),
     "trace": ("aurora_core.export.perfetto", "write a run file as a Chrome trace for the Perfetto UI"),

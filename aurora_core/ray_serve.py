@@ -14,8 +14,8 @@ bodies and status codes are the server's own. aurora's batcher batches; there is
 - Downscale / redeploy: Ray stops routing to the replica and waits for its ongoing requests
   (``graceful_shutdown_timeout_s``); then ``__del__`` turns /readyz to 503 and closes the pipeline,
   which still serves anything queued, then the sampler and the run file.
-- Recording: each replica writes its own run file under ``ROOT/region=R/host=H/replica=ID/``
-  (``replica_record_dir``), with ``host``, ``region`` and ``replica`` in the run's meta.
+- Recording: each replica records always-on into the store under ``ROOT/region=R/host=NODE-REPLICA/``
+  (``replica_host``), with ``node`` and ``replica`` in the segments' meta.
 - Prometheus: each replica serves its own registry on its own port (``metrics_target``), listed for
   Prometheus' ``file_sd_configs`` in ``--metrics-sd-dir``. Why not Ray's metrics agent: aurora's
   metrics are prometheus_client objects (histogram buckets, gauges that read the pipeline on scrape);
@@ -61,10 +61,10 @@ def autoscaling_preset(min_replicas: int, max_replicas: int, max_batch_size: int
     }
 
 
-def replica_record_dir(root: str, region: str, host: str, replica: str) -> str:
-    """Where one replica writes its run file: Hive-style partitions, so a fleet store can pick the
-    directories up by region and host. The one place to switch when replicas record into the store."""
-    return os.path.join(root, f"region={region}", f"host={host}", f"replica={replica}")
+def replica_host(node: str, replica: str) -> str:
+    """The store host a replica records as: ``ROOT/region=R/host=NODE-REPLICA/`` (one writer per host
+    directory); the node and the replica id are also in the segment's meta (``node``, ``replica``)."""
+    return f"{node}-{replica}"
 
 
 def _server_config(args: argparse.Namespace) -> ServerConfig:
@@ -89,17 +89,16 @@ class AuroraReplica:
         self.region = region
         self.config = _server_config(args)
         args = copy.copy(args)
-        if args.record:
-            args.record = replica_record_dir(args.record, region, self.host, self.replica_id)
-            os.makedirs(args.record, exist_ok=True)
+        args.region = region
+        # Each replica is one writer, so it is one host directory of the store (the store's rule): the node
+        # and the replica together, which also lets diagnose tell one replica's spike from its neighbours'.
+        # Given at construction: a store segment's meta is written when the segment opens.
+        args.record_extra = {"host": replica_host(self.host, self.replica_id), "node": self.host,
+                             "replica": self.replica_id, "pid": os.getpid(),
+                             "node_id": ray.get_runtime_context().get_node_id()}
         self.parts = _Parts()
         try:
             self.parts.build(args)
-            if self.parts.recorder is not None:
-                for key, value in (("host", self.host), ("region", region), ("replica", self.replica_id),
-                                   ("pid", os.getpid()), ("node_id", ray.get_runtime_context().get_node_id()),
-                                   ("label", f"replica {self.replica_id}")):  # RunData.name shows it
-                    self.parts.recorder.set_meta(key, value)
             self._sd_file = None
             self.metrics_target = self._expose_metrics(args)
         except Exception:
@@ -219,7 +218,7 @@ def deployment_options(args: argparse.Namespace) -> dict:
 
 def build(args: argparse.Namespace):
     """The bound Serve application for ``serve.run``."""
-    return AuroraReplica.options(**deployment_options(args)).bind(args, region=args.region)
+    return AuroraReplica.options(**deployment_options(args)).bind(args, region=args.region or "local")
 
 
 def connect(address: str | None = None, num_cpus: int | None = None, host: str = "127.0.0.1") -> None:

@@ -23,6 +23,7 @@ import socket
 import sys
 import threading
 
+from aurora_core.cli import number
 from aurora_core.server_connections import (
     ConnectionPolicy,
     default_max_connections,
@@ -299,9 +300,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t = parser.add_argument_group("telemetry")
     t.add_argument("--telemetry-period-s", type=float, default=1.0,
                    help="hardware sampling period for /metrics (0 turns the sampler off)")
-    t.add_argument("--record", default=None, metavar="DIR",
-                   help="also write a run file (requests, samples, events) for aurora diagnose; with --ray, "
-                        "one per replica under DIR/region=R/host=H/replica=ID/")
+    t.add_argument("--record", default=None, metavar="ROOT",
+                   help="record always-on into a store root (ROOT/region=R/host=H/ segments of requests, samples and "
+                        "events) for aurora diagnose ROOT; with --ray each replica is a host NODE-REPLICA")
+    t.add_argument("--record-rotate-s", type=number(gt=0), default=600.0, metavar="S",
+                   help="start a new segment every S seconds (default 600)")
+    t.add_argument("--record-max-bytes", type=number(int, gt=0), default=None, metavar="B",
+                   help="keep this host's store under B bytes, removing its oldest segments (default: no bound)")
+    t.add_argument("--record-max-age-s", type=number(gt=0), default=None, metavar="S",
+                   help="remove this host's segments older than S seconds (default: keep)")
+    t.add_argument("--label", default=os.environ.get("AURORA_LABEL"),
+                   help="deployment/version label stored in every segment (default $AURORA_LABEL)")
+    t.add_argument("--region", default=os.environ.get("AURORA_REGION"),
+                   help="region stored in every segment, its region= partition (default $AURORA_REGION)")
     r = parser.add_argument_group("ray serve (pip install 'aurora_core[ray]'; see README 'Scaling out')")
     r.add_argument("--ray", action="store_true",
                    help="serve as Ray Serve replicas: joins the running Ray cluster (RAY_ADDRESS or a local "
@@ -311,8 +322,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     n.add_argument("--autoscale", type=_min_max, default=None, metavar="MIN:MAX",
                    help="autoscale between MIN and MAX replicas on ongoing requests")
     r.add_argument("--ray-address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else auto)")
-    r.add_argument("--region", default=os.environ.get("AURORA_REGION", "local"),
-                   help="region recorded by every replica (default: $AURORA_REGION or 'local')")
     r.add_argument("--replica-cpus", type=float, default=1.0, help="Ray CPUs reserved per replica")
     r.add_argument("--replica-gpus", type=float, default=0.0, help="Ray GPUs reserved per replica")
     r.add_argument("--metrics-sd-dir", default=None, metavar="DIR",
@@ -386,6 +395,21 @@ def run(args: argparse.Namespace) -> int:
     return code
 
 
+#: Options that say where and how to record or log, not what is served: outside the deployment fingerprint.
+_NOT_DEPLOYMENT = ("record", "record_extra", "record_rotate_s", "record_max_bytes", "record_max_age_s", "label", "region",
+                   "host", "port", "log_level", "access_log")
+
+
+def record_meta(args) -> dict:
+    """A store segment's description of this server: the deployment is every serving option; the load is
+    whatever clients send, so the server declares no load keys (diagnose measures the arrivals)."""
+    deployment = {k: v for k, v in vars(args).items() if k not in _NOT_DEPLOYMENT}
+    meta = {"tool": "aurora serve", "model": str(args.model), "config": deployment, "deployment": deployment,
+            "load": {}, "label": args.label, "region": args.region,
+            **(getattr(args, "record_extra", None) or {})}  # e.g. a Ray replica's host, node and replica id
+    return {k: v for k, v in meta.items() if v is not None}
+
+
 class _Parts:
     """What ``aurora serve`` builds around the server: the pipeline, the Prometheus exporter (the
     pipeline's sink and the sampler's callback), the telemetry sampler and an optional run file."""
@@ -407,7 +431,9 @@ class _Parts:
         if args.record:
             from aurora_core.recorder import Recorder
 
-            self.recorder = Recorder(args.record, meta={"label": "aurora serve", "model": str(args.model)})
+            self.recorder = Recorder(
+                store=args.record, meta=record_meta(args), rotate_s=args.record_rotate_s,
+                max_bytes=args.record_max_bytes, max_age_s=args.record_max_age_s)
             sinks.append(self.recorder)
         kwargs = {"weights": args.weights} if args.weights else {}
         self.pipeline = Pipeline(model=args.model, spec=PreprocessSpec(resize=args.resize, crop=args.crop),

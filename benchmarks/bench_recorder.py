@@ -34,12 +34,19 @@ def _records(n: int) -> list[RequestRecord]:
     return out
 
 
-@pytest.mark.parametrize("target", ["memory", "file"])
+def _recorder(target: str, where) -> Recorder:
+    """memory: no file; file: a run file in ``where``; store: a store root ``where/store``."""
+    if target == "store":
+        return Recorder(store=where / "store", ring_size=100_000)
+    return Recorder(None if target == "memory" else where, ring_size=100_000)
+
+
+@pytest.mark.parametrize("target", ["memory", "file", "store"])
 def test_sink_call(benchmark, tmp_path, target):
     """Cost of ``rec(record)`` on the calling thread, with the writer thread live."""
     benchmark.group = "recorder sink call"
     recs = _records(BLOCK)
-    rec = Recorder(None if target == "memory" else tmp_path / "run", ring_size=100_000)
+    rec = _recorder(target, tmp_path / "run")
 
     def block():
         for r in recs:
@@ -71,8 +78,9 @@ def test_span_context_manager(benchmark):
         benchmark.extra_info["ns_per_span"] = benchmark.stats.stats.median / BLOCK * 1e9
 
 
-def test_writer_throughput_and_load(benchmark, tmp_path):
-    """End to end: hand 100k records in, close (drain + histograms + file), read them back."""
+@pytest.mark.parametrize("target", ["file", "store"])
+def test_writer_throughput_and_load(benchmark, tmp_path, target):
+    """End to end: hand 100k records in, close (drain + histograms + file or segment), read them back."""
     benchmark.group = "recorder file"
     n = 100_000
     base = _records(1)[0]
@@ -85,17 +93,25 @@ def test_writer_throughput_and_load(benchmark, tmp_path):
 
     def write_and_close():
         state["k"] += 1
-        with Recorder(tmp_path / f"run{state['k']}") as rec:
+        with _recorder(target, tmp_path / f"run{state['k']}") as rec:
             for r in recs:
                 rec(r)
             rec.add_span(Span("x", 1, 2))
 
     benchmark.pedantic(write_and_close, rounds=3, iterations=1)
+    where = tmp_path / f"run{state['k']}"
     t0 = time.perf_counter()
-    run = load_run(tmp_path / f"run{state['k']}")
+    if target == "store":
+        from aurora_core.store import open_store
+
+        n_read = sum(r.n_requests for r in open_store(where / "store").run_data())
+        files = list(where.rglob("*.parquet"))
+    else:
+        n_read = load_run(where).n_requests
+        files = [where / "run.aurora.sqlite"]
     load_s = time.perf_counter() - t0
-    assert run.n_requests == n
+    assert n_read == n
     if benchmark.stats is not None:
         benchmark.extra_info["records_per_s_written"] = n / benchmark.stats.stats.median
         benchmark.extra_info["records_per_s_loaded"] = n / load_s
-        benchmark.extra_info["bytes_per_record"] = (tmp_path / f"run{state['k']}" / "run.aurora.sqlite").stat().st_size / n
+        benchmark.extra_info["bytes_per_record"] = sum(f.stat().st_size for f in files) / n

@@ -221,22 +221,22 @@ def _bench_parser():
     return p
 
 
-def test_every_bench_option_is_a_deployment_setting_or_a_run_key():
-    """``aurora bench`` writes all its options into ``meta.config``. Its "pipeline" group is the deployment;
-    every other group must be one that ``RUN_KEYS`` is read from, so a new group fails here until sorted."""
-    from aurora_core.diagnose.spikes import RUN_GROUPS, RUN_KEYS
+def test_bench_writes_the_deployment_load_split():
+    """``aurora bench`` says itself which options are the deployment (its "pipeline" group) and which the
+    load or the run; diagnose reads that from the run's meta and imports nothing of bench."""
+    from aurora_core import bench
 
     p = _bench_parser()
+    deployment, load = bench.config_split(p.parse_args([]))
     groups = {g.title: {a.dest for a in g._group_actions} for g in p._action_groups if g._group_actions}
-    assert set(groups) <= {"pipeline", *RUN_GROUPS}, set(groups)
-    assert set(vars(p.parse_args([]))) <= RUN_KEYS | groups["pipeline"]
-    assert {"rate", "duration", "seed", "scenario", "slo_ms", "out", "connections"} <= RUN_KEYS
-    assert not {"model", "weights", "device", "dtype", "max_batch_size", "buckets", "url"} & RUN_KEYS
+    assert set(deployment) == groups["pipeline"]
+    assert {"rate", "duration", "seed", "scenario", "slo_ms", "out", "connections"} <= set(load)
+    assert not {"model", "weights", "device", "dtype", "max_batch_size", "buckets", "url"} & set(load)
+    assert not set(deployment) & set(load)
 
 
-def test_a_new_load_option_is_left_out_of_the_fingerprint(monkeypatch):
+def test_a_new_load_option_lands_on_the_load_side(monkeypatch):
     from aurora_core import bench
-    from aurora_core.diagnose import spikes
 
     add = bench.add_arguments
 
@@ -245,7 +245,33 @@ def test_a_new_load_option_is_left_out_of_the_fingerprint(monkeypatch):
         p.add_argument_group("load").add_argument("--burst-size", type=int, default=1)
 
     monkeypatch.setattr(bench, "add_arguments", with_new_option)
-    assert "burst_size" in spikes._run_keys() and "burst_size" not in spikes.RUN_KEYS
+    deployment, load = bench.config_split(_bench_parser().parse_args([]))
+    assert "burst_size" in load and "burst_size" not in deployment
+
+
+def test_the_recorded_split_decides_the_fingerprint(tmp_path):
+    """A run that carries meta.deployment is fingerprinted by it alone: a changed load key is no deployment,
+    a changed deployment key is one, whatever the keys are called."""
+    from aurora_core.diagnose.spikes import build_series
+
+    def run(name, deployment, load):
+        return load_run(simulate_run(tmp_path / name, _arrivals()[:50], meta={
+            "label": "v1", "host": "h", "deployment": deployment, "load": load,
+            "config": {**deployment, **load}}, item_ms=lambda t: 6.0))
+
+    s = build_series([run("a", {"workers": 2}, {"burst": 1}), run("b", {"workers": 2}, {"burst": 9}),
+                      run("c", {"workers": 4}, {"burst": 1})])[0]
+    fps = [s.fingerprint(i) for i in range(3)]
+    assert fps[0] == fps[1] and fps[2]["config"] == {"workers": 4}
+
+
+def test_diagnose_does_not_import_bench():
+    import subprocess
+    import sys
+
+    code = "import sys, aurora_core.diagnose, aurora_core.diagnose.compare; print('aurora_core.bench' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 def test_idle_clocks_before_sparse_traffic(tmp_path):

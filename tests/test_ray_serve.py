@@ -194,19 +194,19 @@ def test_two_replicas_predict_like_an_in_process_pipeline_and_each_records(fleet
             float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
             if line.startswith('aurora_http_requests_total{route="/v1/classify",status="200"}'))
     assert all(n >= 1 for n in served.values()) and sum(served.values()) == 4 * len(names), served
-    # Each replica writes its own run file under region=/host=/replica=, and names itself in its meta.
-    for replica in served:
-        (d,) = glob.glob(os.path.join(args.record, "region=local", "host=*", f"replica={replica}"))
-        deadline = time.monotonic() + 10
-        while True:  # the recorder's writer thread flushes every flush_interval_s
-            run = load_run(d)
-            if run.n_requests >= served[replica] or time.monotonic() > deadline:
-                break
-            time.sleep(0.3)
-        assert run.n_requests == served[replica]
-        assert run.meta["label"] == f"replica {replica}"
-        assert (run.meta["replica"], run.meta["region"], run.meta["host"]) == (
-            replica, "local", d.split("host=")[1].split(os.sep)[0])
+    # Each replica records into the store as its own host directory (node-replica), named in its meta.
+    deadline = time.monotonic() + 10
+    while True:  # the recorder's writer thread flushes every flush_interval_s
+        dirs = glob.glob(os.path.join(args.record, "region=local", "host=*"))
+        runs = {r.meta.get("replica"): r for r in (load_run(d) for d in dirs)}
+        if (set(runs) == set(served) and all(runs[k].n_requests >= n for k, n in served.items())) \
+                or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert set(runs) == set(served) and len(dirs) == 2
+    for replica, rec in runs.items():
+        assert rec.n_requests == served[replica]
+        assert rec.meta["region"] == "local" and rec.meta["host"].endswith(replica) and rec.meta["node"]
 
 
 def _body(r) -> dict:

@@ -806,7 +806,9 @@ def test_sigterm_finishes_admitted_requests_then_exits_zero(tmp_path):
                     httpx.get(url + "/healthz", timeout=2)
                 assert [f.result().status_code for f in futs] == [200] * 4
         assert proc.wait(timeout=30) == 0
-        assert (tmp_path / "run" / "run.aurora.sqlite").is_file()
+        # --record is a store: a clean exit leaves closed (Parquet) segments only.
+        segs = list((tmp_path / "run").glob("region=*/host=*/*.requests.*"))
+        assert segs and all(p.suffix == ".parquet" for p in segs), segs
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -84,22 +84,31 @@ def _confinement(i: int, w: Window, verdict: str, all_series: list[Series], dets
 
 
 def diagnose(runs, interval_s: float | None = None, min_ratio: float | None = None,
-             baseline: str | None = None, settings: Settings | None = None) -> DiagnoseResult:
-    """Find spike windows in ``runs`` (paths or RunData) and rank their causes.
+             baseline: str | None = None, settings: Settings | None = None, **selection) -> DiagnoseResult:
+    """Find spike windows in ``runs`` (run files, RunData, store roots or Stores) and rank their causes.
 
     baseline: the span taken as normal, "T0:T1" (seconds from a series' first request), "label:NAME" or
     "run:PATH_OR_RUN_ID"; None picks it (``spikes.detect``). ValueError when it matches nothing.
     settings: the thresholds (``settings.Settings``; defaults documented there); min_ratio, when given,
-    overrides its ``min_ratio``."""
+    overrides its ``min_ratio``.
+    selection: since, until, region, host, label (see ``fromstore.load_series``), for stores."""
     cfg = settings or DEFAULTS
     if min_ratio is not None:
         cfg = dataclasses.replace(cfg, min_ratio=min_ratio)
     min_ratio = cfg.min_ratio
     spec = parse_baseline(baseline) if baseline is not None else None
-    runs = load_runs(runs)
+    if isinstance(runs, (str, bytes)) or not hasattr(runs, "__iter__"):
+        runs = [runs]
+    runs = list(runs)
     if not runs:
-        raise ValueError("diagnose: expected at least one run file")
-    series = build_series(runs)
+        raise ValueError("diagnose: expected at least one run file or store")
+    store_info = None
+    if all(isinstance(r, RunData) for r in runs) and not any(v is not None for v in selection.values()):
+        series = build_series(runs)
+    else:
+        from .fromstore import load_series
+
+        series, store_info = load_series(runs, **selection)
     dets = [detect(s, interval_s, min_ratio, cfg.alpha, baseline=spec) for s in series]
     analyses = [[analyze(s, det.baseline, w, cfg) for w in det.windows] for s, det in zip(series, dets, strict=True)]
     verdicts = [[an.verdict for an in row] for row in analyses]
@@ -130,13 +139,17 @@ def diagnose(runs, interval_s: float | None = None, min_ratio: float | None = No
     data = {"series": out_series, "summary": summary,
             "method": {"min_ratio": min_ratio, "alpha": cfg.alpha, "claim_score": cfg.claim,
                        "settings": dataclasses.asdict(cfg)}}
+    if store_info is not None:
+        data["store"] = store_info
     return DiagnoseResult(data, series, dets)
 
 
-def _run_info(r: RunData) -> dict:
+def _run_info(r) -> dict:
+    """r: a RunData, or a store segment (``store.reader.Segment``) standing in for one."""
     m = r.meta
     return {"path": str(r.path), "host": m.get("host"), "region": m.get("region"), "label": m.get("label"),
-            "run_id": m.get("run_id"), "started_wall": m.get("started_wall"), "n_requests": r.n_requests}
+            "run_id": m.get("run_id"), "started_wall": m.get("started_wall"),
+            "n_requests": getattr(r, "n_selected", r.n_requests)}
 
 
 def _line(name: str, w: Window, base: Window, entry: dict) -> str:

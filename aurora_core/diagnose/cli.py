@@ -1,4 +1,4 @@
-"""``aurora diagnose RUN [RUN ...]``: find latency spike windows in run files and name their cause."""
+"""``aurora diagnose RUN|ROOT [...]``: find latency spike windows in run files or stores and name their cause."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ from aurora_core.cli import number, unwritable
 
 def add_arguments(parser) -> None:
     parser.add_argument("runs", nargs="+", metavar="RUN",
-                        help="run directories or .sqlite run files (several hosts/regions, or before and after a deployment)")
+                        help="run directories, .sqlite run files, or store roots (ROOT/region=*/host=*/): several "
+                             "hosts/regions, or before and after a deployment")
+    add_selection(parser)
     parser.add_argument("--json", action="store_true", help="print the result as JSON instead of text")
     parser.add_argument("--html", metavar="FILE", help="also write an interactive HTML page: the four answers, the fleet, the evidence plots")
     parser.add_argument("--interval", type=number(gt=0), default=None, metavar="S",
@@ -30,6 +32,27 @@ def add_arguments(parser) -> None:
                              "(default 1.3; 1 counts any significant slowdown)")
 
 
+def add_selection(parser, prefix: str = "") -> None:
+    """--since/--until/--region/--host/--label: which part of a store to read."""
+    g = parser.add_argument_group("store selection")
+    g.add_argument(f"--{prefix}since", metavar="T", default=None,
+                   help="first arrival time to read: ISO 8601 (2026-12-05T14:00:00Z; naive is UTC) or Unix seconds")
+    g.add_argument(f"--{prefix}until", metavar="T", default=None, help="read arrivals before this time")
+    if prefix:
+        g.add_argument(f"--{prefix}label", action="append", default=None, metavar="L",
+                       help="only segments recorded with this label (repeatable)")
+        return
+    g.add_argument("--region", action="append", default=None, metavar="R", help="only this region (repeatable)")
+    g.add_argument("--host", action="append", default=None, metavar="H", help="only this host (repeatable)")
+    g.add_argument("--label", action="append", default=None, metavar="L",
+                   help="only segments recorded with this label (repeatable)")
+
+
+def print_warnings(cmd: str, warnings) -> None:
+    for w in warnings:
+        print(f"aurora {cmd}: warning: {w}", file=sys.stderr)
+
+
 def run(args) -> int:
     from . import diagnose
     from .html import diagnose_page
@@ -41,13 +64,19 @@ def run(args) -> int:
         return 2
     try:
         result = diagnose(args.runs, interval_s=args.interval, min_ratio=args.min_ratio, baseline=args.baseline,
-                          settings=DEFAULTS.with_pairs(args.settings))
+                          settings=DEFAULTS.with_pairs(args.settings), since=args.since, until=args.until,
+                          region=args.region, host=args.host, label=args.label)
     except (FileNotFoundError, ValueError) as e:
         print(f"aurora diagnose: error: {e}", file=sys.stderr)
         return 2
+    print_warnings("diagnose", (result.data.get("store") or {}).get("warnings", ()))
     if args.json:
         print(json.dumps(result.data, indent=2))
     else:
+        from .fromstore import overview_lines
+
+        for ov in (result.data.get("store") or {}).get("overview", ()):
+            print("\n".join(overview_lines(ov)))
         print(text_diagnose(result))
     if args.html:
         try:

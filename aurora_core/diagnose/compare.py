@@ -76,9 +76,20 @@ MIN_BOOT = 100  # fewer resamples leave each 2.5% end of the interval to one or 
 
 
 def _as_runs(x) -> list[RunData]:
-    if isinstance(x, (list, tuple)):
-        return [r if isinstance(r, RunData) else load_run(r) for r in x]
-    return [x if isinstance(x, RunData) else load_run(x)]
+    """Run files, RunData, store roots (all of it) or selections of a store (``store.Store``): its segments."""
+    from aurora_core.store import Store, is_store, open_store
+
+    out = []
+    for r in x if isinstance(x, (list, tuple)) else [x]:
+        if isinstance(r, RunData):
+            out.append(r)
+        elif isinstance(r, Store) or is_store(r):
+            st = r if isinstance(r, Store) else open_store(r)
+            st.require("compare")
+            out += st.run_data()
+        else:
+            out.append(load_run(r))
+    return out
 
 
 def stage_samples(runs: list[RunData]) -> dict[str, np.ndarray]:

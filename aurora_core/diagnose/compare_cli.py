@@ -18,8 +18,8 @@ from aurora_core.cli import unwritable
 def add_arguments(parser) -> None:
     parser.epilog = ("exit status: 0 no regression, 1 regression, 2 bad input, 3 load or environment not matched "
                      "(only with --fail-on-unmatched; otherwise 0 with a warning)")
-    parser.add_argument("before", metavar="BEFORE", help="run directory or .sqlite run file (baseline)")
-    parser.add_argument("after", metavar="AFTER", help="run directory or .sqlite run file (candidate)")
+    parser.add_argument("before", metavar="BEFORE", help="run directory, .sqlite run file or store root (baseline)")
+    parser.add_argument("after", metavar="AFTER", help="run directory, .sqlite run file or store root (candidate)")
     parser.add_argument("--threshold", type=float, default=0.10,
                         help="relative p50/p99 increase (>= 0) that counts as a regression (default 0.10)")
     parser.add_argument("--alpha", type=float, default=0.01,
@@ -33,6 +33,15 @@ def add_arguments(parser) -> None:
                              "throttling on one side only) was not matched (default: warn and exit 0)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON instead of text")
     parser.add_argument("--html", metavar="FILE", help="also write an HTML page")
+    from .cli import add_selection
+
+    # Two selections of one store: `aurora compare ROOT ROOT --before-label v1 --after-label v2`, or the hour
+    # before and after a time with --before-since/--before-until and --after-since/--after-until.
+    add_selection(parser, "before-")
+    add_selection(parser, "after-")
+    g = parser.add_argument_group("store selection, both sides")
+    g.add_argument("--region", action="append", default=None, metavar="R", help="only this region (repeatable)")
+    g.add_argument("--host", action="append", default=None, metavar="H", help="only this host (repeatable)")
 
 
 def run(args) -> int:
@@ -48,8 +57,13 @@ def run(args) -> int:
     # comparison; writing can still fail later.
     if args.html and (why := unwritable(args.html)):
         return fail(f"cannot write --html {args.html}: {why}")
+    from .cli import print_warnings
+
     try:
-        res = compare(args.before, args.after, threshold=args.threshold, alpha=args.alpha, n_boot=args.boot,
+        before, after = (_side(args, path, side) for path, side in ((args.before, "before"), (args.after, "after")))
+        for side in (before, after):
+            print_warnings("compare", getattr(side, "warnings", ()))
+        res = compare(before, after, threshold=args.threshold, alpha=args.alpha, n_boot=args.boot,
                       load_tolerance=args.load_tolerance)
     except (FileNotFoundError, ValueError) as e:
         return fail(str(e))
@@ -64,3 +78,21 @@ def run(args) -> int:
     if res["verdict"] in ("load not matched", "environment not matched") and args.fail_on_unmatched_load:
         return 3
     return 0
+
+
+def _side(args, path: str, side: str):
+    """A run file as given, or the selection of a store root that the --SIDE-* and shared options make."""
+    from aurora_core.store import is_store, open_store, parse_time
+
+    sel = {k: getattr(args, f"{side}_{k}") for k in ("since", "until", "label")}
+    shared = {"region": args.region, "host": args.host}
+    if not is_store(path):
+        given = [f"--{side}-{k}" for k, v in sel.items() if v is not None] + [f"--{k}" for k, v in shared.items() if v]
+        if given:
+            raise ValueError(f"{', '.join(given)} select within a store, and {path} is not a store root "
+                             "(ROOT/region=*/host=*/); `aurora convert` turns a run file into one")
+        return path
+    st = open_store(path, since=None if sel["since"] is None else parse_time(sel["since"]),
+                    until=None if sel["until"] is None else parse_time(sel["until"]), label=sel["label"], **shared)
+    st.require(f"compare {side.upper()}")
+    return st

@@ -65,26 +65,13 @@ MIN_SEG = 3
 #: never a Poisson gap: an interval holds >= 10 requests on average, so this is >= 50 mean gaps.
 IDLE_INTERVALS = 5
 _MW_MAX = 4000  # Mann-Whitney on at most this many points a side (subsampled, seeded): O(n log n) anyway
-#: ``aurora bench`` option groups that describe the load or the run, not the deployment. bench writes
-#: every parsed option into ``meta.config``; its "pipeline" group is the deployment.
-RUN_GROUPS = ("load", "verdict", "output")
-
-
-def _run_keys() -> frozenset[str]:
-    """``meta.config`` keys that describe the load or the run, read off ``aurora bench``'s own option
-    groups so that a new load/verdict/output option is left out of the fingerprint with no list to edit."""
-    import argparse
-
-    from aurora_core import bench
-
-    p = argparse.ArgumentParser(add_help=False)
-    bench.add_arguments(p)
-    # argparse has no public accessor for its groups; these two attributes are stable since Python 2.7.
-    return frozenset({a.dest for g in p._action_groups if g.title in RUN_GROUPS for a in g._group_actions})
-
-
-#: ``meta.config`` keys left out of a run's fingerprint (see ``Series.fingerprint``).
-RUN_KEYS = _run_keys()
+#: Run files written before recorders stored the deployment/load split (``meta.deployment``,
+#: ``meta.load``) hold one flat ``meta.config``: for them, these keys (aurora bench's load, verdict and
+#: output options as of that format) describe the load or the run and are left out of the fingerprint.
+RUN_KEYS = frozenset({
+    "calibrate_s", "concurrency", "connections", "count", "duration", "find_peak", "label", "load_factor",
+    "min_duration", "min_queries", "min_window_queries", "no_report", "out", "peak_trial_s", "quiet", "rate",
+    "region", "replay", "replay_speed", "scenario", "seed", "slo_ms", "stability_tol", "steps"})
 
 
 @dataclass
@@ -117,12 +104,15 @@ class Series:
         return int(cpu.get("logical_cores") or 1)
 
     def fingerprint(self, i: int) -> dict:
-        """What a deployment changes: label, config, model, versions of run i. Config keys that
-        describe the load or the run (``RUN_KEYS``: rate, duration, output path, ...) are left out, so
-        two benchmark runs at different rates are not taken for a deployment."""
+        """What a deployment changes: label, config, model, versions of run i. The config is the run's own
+        ``meta.deployment`` (whoever recorded it said which options are the deployment and which the load),
+        so two runs at different rates are not taken for a deployment; a run file without that split has
+        its flat ``meta.config`` less ``RUN_KEYS``."""
         m = self.runs[i].meta
         fp = {k: m.get(k) for k in ("label", "config", "model", "versions")}
-        if isinstance(fp["config"], dict):
+        if isinstance(m.get("deployment"), dict):
+            fp["config"] = m["deployment"]
+        elif isinstance(fp["config"], dict):
             fp["config"] = {k: v for k, v in fp["config"].items() if k not in RUN_KEYS}
         return fp
 

@@ -201,7 +201,8 @@ def export_run(run_path, out_path, max_requests: int | None = 200_000) -> str:
 def add_arguments(p) -> None:
     from aurora_core.cli import number
 
-    p.add_argument("run", help="a run directory (holding run.aurora.sqlite) or the run file")
+    p.add_argument("run", help="a run directory (holding run.aurora.sqlite), the run file, a store root holding one "
+                   "host, or one host's directory of a store (ROOT/region=R/host=H)")
     p.add_argument("--out", default=None, help="trace file to write (default: trace.json beside the run file)")
     p.add_argument("--max-requests", type=number(int, ge=0), default=200_000,
                    help="request slices to write at most, >= 0 (default 200000; 0: telemetry and events only, "
@@ -212,11 +213,19 @@ def run(args) -> int:
     import sys
     from pathlib import Path
 
-    from aurora_core.recorder import find_run_file
+    from aurora_core.recorder import FILE_NAME, find_run_file
+    from aurora_core.store.reader import is_host_dir, is_store
 
     try:
-        src = find_run_file(args.run)
-        out = args.out or str(Path(src).with_name("trace.json"))
+        p = Path(args.run)
+        if not (p / FILE_NAME).exists() and (is_store(p) or is_host_dir(p)):
+            # A store (one host) or a host's directory; the trace goes to the store root, outside its partitions.
+            src = p
+            root = p.parent.parent if is_host_dir(p) else p
+            out = args.out or str(root / (f"trace-{p.name[5:]}.json" if is_host_dir(p) else "trace.json"))
+        else:
+            src = find_run_file(args.run)
+            out = args.out or str(Path(src).with_name("trace.json"))
         export_run(src, out, max_requests=args.max_requests)
     except (FileNotFoundError, ValueError, OSError) as e:
         print(f"aurora trace: error: {e}", file=sys.stderr)

@@ -1,0 +1,316 @@
+"""``Series`` straight from a store: the per-request arithmetic of ``spikes._series`` done inside DuckDB.
+
+The result is the same Series ``build_series`` makes from the same runs read as RunData (one run per
+segment; ``tests/test_store.py`` checks them array for array), without a Python tuple or a RunData copy
+of the requests: the engine scans only the selected segments and time range, links spans to their
+requests, and hands back exactly the Series columns, streamed into numpy. Memory is the Series itself
+(~130 bytes a request) plus one batch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from aurora_core.records import STAGES
+from aurora_core.store.reader import Segment, Store, _mono_range
+from aurora_core.store.schema import STAMPS
+
+from .spikes import SERVICE_STAGES, Series
+
+_COLS = {"t": np.float64, "run_idx": np.int64, "ok": np.bool_, "e2e_ns": np.int64, "wait_ns": np.int64,
+         **{f"stage_{s}": np.int64 for s in SERVICE_STAGES}, "bucket": np.int64, "queue_depth": np.int64,
+         "batch": np.int64, "compute0": np.float64, "compute1": np.float64, "form0": np.float64,
+         "form1": np.float64}
+
+
+def _partial(upto: str) -> str:
+    """SQL: the stamp ``upto`` minus the arrival, from the chained offsets (valid where ``upto`` is present)."""
+    return " + ".join(f"coalesce({f}, 0)" for f in STAMPS[:STAMPS.index(upto) + 1])
+
+
+def _select(t0: int) -> str:
+    """The Series columns of one segment's rows, as DuckDB expressions over the stored offsets. A stage whose
+    end stamp directly follows its start stamp (all service stages) is the end's offset when the start is
+    present; arrival to completion is the sum of the offsets (see ``store.schema``)."""
+    for a, b in (STAGES[s] for s in SERVICE_STAGES):
+        assert STAMPS.index(b) == STAMPS.index(a) + 1
+    stage = {s: f"CASE WHEN {a} IS NOT NULL AND {b} >= 0 THEN {b} ELSE -1 END"
+             for s, (a, b) in ((s, STAGES[s]) for s in SERVICE_STAGES)}
+    total = f"CASE WHEN completion_ns IS NOT NULL AND ({_partial('completion_ns')}) >= 0 THEN {_partial('completion_ns')} ELSE -1 END"
+    service = " + ".join(f"greatest({e}, 0)" for e in stage.values())
+    sec = lambda e: f"CAST(t_ns + {e} - {t0} AS DOUBLE) / 1e9"  # noqa: E731
+    comp = "compute_start_ns IS NOT NULL AND compute_end_ns >= 0"
+    form = (f"decode_start_ns IS NOT NULL AND preprocess_end_ns IS NOT NULL AND "
+            f"({_partial('preprocess_end_ns')}) >= ({_partial('decode_start_ns')})")
+    return f"""CAST(t_ns - {t0} AS DOUBLE) / 1e9 AS t, t_ns, request_id, status = 'ok' AS ok, {total} AS total,
+        {', '.join(f"{e} AS stage_{s}" for s, e in stage.items())},
+        CASE WHEN ({total}) >= 0 THEN greatest(({total}) - ({service}), 0) ELSE -1 END AS wait_ns,
+        CAST(CASE WHEN bucket > 0 THEN bucket ELSE greatest(batch_size, 1) END AS BIGINT) AS bucket,
+        CAST(queue_depth AS BIGINT) AS queue_depth, batch_id,
+        CASE WHEN {comp} THEN {sec(_partial('compute_start_ns'))} ELSE 'NaN'::DOUBLE END AS compute0,
+        CASE WHEN {comp} THEN {sec(_partial('compute_end_ns'))} ELSE 'NaN'::DOUBLE END AS compute1,
+        CASE WHEN {form} THEN {sec(_partial('decode_start_ns'))} ELSE 'NaN'::DOUBLE END AS form0,
+        CASE WHEN {form} THEN {sec(_partial('preprocess_end_ns'))} ELSE 'NaN'::DOUBLE END AS form1"""
+
+
+def _fill(c: dict, at: slice, tbl, k: int, links) -> None:
+    """Copy one batch of ``_select`` rows into the Series columns at ``at``; link spans (widening e2e)."""
+    def col(name):
+        return tbl.column(name).to_numpy(zero_copy_only=False)
+
+    for name in ("t", "ok", "wait_ns", "bucket", "queue_depth", "compute0", "compute1", "form0", "form1",
+                 *(f"stage_{s}" for s in SERVICE_STAGES)):
+        c[name][at] = col(name)
+    c["run_idx"][at] = k
+    bid = col("batch_id")
+    c["batch"][at] = np.where(bid >= 0, k * 2**32 + bid, -1)
+    total = col("total")
+    if links is None:
+        c["e2e_ns"][at] = total  # no span: the user saw arrival to completion
+        return
+    ids, s0, s1, per = links
+    rid = col("request_id")
+    j = np.clip(np.searchsorted(ids, rid), 0, max(ids.size - 1, 0))
+    hit = (ids[j] == rid) if ids.size else np.zeros(rid.size, bool)
+    arrival = col("t_ns")
+    start = np.where(hit, np.minimum(arrival, s0[j]), arrival)
+    end = np.where(total >= 0, arrival + total, 0)
+    end = np.where(hit, np.maximum(end, s1[j]), end)
+    c["e2e_ns"][at] = np.where((total >= 0) & (end >= start), end - start, -1)
+    for q, v in enumerate(per):
+        c[f"span_{q}"][at] = np.where(hit, v[j], 0)
+
+
+def series_from_store(store: Store) -> list[Series]:
+    out = []
+    for (host, region), idx in store.groups().items():
+        s = _group(store, f"{host}/{region}" if region else host, idx)
+        if s is not None:
+            out.append(s)
+    return out
+
+
+def _group(store: Store, name: str, idx: list[int]) -> Series | None:
+    con = store.con
+    segs = ", ".join(map(str, idx))
+    where = f"seg IN ({segs}) AND {store.time_where()}"
+    # Runs in the order build_series sorts them: by first arrival on the wall clock.
+    firsts = dict(con.execute(f"SELECT seg, min(t_ns) FROM requests WHERE {where} GROUP BY seg").fetchall())
+    order = sorted((i for i in idx if firsts.get(i) is not None), key=lambda i: (firsts[i], i))
+    if not order:
+        return None
+    t0 = min(firsts[i] for i in order)
+    ridx = {seg: k for k, seg in enumerate(order)}
+    segments: list[Segment] = [store.segments[i] for i in order]
+    con.register("ridx", _ridx_table(ridx, store))
+    where = f"seg IN ({', '.join(map(str, order))}) AND {store.time_where()}"
+
+    span_where = " OR ".join(f"(s.seg = {i} AND s.start_ns >= {lo} AND s.start_ns < {hi})"
+                             for i in order for lo, hi in [_mono_range(store, store.segments[i])])
+    span_names = [r[0] for r in con.execute(f"SELECT DISTINCT name FROM spans s WHERE {span_where} ORDER BY name")
+                  .fetchall()]
+    sec = lambda e: f"CAST(({e}) - {t0} AS DOUBLE) / 1e9"  # noqa: E731
+    counts = dict(con.execute(f"SELECT seg, count(*) FROM requests WHERE {where} GROUP BY seg").fetchall())
+    n = sum(counts.values())
+    c = {k: np.empty(n, dt) for k, dt in _COLS.items()}
+    c.update({f"span_{k}": np.empty(n, np.int64) for k in range(len(span_names))})
+    linked = None
+    if span_names:
+        # Spans link to requests of the same process (run_id), whichever segment each landed in.
+        per_name = ", ".join(f"sum(CASE WHEN name = '{_q(n)}' THEN end_ns - start_ns ELSE 0 END) AS span_{k}"
+                             for k, n in enumerate(span_names))
+        linked = con.sql(f"""
+            SELECT r.run_id, s.request_id, min(s.start_ns + r.wmm) AS s0, max(s.end_ns + r.wmm) AS s1, {per_name}
+            FROM spans s JOIN ridx r USING (seg) WHERE ({span_where}) AND s.request_id >= 0 GROUP BY ALL
+            ORDER BY r.run_id, s.request_id""").to_arrow_table()
+    pos = 0
+    bounds = []
+    cols = _select(t0)
+    # One batch at a time, each segment a plain scan in file order: the peak is the Series plus one batch.
+    for k, seg in enumerate(order):
+        links = _links_of(linked, str(store.segments[seg].meta.get("run_id")), len(span_names))
+        lo = pos
+        reader = con.sql(f"SELECT {cols} FROM {store.source(seg)} WHERE {store.time_where()}").to_arrow_reader(1 << 16)
+        for batch in reader:
+            m = batch.num_rows
+            _fill(c, slice(pos, pos + m), batch, k, links)
+            pos += m
+        del reader
+        t = c["t"][lo:pos]
+        bounds.append((float(t.min()), float(t.max())) if pos > lo else (math.nan, math.nan))
+    if pos != n:
+        raise RuntimeError(f"store: read {pos} requests of {name}, counted {n}")
+    # build_series' order: by arrival, ties in run then record order (a stable sort of the concatenation).
+    if n and np.any(np.diff(c["t"]) < 0):
+        perm = np.argsort(c["t"], kind="stable")
+        for key in c:
+            c[key] = c[key][perm]
+        del perm
+
+    samples = {}
+    rows = con.execute(f"""SELECT source, metric, list({sec('s.ts_ns + x.wmm')} ORDER BY {sec('s.ts_ns + x.wmm')}, x.ridx, s.ts_ns, s.value),
+                                  list(s.value ORDER BY {sec('s.ts_ns + x.wmm')}, x.ridx, s.ts_ns, s.value)
+                           FROM samples s JOIN ridx x USING (seg) WHERE {span_where.replace('start_ns', 'ts_ns')}
+                           GROUP BY source, metric""").fetchall()
+    for src, met, ts, vs in rows:
+        samples[(src, met)] = (np.array(ts, np.float64), np.array([math.nan if v is None else v for v in vs], np.float64))
+    events = [{"t": t, "source": src, "kind": k, "value": float(v), "detail": d} for t, src, k, v, d in con.execute(
+        f"""SELECT {sec('s.ts_ns + x.wmm')} AS t, source, kind, value, detail FROM events s JOIN ridx x USING (seg)
+            WHERE {span_where.replace('start_ns', 'ts_ns')} ORDER BY t, x.ridx, s.ts_ns""").fetchall()]
+    unl: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    if span_names:
+        rows = con.execute(f"""
+            SELECT s.name, {sec('s.start_ns + r.wmm')}, s.end_ns - s.start_ns FROM spans s JOIN ridx r USING (seg)
+            WHERE ({span_where}) AND (s.request_id < 0 OR NOT EXISTS (
+                SELECT 1 FROM requests q JOIN ridx x USING (seg)
+                WHERE x.run_id = r.run_id AND q.request_id = s.request_id))
+            ORDER BY r.ridx, s.start_ns""").fetchall()
+        for nm, a, d in rows:
+            unl.setdefault(nm, ([], []))
+            unl[nm][0].append(a)
+            unl[nm][1].append(d)
+        unl = {k: (np.array(a, np.float64), np.array(d, np.int64)) for k, (a, d) in unl.items()}
+    con.unregister("ridx")
+    for s, k in zip(segments, range(len(segments)), strict=True):
+        s.n_selected = int(np.count_nonzero(c["run_idx"] == k))
+    compute_s = np.column_stack([c.pop("compute0"), c.pop("compute1")])
+    form_s = np.column_stack([c.pop("form0"), c.pop("form1")])
+    return Series(
+        name=name, runs=segments, t0_wall_ns=int(t0), t=c["t"], run_idx=c["run_idx"], ok=c["ok"],
+        e2e_ns=c["e2e_ns"], wait_ns=c["wait_ns"], stage_ns={s: c[f"stage_{s}"] for s in SERVICE_STAGES},
+        bucket=c["bucket"], queue_depth=c["queue_depth"], batch=c["batch"], compute_s=compute_s, form_s=form_s,
+        span_ns={n: c[f"span_{k}"] for k, n in enumerate(span_names)}, unlinked_spans=unl, samples=samples, events=events,
+        run_bounds=bounds)
+
+
+def _links_of(linked, run_id: str, n_spans: int):
+    """(request ids sorted, first span start, last span end, [ns per span name]) of one process, or None."""
+    if linked is None:
+        return None
+    import pyarrow.compute as pc
+
+    rows = linked.filter(pc.equal(linked.column("run_id"), run_id))
+    get = lambda name: rows.column(name).to_numpy()  # noqa: E731
+    return get("request_id"), get("s0"), get("s1"), [get(f"span_{q}") for q in range(n_spans)]
+
+
+def _ridx_table(ridx: dict[int, int], store: Store):
+    import pyarrow as pa
+
+    segs = list(ridx)
+    return pa.table({"seg": pa.array(segs, pa.int64()), "ridx": pa.array([ridx[s] for s in segs], pa.int64()),
+                     "wmm": pa.array([store.segments[s].wall_minus_mono_ns for s in segs], pa.int64()),
+                     "run_id": pa.array([str(store.segments[s].meta.get("run_id")) for s in segs])})
+
+
+def _q(name: str) -> str:
+    return str(name).replace("'", "''")
+
+
+def load_series(runs, *, since=None, until=None, region=None, host=None, label=None):
+    """Series for ``runs``: run files / RunData (``build_series``) and store roots / Stores (the engine).
+
+    The selection (since/until wall-clock ns or text, region/host/label) applies to the stores; given with
+    run files only, it is a ValueError (a run file is selected whole). Returns (series, store info or None):
+    the info holds the selection, what it matched and the store's warnings (files left out, by name)."""
+    from aurora_core.recorder import RunData, load_run
+    from aurora_core.store import Store, is_store, open_store, parse_time
+
+    from .spikes import build_series
+
+    sel = {"since": None if since is None else parse_time(since), "until": None if until is None else parse_time(until),
+           "region": region or None, "host": host or None, "label": label or None}
+    files, roots, stores = [], [], []
+    for r in runs:
+        if isinstance(r, Store):
+            stores.append(r)
+        elif not isinstance(r, RunData) and is_store(r):
+            roots.append(r)
+        else:
+            files.append(r if isinstance(r, RunData) else load_run(r))
+    if roots:
+        stores.append(open_store(roots, **sel))
+    if not stores and any(v is not None for v in sel.values()):
+        raise ValueError("diagnose: --since/--until/--region/--host/--label select within a store, and "
+                         f"{', '.join(str(f.path) for f in files)} is a run file (read whole; `aurora convert` "
+                         "turns it into a store)")
+    series = build_series(files) if files else []
+    info = None
+    for st in stores:
+        st.require("diagnose")
+        series += series_from_store(st)
+        info = info or {"selection": [], "requests": 0, "warnings": [], "overview": []}
+        info["selection"].append(st.describe_selection())
+        info["requests"] += st.count()
+        info["warnings"] += st.warnings
+        info["overview"].append(fleet_overview(st))
+    if sel["since"] is not None and sel["until"] is not None and sel["until"] <= sel["since"]:
+        raise ValueError("diagnose: --until must be later than --since")
+    return series, info
+
+
+def fleet_overview(store: Store, width_s: float | None = None) -> dict:
+    """The store-level answers, from the engine's per-interval aggregates (``Store.intervals``): per region
+    and host the request rate, its peak interval against its median one (did the load rise, by how much),
+    and the worst interval's p99 against the median interval's (where it spiked); and each deployment (a
+    label or config change between a host's segments) with its time."""
+    from aurora_core.store.reader import fmt_ns
+
+    span_s = 0.0
+    segs = store.segments
+    lo = max([x for x in (store.since, min((s.t_first_ns for s in segs), default=None)) if x is not None], default=0)
+    hi = min([x for x in (store.until, max((s.t_last_ns for s in segs), default=None)) if x is not None], default=0)
+    span_s = max((hi - lo) / 1e9, 1e-9)
+    width = width_s or max(10.0, span_s / 60)
+    iv = store.intervals(width)
+    out = {"interval_s": width, "regions": [], "hosts": [], "deployments": store.deployments()}
+    if not iv:
+        return out
+    for level, key in (("regions", ("region",)), ("hosts", ("region", "host"))):
+        names = sorted(set(zip(*(iv[k].tolist() for k in key), strict=True)))
+        for name in names:
+            m = np.ones(iv["requests"].size, bool)
+            for k, v in zip(key, name, strict=True):
+                m &= iv[k] == v
+            # Per interval across the level's hosts: sum the counts; p99 as the worst host's (a bound).
+            starts, inv = np.unique(iv["start_ns"][m], return_inverse=True)
+            req = np.bincount(inv, weights=iv["requests"][m])
+            p99 = np.full(starts.size, np.nan)
+            np.fmax.at(p99, inv, iv["p99_ms"][m])
+            full = req[:-1] if req.size > 2 else req  # the last interval is usually cut short
+            med_rate = float(np.median(full)) / width
+            peak = int(np.argmax(full))
+            good = ~np.isnan(p99)
+            worst = int(np.nanargmax(p99)) if good.any() else 0
+            out[level].append({
+                "name": "/".join(name), "requests": int(req.sum()), "rate_per_s": float(req.sum()) / span_s,
+                "median_rate_per_s": med_rate, "peak_rate_per_s": float(full[peak]) / width,
+                "peak_at": fmt_ns(int(starts[peak])),
+                "p99_median_ms": float(np.median(p99[good])) if good.any() else math.nan,
+                "p99_worst_ms": float(p99[worst]) if good.any() else math.nan, "p99_worst_at": fmt_ns(int(starts[worst]))})
+    return out
+
+
+def overview_lines(ov: dict, top: int = 8) -> list[str]:
+    lines = [f"== fleet: per-interval figures over {ov['interval_s']:.0f} s intervals (computed in the store's engine)"]
+    for level in ("regions", "hosts"):
+        rows = ov[level]
+        if level == "hosts":
+            rows = sorted(rows, key=lambda r: -(r["p99_worst_ms"] / r["p99_median_ms"] if r["p99_median_ms"] > 0 else 0))
+            if len(rows) > top:
+                lines.append(f"   hosts: the {top} with the largest worst/median p99 of {len(rows)}")
+            rows = rows[:top]
+        for r in rows:
+            rise = r["peak_rate_per_s"] / r["median_rate_per_s"] - 1 if r["median_rate_per_s"] > 0 else math.nan
+            lines.append(f"   {level[:-1]} {r['name']}: {r['requests']:,} requests, {r['median_rate_per_s']:.0f}/s median, "
+                         f"peak {r['peak_rate_per_s']:.0f}/s ({rise:+.0%}) at {r['peak_at']}; p99 {r['p99_median_ms']:.1f} ms "
+                         f"median, worst {r['p99_worst_ms']:.1f} ms at {r['p99_worst_at']}")
+    if ov["deployments"]:
+        for d in ov["deployments"]:
+            what = f"label {d['from']} -> {d['to']}" + (" and config" if d["config_changed"] else "")
+            lines.append(f"   deployment on {d['host']}/{d['region']} at {d['at']}: {what}")
+    else:
+        lines.append("   deployments: no label or config change in the selection")
+    return lines
