@@ -101,7 +101,7 @@ def _dependency(tmp_path):
 CASES = {  # case -> (runs, the card that must name it, words its answer must hold)
     "regression": (_regression, "Deployment", ["label", "lines up"]),
     "load": (_load_rise, "Traffic", ["arrivals rose", "queueing explains"]),
-    "confined": (_confined, "Where", ["confined to us", "1 of 3 hosts"]),
+    "confined": (_confined, "Where", ["confined to us", "1 of 3 hosts with data"]),
     "dependency": (_dependency, "Dependencies", ["auth_service", "grew"]),
 }
 
@@ -146,3 +146,44 @@ def test_diagnose_page_in_chromium(tmp_path, case):
         assert "The fleet at a glance" in page["text"]
         # the most deviating host comes first in the small multiples
         assert page["text"].index("h0/us: p99") < page["text"].index("h1/eu")
+
+
+def _win(name, affected, unaffected, no_data=()):
+    return {"start_s": 1.0, "end_s": 2.0, "p_value": 1e-5, "verdict": "inconclusive", "causes": [], "checked": [],
+            "confinement": {"affected": affected, "unaffected": unaffected, "no_data": list(no_data),
+                            "confined": bool(unaffected)}}
+
+
+def test_where_card_says_what_the_text_report_says():
+    """A spikes while B is calm, later B while A is calm: each spike is confined (the text's "yes"), not
+    fleet-wide; a host without data at the time is neither affected nor spared."""
+    from aurora_core.diagnose.html import _where_card
+    from aurora_core.diagnose.report import answers
+
+    data = {"series": [{"name": "a/us", "windows": [_win("a/us", ["a/us"], ["b/eu"])]},
+                       {"name": "b/eu", "windows": [_win("b/eu", ["b/eu"], ["a/us"])]}]}
+    wins = [(e["name"], w) for e in data["series"] for w in e["windows"]]
+    card = _where_card(data, wins)
+    assert card.status == "yes" and answers(data)[2].startswith("confined to some hosts/regions: yes")
+    assert card.answer == "confined to us (1 of 2 hosts with data)" and "1 more confined" in card.detail
+    data = {"series": [{"name": "a/us", "windows": [_win("a/us", ["a/us"], [], no_data=["b/eu"])]},
+                       {"name": "b/eu", "windows": []}]}
+    card = _where_card(data, [("a/us", data["series"][0]["windows"][0])])
+    assert card.status == "no" and "no (" in answers(data)[2]
+
+
+def test_memory_verdict_panel_shows_gpu_memory_used_fraction(tmp_path):
+    from aurora_core.diagnose.html import _host_plots
+
+    def samples(t0):
+        return [Sample(t0 + int(k * 0.1e9), "gpu0", {"mem_used_bytes": (79.5 if k * 0.1 >= STEP else 40.0) * 2**30,
+                                                      "mem_total_bytes": 80.0 * 2**30}) for k in range(110)]
+
+    run = simulate_run(tmp_path / "m", _arr(40, 3), meta={"label": "v1"},
+                       item_ms=lambda t: 12.0 if t >= STEP else 6.0, samples=samples, seed=3)
+    res = diagnose([run])
+    entry = res.data["series"][0]
+    assert any(w["verdict"] == "memory" for w in entry["windows"]), res.data["summary"]
+    plots = _host_plots(res.series[0], res.detections[0], entry, 0.0)
+    mem = next(p for p in plots if "Memory pressure" in p.title)
+    assert not mem.empty and np.nanmax(mem.lines["gpu0 memory used fraction"]) > 0.95

@@ -31,7 +31,7 @@ _TELEMETRY = {  # verdict -> [(panel title, unit, [(source prefix, metric, line 
     "hardware_idle_clocks": [("GPU SM clock", "MHz", [("gpu", "sm_clock_mhz", "SM clock")])],
     "memory": [("Memory pressure", "", [("cpu", "psi_mem_some_avg10", "PSI memory some (avg10)"),
                                         ("cpu", "swap_used_bytes", "swap used (bytes)"),
-                                        ("gpu", "mem_used_frac", "GPU memory used fraction")])],
+                                        ("gpu", "mem_used_frac", "")])],
 }
 
 
@@ -58,7 +58,8 @@ def _marks(s: Series, shift: float) -> list:
 
 def _sample_line(s: Series, prefix: str, metric: str, edges: np.ndarray) -> dict[str, np.ndarray]:
     """Interval means of a telemetry metric (every source starting with ``prefix``; a metric ending in
-    ``_`` matches every metric with that stem). Derived CPU lines: proc_cores, other_cores."""
+    ``_`` matches every metric with that stem). Derived lines: proc_cores, other_cores (CPU) and
+    mem_used_frac (GPU memory used / total, what the memory cause judges)."""
     if prefix == "cpu" and metric in ("proc_cores", "other_cores"):
         own, util = s.samples.get(("cpu", "proc_cpu_pct")), s.samples.get(("cpu", "cpu_util_pct"))
         if own is None:
@@ -69,6 +70,12 @@ def _sample_line(s: Series, prefix: str, metric: str, edges: np.ndarray) -> dict
             return {}
         return {"": binned(own[0], np.maximum(util[1] / 100 * s.cores - own[1] / 100, 0), edges)}
     out = {}
+    if metric == "mem_used_frac":
+        for (src, m), (ts, used) in sorted(s.samples.items()):
+            total = s.samples.get((src, "mem_total_bytes"))
+            if src.startswith(prefix) and m == "mem_used_bytes" and total is not None and total[0].size == ts.size:
+                out[f"{src} memory used fraction"] = binned(ts, used / np.maximum(total[1], 1), edges)
+        return out
     for (src, m), (ts, vals) in sorted(s.samples.items()):
         hit = m.startswith(metric) if metric.endswith("_") else m == metric
         if src.startswith(prefix) and hit and ts.size and np.nanmax(np.abs(vals)) > 0:
@@ -269,20 +276,27 @@ def _where_card(data: dict, wins) -> Card:
         return Card("Where", f"one host in the data ({hosts[0]})", status="inconclusive",
                     detail="give diagnose runs or stores of several hosts or regions to see whether a spike is "
                            "confined")
-    affected = set()
-    for n, w in wins:
-        affected |= set((w.get("confinement") or {}).get("affected", [n]))
-    unaffected = sorted(set(hosts) - affected)
-    if not unaffected:
-        return Card("Where", f"fleet-wide: all {len(hosts)} hosts", f"{len(hosts)}/{len(hosts)} hosts", status="no")
-    region = {h: h.split("/", 1)[1] if "/" in h else "" for h in hosts}
-    hit = sorted({region[h] for h in affected})
-    # Name regions when the spike covers whole regions and nothing outside them, else the hosts.
-    whole = all(region[h] and all(x in affected for x in hosts if region[x] == region[h]) for h in affected)
-    where = ", ".join(hit) if whole else ", ".join(sorted(affected))
+    # The same rule as the text report (report.answers): the first window whose spike some host with data
+    # at that time did not share; hosts without data then are neither affected nor spared.
+    hit = [(n, w["confinement"]) for n, w in wins if (w.get("confinement") or {}).get("confined")]
+    if not hit:
+        return Card("Where", "not confined: seen on every host/region with data", status="no",
+                    detail=f"checked {len(wins)} spike window(s) on {len(hosts)} hosts")
+    n, conf = hit[0]
+    affected, unaffected = list(conf["affected"]), list(conf["unaffected"])
+    with_data = affected + unaffected
+    region = {h: h.split("/", 1)[1] if "/" in h else "" for h in with_data}
+    # Name regions when the spike covers whole regions (of the hosts with data) and nothing outside them.
+    whole = all(region[h] and all(x in affected for x in with_data if region[x] == region[h]) for h in affected)
+    where = ", ".join(sorted({region[h] for h in affected})) if whole else ", ".join(affected)
     spared = sorted({region[h] for h in unaffected}) if whole else unaffected
-    return Card("Where", f"confined to {where} ({len(affected)} of {len(hosts)} hosts)",
-                f"{len(affected)}/{len(hosts)} hosts", status="yes", detail="unaffected: " + ", ".join(spared))
+    detail = "unaffected: " + ", ".join(spared)
+    if conf.get("no_data"):
+        detail += "; no data at that time: " + ", ".join(conf["no_data"])
+    if len(hit) > 1:
+        detail += f"; {len(hit) - 1} more confined window(s)"
+    return Card("Where", f"confined to {where} ({len(affected)} of {len(with_data)} hosts with data)",
+                f"{len(affected)}/{len(with_data)} hosts", status="yes", detail=detail)
 
 
 def _confidence(w: dict, c: dict) -> str:
