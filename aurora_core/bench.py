@@ -550,9 +550,9 @@ def _build_target(args, device: str, model: str, buckets, gate: _Gate):
         kw["max_queue_size"] = 1 << 20
     net = _load_model(model, args.weights)
     try:
-        # jit_freeze as Pipeline picks it for a model given by name: freeze torchvision models, not files
+        # The compiled model from the first request on (a cold compile blocks here), unless AURORA_COMPILE says
         pipe = Pipeline(model=net, batching=BatchingConfig(**kw), device=device, dtype=args.dtype, sink=gate,
-                        jit_freeze=not os.path.exists(model))
+                        compile=None if "AURORA_COMPILE" in os.environ else True)
     except Exception as e:
         raise BenchError(f"cannot build the pipeline (--device {args.device}, model {model}"
                          f"{', --dtype ' + args.dtype if args.dtype else ''}): {_one_line(e)}") from e
