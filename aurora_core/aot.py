@@ -76,11 +76,13 @@ def cache_dir() -> str:
 
 def model_identity(model: nn.Module) -> dict:
     """What makes two modules compute the same function: every class in the tree with a hash of its
-    source (a changed forward() is another model), the printed structure, and a hash of the weights
-    and buffers. Attributes forward() reads outside these are not seen: the load-time check against eager
-    is the guard for them."""
-    classes = {}
+    source (a changed forward() is another model), the printed structure with each module's plain
+    attributes (flags, sizes), and a hash of the weights and buffers. State forward() reads outside these
+    (a list, an object) is not seen: the runner's check against eager on every load is the guard there."""
+    classes, plain = {}, []
     for m in model.modules():
+        plain.append(sorted((k, repr(v)) for k, v in vars(m).items()
+                            if not k.startswith("_") and isinstance(v, bool | int | float | str | tuple | None)))
         cls = type(m)
         name = f"{cls.__module__}.{cls.__qualname__}"
         if name not in classes:
@@ -93,10 +95,11 @@ def model_identity(model: nn.Module) -> dict:
     for k, v in model.state_dict().items():
         h.update(k.encode())
         if isinstance(v, torch.Tensor):
-            t = v.detach().cpu().contiguous()
+            t = v.detach().cpu().contiguous().reshape(-1)
             h.update(f"{t.dtype}{tuple(t.shape)}".encode())
             h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return {"classes": classes, "structure": hashlib.blake2b(repr(model).encode(), digest_size=8).hexdigest(),
+    structure = repr(model) + repr(plain)
+    return {"classes": classes, "structure": hashlib.blake2b(structure.encode(), digest_size=8).hexdigest(),
             "weights": h.hexdigest()}
 
 
@@ -145,19 +148,24 @@ def load_cached(meta: dict, root: str | None = None):
         return None
 
 
-def build(head: nn.Module, example: torch.Tensor, max_batch: int, meta: dict, root: str | None = None,
-          progress=None):
-    """Export ``head`` (example: one input batch of >= 2 rows) with a dynamic batch dim 1..max_batch,
-    compile it with AOTInductor (freezing on), store it under its key and load it. Raises what
-    torch.export or Inductor raise (e.g. on data-dependent Python control flow)."""
+def export(head: nn.Module, example: torch.Tensor, max_batch: int):
+    """torch.export of ``head`` (example: one input batch of >= 2 rows) with a dynamic batch dimension
+    1..max_batch. Raises what torch.export raises (e.g. on Python control flow on tensor values). Not on a
+    side thread while the same module serves: non-strict export swaps its parameters for fake tensors."""
+    # The example has >= 2 rows: torch.export specialises a dimension that is 1 in the example.
+    batch = torch.export.Dim("batch", min=1, max=max(2, int(max_batch)))
+    with torch.no_grad():
+        return torch.export.export(head, (example,), dynamic_shapes=({0: batch},), strict=False)
+
+
+def build(ep, meta: dict, root: str | None = None, progress=None):
+    """Compile the ExportedProgram ``ep`` with AOTInductor (freezing on), store it under its key in the
+    cache and load it. Raises what Inductor raises."""
     say = progress or (lambda msg: None)
     root = root or cache_dir()
     os.makedirs(root, exist_ok=True)
-    # The example has >= 2 rows: torch.export specialises a dimension that is 1 in the example.
-    batch = torch.export.Dim("batch", min=1, max=max(2, int(max_batch)))
-    with _build_lock, torch.no_grad():
-        say("exporting")
-        ep = torch.export.export(head, (example,), dynamic_shapes=({0: batch},), strict=False)
+    entry = os.path.join(root, cache_key(meta))
+    with _build_lock:
         tmp = tempfile.mkdtemp(prefix=".build-", dir=root)
         try:
             say("compiling with AOTInductor")
@@ -167,7 +175,6 @@ def build(head: nn.Module, example: torch.Tensor, max_batch: int, meta: dict, ro
                     ep, package_path=os.path.join(tmp, "model.pt2"), inductor_configs={"freezing": True})
             with open(os.path.join(tmp, "meta.json"), "w") as f:
                 json.dump(meta, f, sort_keys=True)
-            entry = os.path.join(root, cache_key(meta))
             shutil.rmtree(entry, ignore_errors=True)
             with contextlib.suppress(OSError):  # another process won the race: its entry is as good
                 os.replace(tmp, entry)

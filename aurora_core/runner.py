@@ -182,7 +182,8 @@ class _TopK(nn.Module):
         logits = self.model(x)
         if isinstance(logits, tuple | list):  # e.g. inception aux outputs
             logits = logits[0]
-        return torch.topk(torch.softmax(logits.float(), dim=1), self.k, dim=1)
+        p, i = torch.topk(torch.softmax(logits.float(), dim=1), self.k, dim=1)
+        return p, i  # a plain tuple: torch.export cannot serialise torch.return_types.topk
 
 
 @dataclass
@@ -307,10 +308,10 @@ class Runner:
         """Load the compiled head from the disk cache, or build it: here, or on a side thread while eager
         serves (``background``). Progress goes to the log."""
         head = _TopK(self.model, self.k, self.dtype, False)  # layouts are Inductor's choice after freezing
-        meta = aot.cache_meta(self.model, dtype=self.dtype, device=self.device, input_shape=self.input_shape,
-                              input_dtype=self.input_dtype, max_batch=self.buckets[-1], k=self.k)
         name = type(self.model).__name__
         try:
+            meta = aot.cache_meta(self.model, dtype=self.dtype, device=self.device, input_shape=self.input_shape,
+                                  input_dtype=self.input_dtype, max_batch=self.buckets[-1], k=self.k)
             fn = aot.load_cached(meta, self._cache_dir)
         except Exception as e:  # noqa: BLE001 - e.g. an unwritable cache: serve eager
             self._compile_failed(name, e)
@@ -318,28 +319,35 @@ class Runner:
         if fn is not None:
             self._adopt(fn, "cache", name)
             return
-        self.compile_state = "compiling"
-        if background:
-            log.info("Runner: compiling %s ahead of time on a side thread; serving it eager until then", name)
-            threading.Thread(target=self._build, args=(head, meta, name), name="aurora-compile", daemon=True).start()
-        else:
-            self._build(head, meta, name)
-
-    def _build(self, head: nn.Module, meta: dict, name: str) -> None:
         t0 = time.monotonic()
-
-        def progress(stage):
-            log.info("Runner: compiling %s: %s (%.0f s)", name, stage, time.monotonic() - t0)
-
+        log.info("Runner: compiling %s ahead of time: exporting", name)
         g = torch.Generator().manual_seed(0)
         example = torch.randn((2, *self.input_shape), generator=g).to(self.input_dtype)
         try:
-            fn = aot.build(head, example, self.buckets[-1], meta, self._cache_dir, progress)
+            ep = aot.export(head, example, self.buckets[-1])
+        except Exception as e:  # noqa: BLE001 - an optimisation; eager always works
+            self._compile_failed(name, e)
+            return
+        self.compile_state = "compiling"
+        if background:
+            log.info("Runner: compiling %s on a side thread; serving it eager until then", name)
+            threading.Thread(target=self._build, args=(ep, meta, name, t0), name="aurora-compile",
+                             daemon=True).start()
+        else:
+            self._build(ep, meta, name, t0)
+
+    def _build(self, ep, meta: dict, name: str, t0: float) -> None:
+        def progress(stage):
+            log.info("Runner: compiling %s: %s (%.0f s)", name, stage, time.monotonic() - t0)
+
+        try:
+            fn = aot.build(ep, meta, self._cache_dir, progress)
         except Exception as e:  # noqa: BLE001 - an optimisation; eager always works
             self._compile_failed(name, e)
             return
         self._adopt(fn, "built", name)
-        log.info("Runner: %s compiled in %.0f s", name, time.monotonic() - t0)
+        log.info("Runner: %s compiled in %.0f s; serving it %s", name, time.monotonic() - t0,
+                 "compiled" if self.compiled is not None else "eager")
 
     def _compile_failed(self, name: str, e: BaseException) -> None:
         log.warning("Runner: %s cannot be compiled ahead of time (%s: %s); running it eager", name,
