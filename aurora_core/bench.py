@@ -67,7 +67,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "mobilenet_v3_small on CPU)")
     g.add_argument("--weights", default=None, help="local state_dict for --model (default: seeded random init)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 (default auto)")
-    g.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="model dtype")
+    g.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16", "auto"], help="model dtype")
     g.add_argument("--max-batch-size", type=number(int, ge=1), default=None,
                    help=f"most requests in one model call (default {d['max_batch_size']})")
     g.add_argument("--max-queue-delay-us", type=number(int, ge=0), default=None,

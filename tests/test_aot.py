@@ -188,12 +188,24 @@ def test_an_aoti_package_is_accepted_as_a_model_file(tmp_path):
 
 
 def test_agreement_of_the_compiled_model_with_fp32_eager(cache):
-    """The agreement rule's measurement, fp32 eager vs fp32 compiled, on >= 200 photo variants."""
+    """The agreement rule's measurement, fp32 eager vs fp32 compiled, on >= 200 photo variants; and that it
+    can fail. (A random-init model gives nearly one class for every photo, so the figures that mean
+    something are benchmarks/compiled_vs_traced.py's, on BatchNorm-calibrated torchvision models.)"""
     r = Runner(Branchy(), buckets=BUCKETS, input_shape=SHAPE, top_k=3, compile=True, cache_dir=cache)
     x = agreement_images(SHAPE[-1])
     assert x.shape == (200, *SHAPE) and x.std() > 0.3
     a = agreement(r.head, r.compiled, x, batch=4)
     assert a.n == 200 and a.passes() and a.top1 == 1.0 and a.max_prob_diff < 1e-4
+
+    def every_other_wrong(x):
+        p, i = r.compiled(x)
+        i = i.clone()
+        i[::2, 0] += 1
+        return p * 0.5, i
+
+    a = agreement(r.head, every_other_wrong, x, batch=4)
+    assert a.top1 == 0.5 and not a.passes() and a.max_prob_diff > 0.1
+    assert not agreement(r.head, r.compiled, x[:100], batch=4).passes()  # 100% but on too few images
 
 
 @pytest.mark.slow
