@@ -220,3 +220,25 @@ def test_torchvision_archs_compiled_match_eager(arch, tmp_path):
     out = serve(r, x)
     p, _ = eager(load_model(arch), x, 5)
     torch.testing.assert_close(torch.tensor(out.probs), p, rtol=1e-3, atol=1e-5)
+
+
+def test_a_pipeline_serves_the_cached_package(cache, monkeypatch):
+    """Pipeline(compile=...) reaches the runner; the package comes from $AURORA_CACHE_DIR (the fixture's)."""
+    from aurora_core import samples
+    from aurora_core.batching import BatchingConfig
+    from aurora_core.ops.preprocess import PreprocessSpec
+    from aurora_core.pipeline import Pipeline
+
+    monkeypatch.setenv("AURORA_CACHE_DIR", cache)
+    spec, cfg = PreprocessSpec(resize=18, crop=16), BatchingConfig(max_batch_size=4, bucket_sizes=(1, 2, 4))
+    data = samples.sample_bytes("0.3mp")
+    with Pipeline(Branchy(), spec, cfg, device="cpu", top_k=3, compile="background") as p:
+        assert p.runner.compile_state == "compiled" and p.runner.compile_source == "cache"
+        got = p.infer(data, timeout=30)
+        assert p.runner.counters["compiled_runs"] == 1
+    with Pipeline(Branchy(), spec, cfg, device="cpu", top_k=3, compile=False) as p:
+        want = p.infer(data, timeout=30)
+        assert p.runner.compiled is None and p.runner.counters["eager_runs"] == 1
+    assert [c for c, _ in got.top_k] == [c for c, _ in want.top_k]
+    torch.testing.assert_close(torch.tensor([q for _, q in got.top_k]), torch.tensor([q for _, q in want.top_k]),
+                               rtol=1e-4, atol=1e-5)
