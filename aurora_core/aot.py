@@ -35,6 +35,11 @@ log = logging.getLogger(__name__)
 # Flags that change which kernels Inductor and oneDNN generate; the rest of /proc/cpuinfo's flags do not.
 _FEATURE_PREFIXES = ("sse", "ssse3", "avx", "fma", "f16c", "amx", "vnni", "bmi", "popcnt")
 
+# dynamic_threads: the generated loops take the calling thread's OpenMP thread count, as ATen's ops there
+# do; by default Inductor bakes in the compiling thread's torch.get_num_threads(), which a side thread
+# or another process need not share with the threads that serve.
+INDUCTOR_CONFIGS = {"freezing": True, "cpp.dynamic_threads": True}
+
 _build_lock = threading.Lock()   # one compile at a time per process: two would halve each other's CPU
 
 
@@ -107,7 +112,7 @@ def cache_meta(model: nn.Module, *, dtype: torch.dtype, device: torch.device, in
                max_batch: int, k: int) -> dict:
     return {"model": model_identity(model), "dtype": str(dtype), "device": str(device),
             "input_shape": list(input_shape), "input_dtype": str(input_dtype), "max_batch": int(max_batch),
-            "k": int(k), "torch": torch_version(), "cpu": cpu_features()}
+            "k": int(k), "torch": torch_version(), "cpu": cpu_features(), "inductor": dict(INDUCTOR_CONFIGS)}
 
 
 def cache_key(meta: dict) -> str:
@@ -172,7 +177,7 @@ def build(ep, meta: dict, root: str | None = None, progress=None):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)  # "No CUDA runtime is found" on CPU-only hosts
                 torch._inductor.aoti_compile_and_package(
-                    ep, package_path=os.path.join(tmp, "model.pt2"), inductor_configs={"freezing": True})
+                    ep, package_path=os.path.join(tmp, "model.pt2"), inductor_configs=dict(INDUCTOR_CONFIGS))  # it adds keys to the dict
             with open(os.path.join(tmp, "meta.json"), "w") as f:
                 json.dump(meta, f, sort_keys=True)
             shutil.rmtree(entry, ignore_errors=True)

@@ -94,7 +94,9 @@ def main(argv=None):
             rb = Runner(calibrated(name, imgs), dtype="bf16", buckets=(1, a.batch), top_k=5, compile=True)
             print(f"{name} bf16: compile {rb.compile_state} from {rb.compile_source} in "
                   f"{time.monotonic() - t:.1f} s", flush=True)
-            fns.update({"eager_bf16": rb.head, "compiled_bf16": rb.compiled})
+            fns["eager_bf16"] = rb.head
+            if rb.compiled is not None:
+                fns["compiled_bf16"] = rb.compiled
         x = torch.randn((a.batch, 3, 224, 224), generator=torch.Generator().manual_seed(0))
         ms = per_image_ms(fns, x, a.reps)
         base = ms["compiled"]
@@ -102,6 +104,8 @@ def main(argv=None):
             f"{k} {v:.2f} ({v / base:.2f}x compiled)" for k, v in ms.items()), flush=True)
         print(f"{name}: compiled fp32 vs eager fp32: {agreement(r.head, r.compiled, imgs)}", flush=True)
         if a.bf16:
+            print(f"{name}: eager bf16 vs eager fp32: {agreement(r.head, rb.head, imgs)}", flush=True)
+        if a.bf16 and rb.compiled is not None:
             print(f"{name}: compiled bf16 vs eager fp32: {agreement(r.head, rb.compiled, imgs)}", flush=True)
 
 
