@@ -141,7 +141,7 @@ def load_cached(meta: dict, root: str | None = None):
                    f"{meta['torch']} on {meta['cpu']!r}")
         else:
             why = "its meta.json is missing, unreadable or names another model"
-        log.warning("aot: cache entry %s is %s; rebuilding it", entry, why)
+        log.warning("aot: cache entry %s: %s; rebuilding it", entry, why)
         shutil.rmtree(entry, ignore_errors=True)
         return None
     try:

@@ -147,6 +147,7 @@ def test_a_package_built_for_another_torch_or_cpu_is_rebuilt_not_loaded(cache, m
     assert len(builds) == 1 and r.compile_state == "eager"  # it went to build, not to the stale package
 
 
+@pytest.mark.slow  # a real rebuild: 20-40 s on 2 shared cores
 def test_a_corrupt_entry_is_rebuilt_with_a_warning_in_the_background(cache, tmp_path, caplog):
     """Also: a background compile serves eager until the package is ready, then the package."""
     root = str(tmp_path / "c")
