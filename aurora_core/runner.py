@@ -260,6 +260,8 @@ class Runner:
         # channels_last pays off for convnets on tensor cores, and on the CPU with oneDNN too: mobilenet_v3_small
         # at batch 16, 1 thread, 16.9 -> 12.3 ms CPU per image on the 2-core dev box.
         self.channels_last = True if channels_last is None else bool(channels_last)
+        if getattr(model, "precompiled", False):
+            self.channels_last = False  # an AOTInductor package reads its inputs with the strides it was built for
         try:
             model.eval()
         except (NotImplementedError, RuntimeError):  # torch.export modules refuse eval(); they are inference graphs
