@@ -67,7 +67,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "mobilenet_v3_small on CPU)")
     g.add_argument("--weights", default=None, help="local state_dict for --model (default: seeded random init)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 (default auto)")
-    g.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="model dtype")
+    g.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16", "auto"], help="model dtype")
     g.add_argument("--max-batch-size", type=number(int, ge=1), default=None,
                    help=f"most requests in one model call (default {d['max_batch_size']})")
     g.add_argument("--max-queue-delay-us", type=number(int, ge=0), default=None,
@@ -566,9 +566,9 @@ def _build_target(args, device: str, model: str, buckets, gate: _Gate):
         kw["max_queue_size"] = 1 << 20
     net = _load_model(model, args.weights)
     try:
-        # jit_freeze as Pipeline picks it for a model given by name: freeze torchvision models, not files
+        # The compiled model from the first request on (a cold compile blocks here), unless AURORA_COMPILE says
         pipe = Pipeline(model=net, batching=BatchingConfig(**kw), device=device, dtype=args.dtype, sink=gate,
-                        jit_freeze=not os.path.exists(model))
+                        compile=None if "AURORA_COMPILE" in os.environ else True)
     except Exception as e:
         raise BenchError(f"cannot build the pipeline (--device {args.device}, model {model}"
                          f"{', --dtype ' + args.dtype if args.dtype else ''}): {_one_line(e)}") from e

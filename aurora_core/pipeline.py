@@ -47,7 +47,7 @@ import torch
 from aurora_core.batching import Batcher, BatchingConfig, Request
 from aurora_core.errors import AuroraError, DeviceLost, ImageError, PipelineClosed, ResourceExhausted
 from aurora_core.records import RequestRecord, current_request, now_ns
-from aurora_core.runner import Runner, load_model, resolve_dtype
+from aurora_core.runner import Runner, default_compile, load_model, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -91,15 +91,18 @@ class Pipeline:
         admission. Needs CUDA and device preprocessing, which then reads the decoded planes in place; other
         formats and images nvJPEG rejects are decoded on the CPU by the same call, with the same limits and
         errors. "auto" uses it when nvJPEG works here. A GpuDecoder instance is used as given.
-    jit_freeze: on the CPU, trace + freeze the model (None: only for torchvision architecture names, whose
-        forward() traces faithfully; a user module may have Python control flow that tracing would drop).
+    compile: on the CPU, run the model compiled ahead of time (torch.export + AOTInductor, cached on disk by
+        model, weights, dtype, torch version and CPU; ``aurora_core/aot.py``): True blocks start-up until it is
+        loaded or built, "background" serves eager until it is ready, False never. None: $AURORA_COMPILE
+        (off, on, background) when set, else "background". A model torch.export cannot capture (e.g.
+        control flow on tensor values) stays eager, with a warning. jit_freeze: its former name.
     """
 
     def __init__(self, model=None, spec=None, batching: BatchingConfig | None = None, device="auto", dtype=None, *,
                  weights=None, top_k: int = 5, sink=None, cpu_fallback: bool = False, num_workers: int | None = None,
                  fast_decode: bool = True, fast_gap: float = 4, decode_limits: dict | None = None, cuda_graphs: bool = True,
                  channels_last: bool | None = None, device_preprocess: str | bool | None = "auto", seed: int = 0,
-                 jit_freeze: bool | None = None, gpu_decode="off"):
+                 compile: bool | str | None = None, jit_freeze: bool | None = None, gpu_decode="off"):
         from aurora_core.ops.preprocess import PreprocessSpec, fast_min_size
 
         if spec is not None and not isinstance(spec, PreprocessSpec):
@@ -134,12 +137,12 @@ class Pipeline:
         self._fast_gap = fast_gap
         self._limits = _decode_limits(decode_limits)
         self._cpu_fallback = cpu_fallback
-        if jit_freeze is None:
-            jit_freeze = isinstance(model, str) and not os.path.exists(model)
+        if compile is None:
+            compile = default_compile() if jit_freeze is None else bool(jit_freeze)
         self._runner_kw = dict(dtype=dtype, buckets=self.config.bucket_sizes,
                                input_shape=(3, self.spec.crop, self.spec.crop), input_dtype=self.spec.dtype,
                                top_k=top_k, channels_last=channels_last, cuda_graphs=cuda_graphs,
-                               jit_freeze=jit_freeze)
+                               compile=compile)
         mode = _preprocess_mode(device_preprocess)
         if isinstance(gpu_decode, str | bool) or gpu_decode is None:
             _preprocess_mode(gpu_decode, "gpu_decode")  # a bad value fails before the model loads
@@ -741,8 +744,10 @@ class Pipeline:
             if self._cpu_fallback and self._fallback_net is not None:
                 log.error("Pipeline: device %s lost (%s); continuing on the CPU", old.device, exc)
                 kw = dict(self._runner_kw)
-                if kw["dtype"] not in (None, "bf16", "bfloat16", torch.bfloat16):
-                    kw["dtype"] = None  # fp16 on the CPU is slower than fp32, when it runs at all
+                from aurora_core.aot import cpu_has_bf16
+
+                if resolve_dtype(kw["dtype"]) != torch.bfloat16 or not cpu_has_bf16():
+                    kw["dtype"] = None  # fp16 on the CPU is slower than fp32, bf16 too without AVX512-BF16/AMX
                 net, self._fallback_net = self._fallback_net, None
                 self._retired.update(old.counters)
                 # Cleared before the swap: a batch worker reads the runner, then this flag (_prepare).

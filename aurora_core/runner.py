@@ -11,6 +11,12 @@ as failed, its batch-mates are served. A sticky device error (illegal address, d
 ``DeviceLost``: the device is unusable and the pipeline decides what happens next. Any other error of
 the model, or logits with another batch size than the input's, raises ``ModelError``.
 
+On the CPU (``compile=True`` or ``"background"``) the runner serves the model compiled ahead of time:
+``aot.py`` exports the head (model + softmax + top-k) with a dynamic batch dimension and compiles it with
+AOTInductor, cached on disk. ``"background"`` compiles on a side thread and serves eager until the package
+is ready; every package is checked against eager on each bucket before it serves. ``dtype="auto"`` is fp32,
+or bf16 on a CPU with AVX512-BF16 / AMX where bf16 passes ``agreement.py``'s rule.
+
 When the pipeline preprocesses on the device, ``preprocess_spec`` makes the warm-up also compile and
 autotune the Triton preprocessing kernel for that spec, so that the first batch does not pay for it.
 
@@ -21,15 +27,17 @@ the next ``count`` model executions with at least ``min_rows`` rows raise an inj
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import threading
-import warnings
+import time
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from aurora_core import aot
 from aurora_core.errors import AuroraError, DeviceLost, ModelError
 from aurora_core.records import now_ns
 
@@ -66,13 +74,23 @@ def is_sticky(exc: BaseException) -> bool:
 
 
 def resolve_dtype(dtype) -> torch.dtype:
-    if dtype is None:
+    """fp32 / fp16 / bf16 by name or torch dtype; None and "auto" (the Runner may pick bf16) are fp32."""
+    if dtype is None or (isinstance(dtype, str) and dtype.lower() == "auto"):
         return torch.float32
     if isinstance(dtype, torch.dtype) and dtype in (torch.float32, torch.float16, torch.bfloat16):
         return dtype
     if isinstance(dtype, str) and dtype.lower() in DTYPES:
         return DTYPES[dtype.lower()]
-    raise ValueError(f"Runner: dtype must be fp32, fp16 or bf16 (or the torch dtype), got {dtype!r}")
+    raise ValueError(f"Runner: dtype must be fp32, fp16, bf16 or auto (or the torch dtype), got {dtype!r}")
+
+
+def default_compile() -> bool | str:
+    """Pipeline's compile=None: $AURORA_COMPILE (off / on / background), else "background"."""
+    v = os.environ.get("AURORA_COMPILE", "background").strip().lower()
+    modes = {"off": False, "0": False, "false": False, "on": True, "1": True, "true": True, "background": "background"}
+    if v not in modes:
+        raise ValueError(f"AURORA_COMPILE must be off, on or background, got {v!r}")
+    return modes[v]
 
 
 def load_weights(net: nn.Module, weights: str) -> nn.Module:
@@ -99,10 +117,35 @@ def load_weights(net: nn.Module, weights: str) -> nn.Module:
     return net
 
 
+class _Package(nn.Module):
+    """An AOTInductor package (.pt2) as a module: compiled already, so the runner does not compile it."""
+
+    precompiled = True
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+def _load_pt2(path: str) -> nn.Module:
+    """A .pt2 from torch.export.save (an ExportedProgram) or from AOTInductor (a compiled package)."""
+    try:
+        return torch.export.load(path).module()
+    except Exception as e:  # noqa: BLE001 - not an ExportedProgram: maybe a compiled package
+        try:
+            return _Package(torch._inductor.aoti_load_package(path))
+        except Exception:  # noqa: BLE001
+            raise ValueError(f"Pipeline: {path} is neither a torch.export.save file nor an AOTInductor package "
+                             f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from e
+
+
 def load_model(model, *, weights: str | None = None, seed: int = 0) -> nn.Module:
     """A torchvision architecture name (random init under ``seed`` unless ``weights`` names a local
-    state_dict file, see ``load_weights``), an nn.Module (used as is), or a path to a TorchScript or
-    torch.export (.pt2) file."""
+    state_dict file, see ``load_weights``), an nn.Module (used as is), or a path to a .pt2 file
+    (torch.export.save or AOTInductor) or, deprecated, a TorchScript file."""
     if isinstance(model, nn.Module):
         return model if weights is None else load_weights(model, weights)
     if not isinstance(model, str | os.PathLike):
@@ -110,11 +153,14 @@ def load_model(model, *, weights: str | None = None, seed: int = 0) -> nn.Module
     path = os.fspath(model)
     if os.path.isfile(path):
         if path.endswith(".pt2"):
-            return torch.export.load(path).module()
+            return _load_pt2(path)
         try:
-            return torch.jit.load(path, map_location="cpu")
+            net = torch.jit.load(path, map_location="cpu")  # torch warns (FutureWarning): TorchScript is deprecated
         except RuntimeError:
-            return torch.export.load(path).module()
+            return _load_pt2(path)
+        log.warning("Pipeline: %s is a TorchScript file; TorchScript is deprecated in torch and its support here "
+                    "will go: save the model with torch.export.save (.pt2) instead", path)
+        return net
     import torchvision
 
     if path not in torchvision.models.list_models():
@@ -142,7 +188,8 @@ class _TopK(nn.Module):
         logits = self.model(x)
         if isinstance(logits, tuple | list):  # e.g. inception aux outputs
             logits = logits[0]
-        return torch.topk(torch.softmax(logits.float(), dim=1), self.k, dim=1)
+        p, i = torch.topk(torch.softmax(logits.float(), dim=1), self.k, dim=1)
+        return p, i  # a plain tuple: torch.export cannot serialise torch.return_types.topk
 
 
 @dataclass
@@ -184,23 +231,37 @@ class Runner:
     preprocess_spec: on CUDA, also warm up the Triton preprocessing kernel for this PreprocessSpec; a
         failure there is kept in ``preprocess_error`` (the caller decides whether it may preprocess on the
         CPU instead), ``preprocess_warm`` says whether it succeeded. Ignored on the CPU.
+    dtype: fp32 (None), fp16, bf16 (on the CPU: ValueError without AVX512-BF16 / AMX), or "auto".
+    compile: CPU only: False, True (load or build the AOTInductor package now) or "background" (load it now,
+        or build it on a side thread while eager serves). cache_dir: its disk cache (aot.cache_dir()).
+        compile_state / compile_source / compile_error tell what happened; wait_compiled() waits.
     """
 
     def __init__(self, model: nn.Module, *, device="cpu", dtype=None, buckets=(1,), input_shape=(3, 224, 224),
                  input_dtype=torch.float32, top_k=5, channels_last=None, cuda_graphs=True, warmup=True,
-                 jit_freeze=False, preprocess_spec=None):
+                 compile=False, cache_dir=None, preprocess_spec=None):
         self.device = torch.device(device)
         self.is_cuda = self.device.type == "cuda"
         if self.is_cuda and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.device_str = str(self.device)
+        auto_dtype = isinstance(dtype, str) and dtype.lower() == "auto"
         self.dtype = resolve_dtype(dtype)
+        if self.dtype == torch.bfloat16 and not self.is_cuda and not auto_dtype and not aot.cpu_has_bf16():
+            raise ValueError(f"Runner: dtype='bf16' on the CPU needs AVX512-BF16 or AMX (lscpu flags avx512_bf16, "
+                             f"amx_bf16); this CPU has neither (torch CPU capability "
+                             f"{torch.backends.cpu.get_cpu_capability()}). Use dtype='fp32', or 'auto' to pick "
+                             f"bf16 only where it is supported")
+        if compile not in (False, True, "background"):
+            raise ValueError(f"Runner: compile must be False, True or 'background', got {compile!r}")
         self.buckets = tuple(buckets)
         self.input_shape = tuple(input_shape)
         self.input_dtype = input_dtype
         # channels_last pays off for convnets on tensor cores, and on the CPU with oneDNN too: mobilenet_v3_small
         # at batch 16, 1 thread, 16.9 -> 12.3 ms CPU per image on the 2-core dev box.
         self.channels_last = True if channels_last is None else bool(channels_last)
+        if getattr(model, "precompiled", False):
+            self.channels_last = False  # an AOTInductor package reads its inputs with the strides it was built for
         try:
             model.eval()
         except (NotImplementedError, RuntimeError):  # torch.export modules refuse eval(); they are inference graphs
@@ -209,10 +270,9 @@ class Runner:
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
-        self.frozen = bool(jit_freeze) and not self.is_cuda and self._freeze(input_shape)
         self._lock = threading.Lock()
         self._faults: list[tuple[str, int]] = []   # (kind, min_rows), consumed in order
-        self.counters = {"graph_replays": 0, "eager_runs": 0, "oom_splits": 0, "batches": 0}
+        self.counters = {"graph_replays": 0, "eager_runs": 0, "oom_splits": 0, "batches": 0, "compiled_runs": 0}
         self._graphs: dict[int, tuple] = {}
         self._static_in: torch.Tensor | None = None
         self.preprocess_spec = preprocess_spec if self.is_cuda else None
@@ -227,35 +287,120 @@ class Runner:
             n_classes = self._out_features(probe)
         self.k = min(k, n_classes)
         self.head = _TopK(self.model, self.k, self.dtype, self.channels_last)
+        self.agreement = None  # dtype="auto" on a bf16 CPU: the bf16 model's Agreement with fp32
+        if auto_dtype and not self.is_cuda and aot.cpu_has_bf16():
+            self._try_bf16()
+        # Compiled (AOTInductor) head on the CPU; None while eager serves. compile_state: "off", "compiling",
+        # "compiled" or "eager" (the model cannot be exported or compiled; compile_error says why).
+        self.compiled = None
+        self.compile_state, self.compile_error, self.compile_source = "off", None, None
+        self._cache_dir = cache_dir
+        if compile and not self.is_cuda and not getattr(model, "precompiled", False):
+            self._start_compile(background=compile == "background")
         if warmup:
             self.warmup(cuda_graphs=cuda_graphs)
 
     # ---- set-up -------------------------------------------------------------------------------
-    def _freeze(self, input_shape) -> bool:
-        """CPU: trace + torch.jit.freeze (folds BatchNorm into convs, fuses activations): mobilenet_v3_small
-        at batch 16 went 12.3 -> 7.2 ms CPU per image here. Tracing drops Python control flow and side
-        effects of forward(), so the pipeline only asks for it for torchvision's own architectures; the
-        traced model is checked against eager on a random batch and dropped when it disagrees."""
-        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+    def _try_bf16(self) -> None:
+        """dtype="auto" on a CPU with bf16 matrix engines: bf16 where it keeps the answer (agreement.py's
+        rule on the sample photos), else fp32 as built."""
+        from aurora_core.agreement import agreement, agreement_images
+
+        bf = copy.deepcopy(self.model).to(torch.bfloat16)
+        head = _TopK(bf, self.k, torch.bfloat16, self.channels_last)
+        x = agreement_images(self.input_shape[-1]).to(self.input_dtype)
+        self.agreement = agreement(self.head, head, x)
+        if self.agreement.passes():
+            log.info("Runner: dtype auto -> bf16 (%s)", self.agreement)
+            self.model, self.head, self.dtype = bf, head, torch.bfloat16
+        else:
+            log.info("Runner: dtype auto -> fp32; bf16 fails the agreement rule (%s)", self.agreement)
+
+    def _start_compile(self, background: bool) -> None:
+        """Load the compiled head from the disk cache, or build it: here, or on a side thread while eager
+        serves (``background``). Progress goes to the log."""
+        head = _TopK(self.model, self.k, self.dtype, False)  # layouts are Inductor's choice after freezing
+        name = type(self.model).__name__
         try:
-            with torch.inference_mode(), warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice
-                g = torch.Generator().manual_seed(0)
-                x = torch.randn((2, *input_shape), generator=g).to(self.dtype).contiguous(memory_format=fmt)
-                frozen = torch.jit.freeze(torch.jit.trace(self.model, x, check_trace=False))
-                # Check on another input than the traced one, so a baked-in branch has a chance to show.
-                ref, got = self.model(-x), frozen(-x)
-                if isinstance(ref, tuple | list):
-                    ref, got = ref[0], got[0]
-                tol = 1e-3 if self.dtype == torch.float32 else 5e-2
-                if not torch.allclose(ref.float(), got.float(), rtol=tol, atol=tol * float(ref.abs().max())):
-                    log.warning("Runner: the frozen model disagrees with eager; running eager")
-                    return False
+            meta = aot.cache_meta(self.model, dtype=self.dtype, device=self.device, input_shape=self.input_shape,
+                                  input_dtype=self.input_dtype, max_batch=self.buckets[-1], k=self.k)
+            fn = aot.load_cached(meta, self._cache_dir)
+        except Exception as e:  # noqa: BLE001 - e.g. an unwritable cache: serve eager
+            self._compile_failed(name, e)
+            return
+        if fn is not None:
+            self._adopt(fn, "cache", name)
+            log.info("Runner: %s loaded compiled from the cache (%s)", name, self.compile_state)
+            return
+        t0 = time.monotonic()
+        log.info("Runner: compiling %s ahead of time: exporting", name)
+        g = torch.Generator().manual_seed(0)
+        example = torch.randn((2, *self.input_shape), generator=g).to(self.input_dtype)
+        try:
+            ep = aot.export(head, example, self.buckets[-1])
         except Exception as e:  # noqa: BLE001 - an optimisation; eager always works
-            log.warning("Runner: jit freeze failed, running eager: %s", e)
-            return False
-        self.model = frozen
-        return True
+            self._compile_failed(name, e)
+            return
+        self.compile_state = "compiling"
+        if background:
+            log.info("Runner: compiling %s on a side thread; serving it eager until then", name)
+            threading.Thread(target=self._build, args=(ep, meta, name, t0), name="aurora-compile",
+                             daemon=True).start()
+        else:
+            self._build(ep, meta, name, t0)
+
+    def _build(self, ep, meta: dict, name: str, t0: float) -> None:
+        def progress(stage):
+            log.info("Runner: compiling %s: %s (%.0f s)", name, stage, time.monotonic() - t0)
+
+        try:
+            fn = aot.build(ep, meta, self._cache_dir, progress)
+        except Exception as e:  # noqa: BLE001 - an optimisation; eager always works
+            self._compile_failed(name, e)
+            return
+        self._adopt(fn, "built", name)
+        log.info("Runner: %s compiled in %.0f s; serving it %s", name, time.monotonic() - t0,
+                 "compiled" if self.compiled is not None else "eager")
+
+    def _compile_failed(self, name: str, e: BaseException) -> None:
+        log.warning("Runner: %s cannot be compiled ahead of time (%s: %s); running it eager", name,
+                    type(e).__name__, " ".join(str(e).split())[:300])
+        self.compile_state, self.compile_error = "eager", e
+
+    def _adopt(self, fn, source: str, name: str) -> None:
+        """Serve ``fn`` from now on if it agrees with eager on every bucket (random inputs): in fp32 within
+        1e-3; in bf16 / fp16 its error against fp32 (the same weights) at most twice eager's plus 1e-3,
+        as the preprocessing kernels are held to (compiled bf16 keeps more in fp32 than eager bf16 does)."""
+        try:
+            ref = None
+            if self.dtype != torch.float32:
+                ref = _TopK(copy.deepcopy(self.model).float(), self.k, torch.float32, self.channels_last)
+            with torch.inference_mode():
+                g = torch.Generator().manual_seed(1)
+                for b in self.buckets:
+                    x = torch.randn((b, *self.input_shape), generator=g).to(self.input_dtype)
+                    # Sorted probabilities, not indices: near-ties may swap places.
+                    p, e = fn(x)[0].float(), self.head(x)[0].float()
+                    _check_rows(p, b)
+                    if ref is None:
+                        err, limit = float((p - e).abs().max()), 1e-3 * (1 + float(e.abs().max()))
+                    else:
+                        r = ref(x)[0]
+                        err, limit = float((p - r).abs().max()), 2 * float((e - r).abs().max()) + 1e-3
+                    if err > limit:
+                        raise ModelError(f"Runner: the compiled {name} disagrees with eager on a batch of {b}: "
+                                         f"max prob error {err:.2e}, allowed {limit:.2e}")
+        except Exception as e:  # noqa: BLE001
+            self._compile_failed(name, e)
+            return
+        self.compiled, self.compile_state, self.compile_source = fn, "compiled", source
+
+    def wait_compiled(self, timeout: float | None = None) -> str:
+        """Block until a background compile ends (or ``timeout`` s); returns compile_state."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.compile_state == "compiling" and (deadline is None or time.monotonic() < deadline):
+            time.sleep(0.05)
+        return self.compile_state
 
     def _out_features(self, x) -> int:
         out = self.model(x.to(self.dtype))
@@ -449,12 +594,13 @@ class Runner:
             # Pad the whole batch up to its warmed-up bucket; split retries run their rows as they are.
             b = self.bucket_for(rows) if pad and lo == 0 and self.bucket_for(rows) <= slab.host.shape[0] else rows
             x = slab.host[lo: lo + b]
+            fn = self.compiled  # read once: a background compile may swap it in between batches
             t0 = now_ns()
-            p, i = self.head(x)
+            p, i = (fn or self.head)(x)
             _check_rows(p, b)
             p, i = p[:rows].tolist(), i[:rows].tolist()
             t1 = now_ns()
-            self.counters["eager_runs"] += 1
+            self.counters["compiled_runs" if fn is not None else "eager_runs"] += 1
             if not out.compute_start_ns:
                 out.compute_start_ns = t0
             out.compute_end_ns = t1

@@ -164,6 +164,9 @@ def main(argv=None) -> dict:
                     help="torch intra-op threads while aurora runs (default on the CPU: half the cores, the other "
                          "half decoding and preprocessing; on CUDA: torch's). The naive server always runs with "
                          "torch's default")
+    ap.add_argument("--compile", choices=("on", "off"), default="on",
+                    help="CPU: aurora's model compiled ahead of time (AOTInductor, built or loaded before the run) "
+                         "or eager")
     ap.add_argument("--out", default=None, help="write a JSON summary here")
     a = ap.parse_args(argv)
     t_start = time.monotonic()
@@ -203,7 +206,7 @@ def main(argv=None) -> dict:
         torch.set_num_threads(a.torch_threads)
     with Pipeline(model, batching=cfg, device=device, dtype=a.dtype, num_workers=a.workers,
                   device_preprocess=a.device_preprocess if cuda else "off",
-                  gpu_decode=a.gpu_decode if cuda else "off") as pipe:
+                  gpu_decode=a.gpu_decode if cuda else "off", compile=a.compile == "on") as pipe:
         on_gpu = pipe.device_preprocess
         gpu_decode = pipe.gpu_decode
         print(f"aurora ready in {time.monotonic() - t_start:.1f} s; preprocessing on the "

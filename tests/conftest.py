@@ -15,6 +15,9 @@ except Exception:  # pragma: no cover - torch is a hard dependency
     _HAS_CUDA = False
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# A Pipeline compiles its model on a side thread by default: ~1 min of CPU per cold compile. Tests that
+# compile ask for it (tests/test_aot.py).
+os.environ.setdefault("AURORA_COMPILE", "off")
 
 
 def devices() -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from aurora_core import aot
 from aurora_core.errors import DeviceLost, ModelError
 from aurora_core.runner import Runner, is_oom, is_sticky, load_model, resolve_dtype
 from tests.conftest import Faulty, Tiny, devices, requires_cuda
@@ -46,6 +47,7 @@ def test_warmup_runs_every_bucket_and_k_is_clamped():
     assert r.k == 3
 
 
+@pytest.mark.skipif(not aot.cpu_has_bf16(), reason="needs a CPU with AVX512-BF16 or AMX")
 def test_bf16_on_cpu():
     r = Runner(Tiny(), dtype="bf16", buckets=(2,), input_shape=SHAPE, top_k=2)
     out = r.run(fill(r, 2))
@@ -53,9 +55,30 @@ def test_bf16_on_cpu():
     assert next(r.model.parameters()).dtype == torch.bfloat16
 
 
+def test_bf16_without_cpu_support_is_an_error_and_auto_is_fp32(monkeypatch):
+    """A CPU without AVX512-BF16 / AMX (the flags read as absent where the host has them)."""
+    monkeypatch.setattr(aot, "cpu_has_bf16", lambda: False)
+    with pytest.raises(ValueError, match=r"dtype='bf16' on the CPU needs AVX512-BF16 or AMX.*Use dtype='fp32'"):
+        Runner(Tiny(), dtype="bf16", buckets=(2,), input_shape=SHAPE)
+    r = Runner(Tiny(), dtype="auto", buckets=(2,), input_shape=SHAPE, top_k=2)
+    assert r.dtype == torch.float32 and r.agreement is None  # nothing measured: no bf16 to pick
+    assert next(r.model.parameters()).dtype == torch.float32
+    assert r.run(fill(r, 2)).indices == expected(Tiny(), fill(r, 2).host[:2], 2)[1].tolist()
+
+
+def test_auto_dtype_picks_bf16_only_where_it_agrees(monkeypatch):
+    """With bf16 engines (the flags read as present where the host lacks them), "auto" measures agreement
+    on >= 200 photo variants and keeps fp32 unless top-1 agrees on >= 99%."""
+    monkeypatch.setattr(aot, "cpu_has_bf16", lambda: True)
+    r = Runner(Tiny(), dtype="auto", buckets=(2,), input_shape=SHAPE, top_k=2)
+    assert r.agreement is not None and r.agreement.n >= 200
+    assert r.dtype == (torch.bfloat16 if r.agreement.top1 >= 0.99 else torch.float32)
+    assert next(r.model.parameters()).dtype == r.dtype
+
+
 @pytest.mark.parametrize("bad", ["fp8", torch.int8, 3])
 def test_bad_dtype(bad):
-    with pytest.raises(ValueError, match="fp32, fp16 or bf16"):
+    with pytest.raises(ValueError, match="fp32, fp16, bf16 or auto"):
         resolve_dtype(bad)
 
 
@@ -136,15 +159,17 @@ def test_load_model_files(tmp_path):
     m = Tiny().eval()
     x = torch.randn(2, *SHAPE)
     ts = tmp_path / "tiny.pt"
-    torch.jit.trace(m, x).save(str(ts))
+    with pytest.warns(FutureWarning, match="deprecated"):  # torch's own notice: TorchScript is deprecated
+        torch.jit.trace(m, x).save(str(ts))
     sd = tmp_path / "sd.pt"
     torch.save(m.state_dict(), sd)
     fresh = Tiny()
     with torch.no_grad():
         for p in fresh.parameters():
             p.zero_()
-    with torch.inference_mode():
+    with torch.inference_mode(), pytest.warns(FutureWarning, match="torch.jit.load. is deprecated"):
         torch.testing.assert_close(load_model(str(ts))(x), m(x))
+    with torch.inference_mode():
         torch.testing.assert_close(load_model(fresh, weights=str(sd))(x), m(x))
     with pytest.raises(ValueError, match="torchvision"):
         load_model("no_such_net")
@@ -185,27 +210,6 @@ def test_cuda_eager_when_graphs_off_and_real_oom_split():
     r.inject_fault("oom", count=1, min_rows=2)
     out = r.run(fill(r, 2))
     assert out.failed == set() and r.counters["oom_splits"] == 1
-
-
-class SignBranch(Tiny):
-    """Python control flow on the data: tracing bakes in one branch."""
-
-    def forward(self, x):
-        y = super().forward(x)
-        return y if float(x.sum()) > 0 else -y
-
-
-def test_jit_freeze_matches_eager_and_refuses_a_baked_branch():
-    ref = Tiny()
-    r = Runner(Tiny(), buckets=(1, 4), input_shape=SHAPE, top_k=3, jit_freeze=True)
-    assert r.frozen and isinstance(r.model, torch.jit.ScriptModule)
-    slab = fill(r, 4)
-    out = r.run(slab)
-    p, i = expected(ref, slab.host[:4], 3)
-    assert out.indices == i.tolist()
-    torch.testing.assert_close(torch.tensor(out.probs), p, rtol=1e-3, atol=1e-4)
-    assert not Runner(SignBranch(), buckets=(1,), input_shape=SHAPE, jit_freeze=True).frozen
-    assert not Runner(Tiny(), buckets=(1,), input_shape=SHAPE).frozen
 
 
 def _spy_kernel_warmup(monkeypatch, fail=None):

@@ -1,0 +1,189 @@
+"""Ahead-of-time compiled models: torch.export + AOTInductor (with freezing), cached on disk.
+
+The runner's head (model + softmax + top-k) is exported once with a dynamic batch dimension (1 up to the
+largest bucket) and compiled by AOTInductor into a ``.pt2`` package. Freezing folds BatchNorm into the
+convolutions and lets Inductor pick oneDNN layouts for the weights. The package is stored under
+``cache_dir()/<key>/`` beside ``meta.json``, the key being a hash of: the model's classes, their source,
+its structure and weights, dtype, device, input shape and dtype, largest bucket, k, the torch version and
+the CPU's features. A second start with the same key loads the package in well under a second. A package
+whose meta.json names another torch version or CPU, or which fails to load, is rebuilt with a warning.
+
+A compile costs 30-60 s of CPU on the 2-core dev box (mostly g++ on the generated wrapper); the runner
+runs it on a side thread and serves eager until it is ready (``Runner(compile="background")``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import inspect
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import warnings
+
+import torch
+import torch._inductor
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+# Flags that change which kernels Inductor and oneDNN generate; the rest of /proc/cpuinfo's flags do not.
+_FEATURE_PREFIXES = ("sse", "ssse3", "avx", "fma", "f16c", "amx", "vnni", "bmi", "popcnt")
+
+# dynamic_threads: the generated loops take the calling thread's OpenMP thread count, as ATen's ops there
+# do; by default Inductor bakes in the compiling thread's torch.get_num_threads(), which a side thread
+# or another process need not share with the threads that serve.
+INDUCTOR_CONFIGS = {"freezing": True, "cpp.dynamic_threads": True}
+
+_build_lock = threading.Lock()   # one compile at a time per process: two would halve each other's CPU
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo); empty where that file is missing."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_features() -> str:
+    """What the compiled code depends on: torch's CPU capability and the SIMD / matrix flags."""
+    flags = sorted(f for f in cpu_flags() if f.startswith(_FEATURE_PREFIXES))
+    return f"{torch.backends.cpu.get_cpu_capability()}:{','.join(flags)}"
+
+
+def cpu_has_bf16() -> bool:
+    """AVX512-BF16 or AMX-BF16: oneDNN runs bf16 convolutions and matmuls natively (else it emulates)."""
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
+def torch_version() -> str:
+    return torch.__version__
+
+
+def cache_dir() -> str:
+    """``$AURORA_CACHE_DIR``, else ``$XDG_CACHE_HOME/aurora_core/aoti`` (``~/.cache/aurora_core/aoti``)."""
+    if os.environ.get("AURORA_CACHE_DIR"):
+        return os.environ["AURORA_CACHE_DIR"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "aurora_core", "aoti")
+
+
+def model_identity(model: nn.Module) -> dict:
+    """What makes two modules compute the same function: every class in the tree with a hash of its
+    source (a changed forward() is another model), the printed structure with each module's plain
+    attributes (flags, sizes), and a hash of the weights and buffers. State forward() reads outside these
+    (a list, an object) is not seen: the runner's check against eager on every load is the guard there."""
+    classes, plain = {}, []
+    for m in model.modules():
+        plain.append(sorted((k, repr(v)) for k, v in vars(m).items()
+                            if not k.startswith("_") and isinstance(v, bool | int | float | str | tuple | None)))
+        cls = type(m)
+        name = f"{cls.__module__}.{cls.__qualname__}"
+        if name not in classes:
+            try:
+                src = inspect.getsource(cls)
+            except (OSError, TypeError):
+                src = ""
+            classes[name] = hashlib.blake2b(src.encode(), digest_size=8).hexdigest()
+    h = hashlib.blake2b(digest_size=16)
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        if isinstance(v, torch.Tensor):
+            t = v.detach().cpu().contiguous().reshape(-1)
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    structure = repr(model) + repr(plain)
+    return {"classes": classes, "structure": hashlib.blake2b(structure.encode(), digest_size=8).hexdigest(),
+            "weights": h.hexdigest()}
+
+
+def cache_meta(model: nn.Module, *, dtype: torch.dtype, device: torch.device, input_shape, input_dtype,
+               max_batch: int, k: int) -> dict:
+    return {"model": model_identity(model), "dtype": str(dtype), "device": str(device),
+            "input_shape": list(input_shape), "input_dtype": str(input_dtype), "max_batch": int(max_batch),
+            "k": int(k), "torch": torch_version(), "cpu": cpu_features(), "inductor": dict(INDUCTOR_CONFIGS)}
+
+
+def cache_key(meta: dict) -> str:
+    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _read_meta(entry: str) -> dict | None:
+    try:
+        with open(os.path.join(entry, "meta.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def load_cached(meta: dict, root: str | None = None):
+    """The compiled package for ``meta`` from the cache, or None (a miss, a package built for another torch
+    or CPU, or one that does not load: each of the last two with a warning, and the entry removed)."""
+    entry = os.path.join(root or cache_dir(), cache_key(meta))
+    pkg = os.path.join(entry, "model.pt2")
+    if not os.path.exists(entry):
+        return None
+    found = _read_meta(entry)
+    if found is None or found != meta:
+        if found is not None and (found.get("torch"), found.get("cpu")) != (meta["torch"], meta["cpu"]):
+            why = (f"built for torch {found.get('torch')} on CPU {found.get('cpu')!r}, this is torch "
+                   f"{meta['torch']} on {meta['cpu']!r}")
+        else:
+            why = "its meta.json is missing, unreadable or names another model"
+        log.warning("aot: cache entry %s: %s; rebuilding it", entry, why)
+        shutil.rmtree(entry, ignore_errors=True)
+        return None
+    try:
+        return torch._inductor.aoti_load_package(pkg)
+    except Exception as e:  # noqa: BLE001 - a truncated or corrupt file: rebuild
+        log.warning("aot: cache entry %s does not load (%s: %s); rebuilding it", entry, type(e).__name__,
+                    " ".join(str(e).split())[:200])
+        shutil.rmtree(entry, ignore_errors=True)
+        return None
+
+
+def export(head: nn.Module, example: torch.Tensor, max_batch: int):
+    """torch.export of ``head`` (example: one input batch of >= 2 rows) with a dynamic batch dimension
+    1..max_batch. Raises what torch.export raises (e.g. on Python control flow on tensor values). Not on a
+    side thread while the same module serves: non-strict export swaps its parameters for fake tensors."""
+    # The example has >= 2 rows: torch.export specialises a dimension that is 1 in the example.
+    batch = torch.export.Dim("batch", min=1, max=max(2, int(max_batch)))
+    with torch.no_grad():
+        return torch.export.export(head, (example,), dynamic_shapes=({0: batch},), strict=False)
+
+
+def build(ep, meta: dict, root: str | None = None, progress=None):
+    """Compile the ExportedProgram ``ep`` with AOTInductor (freezing on), store it under its key in the
+    cache and load it. Raises what Inductor raises."""
+    say = progress or (lambda msg: None)
+    root = root or cache_dir()
+    os.makedirs(root, exist_ok=True)
+    entry = os.path.join(root, cache_key(meta))
+    with _build_lock:
+        tmp = tempfile.mkdtemp(prefix=".build-", dir=root)
+        try:
+            say("compiling with AOTInductor")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # "No CUDA runtime is found" on CPU-only hosts
+                torch._inductor.aoti_compile_and_package(
+                    ep, package_path=os.path.join(tmp, "model.pt2"), inductor_configs=dict(INDUCTOR_CONFIGS))  # it adds keys to the dict
+            with open(os.path.join(tmp, "meta.json"), "w") as f:
+                json.dump(meta, f, sort_keys=True)
+            shutil.rmtree(entry, ignore_errors=True)
+            with contextlib.suppress(OSError):  # another process won the race: its entry is as good
+                os.replace(tmp, entry)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    say("loading")
+    return torch._inductor.aoti_load_package(os.path.join(entry, "model.pt2"))
