@@ -176,6 +176,30 @@ def test_unmatched_environment_is_not_a_regression(tmp_path, capsys, after_env):
     assert main(["compare", str(before), str(after), "--boot", "100", "--fail-on-unmatched"]) == 3
 
 
+def test_environment_margins_are_settings(tmp_path, capsys):
+    """The environment check's margins are diagnose's settings: AFTER's 12% steal is a finding at the default
+    5 points, and with steal_more=20 the machines count as matched and the slower preprocess is judged."""
+    from aurora_core.diagnose.settings import Settings
+
+    meta = {"offered_rate_per_s": 100}
+    before = make_run(tmp_path / "b", seed=40, meta=meta, cpu=QUIET)
+    after = make_run(tmp_path / "a", seed=41, meta=meta, preprocess_ms=3.0, cpu={**QUIET, "steal_pct": 12.0})
+    assert compare(before, after, n_boot=100)["verdict"] == "environment not matched"
+    res = compare(before, after, n_boot=100, settings=Settings(steal_more=20.0))
+    assert res["environment"]["matched"] and res["verdict"] == "regression", res["environment"]
+    assert res["environment"]["margins"]["steal_more"] == 20.0
+    args = ["compare", str(before), str(after), "--boot", "100", "--json"]
+    assert main(args) == 0 and json.loads(capsys.readouterr().out)["environment"]["margins"]["steal_more"] == 5.0
+    assert main([*args, "--set", "steal_more=20"]) == 1
+    assert json.loads(capsys.readouterr().out)["verdict"] == "regression"
+    for bad in ("stage_shift=2", "steal_more=x", "steal_more=-1"):
+        assert main([*args, "--set", bad]) == 2, bad
+        err = capsys.readouterr().err
+        assert err.startswith("aurora compare: error: ") and err.count("\n") == 1, err
+    assert "compare: --set expects NAME=VALUE with NAME one of cgroup_throttled_more, others_cores_more, " \
+           "steal_more, throttled_more" in (main([*args, "--set", "claim=1"]), capsys.readouterr().err)[1]
+
+
 def test_matched_environment_still_gates(tmp_path):
     """The check looks at other processes, not this one: a deploy that burns more CPU itself (190% of a
     core, the CPU saturated) is still a regression, and so it is with both sides equally contended."""

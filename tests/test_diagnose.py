@@ -486,7 +486,8 @@ def test_thresholds_are_settings_with_documented_defaults(tmp_path, capsys):
 
     assert (DEFAULTS.min_ratio, DEFAULTS.alpha, DEFAULTS.claim) == (spikes.MIN_RATIO, spikes.ALPHA, causes.CLAIM)
     assert (DEFAULTS.min_ratio, DEFAULTS.alpha, DEFAULTS.claim) == (1.3, 1e-3, 0.3)
-    assert compare.OTHERS_CORES_MORE == DEFAULTS.others_cores_more and causes.STAGE_SHIFT == DEFAULTS.stage_shift
+    assert compare.ENV_SETTINGS == ("others_cores_more", "steal_more", "cgroup_throttled_more", "throttled_more")
+    assert causes.STAGE_SHIFT == DEFAULTS.stage_shift
     run = simulate_run(tmp_path / "r", _arrivals(), meta={"label": "v1"}, item_ms=_step(6.0, 12.0), seed=3)
     assert any("compute x" in c for c in _window_at(diagnose([run]), 7.5)["checked"])  # compute x2 is a shift
     strict = diagnose([run], settings=Settings(stage_shift=2.5))

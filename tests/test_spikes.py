@@ -108,6 +108,42 @@ def test_explicit_baseline_span_label_and_run(tmp_path, runs, capsys):
     assert main(["diagnose", str(a), "--baseline", "label:nope"]) == 2
 
 
+def test_baseline_naming_runs_of_one_host_only(tmp_path, capsys):
+    """label:/run: naming runs of some hosts only (a run id, a label one host never ran) is no error: a
+    host without a matching run takes their wall-clock span, or its automatic baseline when its requests
+    do not overlap that span; its baseline_reason says which. An error only when no host matches."""
+    a = simulate_run(tmp_path / "a", poisson_schedule(40, 6, seed=1) / 1e9, meta={"label": "v1", "host": "h1"},
+                     item_ms=lambda t: 6.0, seed=1)
+    b = simulate_run(tmp_path / "b", poisson_schedule(40, 6, seed=2) / 1e9, meta={"label": "v2", "host": "h1"},
+                     item_ms=lambda t: 15.0, seed=2)
+    c = simulate_run(tmp_path / "c", poisson_schedule(40, 12, seed=3) / 1e9, meta={"label": "v2", "host": "h2"},
+                     item_ms=lambda t: 6.0 if t < 6 else 15.0, seed=3)
+    ra, rb, rc, rd = load_run(a), load_run(b), load_run(c), load_run(c)
+    rb.meta["wall_minus_mono_ns"] = (ra.wall_minus_mono_ns + int(ra.requests["arrival_ns"].max()) + 100_000_000
+                                     - int(rb.requests["arrival_ns"].min()))
+    rd.meta.update(host="h3", wall_minus_mono_ns=rd.wall_minus_mono_ns + 3600 * 10**9)  # an hour later
+    for spec in ("label:v1", f"run:{a}", f"run:{ra.meta['run_id']}"):
+        res = diagnose([ra, rb, rc, rd], baseline=spec)
+        h1, h2, h3 = (next(x for x in res.data["series"] if x["name"] == n) for n in ("h1", "h2", "h3"))
+        s1, s2 = (next(x for x in res.series if x.name == n) for n in ("h1", "h2"))
+        assert h1["baseline_reason"] == f"given: --baseline {spec} (1 run(s))"
+        shift = (s1.t0_wall_ns - s2.t0_wall_ns) / 1e9  # h1's seconds -> h2's
+        assert h2["baseline"]["start_s"] == pytest.approx(h1["baseline"]["start_s"] + shift, abs=1e-3)
+        assert h2["baseline"]["end_s"] == pytest.approx(h1["baseline"]["end_s"] + shift, abs=1e-3)
+        assert h2["baseline_reason"].startswith(f"given: --baseline {spec} matches no run of h2; the same "
+                                                "wall-clock span as the matched run(s) on h1"), h2
+        assert _covering(h2, 9.0) and not _covering(h2, 3.0), h2["windows"]
+        assert h3["baseline_reason"].startswith(f"--baseline {spec} matches no run of h3, and its requests do "
+                                                "not overlap"), h3
+        assert "automatic: the lowest-latency" in h3["baseline_reason"] and h3["baseline"]["start_s"] < 1.0
+    with pytest.raises(ValueError, match="matches no run of h1, h2, h3"):
+        diagnose([ra, rb, rc, rd], baseline="label:v9")
+    for spec in ("label:v1", f"run:{a}", f"run:{ra.meta['run_id']}"):
+        assert main(["diagnose", str(a), str(c), "--baseline", spec]) == 0, spec
+        assert "why: given: --baseline " + spec + " matches no run of h2" in capsys.readouterr().out
+    assert main(["diagnose", str(a), str(c), "--baseline", "label:v9"]) == 2
+
+
 def _null_pair(tmp_path, seed, rate=40.0, max_batch=8, item=8.0, meta=None):
     """Two back-to-back runs of one configuration (the second starts 25 ms after the first's last arrival)."""
     meta = {"label": "v1", "host": "h", **(meta or {})}

@@ -17,7 +17,7 @@ from aurora_core.recorder import RunData, load_run
 
 from .causes import CLAIM, analyze
 from .settings import DEFAULTS, Settings
-from .spikes import Detection, Series, Window, build_series, detect, parse_baseline
+from .spikes import Detection, Series, Window, build_series, detect, parse_baseline, resolve_baselines
 
 __all__ = ["DiagnoseResult", "diagnose", "compare", "load_runs", "CLAIM", "Settings"]
 
@@ -88,7 +88,9 @@ def diagnose(runs, interval_s: float | None = None, min_ratio: float | None = No
     """Find spike windows in ``runs`` (run files, RunData, store roots or Stores) and rank their causes.
 
     baseline: the span taken as normal, "T0:T1" (seconds from a series' first request), "label:NAME" or
-    "run:PATH_OR_RUN_ID"; None picks it (``spikes.detect``). ValueError when it matches nothing.
+    "run:PATH_OR_RUN_ID"; None picks it (``spikes.detect``). ValueError when it matches no run of any
+    series; a series without a matching run takes the matched runs' wall-clock span or, when its requests do
+    not overlap that span, the automatic baseline (``spikes.resolve_baselines``; its baseline_reason says).
     settings: the thresholds (``settings.Settings``; defaults documented there); min_ratio, when given,
     overrides its ``min_ratio``.
     selection: since, until, region, host, label (see ``fromstore.load_series``), for stores."""
@@ -109,7 +111,8 @@ def diagnose(runs, interval_s: float | None = None, min_ratio: float | None = No
         from .fromstore import load_series
 
         series, store_info = load_series(runs, **selection)
-    dets = [detect(s, interval_s, min_ratio, cfg.alpha, baseline=spec) for s in series]
+    spans = resolve_baselines(series, spec) if spec is not None else [None] * len(series)
+    dets = [detect(s, interval_s, min_ratio, cfg.alpha, baseline=b) for s, b in zip(series, spans, strict=True)]
     analyses = [[analyze(s, det.baseline, w, cfg) for w in det.windows] for s, det in zip(series, dets, strict=True)]
     verdicts = [[an.verdict for an in row] for row in analyses]
     out_series, summary = [], []

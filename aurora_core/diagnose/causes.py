@@ -76,12 +76,6 @@ STAGE_SHIFT = DEFAULTS.stage_shift
 LOAD_RATE_UP = DEFAULTS.load_rate_up
 LOAD_Z = DEFAULTS.load_z
 MATCHED_RATE = DEFAULTS.matched_rate
-# Margins, window over baseline, at which a CPU or GPU signal counts (module doc); compare's environment
-# check uses them between its two sides.
-OTHERS_CORES_MORE = DEFAULTS.others_cores_more
-STEAL_MORE = DEFAULTS.steal_more
-CGROUP_THROTTLED_MORE = DEFAULTS.cgroup_throttled_more
-THROTTLED_MORE = DEFAULTS.throttled_more
 GPU_STAGES = ("h2d", "compute", "d2h")
 _THROTTLE_REASONS = ("thermal", "power", "hw_slowdown", "hw_thermal", "power_brake", "board_limit",
                      "reliability")

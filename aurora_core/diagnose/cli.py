@@ -21,7 +21,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--baseline", default=None, metavar="SPAN",
                         help="the span taken as normal: T0:T1 (seconds from the series' first request, as the "
                              "report prints them), label:NAME (the runs with that label) or run:PATH_OR_RUN_ID "
-                             "(default: the lowest-latency calm stretch, see the report's 'normal' line)")
+                             "(default: the lowest-latency calm stretch, see the report's 'normal' line); a host without "
+                             "such a run takes their wall-clock span, or its default when it had no traffic then")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", dest="settings",
                         help="change one threshold (repeatable), e.g. --set stage_shift=1.2; the names and "
                              "their defaults are in aurora_core/diagnose/settings.py")

@@ -22,7 +22,8 @@ load); the verdict says so and asks for a run at matched load.
 
 Environment matching: each side's telemetry over its requests (first arrival to last completion) is
 checked the way ``aurora bench`` names a CPU-contended or hardware-throttled run, and a finding counts only
-when that side also had more of it than the other side by the margin ``aurora diagnose`` uses for a cause:
+when that side also had more of it than the other side by the margin ``aurora diagnose`` uses for a cause
+(``settings.Settings``' ``ENV_SETTINGS``, changed with ``settings=`` or ``aurora compare --set``; defaults here):
 other processes' CPU (``cpu_util_pct`` x cores - ``proc_cpu_pct``) with the CPU > 90% busy, > 25% of it
 taken by others and >= 0.5 core more than the other side; CPU steal > 5% mean and >= 5 points more;
 cgroup quota throttling > 5% of periods and >= 5 points more; on GPUs, a limiting throttle reason (power,
@@ -55,7 +56,6 @@ import math
 import numpy as np
 from scipy import stats
 
-from aurora_core.diagnose.causes import CGROUP_THROTTLED_MORE, OTHERS_CORES_MORE, STEAL_MORE, THROTTLED_MORE
 from aurora_core.recorder import RunData, load_run
 from aurora_core.records import STAGES
 from aurora_core.report import (
@@ -67,12 +67,16 @@ from aurora_core.report import (
     THROTTLED_FRAC,
 )
 
+from .settings import DEFAULTS, Settings
+
 SERVICE = ("decode", "preprocess", "h2d", "compute_item", "d2h")
 LOAD_SENSITIVE = ("queue", "wait", "compute", "total")
 BOOT_MAX = 20_000
 _MW_MAX = 20_000
 MIN_REQUESTS = 10  # per side and per stage: fewer is not compared
 MIN_BOOT = 100  # fewer resamples leave each 2.5% end of the interval to one or two draws
+#: The settings the environment check judges by (the margins between the sides); the only ones compare reads.
+ENV_SETTINGS = ("others_cores_more", "steal_more", "cgroup_throttled_more", "throttled_more")
 
 
 def _as_runs(x) -> list[RunData]:
@@ -140,8 +144,9 @@ def bootstrap_delta(b: np.ndarray, a: np.ndarray, q: float, n_boot: int, rng, le
 
 
 def compare(before, after, threshold: float = 0.10, alpha: float = 0.01, n_boot: int = 1000,
-            load_tolerance: float = 0.10, seed: int = 0) -> dict:
+            load_tolerance: float = 0.10, seed: int = 0, settings: Settings | None = None) -> dict:
     """Compare two runs (paths, RunData, or lists of them per side). Returns a JSON-ready dict.
+    settings: the environment check's margins (``ENV_SETTINGS`` of ``settings.Settings``; default DEFAULTS).
     Raises ValueError for an out-of-range option or a side with fewer than MIN_REQUESTS ok requests."""
     check_options(threshold=threshold, alpha=alpha, n_boot=n_boot, load_tolerance=load_tolerance)
     rb, ra = _as_runs(before), _as_runs(after)
@@ -176,7 +181,7 @@ def compare(before, after, threshold: float = 0.10, alpha: float = 0.01, n_boot:
         warning = (f"load not matched: {how} "
                    f"(x{rate_ratio:.2f}, tolerance {load_tolerance:.0%}); queueing and contention change with load, "
                    "so no stage is judged. Rerun AFTER at BEFORE's offered rate.")
-    env = environment_check(rb, ra)
+    env = environment_check(rb, ra, settings or DEFAULTS)
     judged = matched and env["matched"]
     why = " and ".join(w for w, m in (("load", matched), ("environment", env["matched"])) if not m)
     rng = np.random.default_rng(seed)
@@ -315,7 +320,7 @@ POWER_CAPS = ("power", "board_limit")
 POWER_LIMIT_LOWER = 0.95  # an enforced power limit this much below the other side's: the cap was lowered
 
 
-def _findings(side: str, other: str, me: dict, them: dict) -> list[str]:
+def _findings(side: str, other: str, me: dict, them: dict, cfg: Settings) -> list[str]:
     """What ``side`` had beyond ``other`` (module doc); the other side's figure follows each finding."""
     def more(key, margin):
         return them.get(key) is None or me[key] - them[key] >= margin
@@ -325,16 +330,16 @@ def _findings(side: str, other: str, me: dict, them: dict) -> list[str]:
 
     out = []
     if (me.get("others_pct") is not None and me["cpu_util_pct"] > CPU_BUSY_PCT and me["others_pct"] > OTHERS_PCT
-            and more("others_cores", OTHERS_CORES_MORE)):
+            and more("others_cores", cfg.others_cores_more)):
         out.append(f"{side} was CPU-contended: other processes used {me['others_pct']:.0f}% of the CPU against "
                    f"this one's {me['proc_cpu_pct'] / me['cores']:.0f}% ({other}: {vs(them.get('others_pct'), '.0f', '%')})")
-    if me["steal_pct"] is not None and me["steal_pct"] > STEAL_PCT and more("steal_pct", STEAL_MORE):
+    if me["steal_pct"] is not None and me["steal_pct"] > STEAL_PCT and more("steal_pct", cfg.steal_more):
         out.append(f"{side} had CPU steal {me['steal_pct']:.1f}% mean, the hypervisor running someone else "
                    f"({other}: {vs(them.get('steal_pct'), '.1f', '%')})")
     cg = me["cgroup_throttled_frac"]
     own, their_own = me["proc_cpu_pct"], them.get("proc_cpu_pct")
     own_rose = own is not None and their_own is not None and own > OWN_CPU_MORE * their_own
-    if (cg is not None and cg > CGROUP_THROTTLED_FRAC and more("cgroup_throttled_frac", CGROUP_THROTTLED_MORE)
+    if (cg is not None and cg > CGROUP_THROTTLED_FRAC and more("cgroup_throttled_frac", cfg.cgroup_throttled_more)
             and not own_rose):
         out.append(f"{side}'s cgroup CPU quota throttled {cg:.0%} of periods "
                    f"({other}: {vs(them.get('cgroup_throttled_frac'), '.0%')})")
@@ -343,16 +348,16 @@ def _findings(side: str, other: str, me: dict, them: dict) -> list[str]:
         lowered = limit is not None and their_limit is not None and limit < POWER_LIMIT_LOWER * their_limit
         for k, v in reasons.items():
             o = them["gpu_throttle"].get(g, {}).get(k)
-            if v > THROTTLED_FRAC and (o is None or v - o >= THROTTLED_MORE) and (k not in POWER_CAPS or lowered):
+            if v > THROTTLED_FRAC and (o is None or v - o >= cfg.throttled_more) and (k not in POWER_CAPS or lowered):
                 why = f", its power limit lowered to {limit:.0f} W from {their_limit:.0f} W" if k in POWER_CAPS else ""
                 out.append(f"{side}'s {g} was throttled ({k}) {v:.0%} of the time ({other}: {vs(o, '.0%')}){why}")
     return out
 
 
-def environment_check(rb: list[RunData], ra: list[RunData]) -> dict:
+def environment_check(rb: list[RunData], ra: list[RunData], settings: Settings = DEFAULTS) -> dict:
     """Was the machine the same on both sides? (module doc). Returns figures per side, findings and a warning."""
     fb, fa = environment_figures(rb), environment_figures(ra)
-    findings = _findings("BEFORE", "AFTER", fb, fa) + _findings("AFTER", "BEFORE", fa, fb)
+    findings = _findings("BEFORE", "AFTER", fb, fa, settings) + _findings("AFTER", "BEFORE", fa, fb, settings)
     checked = [side for side, f in (("BEFORE", fb), ("AFTER", fa))
                if f["cpu_util_pct"] is not None or f["gpu_throttle"]]
     warning = None
@@ -367,4 +372,5 @@ def environment_check(rb: list[RunData], ra: list[RunData]) -> dict:
     rnd = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in fb.items() if k not in nested}
     rna = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in fa.items() if k not in nested}
     return {"matched": not findings, "findings": findings, "warning": warning, "note": note,
+            "margins": {k: getattr(settings, k) for k in ENV_SETTINGS},
             "before": {**rnd, **{k: fb[k] for k in nested}}, "after": {**rna, **{k: fa[k] for k in nested}}}

@@ -31,6 +31,10 @@ def add_arguments(parser) -> None:
                         action="store_true",
                         help="exit 3 when the load or the environment (CPU contention, CPU steal, cgroup or GPU "
                              "throttling on one side only) was not matched (default: warn and exit 0)")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", dest="settings",
+                        help="change one margin of the environment check (repeatable): others_cores_more, "
+                             "steal_more, cgroup_throttled_more or throttled_more, as in aurora diagnose's --set "
+                             "(defaults in aurora_core/diagnose/settings.py)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON instead of text")
     parser.add_argument("--html", metavar="FILE", help="also write an HTML page")
     from .cli import add_selection
@@ -45,9 +49,10 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from .compare import compare
+    from .compare import ENV_SETTINGS, compare
     from .html import compare_page
     from .report import text_compare
+    from .settings import DEFAULTS
 
     def fail(msg: str) -> int:
         print(f"aurora compare: error: {msg}", file=sys.stderr)
@@ -60,11 +65,12 @@ def run(args) -> int:
     from .cli import print_warnings
 
     try:
+        settings = DEFAULTS.with_pairs(args.settings, "compare", ENV_SETTINGS)
         before, after = (_side(args, path, side) for path, side in ((args.before, "before"), (args.after, "after")))
         for side in (before, after):
             print_warnings("compare", getattr(side, "warnings", ()))
         res = compare(before, after, threshold=args.threshold, alpha=args.alpha, n_boot=args.boot,
-                      load_tolerance=args.load_tolerance)
+                      load_tolerance=args.load_tolerance, settings=settings)
     except (FileNotFoundError, ValueError) as e:
         return fail(str(e))
     print(json.dumps(res, indent=2) if args.json else text_compare(res))

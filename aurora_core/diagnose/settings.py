@@ -2,7 +2,8 @@
 
 ``diagnose(runs, settings=Settings(stage_shift=1.2))`` or ``aurora diagnose --set stage_shift=1.2``. The
 defaults are the documented method (``spikes`` and ``causes`` module docs say where each one acts);
-``compare``'s environment check uses the same margins between its two sides.
+``compare``'s environment check uses the same CPU/GPU margins between its two sides
+(``compare(..., settings=...)`` or ``aurora compare --set steal_more=10``; ``compare.ENV_SETTINGS``).
 """
 
 from __future__ import annotations
@@ -53,20 +54,21 @@ class Settings:
         if not 0 < self.alpha < 1:
             raise ValueError(f"diagnose settings: alpha must be in (0, 1), got {self.alpha!r}")
 
-    def with_pairs(self, pairs) -> Settings:
-        """These settings with "name=value" strings applied (the CLI's ``--set``)."""
-        names = {f.name for f in dataclasses.fields(self)}
+    def with_pairs(self, pairs, op: str = "diagnose", only=None) -> Settings:
+        """These settings with "name=value" strings applied (the CLI's ``--set``); ``only``: the names
+        ``op`` reads (default: all)."""
+        names = set(only or (f.name for f in dataclasses.fields(self)))
         out = {}
         for pair in pairs:
             name, sep, value = str(pair).partition("=")
             name = name.strip().replace("-", "_")
             if not sep or name not in names:
-                raise ValueError(f"diagnose: --set expects NAME=VALUE with NAME one of {', '.join(sorted(names))}; "
+                raise ValueError(f"{op}: --set expects NAME=VALUE with NAME one of {', '.join(sorted(names))}; "
                                  f"got {pair!r}")
             try:
                 out[name] = float(value)
             except ValueError:
-                raise ValueError(f"diagnose: --set {name}: expected a number, got {value!r}") from None
+                raise ValueError(f"{op}: --set {name}: expected a number, got {value!r}") from None
         return dataclasses.replace(self, **out)
 
 

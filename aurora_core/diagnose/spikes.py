@@ -29,7 +29,9 @@ Detection (a small documented method around ruptures' PELT)
        against it (step 5's test), and the first stretch at least max(3, 10% of the intervals) long is
        the baseline. So a calm stretch that PELT cut into short pieces is one baseline, and a saturated
        plateau the run ends in is never taken for normal because it alone is long enough. ``--baseline``
-       gives it instead (T0:T1, label:NAME, run:PATH). ``Detection.baseline_reason`` says which and why.
+       gives it instead (T0:T1, label:NAME, run:PATH); a host without a run it names takes the matched
+       runs' wall-clock span, or its automatic baseline when its requests do not overlap that span
+       (``resolve_baselines``). ``Detection.baseline_reason`` says which and why.
     5. A segment is a spike when its pooled p50 or p99 is at least ``min_ratio`` (1.3) times the
        baseline's, significant at ``alpha`` (1e-3) against the noise of both sides: for p50 a one-sided
        Mann-Whitney test on the requests and a t-test on the log per-interval medians; for p99 Fisher's
@@ -441,12 +443,8 @@ def parse_baseline(spec: str) -> tuple[str, object]:
     return "span", (t0, t1)
 
 
-def resolve_baseline(series: Series, spec: tuple[str, object]) -> tuple[float, float, str]:
-    """A parsed ``--baseline`` -> (start s, end s, why) on this series' timeline."""
-    kind, val = spec
-    if kind == "span":
-        t0, t1 = val
-        return t0, t1, f"given: --baseline {t0:g}:{t1:g}"
+def _matched(series: Series, kind: str, val: str) -> list[int]:
+    """The runs of ``series`` a label:/run: baseline names (runs without requests left out)."""
     def hit(i: int) -> bool:
         m = series.runs[i].meta
         if kind == "label":
@@ -455,13 +453,46 @@ def resolve_baseline(series: Series, spec: tuple[str, object]) -> tuple[float, f
         return str(m.get("run_id")) == val or (p is not None and Path(val).resolve() in
                                                (Path(p).resolve(), Path(p).resolve().parent))
 
-    idx = [i for i in range(len(series.runs)) if hit(i) and series.run_bounds[i][0] == series.run_bounds[i][0]]
-    if not idx:
-        raise ValueError(f"diagnose: --baseline {kind}:{val} matches no run of {series.name} "
-                         f"(labels: {sorted({str(r.meta.get('label')) for r in series.runs})})")
-    a = min(series.run_bounds[i][0] for i in idx)
-    b = max(series.run_bounds[i][1] for i in idx)
-    return a, math.nextafter(b, math.inf), f"given: --baseline {kind}:{val} ({len(idx)} run(s))"
+    return [i for i in range(len(series.runs)) if hit(i) and not math.isnan(series.run_bounds[i][0])]
+
+
+def resolve_baselines(all_series: list[Series], spec: tuple[str, object]) -> list[tuple[float | None, float | None, str]]:
+    """A parsed ``--baseline`` -> per series (start s, end s, why) on its own timeline; (None, None, why)
+    where it falls back to the automatic baseline. A label:/run: names runs of some hosts only (a run id,
+    a label one host never ran): a series without a matching run takes the matched runs' wall-clock span
+    when it holds >= 3 of its successful requests, else the automatic baseline; ``why`` says which.
+    ValueError when no run of any series matches."""
+    kind, val = spec
+    if kind == "span":
+        t0, t1 = val
+        return [(t0, t1, f"given: --baseline {t0:g}:{t1:g}")] * len(all_series)
+    given = f"--baseline {kind}:{val}"
+    out: list = [None] * len(all_series)
+    wall = []  # matched (start, end) wall-clock ns, to map onto series without a match
+    for k, s in enumerate(all_series):
+        idx = _matched(s, kind, val)
+        if idx:
+            a, b = min(s.run_bounds[i][0] for i in idx), max(s.run_bounds[i][1] for i in idx)
+            out[k] = (a, math.nextafter(b, math.inf), f"given: {given} ({len(idx)} run(s))")
+            wall.append((s.t0_wall_ns + a * 1e9, s.t0_wall_ns + b * 1e9, s.name))
+    if not wall:
+        labels = sorted({str(r.meta.get("label")) for s in all_series for r in s.runs})
+        raise ValueError(f"diagnose: {given} matches no run of {', '.join(s.name for s in all_series)} "
+                         f"(labels: {labels}); give a label or run that was recorded, or T0:T1")
+    wa, wb = min(w[0] for w in wall), max(w[1] for w in wall)
+    hosts = ", ".join(w[2] for w in wall)
+    for k, s in enumerate(all_series):
+        if out[k] is not None:
+            continue
+        a, b = (wa - s.t0_wall_ns) / 1e9, math.nextafter((wb - s.t0_wall_ns) / 1e9, math.inf)
+        n = int(np.count_nonzero((s.t >= a) & (s.t < b) & s.ok & (s.e2e_ns >= 0)))
+        if n >= 3:
+            out[k] = (a, b, f"given: {given} matches no run of {s.name}; the same wall-clock span as the "
+                            f"matched run(s) on {hosts}")
+        else:
+            out[k] = (None, None, f"{given} matches no run of {s.name}, and its requests do not overlap the "
+                                  f"matched run(s) on {hosts} ({n} in that span); ")
+    return out
 
 
 def _auto_baseline(segments, lens, pooled, min_len: int, min_ratio, alpha) -> tuple[int, int, str]:
@@ -512,8 +543,9 @@ def _trim(iv: Intervals, a: float, b: float, b50: float, b99: float, min_ratio: 
 
 
 def detect(series: Series, interval_s: float | None = None, min_ratio: float = MIN_RATIO,
-           alpha: float = ALPHA, baseline: tuple[str, object] | None = None) -> Detection:
-    """Spike windows of one series. baseline: a ``parse_baseline`` result, or None for the automatic one."""
+           alpha: float = ALPHA, baseline: tuple[float | None, float | None, str] | None = None) -> Detection:
+    """Spike windows of one series. baseline: a ``resolve_baselines`` entry, or None for the automatic one
+    (so is an entry without a span: its ``why`` then leads the automatic reason)."""
     width = interval_s or auto_interval(series)
     iv = intervals(series, width)
     good = np.flatnonzero(~np.isnan(iv.p99_ms))
@@ -525,13 +557,14 @@ def detect(series: Series, interval_s: float | None = None, min_ratio: float = M
     segments = [(float(iv.edges[a]), float(iv.edges[b + 1])) for a, b in seg_idx]
     lens = [int(np.count_nonzero((good >= a) & (good <= b))) for a, b in seg_idx]
     pooled = [_pooled(series, *ab, width) for ab in segments]
-    if baseline is None:
+    ba, bb, why = baseline or (None, None, "")
+    if ba is None:
         min_len = max(3, int(0.1 * good.size))
-        lo, hi, why = _auto_baseline(segments, lens, pooled, min_len, min_ratio, alpha)
+        lo, hi, auto_why = _auto_baseline(segments, lens, pooled, min_len, min_ratio, alpha)
+        why += auto_why
         ba, bb = segments[lo][0], segments[hi][1]
         cands = [ab for i, ab in enumerate(segments) if not lo <= i <= hi]
     else:
-        ba, bb, why = resolve_baseline(series, baseline)
         cands = [(x, y) for a, b in segments for x, y in ((a, min(b, ba)), (max(a, bb), b)) if y > x]
     base = _pooled(series, ba, bb, width)
     if base.size < 3:
