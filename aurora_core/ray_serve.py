@@ -130,6 +130,17 @@ class AuroraReplica:
         self.state = app.state.server
         return app
 
+    def reconfigure(self, user_config, rank=None):
+        """Ray renumbers ranks to keep them contiguous (after a downscale, a survivor may take the leaver's):
+        the recorder follows, so that the replica that later takes this slot is not a second writer in it."""
+        slot = _slot(rank)
+        if rank is None or slot == self.slot:
+            return
+        self.slot = slot
+        if self.parts.recorder is not None:
+            self.parts.recorder.set_meta("host", replica_host(self.host, slot))  # the writer moves (StoreWriter)
+            self.parts.recorder.set_meta("slot", slot)
+
     def check_health(self):
         # A device fault turns the pipeline not-ready; failing here makes Ray replace the replica.
         if not self.parts.pipeline.ready:

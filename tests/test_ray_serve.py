@@ -112,6 +112,25 @@ def test_check_health_follows_pipeline_ready():
         replica.check_health()
 
 
+@pytest.mark.skipif(ray is None, reason="needs ray[serve]")
+def test_a_renumbered_replica_moves_its_store_host_to_its_new_slot(tmp_path):
+    from ray.serve.schema import ReplicaRank
+
+    from aurora_core.recorder import Recorder
+    from aurora_core.store import open_store
+
+    replica = ray_serve.AuroraReplica.func_or_class.__new__(ray_serve.AuroraReplica.func_or_class)
+    replica.host, replica.slot = "node", 1
+    rec = Recorder(store=tmp_path, meta={"host": ray_serve.replica_host("node", 1), "slot": 1, "region": "r"})
+    replica.parts = argparse.Namespace(recorder=rec)
+    replica.reconfigure(None, rank=ReplicaRank(rank=1, node_rank=0, local_rank=1))  # Ray's first call: no change
+    rec.flush()
+    replica.reconfigure(None, rank=ReplicaRank(rank=0, node_rank=0, local_rank=0))  # the slot-0 replica left
+    rec.close()
+    assert replica.slot == 0 and rec.meta["host"] == "node-0"
+    assert sorted((s.host, s.meta["slot"]) for s in open_store(tmp_path).all_segments) == [("node-0", 0), ("node-1", 1)]
+
+
 @pytest.fixture
 def fake_ray(monkeypatch):
     """ray_serve.run's driver side without a cluster: connect and start are replaced (start by ``deploy``),
@@ -393,4 +412,9 @@ def test_downscale_drains_then_a_killed_replica_is_replaced_under_load(fleet):
     assert len(replaced) == 1, "Ray did not start a new replica"
     r = httpx.post(url + "/v1/classify", content=sample_bytes("0.3mp"), timeout=30)
     assert r.status_code == 200
+    # Each replacement recorded under a freed slot: still one host directory per slot, one writer in each.
+    from aurora_core.store import open_store
+
+    assert len(glob.glob(os.path.join(args.record, "region=local", "host=*"))) == 2
+    assert not [w for w in open_store(args.record).warnings if "overlaps" in w]
     print("kill under load:", load.sent, "sent,", load.ok, "ok,", load.errors)
