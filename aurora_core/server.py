@@ -302,7 +302,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="hardware sampling period for /metrics (0 turns the sampler off)")
     t.add_argument("--record", default=None, metavar="ROOT",
                    help="record always-on into a store root (ROOT/region=R/host=H/ segments of requests, samples and "
-                        "events) for aurora diagnose ROOT; with --ray each replica is a host NODE-REPLICA")
+                        "events) for aurora diagnose ROOT; with --ray each replica is a host NODE-SLOT")
     t.add_argument("--record-rotate-s", type=number(gt=0), default=600.0, metavar="S",
                    help="start a new segment every S seconds (default 600)")
     t.add_argument("--record-max-bytes", type=number(int, gt=0), default=None, metavar="B",
