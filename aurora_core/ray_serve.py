@@ -14,8 +14,9 @@ bodies and status codes are the server's own. aurora's batcher batches; there is
 - Downscale / redeploy: Ray stops routing to the replica and waits for its ongoing requests
   (``graceful_shutdown_timeout_s``); then ``__del__`` turns /readyz to 503 and closes the pipeline,
   which still serves anything queued, then the sampler and the run file.
-- Recording: each replica records always-on into the store under ``ROOT/region=R/host=NODE-REPLICA/``
-  (``replica_host``), with ``node`` and ``replica`` in the segments' meta.
+- Recording: each replica records always-on into the store under ``ROOT/region=R/host=NODE-SLOT/``
+  (``replica_host``; SLOT is Ray's rank of the replica on its node, reused by the replica that replaces
+  it), with ``node``, ``slot`` and the unique ``replica`` id in the segments' meta.
 - Prometheus: each replica serves its own registry on its own port (``metrics_target``), listed for
   Prometheus' ``file_sd_configs`` in ``--metrics-sd-dir``. Why not Ray's metrics agent: aurora's
   metrics are prometheus_client objects (histogram buckets, gauges that read the pipeline on scrape);
@@ -39,8 +40,8 @@ import time
 import ray
 from ray import serve
 
-from aurora_core.server import EXIT_OK, EXIT_STARTUP, _Parts
-from aurora_core.server_app import ServerConfig, _request_id, create_app, error_response
+from aurora_core.server import EXIT_OK, EXIT_STARTUP, _Parts, server_config
+from aurora_core.server_app import _request_id, create_app, error_response
 
 log = logging.getLogger("aurora_core.ray_serve")
 
@@ -61,20 +62,19 @@ def autoscaling_preset(min_replicas: int, max_replicas: int, max_batch_size: int
     }
 
 
-def replica_host(node: str, replica: str) -> str:
-    """The store host a replica records as: ``ROOT/region=R/host=NODE-REPLICA/`` (one writer per host
-    directory); the node and the replica id are also in the segment's meta (``node``, ``replica``)."""
-    return f"{node}-{replica}"
+def replica_host(node: str, slot: int) -> str:
+    """The store host a replica records as: ``ROOT/region=R/host=NODE-SLOT/``. SLOT is Ray's rank of the
+    replica among the deployment's replicas on its node (``ReplicaRank.local_rank``): no two live replicas
+    share it (one writer per host directory), and a replica that replaces another (restart, autoscaling,
+    a rollout) takes the freed one. So a node holds at most as many host directories as it ever ran
+    replicas at once, per-host retention reaches a dead replica's segments, and a rollout's old and new
+    versions follow one another under one host (what diagnose's deployment detection compares)."""
+    return f"{node}-{slot}"
 
 
-def _server_config(args: argparse.Namespace) -> ServerConfig:
-    # The same flags as aurora serve's own ServerConfig (server.run).
-    return ServerConfig(
-        max_body_bytes=args.max_body_bytes, request_timeout_s=args.timeout_s,
-        max_request_timeout_s=args.max_timeout_s, body_timeout_s=args.body_timeout_s,
-        max_concurrent_requests=args.max_concurrent_requests, retry_after_s=args.retry_after_s,
-        top_k=args.top_k,
-    )
+def _slot(rank) -> int:
+    # Ray 2.60's ReplicaContext.rank is a ReplicaRank (rank, node_rank, local_rank).
+    return int(getattr(rank, "local_rank", rank) or 0)
 
 
 @serve.deployment
@@ -86,14 +86,15 @@ class AuroraReplica:
         ctx = serve.get_replica_context()
         self.replica_id = ctx.replica_tag
         self.host = socket.gethostname()
+        self.slot = _slot(ctx.rank)
         self.region = region
-        self.config = _server_config(args)
+        self.config = server_config(args)
         args = copy.copy(args)
         args.region = region
         # Each replica is one writer, so it is one host directory of the store (the store's rule): the node
-        # and the replica together, which also lets diagnose tell one replica's spike from its neighbours'.
+        # and the replica's slot there, which also lets diagnose tell one replica's spike from its neighbours'.
         # Given at construction: a store segment's meta is written when the segment opens.
-        args.record_extra = {"host": replica_host(self.host, self.replica_id), "node": self.host,
+        args.record_extra = {"host": replica_host(self.host, self.slot), "node": self.host, "slot": self.slot,
                              "replica": self.replica_id, "pid": os.getpid(),
                              "node_id": ray.get_runtime_context().get_node_id()}
         self.parts = _Parts()
@@ -128,6 +129,17 @@ class AuroraReplica:
         app = create_app(self.parts.pipeline, self.config, registry=self.parts.exporter.registry)
         self.state = app.state.server
         return app
+
+    def reconfigure(self, user_config, rank=None):
+        """Ray renumbers ranks to keep them contiguous (after a downscale, a survivor may take the leaver's):
+        the recorder follows, so that the replica that later takes this slot is not a second writer in it."""
+        slot = _slot(rank)
+        if rank is None or slot == self.slot:
+            return
+        self.slot = slot
+        if self.parts.recorder is not None:
+            self.parts.recorder.set_meta("host", replica_host(self.host, slot))  # the writer moves (StoreWriter)
+            self.parts.recorder.set_meta("slot", slot)
 
     def check_health(self):
         # A device fault turns the pipeline not-ready; failing here makes Ray replace the replica.
@@ -218,6 +230,12 @@ def deployment_options(args: argparse.Namespace) -> dict:
 
 def build(args: argparse.Namespace):
     """The bound Serve application for ``serve.run``."""
+    args = copy.copy(args)
+    # A replica runs in a Ray worker whose working directory is not the driver's (and is on another node):
+    # relative output paths mean the driver's directory.
+    for name in ("record", "metrics_sd_dir"):
+        if getattr(args, name, None):
+            setattr(args, name, os.path.abspath(getattr(args, name)))
     return AuroraReplica.options(**deployment_options(args)).bind(args, region=args.region or "local")
 
 
@@ -247,29 +265,86 @@ def start(args: argparse.Namespace, *, blocking: bool = False):
     return serve.run(build(args), name=APP_NAME, route_prefix="/", blocking=blocking)
 
 
+class _DeployTimeout(Exception):
+    pass
+
+
+def _deploy_state() -> str:
+    """What Serve says of the deployment (e.g. resources no node has), for the operator's one line."""
+    try:
+        d = serve.status().applications[APP_NAME].deployments["AuroraReplica"]
+        return f"; Ray Serve says: {d.status}, replicas {dict(d.replica_states)}" + (f", {d.message}" if d.message else "")
+    except Exception:
+        return ""
+
+
+def _delete(timeout_s: float) -> bool:
+    """serve.delete the app, waiting at most timeout_s: a Ctrl-C in a terminal also reaches the local Ray's
+    own processes (one process group), and a dead raylet would leave serve.delete waiting for ever."""
+    if not ray.is_initialized():
+        return True
+    deleting = threading.Thread(target=serve.delete, args=(APP_NAME,), daemon=True)
+    deleting.start()
+    deleting.join(timeout_s)
+    return not deleting.is_alive()
+
+
 def run(args: argparse.Namespace) -> int:
     """``aurora serve --ray``: deploy, then hold the deployment until Ctrl-C / SIGTERM."""
     import signal
 
-    stop = []  # set before starting, so that a Ctrl-C during the deployment still ends in a drain
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.append(True))
+    stops = (signal.SIGTERM, signal.SIGINT)
+    previous = {sig: signal.getsignal(sig) for sig in (*stops, signal.SIGALRM)}
+    stop = []
+
+    def interrupt(signum, _frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    def timed_out(*_):
+        raise _DeployTimeout
+
+    def on_stop(handler):
+        for sig in stops:
+            signal.signal(sig, handler)
+
+    # serve.run waits without limit for the replicas (resources no node has, a replica that hangs in
+    # __init__): while deploying, Ctrl-C / SIGTERM and --deploy-timeout-s interrupt that wait.
+    on_stop(interrupt)
+    signal.signal(signal.SIGALRM, timed_out)
+    signal.setitimer(signal.ITIMER_REAL, args.deploy_timeout_s)
     try:
-        connect(args.ray_address, host=args.host)
-        start(args)
-    except Exception as e:
-        print(f"aurora serve --ray: cannot start: {e}", file=sys.stderr)
-        return EXIT_STARTUP
-    log.info("aurora serve --ray: listening on http://%s:%d (%s)", args.host, args.port,
-             f"autoscale {args.autoscale[0]}:{args.autoscale[1]}" if args.autoscale else f"{args.replicas} replicas")
-    while not stop:
-        time.sleep(0.2)
-    # Graceful: every replica drains. Bounded, because a Ctrl-C in a terminal also reaches the local Ray's
-    # own processes (one process group), and a dead raylet would leave serve.delete waiting for ever.
-    deleting = threading.Thread(target=serve.delete, args=(APP_NAME,), daemon=True)
-    deleting.start()
-    deleting.join(args.shutdown_timeout_s + 10)
-    if deleting.is_alive():
-        log.error("aurora serve --ray: Ray did not confirm the drain within %g s", args.shutdown_timeout_s + 10)
-        return 1
-    return EXIT_OK
+        try:
+            connect(args.ray_address, host=args.host)
+            on_stop(interrupt)  # ray.init sets its own SIGTERM handler (sys.exit, no drain)
+            start(args)
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            on_stop(lambda *_: stop.append(True))
+        except (KeyboardInterrupt, _DeployTimeout) as e:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            on_stop(lambda *_: stop.append(True))
+            why = (f"the replicas were not all running after --deploy-timeout-s {args.deploy_timeout_s:g} s"
+                   f"{_deploy_state()}; check --replica-cpus/--replica-gpus against the cluster's resources "
+                   "and the replicas' logs" if isinstance(e, _DeployTimeout) else f"{e or 'SIGINT'} while deploying")
+            removed = _delete(args.shutdown_timeout_s + 10)
+            print(f"aurora serve --ray: cannot start: {why}; "
+                  + ("the deployment was removed" if removed else "Ray did not confirm removing the deployment"),
+                  file=sys.stderr)
+            return EXIT_STARTUP
+        except Exception as e:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            print(f"aurora serve --ray: cannot start: {e}", file=sys.stderr)
+            return EXIT_STARTUP
+        log.info("aurora serve --ray: listening on http://%s:%d (%s)", args.host, args.port,
+                 f"autoscale {args.autoscale[0]}:{args.autoscale[1]}" if args.autoscale
+                 else f"{args.replicas} replicas")
+        while not stop:
+            time.sleep(0.2)
+        # Graceful: every replica drains.
+        if not _delete(args.shutdown_timeout_s + 10):
+            log.error("aurora serve --ray: Ray did not confirm the drain within %g s", args.shutdown_timeout_s + 10)
+            return 1
+        return EXIT_OK
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

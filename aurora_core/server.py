@@ -302,7 +302,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="hardware sampling period for /metrics (0 turns the sampler off)")
     t.add_argument("--record", default=None, metavar="ROOT",
                    help="record always-on into a store root (ROOT/region=R/host=H/ segments of requests, samples and "
-                        "events) for aurora diagnose ROOT; with --ray each replica is a host NODE-REPLICA")
+                        "events) for aurora diagnose ROOT; with --ray each replica is a host NODE-SLOT")
     t.add_argument("--record-rotate-s", type=number(gt=0), default=600.0, metavar="S",
                    help="start a new segment every S seconds (default 600)")
     t.add_argument("--record-max-bytes", type=number(int, gt=0), default=None, metavar="B",
@@ -324,6 +324,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--ray-address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else auto)")
     r.add_argument("--replica-cpus", type=float, default=1.0, help="Ray CPUs reserved per replica")
     r.add_argument("--replica-gpus", type=float, default=0.0, help="Ray GPUs reserved per replica")
+    r.add_argument("--deploy-timeout-s", type=number(gt=0), default=300.0, metavar="S",
+                   help="give up (exit 2) when the replicas are not all running after S seconds, e.g. "
+                        "resources the cluster lacks, or a model that does not load")
     r.add_argument("--metrics-sd-dir", default=None, metavar="DIR",
                    help="write one Prometheus file_sd target file per replica here (each replica serves "
                         "its own /metrics on an ephemeral port)")
@@ -344,6 +347,18 @@ def _min_max(text: str) -> tuple[int, int]:
     return int(lo), int(hi)
 
 
+def server_config(args: argparse.Namespace):
+    """The ``server_app.ServerConfig`` of ``aurora serve``'s arguments (also each ``--ray`` replica's)."""
+    from aurora_core.server_app import ServerConfig
+
+    return ServerConfig(
+        max_body_bytes=args.max_body_bytes, request_timeout_s=args.timeout_s,
+        max_request_timeout_s=args.max_timeout_s, body_timeout_s=args.body_timeout_s,
+        max_concurrent_requests=args.max_concurrent_requests, retry_after_s=args.retry_after_s,
+        top_k=args.top_k,
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if getattr(args, "ray", False):
@@ -361,18 +376,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"aurora serve: {e.name} is missing; install the server with: pip install 'aurora_core[serve]'",
               file=sys.stderr)
         return EXIT_STARTUP
-    from aurora_core.server_app import ServerConfig
-
     before, nofile = raise_nofile_limit()
     log.info("aurora serve: file-descriptor limit %d%s", nofile, f" (raised from {before})" if nofile != before else "")
     parts = _Parts()
     try:
-        config = ServerConfig(
-            max_body_bytes=args.max_body_bytes, request_timeout_s=args.timeout_s,
-            max_request_timeout_s=args.max_timeout_s, body_timeout_s=args.body_timeout_s,
-            max_concurrent_requests=args.max_concurrent_requests, retry_after_s=args.retry_after_s,
-            top_k=args.top_k,
-        )
+        config = server_config(args)
         parts.build(args)
         server = Server(parts.pipeline, config, host=args.host, port=args.port, cpu_fallback=args.cpu_fallback,
                         registry=parts.exporter.registry, max_connections=args.max_connections,
@@ -397,7 +405,7 @@ def run(args: argparse.Namespace) -> int:
 
 #: Options that say where and how to record or log, not what is served: outside the deployment fingerprint.
 _NOT_DEPLOYMENT = ("record", "record_extra", "record_rotate_s", "record_max_bytes", "record_max_age_s", "label", "region",
-                   "host", "port", "log_level", "access_log")
+                   "host", "port", "log_level", "access_log", "deploy_timeout_s")
 
 
 def record_meta(args) -> dict:

@@ -28,7 +28,7 @@ from test_server import _bad_requests, error_of  # noqa: E402
 
 from aurora_core.recorder import load_run  # noqa: E402
 from aurora_core.samples import SAMPLES, sample_bytes  # noqa: E402
-from aurora_core.server import EXIT_STARTUP, Server, _Parts, add_arguments, run  # noqa: E402
+from aurora_core.server import EXIT_STARTUP, Server, _Parts, add_arguments, run, server_config  # noqa: E402
 
 try:
     import ray
@@ -112,6 +112,88 @@ def test_check_health_follows_pipeline_ready():
         replica.check_health()
 
 
+@pytest.mark.skipif(ray is None, reason="needs ray[serve]")
+def test_a_renumbered_replica_moves_its_store_host_to_its_new_slot(tmp_path):
+    from ray.serve.schema import ReplicaRank
+
+    from aurora_core.recorder import Recorder
+    from aurora_core.store import open_store
+
+    replica = ray_serve.AuroraReplica.func_or_class.__new__(ray_serve.AuroraReplica.func_or_class)
+    replica.host, replica.slot = "node", 1
+    rec = Recorder(store=tmp_path, meta={"host": ray_serve.replica_host("node", 1), "slot": 1, "region": "r"})
+    replica.parts = argparse.Namespace(recorder=rec)
+    replica.reconfigure(None, rank=ReplicaRank(rank=1, node_rank=0, local_rank=1))  # Ray's first call: no change
+    rec.flush()
+    replica.reconfigure(None, rank=ReplicaRank(rank=0, node_rank=0, local_rank=0))  # the slot-0 replica left
+    rec.close()
+    assert replica.slot == 0 and rec.meta["host"] == "node-0"
+    assert sorted((s.host, s.meta["slot"]) for s in open_store(tmp_path).all_segments) == [("node-0", 0), ("node-1", 1)]
+
+
+@pytest.fixture
+def fake_ray(monkeypatch):
+    """ray_serve.run's driver side without a cluster: connect and start are replaced (start by ``deploy``),
+    serve.delete records its calls."""
+    if ray is None:
+        pytest.skip("needs ray[serve]")
+    calls = {"deleted": [], "deploy": lambda: None}
+    monkeypatch.setattr(ray_serve, "connect", lambda *a, **k: None)
+    monkeypatch.setattr(ray_serve, "start", lambda args: calls["deploy"]())
+    monkeypatch.setattr(ray_serve.ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray_serve.serve, "delete", lambda name: calls["deleted"].append(name))
+    monkeypatch.setattr(ray_serve.serve, "status", lambda: (_ for _ in ()).throw(RuntimeError("no cluster")))
+    return calls
+
+
+def _signal_soon(sig, delay: float = 0.3) -> threading.Timer:
+    t = threading.Timer(delay, os.kill, (os.getpid(), sig))
+    t.start()
+    return t
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_signal_during_a_hung_deploy_removes_it_and_exits_startup(sig, fake_ray, capsys):
+    import signal
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM)}
+    fake_ray["deploy"] = lambda: time.sleep(20)  # serve.run waiting for replicas that never start
+    _signal_soon(getattr(signal, sig))
+    t0 = time.monotonic()
+    assert ray_serve.run(_parse(["--ray", "--shutdown-timeout-s", "1"])) == EXIT_STARTUP
+    assert time.monotonic() - t0 < 10
+    assert fake_ray["deleted"] == [ray_serve.APP_NAME]
+    assert f"cannot start: {sig} while deploying; the deployment was removed" in capsys.readouterr().err
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_deploy_timeout_removes_the_deployment_and_says_why(fake_ray, capsys):
+    fake_ray["deploy"] = lambda: time.sleep(20)
+    t0 = time.monotonic()
+    assert ray_serve.run(_parse(["--ray", "--deploy-timeout-s", "0.5", "--shutdown-timeout-s", "1"])) == EXIT_STARTUP
+    assert time.monotonic() - t0 < 10 and fake_ray["deleted"] == [ray_serve.APP_NAME]
+    err = capsys.readouterr().err
+    assert "not all running after --deploy-timeout-s 0.5 s" in err and "--replica-gpus" in err, err
+
+
+def test_sigterm_after_the_deploy_drains_and_exits_ok(fake_ray):
+    import signal
+
+    _signal_soon(signal.SIGTERM, 0.5)
+    assert ray_serve.run(_parse(["--ray", "--deploy-timeout-s", "0.2"])) == 0  # the timer stopped at deploy
+    assert fake_ray["deleted"] == [ray_serve.APP_NAME]
+
+
+@pytest.mark.skipif(ray is None, reason="needs ray[serve]")
+def test_relative_output_paths_are_the_drivers(tmp_path, monkeypatch):
+    # A replica's working directory is its Ray worker's, on its own node: the driver resolves them.
+    monkeypatch.chdir(tmp_path)
+    args = _parse(["--ray", "--record", "runs/fleet", "--metrics-sd-dir", "sd"])
+    bound = ray_serve.build(args)._bound_deployment.init_args[0]
+    assert (bound.record, bound.metrics_sd_dir) == (str(tmp_path / "runs/fleet"), str(tmp_path / "sd"))
+    assert args.record == "runs/fleet"  # the caller's arguments are left alone
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -167,7 +249,7 @@ def local(fleet):
     parts = _Parts()
     local_args = argparse.Namespace(**{**vars(args), "record": None})
     parts.build(local_args)
-    srv = Server(parts.pipeline, ray_serve._server_config(args), registry=parts.exporter.registry).start()
+    srv = Server(parts.pipeline, server_config(args), registry=parts.exporter.registry).start()
     yield parts, srv
     srv.stop()
     parts.close()
@@ -194,7 +276,8 @@ def test_two_replicas_predict_like_an_in_process_pipeline_and_each_records(fleet
             float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
             if line.startswith('aurora_http_requests_total{route="/v1/classify",status="200"}'))
     assert all(n >= 1 for n in served.values()) and sum(served.values()) == 4 * len(names), served
-    # Each replica records into the store as its own host directory (node-replica), named in its meta.
+    # Each replica records into the store as its own host directory (node-slot: the replica's rank on its
+    # node, which a replacement reuses), with its unique replica id in the meta.
     deadline = time.monotonic() + 10
     while True:  # the recorder's writer thread flushes every flush_interval_s
         dirs = glob.glob(os.path.join(args.record, "region=local", "host=*"))
@@ -206,7 +289,8 @@ def test_two_replicas_predict_like_an_in_process_pipeline_and_each_records(fleet
     assert set(runs) == set(served) and len(dirs) == 2
     for replica, rec in runs.items():
         assert rec.n_requests == served[replica]
-        assert rec.meta["region"] == "local" and rec.meta["host"].endswith(replica) and rec.meta["node"]
+        assert rec.meta["region"] == "local" and rec.meta["host"] == f"{rec.meta['node']}-{rec.meta['slot']}"
+    assert sorted(r.meta["slot"] for r in runs.values()) == [0, 1]
 
 
 def _body(r) -> dict:
@@ -328,4 +412,9 @@ def test_downscale_drains_then_a_killed_replica_is_replaced_under_load(fleet):
     assert len(replaced) == 1, "Ray did not start a new replica"
     r = httpx.post(url + "/v1/classify", content=sample_bytes("0.3mp"), timeout=30)
     assert r.status_code == 200
+    # Each replacement recorded under a freed slot: still one host directory per slot, one writer in each.
+    from aurora_core.store import open_store
+
+    assert len(glob.glob(os.path.join(args.record, "region=local", "host=*"))) == 2
+    assert not [w for w in open_store(args.record).warnings if "overlaps" in w]
     print("kill under load:", load.sent, "sent,", load.ok, "ok,", load.errors)

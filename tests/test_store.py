@@ -135,6 +135,24 @@ def test_recorder_writes_a_store_readable_while_open_and_after_close(tmp_path):
     assert got == want  # every field back, in record order
 
 
+def test_a_renamed_host_moves_the_writer_to_its_directory(tmp_path):
+    """A Ray replica whose slot Ray renumbers renames its host: later segments go to the new directory,
+    and the store reads both without an overlap warning."""
+    rec = Recorder(store=tmp_path, meta={"host": "node-1", "region": "r"})
+    t0 = now_ns()
+    for r in _records(100, t0=t0):
+        rec(r)
+    rec.flush()
+    rec.set_meta("host", "node-0")
+    for r in _records(50, t0=t0 + 10**9):
+        rec(r)
+    rec.close()
+    old, new = tmp_path / "region=r" / "host=node-1", tmp_path / "region=r" / "host=node-0"
+    assert {p.suffix for p in old.iterdir()} == {p.suffix for p in new.iterdir()} == {".parquet"}
+    st = open_store(tmp_path)
+    assert st.warnings == [] and {(s.host, s.n_requests) for s in st.segments} == {("node-1", 100), ("node-0", 50)}
+
+
 def test_rotation_and_retention(tmp_path):
     """Segments rotate by time; retention by bytes removes the oldest whole segments and never the open one."""
     rec = Recorder(store=tmp_path, meta={"host": "h", "region": "r"}, rotate_s=0.15, max_bytes=60_000,

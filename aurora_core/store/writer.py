@@ -9,6 +9,9 @@ through a ``.tmp`` file renamed into place, then the stream is removed), so a cr
 leaves either the stream or the Parquet file. Every file carries the segment's meta (JSON) in its
 schema metadata: a copied file still says which host, region, label, model and config wrote it.
 
+A meta update that renames the host or region (a Ray replica whose slot Ray renumbered) closes the open
+segment and opens the next one in the new directory.
+
 Retention (``max_bytes``, ``max_age_s``) applies to the writer's own ``region=/host=`` directory after
 each rotation: whole segments, oldest first, never the open one. A fleet merges stores by copying
 these directories side by side.
@@ -129,7 +132,16 @@ class StoreWriter:
         """Append one flush's batches (table -> RecordBatch, any subset); rotate when due."""
         if meta_updates:
             # The recorder's "format" is its run file's; a segment's keys are the writer's own.
-            self.meta.update({k: v for k, v in meta_updates.items() if k not in _OWN})
+            updates = {k: v for k, v in meta_updates.items() if k not in _OWN}
+            moved = segment_dir(self.root, {**self.meta, **updates})
+            if moved != self.dir:  # a new host or region name: its segments go to its own directory
+                self.close()
+                self.seq += 1
+                self.dir = moved
+                self.dir.mkdir(parents=True, exist_ok=True)
+                self.meta.update(updates)
+                self._start()
+            self.meta.update(updates)
         for table, batch in batches.items():
             if batch.num_rows == 0:
                 continue
