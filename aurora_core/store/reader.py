@@ -60,7 +60,8 @@ def engine_errors(store: Store, what: str):
     except duckdb.Error as e:
         text = str(e)
         files = [p for s in store.segments for p in s.files.values()]
-        bad = next((p for p in files if str(p) in text), None) or next((p for p in files if not p.exists()), None)
+        bad = (next((p for p in files if str(p) in text), None) or next((p for p in files if not p.exists()), None)
+               or _damaged(store, files))
         where = f"the file {bad}" if bad else f"a file under {', '.join(map(str, store.roots))}"
         raise StoreError(f"{what}: the query engine could not read {where}: {text.splitlines()[0]}; if retention "
                          "removed it, run again; if it is damaged, move it out of the store and run again") from e
@@ -94,6 +95,19 @@ def fmt_ns(ns) -> str:
     if ns is None:
         return "?"
     return _dt.datetime.fromtimestamp(ns / 1e9, _dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S") + "Z"
+
+
+def _damaged(store: Store, files: list[Path]) -> Path | None:
+    """The first Parquet file whose pages the engine cannot decode (DuckDB does not always say which)."""
+    import duckdb
+
+    for p in files:
+        if p.suffix == ".parquet":
+            try:  # hash every value: no statistic stands in for a page
+                store.con.execute(f"SELECT sum(hash(COLUMNS(*))) FROM read_parquet('{_sql_str(p)}')").fetchall()
+            except duckdb.Error:
+                return p
+    return None
 
 
 @dataclass
