@@ -488,7 +488,7 @@ def test_a_failed_write_costs_its_batch_not_the_recording(tmp_path, caplog):
     _flush_batch(rec, 200, t0 + 2 * 10**9)  # and the next one is written
     rec.close()
     assert rec.write_error is None and rec.store_errors == 2
-    assert not list(d.glob("*.tmp"))
+    assert not [p for p in d.iterdir() if p.suffix == ".tmp" or p.stat().st_size == 0]
     st = open_store(tmp_path)
     assert st.count() == 400 and st.warnings == []
     arrivals = np.concatenate([r.requests["arrival_ns"] for r in st.run_data()])
@@ -562,3 +562,21 @@ def test_an_open_segment_without_requests_keeps_its_events(tmp_path):
     assert st.warnings == [] and [s.host for s in st.segments] == ["r1"]
     assert st.con.sql("SELECT kind, detail FROM events").fetchall() == [("xid", "fell off the bus")]
     assert st.con.sql("SELECT metric, value FROM samples").fetchall() == [("util_pct", 97.0)]
+
+
+def test_an_abandoned_segment_without_requests_keeps_its_events(tmp_path):
+    import errno
+
+    rec = Recorder(store=tmp_path, meta={"host": "h"}, rotate_bytes=500, flush_interval_s=0.01)
+
+    def full():
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    rec._store._finish = full
+    for _ in range(20):
+        rec.add_event(Event(now_ns(), "gpu0", "xid", 79.0, "x" * 50))
+    rec.flush()
+    rec.close()
+    assert rec.store_errors == 2 and rec.dropped["events"] == 0  # the rotation, and the close
+    st = open_store(tmp_path)
+    assert st.warnings == [] and st.con.sql("SELECT count(*) FROM events").fetchall()[0][0] == 20

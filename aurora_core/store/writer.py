@@ -167,7 +167,7 @@ class StoreWriter:
 
     def abandon(self) -> None:
         """Give up the open segment after a failure: close its files as they are (best effort), remove its
-        half-written Parquet files, run retention. The next write opens a new segment."""
+        half-written Parquet files and empty streams, run retention. The next write opens a new segment."""
         for writer, sink, _ in self._open.values():
             with contextlib.suppress(Exception):
                 writer.close()
@@ -175,8 +175,12 @@ class StoreWriter:
                 sink.close()
         self._open = {}
         with contextlib.suppress(Exception):
-            for p in self.dir.glob(f"{self._name}.*.tmp"):
-                p.unlink()
+            files = list(self.dir.glob(f"{self._name}.*"))
+            # The reader needs a requests file to find a segment: keep it, empty, beside other data.
+            empty = all(_size(p) == 0 for p in files if p.suffix != ".tmp")
+            for p in files:
+                if p.suffix == ".tmp" or (_size(p) == 0 and (empty or ".requests." not in p.name)):
+                    p.unlink()
         self.seq += 1
         with contextlib.suppress(Exception):
             self.retain()
