@@ -425,7 +425,9 @@ class Recorder:
             # a new segment), never the recording.
             try:
                 self._store_batch(reqs, spans, sample_rows, events, metas)
-            except Exception:
+            except Exception as e:
+                if e is not self._store.last_error:  # not the writer's own (it counted and logged those)
+                    self._store.note_error(e)
                 for k, n in (("requests", reqs), ("spans", spans), ("samples", sample_rows), ("events", events)):
                     self.dropped[k] += len(n)
             return

@@ -580,3 +580,25 @@ def test_an_abandoned_segment_without_requests_keeps_its_events(tmp_path):
     assert rec.store_errors == 2 and rec.dropped["events"] == 0  # the rotation, and the close
     st = open_store(tmp_path)
     assert st.warnings == [] and st.con.sql("SELECT count(*) FROM events").fetchall()[0][0] == 20
+
+
+def test_a_batch_that_cannot_be_built_is_counted_and_logged(tmp_path, monkeypatch, caplog):
+    import logging
+
+    import aurora_core.store.schema as schema
+
+    caplog.set_level(logging.ERROR, logger="aurora_core.store.writer")
+    rec = Recorder(store=tmp_path, meta={"host": "h"})
+
+    def bad(*a):
+        raise TypeError("bad row")
+
+    monkeypatch.setattr(schema, "rows_batch", bad)
+    rec.add_event(Event(now_ns(), "gpu0", "xid", 79.0, ""))
+    rec.flush()
+    monkeypatch.undo()
+    _flush_batch(rec, 10, now_ns())
+    rec.close()
+    assert rec.store_errors == 1 and isinstance(rec.store_error, TypeError) and rec.dropped["events"] == 1
+    assert any("bad row" in r.getMessage() for r in caplog.records)
+    assert open_store(tmp_path).count() == 10

@@ -154,16 +154,20 @@ class StoreWriter:
                 raise
 
     def _fail(self, e: BaseException) -> None:
-        """Count and log (rate-limited) a failed write, and abandon the segment."""
+        """Count and log a failed write, and abandon the segment."""
+        self.note_error(e)
+        self.abandon()
+
+    def note_error(self, e: BaseException) -> None:
+        """Count a failure and log it, at most once every ``LOG_EVERY_S`` (a full disk fails every flush)."""
         self.errors += 1
         self.last_error = e
         now = time.monotonic()
         if now - self._logged_at >= LOG_EVERY_S:
-            log.error("store: writing segment %s in %s failed: %s (%d failure(s), %d since the last report); "
-                      "abandoned it, the next write opens a new segment", self._name, self.dir, e, self.errors,
-                      self.errors - self._logged_errors)
+            log.error("store: writing segment %s in %s failed: %r (%d failure(s), %d since the last report); "
+                      "the batch or segment is abandoned, the next write opens a new segment", self._name, self.dir,
+                      e, self.errors, self.errors - self._logged_errors)
             self._logged_at, self._logged_errors = now, self.errors
-        self.abandon()
 
     def abandon(self) -> None:
         """Give up the open segment after a failure: close its files as they are (best effort), remove its
