@@ -241,7 +241,8 @@ class Recorder:
 
     store: instead of one run file, record always-on into a store root (``aurora_core.store``): segments
     rotated every ``rotate_s`` seconds or ``rotate_bytes`` bytes, and the host's oldest segments removed
-    beyond ``max_bytes`` in all or ``max_age_s`` of age.
+    beyond ``max_bytes`` in all or ``max_age_s`` of age. A failed store write (a full disk) costs its batch,
+    counted in ``dropped``, ``store_errors`` and ``store_error``; recording goes on in a new segment.
     """
 
     def __init__(self, path=None, meta: dict | None = None, ring_size: int = 100_000,
@@ -331,6 +332,16 @@ class Recorder:
         self.meta[key] = value
         self._meta_updates.append((key, value))
 
+    @property
+    def store_errors(self) -> int:
+        """Failed store writes so far (each abandoned its segment; ``dropped`` counts the records lost)."""
+        return self._store.errors if self._store is not None else 0
+
+    @property
+    def store_error(self) -> BaseException | None:
+        """The last failed store write, if any."""
+        return self._store.last_error if self._store is not None else None
+
     # ---- queries ---------------------------------------------------------------------------------
     def recent(self, n: int) -> list[RequestRecord]:
         ring = list(self._ring)
@@ -374,11 +385,13 @@ class Recorder:
     def _store_batch(self, reqs, spans, samples, events, metas) -> None:
         from aurora_core.store.schema import request_columns, rows_batch
 
+        w = self._store
+        w.ensure_open()  # the segment's own clock offset places the requests
         batches = {}
         if reqs:
             ints = self._last_ints if self._last_ints is not None else np.array([_get_ints(r) for r in reqs], np.int64)
             batches["requests"] = request_columns(ints, [r.status for r in reqs], [r.device for r in reqs],
-                                                  int(self.meta.get("wall_minus_mono_ns") or 0))
+                                                  w.wall_minus_mono_ns)
         if spans:
             batches["spans"] = rows_batch("spans", [(s.name, s.start_ns, s.end_ns, s.request_id, s.attrs) for s in spans])
         if samples:
@@ -386,7 +399,7 @@ class Recorder:
         if events:
             batches["events"] = rows_batch("events", [(e.ts_ns, e.source, e.kind, float(e.value), e.detail)
                                                       for e in events])
-        self._store.write(batches, dict(metas) if metas else None)
+        w.write(batches, dict(metas) if metas else None)
 
     def _db_failed(self) -> None:
         with contextlib.suppress(Exception):
@@ -407,8 +420,16 @@ class Recorder:
         self.counts["events"] += len(events)
         sample_rows = [(s.ts_ns, s.source, k, float(v)) for s in samples for k, v in s.values.items()]
         self.counts["samples"] += len(sample_rows)
-        if self._store is not None and self.write_error is None:
-            self._store_batch(reqs, spans, sample_rows, events, metas)
+        if self._store is not None:
+            # Always-on: a failed write costs its batch (counted as dropped; the writer logs it and starts
+            # a new segment), never the recording.
+            try:
+                self._store_batch(reqs, spans, sample_rows, events, metas)
+            except Exception as e:
+                if e is not self._store.last_error:  # not the writer's own (it counted and logged those)
+                    self._store.note_error(e)
+                for k, n in (("requests", reqs), ("spans", spans), ("samples", sample_rows), ("events", events)):
+                    self.dropped[k] += len(n)
             return
         db = self._db
         if db is None or self.write_error is not None:
@@ -459,14 +480,11 @@ class Recorder:
         self._wake.set()
         self._thread.join()
         self._closed = True
-        if self._store is not None:
-            if self.write_error is None:
-                try:
-                    self.meta.update(closed_wall=_dt.datetime.now(_dt.timezone.utc).isoformat(),
-                                     counts=dict(self.counts), dropped=dict(self.dropped))
-                    self._store.close({k: self.meta[k] for k in ("closed_wall", "counts", "dropped")})
-                except Exception as e:
-                    self.write_error = e
+        if self._store is not None and self.write_error is None:
+            # A failure here is the writer's like any other (counted in store_errors, logged), not raised.
+            self.meta.update(closed_wall=_dt.datetime.now(_dt.timezone.utc).isoformat(),
+                             counts=dict(self.counts), dropped=dict(self.dropped))
+            self._store.close({k: self.meta[k] for k in ("closed_wall", "counts", "dropped")})
         if self._db is not None:
             if self.write_error is None:
                 try:

@@ -461,3 +461,162 @@ def test_aurora_host_names_the_host_directory(tmp_path, monkeypatch):
         rec(r)
     rec.close()
     assert list(tmp_path.glob("region=eu-west/host=gpu-07-a/*.requests.parquet"))
+
+
+def _flush_batch(rec, n: int, t0: int) -> None:
+    for r in _records(n, t0=t0):
+        rec(r)
+    rec.flush()
+
+
+def test_a_failed_write_costs_its_batch_not_the_recording(tmp_path, caplog):
+    """A full disk at rotation abandons the segment (its batch stays readable in the streams), retention still
+    runs; a failure opening the next segment drops that one batch; recording goes on either way."""
+    import errno
+    import logging
+
+    d = tmp_path / "region=_" / "host=h"
+    d.mkdir(parents=True)
+    old = d / "20000101T000000000000Z-old-00000.requests.parquet"
+    old.write_bytes(b"x" * 100)
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    rec = Recorder(store=tmp_path, meta={"host": "h"}, rotate_bytes=5000, max_age_s=3600, flush_interval_s=0.01)
+    w = rec._store
+    full = OSError(errno.ENOSPC, "No space left on device")
+
+    def once(real):
+        calls = []
+
+        def f(*a, **k):
+            if not calls:
+                calls.append(1)
+                raise full
+            return real(*a, **k)
+        return f
+
+    caplog.set_level(logging.ERROR, logger="aurora_core.store.writer")
+    w._finish = once(w._finish)
+    t0 = now_ns()
+    _flush_batch(rec, 200, t0)  # appended, then the rotation fails
+    assert rec.store_errors == 1 and rec.store_error is full and rec.dropped["requests"] == 0
+    assert not old.exists()  # retention ran on the failure
+    w._start = once(w._start)
+    _flush_batch(rec, 200, t0 + 10**9)  # the new segment cannot be opened: this batch is lost
+    assert rec.store_errors == 2 and rec.dropped["requests"] == 200
+    _flush_batch(rec, 200, t0 + 2 * 10**9)  # and the next one is written
+    rec.close()
+    assert rec.write_error is None and rec.store_errors == 2
+    assert not [p for p in d.iterdir() if p.suffix == ".tmp" or p.stat().st_size == 0]
+    st = open_store(tmp_path)
+    assert st.count() == 400 and st.warnings == []
+    arrivals = np.concatenate([r.requests["arrival_ns"] for r in st.run_data()])
+    assert sorted(arrivals.tolist()) == [t0 + k * 10**9 + i * 1_000_000 for k in (0, 2) for i in range(200)]
+    logged = [r for r in caplog.records if "failed" in r.getMessage()]
+    assert len(logged) == 1 and "No space left" in logged[0].getMessage()  # rate-limited: one line a minute
+
+
+def test_each_segment_takes_the_clock_offset_afresh(tmp_path, monkeypatch):
+    """NTP steps the wall clock by 5 s while segment 1 is open: segment 1 is named as stepped, segment 2
+    starts from the new offset, is not flagged, and its requests follow the new wall clock."""
+    rec = Recorder(store=tmp_path, meta={"host": "h"}, rotate_bytes=5000, flush_interval_s=0.01)
+    t0 = now_ns()
+    _flush_batch(rec, 200, t0)  # segment 0, rotated
+    real = time.time_ns
+    monkeypatch.setattr(time, "time_ns", lambda: real() + 5_000_000_000)
+    _flush_batch(rec, 200, t0 + 10**9)  # segment 1 (opened before the step), rotated after it
+    _flush_batch(rec, 200, t0 + 2 * 10**9)  # segment 2
+    rec.close()
+    st = open_store(tmp_path)
+    segs = sorted(st.segments, key=lambda s: s.meta["seq"])
+    assert [s.n_requests for s in segs] == [200, 200, 200]
+    stepped = [w for w in st.warnings if "stepped" in w]
+    assert len(stepped) == 1 and str(segs[1].path) in stepped[0], st.warnings
+    assert segs[2].wall_minus_mono_ns - segs[0].wall_minus_mono_ns == pytest.approx(5e9, abs=5e8)
+    t = pq.read_table(segs[2].path).column("t_ns").to_numpy()
+    assert int(t[0]) == t0 + 2 * 10**9 + segs[2].wall_minus_mono_ns
+    run = load_run(tmp_path / "region=_" / "host=h")  # one process: its segments on one monotonic clock
+    assert np.all(np.diff(run.requests["arrival_ns"]) > 0)
+
+
+def test_engine_errors_name_the_file(tmp_path):
+    """A damaged page behind a valid footer (the scan reads footers only), or a file removed by retention
+    after the scan: a StoreError naming the file, and the CLI exits 2 with one line."""
+    rec = Recorder(store=tmp_path, meta={"host": "h"})
+    _flush_batch(rec, 5000, now_ns())
+    rec.close()
+    f = next(tmp_path.glob("region=_/host=h/*.requests.parquet"))
+    good = f.read_bytes()
+    b = bytearray(good)
+    for i in range(4, 200):
+        b[i] ^= 0x5A
+    f.write_bytes(bytes(b))
+    st = open_store(tmp_path)
+    assert st.warnings == [] and st.segments  # the footer is whole
+    with pytest.raises(StoreError, match=re.escape(str(f))):
+        st.run_data()
+    p = _cli("diagnose", tmp_path)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert str(f) in p.stderr and "move it out of the store" in p.stderr and p.stderr.strip().count("\n") == 0
+    f.write_bytes(good)
+    st = open_store(tmp_path)
+    f.unlink()  # retention, between the scan and the query
+    with pytest.raises(StoreError, match=re.escape(str(f))):
+        st.count()
+
+
+def test_an_open_segment_without_requests_keeps_its_events(tmp_path):
+    """A replica killed before its first request: its Xid event and samples are still read, with its meta."""
+    rec = Recorder(store=tmp_path, meta={"host": "r1", "region": "eu"})
+    t = now_ns()
+    rec.add_event(Event(t, "gpu0", "xid", 79.0, "fell off the bus"))
+    rec.add_sample(Sample(t, "gpu0", {"util_pct": 97.0}))
+    rec.flush()
+    killed = tmp_path / "copy" / "region=eu" / "host=r1"
+    killed.mkdir(parents=True)
+    for p in (tmp_path / "region=eu" / "host=r1").glob("*.arrows"):
+        shutil.copy(p, killed / p.name)
+    rec.close()
+    st = open_store(tmp_path / "copy")
+    assert st.warnings == [] and [s.host for s in st.segments] == ["r1"]
+    assert st.con.sql("SELECT kind, detail FROM events").fetchall() == [("xid", "fell off the bus")]
+    assert st.con.sql("SELECT metric, value FROM samples").fetchall() == [("util_pct", 97.0)]
+
+
+def test_an_abandoned_segment_without_requests_keeps_its_events(tmp_path):
+    import errno
+
+    rec = Recorder(store=tmp_path, meta={"host": "h"}, rotate_bytes=500, flush_interval_s=0.01)
+
+    def full():
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    rec._store._finish = full
+    for _ in range(20):
+        rec.add_event(Event(now_ns(), "gpu0", "xid", 79.0, "x" * 50))
+    rec.flush()
+    rec.close()
+    assert rec.store_errors == 2 and rec.dropped["events"] == 0  # the rotation, and the close
+    st = open_store(tmp_path)
+    assert st.warnings == [] and st.con.sql("SELECT count(*) FROM events").fetchall()[0][0] == 20
+
+
+def test_a_batch_that_cannot_be_built_is_counted_and_logged(tmp_path, monkeypatch, caplog):
+    import logging
+
+    import aurora_core.store.schema as schema
+
+    caplog.set_level(logging.ERROR, logger="aurora_core.store.writer")
+    rec = Recorder(store=tmp_path, meta={"host": "h"})
+
+    def bad(*a):
+        raise TypeError("bad row")
+
+    monkeypatch.setattr(schema, "rows_batch", bad)
+    rec.add_event(Event(now_ns(), "gpu0", "xid", 79.0, ""))
+    rec.flush()
+    monkeypatch.undo()
+    _flush_batch(rec, 10, now_ns())
+    rec.close()
+    assert rec.store_errors == 1 and isinstance(rec.store_error, TypeError) and rec.dropped["events"] == 1
+    assert any("bad row" in r.getMessage() for r in caplog.records)
+    assert open_store(tmp_path).count() == 10

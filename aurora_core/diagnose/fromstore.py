@@ -14,7 +14,7 @@ import math
 import numpy as np
 
 from aurora_core.records import STAGES
-from aurora_core.store.reader import Segment, Store, _mono_range
+from aurora_core.store.reader import Segment, Store, _mono_range, _sql_str, engine_errors
 from aurora_core.store.schema import STAMPS
 
 from .spikes import SERVICE_STAGES, Series
@@ -119,7 +119,7 @@ def _group(store: Store, name: str, idx: list[int]) -> Series | None:
     linked = None
     if span_names:
         # Spans link to requests of the same process (run_id), whichever segment each landed in.
-        per_name = ", ".join(f"sum(CASE WHEN name = '{_q(n)}' THEN end_ns - start_ns ELSE 0 END) AS span_{k}"
+        per_name = ", ".join(f"sum(CASE WHEN name = '{_sql_str(n)}' THEN end_ns - start_ns ELSE 0 END) AS span_{k}"
                              for k, n in enumerate(span_names))
         linked = con.sql(f"""
             SELECT r.run_id, s.request_id, min(s.start_ns + r.wmm) AS s0, max(s.end_ns + r.wmm) AS s1, {per_name}
@@ -205,10 +205,6 @@ def _ridx_table(ridx: dict[int, int], store: Store):
                      "run_id": pa.array([str(store.segments[s].meta.get("run_id")) for s in segs])})
 
 
-def _q(name: str) -> str:
-    return str(name).replace("'", "''")
-
-
 def load_series(runs, *, since=None, until=None, region=None, host=None, label=None):
     """Series for ``runs``: run files / RunData (``build_series``) and store roots / Stores (the engine).
 
@@ -239,13 +235,14 @@ def load_series(runs, *, since=None, until=None, region=None, host=None, label=N
     series = build_series(files) if files else []
     info = None
     for st in stores:
-        st.require("diagnose")
-        series += series_from_store(st)
-        info = info or {"selection": [], "requests": 0, "warnings": [], "overview": []}
-        info["selection"].append(st.describe_selection())
-        info["requests"] += st.count()
-        info["warnings"] += st.warnings
-        info["overview"].append(fleet_overview(st))
+        with engine_errors(st, "diagnose"):
+            st.require("diagnose")
+            series += series_from_store(st)
+            info = info or {"selection": [], "requests": 0, "warnings": [], "overview": []}
+            info["selection"].append(st.describe_selection())
+            info["requests"] += st.count()
+            info["warnings"] += st.warnings
+            info["overview"].append(fleet_overview(st))
     if sel["since"] is not None and sel["until"] is not None and sel["until"] <= sel["since"]:
         raise ValueError("diagnose: --until must be later than --since")
     return series, info

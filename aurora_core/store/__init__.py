@@ -18,9 +18,8 @@ def convert(run_path, root) -> str:
     import numpy as np
 
     from aurora_core.recorder import load_run
-    from aurora_core.records import FIELD_NAMES
 
-    from .schema import request_columns, rows_batch
+    from .schema import _INT_FIELDS, request_columns, rows_batch
     from .writer import StoreWriter
 
     run = load_run(run_path)
@@ -30,7 +29,7 @@ def convert(run_path, root) -> str:
     meta.pop("wall_minus_mono_end_ns", None)
     w = StoreWriter(root, meta, rotate_s=float("inf"), rotate_bytes=1 << 62, live=False)
     q = run.requests
-    ints = np.column_stack([q[f] for f in FIELD_NAMES if f not in ("status", "device")]).astype(np.int64)
+    ints = np.column_stack([q[f] for f in _INT_FIELDS]).astype(np.int64)
     sp = run.spans
     smp = [(int(t), src, met, float(v)) for (src, met), (ts, vs) in run.samples.items() for t, v in zip(ts, vs, strict=True)]
     ev = run.events
@@ -44,4 +43,6 @@ def convert(run_path, root) -> str:
                                                 ev["value"].tolist(), ev["detail"].tolist(), strict=True))),
     })
     w.close()
+    if w.last_error is not None:
+        raise RuntimeError(f"convert: writing {run_path} into the store {root} failed") from w.last_error
     return str(w.dir)

@@ -20,6 +20,7 @@ the wall clock; row groups carry min/max) and region/host/label resolved per seg
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import math
@@ -34,6 +35,8 @@ import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
+from aurora_core.records import STAGES
+
 from .schema import FORMAT_VERSION, META_KEY, STAMPS, TABLES, request_arrays
 
 _NAME = re.compile(r"^(?P<seg>[^.]+)\.(?P<table>requests|spans|samples|events)\.(?P<ext>parquet|arrows)$")
@@ -43,7 +46,25 @@ CLOCK_TOLERANCE_NS = 1_000_000_000
 
 class StoreError(ValueError):
     """Nothing to analyse: no store at the path, or no segment matches the selection (the message says
-    what the store holds)."""
+    what the store holds); or the query engine could not read a file (the message names it)."""
+
+
+@contextlib.contextmanager
+def engine_errors(store: Store, what: str):
+    """A DuckDB error at query time as a StoreError naming the file where it can: a file removed by
+    retention since the scan, or a damaged page behind a valid footer (the scan reads footers only)."""
+    import duckdb
+
+    try:
+        yield
+    except duckdb.Error as e:
+        text = str(e)
+        files = [p for s in store.segments for p in s.files.values()]
+        bad = (next((p for p in files if str(p) in text), None) or next((p for p in files if not p.exists()), None)
+               or _damaged(store, files))
+        where = f"the file {bad}" if bad else f"a file under {', '.join(map(str, store.roots))}"
+        raise StoreError(f"{what}: the query engine could not read {where}: {text.splitlines()[0]}; if retention "
+                         "removed it, run again; if it is damaged, move it out of the store and run again") from e
 
 
 def is_store(path) -> bool:
@@ -74,6 +95,19 @@ def fmt_ns(ns) -> str:
     if ns is None:
         return "?"
     return _dt.datetime.fromtimestamp(ns / 1e9, _dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S") + "Z"
+
+
+def _damaged(store: Store, files: list[Path]) -> Path | None:
+    """The first Parquet file whose pages the engine cannot decode (DuckDB does not always say which)."""
+    import duckdb
+
+    for p in files:
+        if p.suffix == ".parquet":
+            try:  # hash every value: no statistic stands in for a page
+                store.con.execute(f"SELECT sum(hash(COLUMNS(*))) FROM read_parquet('{_sql_str(p)}')").fetchall()
+            except duckdb.Error:
+                return p
+    return None
 
 
 @dataclass
@@ -188,6 +222,13 @@ def _segment(d: Path, name: str, tables: dict[str, dict[str, Path]], warnings: l
     try:
         if seg.open:
             meta, seg.tables["requests"] = _read_stream(seg.path, "requests", warnings)
+            # No request yet (a replica that died before its first one) need not mean nothing: its samples
+            # and events (an Xid) may be there, and every stream carries the meta.
+            for table in ("spans", "samples", "events"):
+                if meta or table not in tables or "arrows" not in tables[table] or seg.files[table].suffix != ".arrows":
+                    continue
+                with contextlib.suppress(ValueError, OSError, pa.ArrowException):
+                    meta = _read_stream(seg.files[table], table, [])[0]
             if not meta:
                 return None  # stopped before its first write: nothing to read, nothing lost
             seg.meta = meta
@@ -218,6 +259,12 @@ def _segment(d: Path, name: str, tables: dict[str, dict[str, Path]], warnings: l
         t = seg.tables["requests"].column("t_ns")
         seg.n_requests = seg.tables["requests"].num_rows
         seg.t_first_ns, seg.t_last_ns = pc.min(t).as_py(), pc.max(t).as_py()
+        if seg.t_first_ns is None:  # no request: place the segment by its telemetry, so a selection finds it
+            ts = [x for table, col in (("spans", "start_ns"), ("samples", "ts_ns"), ("events", "ts_ns"))
+                  if table in seg.tables for x in (pc.min(seg.tables[table].column(col)).as_py(),
+                                                   pc.max(seg.tables[table].column(col)).as_py()) if x is not None]
+            if ts:
+                seg.t_first_ns, seg.t_last_ns = min(ts) + seg.wall_minus_mono_ns, max(ts) + seg.wall_minus_mono_ns
     else:
         seg.t_first_ns, seg.t_last_ns = seg.meta.get("t_first_ns"), seg.meta.get("t_last_ns")
         seg.n_requests = int((seg.meta.get("segment_counts") or {}).get("requests", 0))
@@ -372,6 +419,10 @@ class Store:
 
     # ---- aggregation inside the engine ----------------------------------------------------------
     def intervals(self, width_s: float) -> dict[str, np.ndarray]:
+        with engine_errors(self, "store.intervals"):
+            return self._intervals(width_s)
+
+    def _intervals(self, width_s: float) -> dict[str, np.ndarray]:
         """Per (region, host, interval of ``width_s`` from the selection's first arrival), computed by DuckDB
         in one pass over the selection: ``start_ns`` (wall), ``requests``, ``ok``, ``p50_ms``/``p99_ms`` of the
         ok requests' pipeline latency (arrival to completion), and ``<stage>_ms``, the summed time of each
@@ -385,8 +436,7 @@ class Store:
         # Offsets are chained (schema doc): a stage whose end stamp directly follows its start stamp is the end's
         # offset when the start is present, and arrival to completion is the sum of all offsets.
         total = " + ".join(f"coalesce({f}, 0)" for f in STAMPS)
-        stages = {"decode": ("decode_start_ns", "decode_end_ns"), "preprocess": ("preprocess_start_ns", "preprocess_end_ns"),
-                  "compute": ("compute_start_ns", "compute_end_ns"), "queue": ("enqueue_ns", "batch_closed_ns")}
+        stages = {k: STAGES[k] for k in ("decode", "preprocess", "compute", "queue")}
         assert all(STAMPS.index(b) == STAMPS.index(a) + 1 for a, b in stages.values())
         sums = ", ".join(f"sum(CASE WHEN {a} IS NOT NULL AND {b} >= 0 THEN {b} END) / 1e6 AS {k}_ms"
                          for k, (a, b) in stages.items())
@@ -436,7 +486,8 @@ class Store:
     def count(self) -> int:
         if not self.segments:
             return 0
-        return int(self.con.execute(f"SELECT count(*) FROM requests WHERE {self.time_where()}").fetchall()[0][0])
+        with engine_errors(self, "store"):
+            return int(self.con.execute(f"SELECT count(*) FROM requests WHERE {self.time_where()}").fetchall()[0][0])
 
     def groups(self) -> dict[tuple[str, str], list[int]]:
         """(host, region) -> indices of its selected segments."""
@@ -448,6 +499,10 @@ class Store:
     # ---- results ----------------------------------------------------------------------------------
     def run_data(self):
         """The selection as RunData, one per segment (for commands that read whole runs, e.g. compare)."""
+        with engine_errors(self, "store"):
+            return self._run_data()
+
+    def _run_data(self):
         from aurora_core.recorder import RunData
 
         runs = []
@@ -529,16 +584,22 @@ def load_store_run(path):
         raise ValueError(f"load_run: the store {p} holds {len(hosts)} hosts ({', '.join(hosts[:5])}); pass one "
                          "host's directory, ROOT/region=R/host=H")
     runs = st.run_data()
+    # One process's segments share its monotonic clock (each segment's own wall offset differs by the
+    # clock's drift, or an NTP step); another process is placed by the wall clock at its first segment.
+    first: dict = {}
+    for r in runs:
+        first.setdefault(r.meta.get("run_id"), r.wall_minus_mono_ns)
     w0 = runs[0].wall_minus_mono_ns
+    shift = lambda r: first[r.meta.get("run_id")] - w0  # noqa: E731
     def shifted(arrs: dict, r) -> dict:
-        d = r.wall_minus_mono_ns - w0
+        d = shift(r)
         return {k: (np.where(v != 0, v + d, 0) if k.endswith("_ns") and v.dtype.kind == "i" else v)
                 for k, v in arrs.items()}
     cat = lambda dicts: {k: np.concatenate([x[k] for x in dicts]) for k in dicts[0]}  # noqa: E731
     samples: dict = {}
     for r in runs:
         for key, (ts, v) in r.samples.items():
-            samples.setdefault(key, []).append((ts + (r.wall_minus_mono_ns - w0), v))
+            samples.setdefault(key, []).append((ts + shift(r), v))
     samples = {k: (np.concatenate([a for a, _ in x]), np.concatenate([b for _, b in x])) for k, x in samples.items()}
     meta = dict(runs[0].meta, segments=[str(r.path) for r in runs])
     return RunData(p, meta, cat([shifted(r.requests, r) for r in runs]), cat([shifted(r.spans, r) for r in runs]),

@@ -16,6 +16,13 @@ Retention (``max_bytes``, ``max_age_s``) applies to the writer's own ``region=/h
 each rotation: whole segments, oldest first, never the open one. A fleet merges stores by copying
 these directories side by side.
 
+A failed write (a full disk at rotation, say) abandons the segment: its files are closed as they are
+(the reader reads a stream up to its last whole batch), retention runs, and the next write opens a new
+segment; ``errors`` and ``last_error`` count and keep the failures, logged at most once a minute.
+
+Each segment takes the clock offset (``wall_minus_mono_ns``) afresh when it starts, so a clock stepped by
+NTP costs the segment it stepped in, not every later one.
+
 Only the recorder's writer thread calls a ``StoreWriter``.
 """
 
@@ -42,6 +49,8 @@ log = logging.getLogger(__name__)
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")
 _OWN = ("format", "segment", "seq", "segment_started_wall", "segment_closed_wall", "segment_counts", "t_first_ns",
         "t_last_ns", "wall_minus_mono_end_ns")
+#: Seconds between two log lines about failed writes (a full disk fails every flush).
+LOG_EVERY_S = 60.0
 
 
 def partition(value) -> str:
@@ -80,6 +89,10 @@ class StoreWriter:
         self.live = live  # recording now: the clock offset at close says whether the host's clock stepped
         self.segments_written = 0
         self.deleted: list[str] = []
+        self.errors = 0
+        self.last_error: BaseException | None = None
+        self._logged_at = -LOG_EVERY_S
+        self._logged_errors = 0
         self._open: dict[str, tuple[ipc.RecordBatchStreamWriter, pa.OSFile, Path]] = {}
         self._name = ""
         self._opened_at = 0.0
@@ -96,6 +109,8 @@ class StoreWriter:
         self._counts = {t: 0 for t in TABLES}
         self.meta.update(format=FORMAT_VERSION, segment=self._name, seq=self.seq,
                          segment_started_wall=now.isoformat())
+        if self.live:
+            self.meta["wall_minus_mono_ns"] = time.time_ns() - time.monotonic_ns()
         self._open = {}
         for table, schema in TABLES.items():
             path = self.dir / f"{self._name}.{table}.arrows"
@@ -127,34 +142,94 @@ class StoreWriter:
     def open_bytes(self) -> int:
         return sum(sink.tell() for _, sink, _ in self._open.values())
 
+    @property
+    def wall_minus_mono_ns(self) -> int:
+        """The open segment's clock offset: what a request's monotonic stamps are placed with."""
+        return int(self.meta.get("wall_minus_mono_ns") or 0)
+
+    def ensure_open(self) -> None:
+        """Open a new segment if the last one was abandoned; on failure, abandon again and raise."""
+        if not self._open:
+            try:
+                self._start()
+            except Exception as e:
+                self._fail(e)
+                raise
+
+    def _fail(self, e: BaseException) -> None:
+        """Count and log a failed write, and abandon the segment."""
+        self.note_error(e)
+        self.abandon()
+
+    def note_error(self, e: BaseException) -> None:
+        """Count a failure and log it, at most once every ``LOG_EVERY_S`` (a full disk fails every flush)."""
+        self.errors += 1
+        self.last_error = e
+        now = time.monotonic()
+        if now - self._logged_at >= LOG_EVERY_S:
+            log.error("store: writing segment %s in %s failed: %r (%d failure(s), %d since the last report); "
+                      "the batch or segment is abandoned, the next write opens a new segment", self._name, self.dir,
+                      e, self.errors, self.errors - self._logged_errors)
+            self._logged_at, self._logged_errors = now, self.errors
+
+    def abandon(self) -> None:
+        """Give up the open segment after a failure: close its files as they are (best effort), remove its
+        half-written Parquet files and empty streams, run retention. The next write opens a new segment."""
+        for writer, sink, _ in self._open.values():
+            with contextlib.suppress(Exception):
+                writer.close()
+            with contextlib.suppress(Exception):
+                sink.close()
+        self._open = {}
+        with contextlib.suppress(Exception):
+            files = list(self.dir.glob(f"{self._name}.*"))
+            # The reader needs a requests file to find a segment: keep it, empty, beside other data.
+            empty = all(_size(p) == 0 for p in files if p.suffix != ".tmp")
+            for p in files:
+                if p.suffix == ".tmp" or (_size(p) == 0 and (empty or ".requests." not in p.name)):
+                    p.unlink()
+        self.seq += 1
+        with contextlib.suppress(Exception):
+            self.retain()
+
     # ---- writing -------------------------------------------------------------------------------
     def write(self, batches: dict[str, pa.RecordBatch], meta_updates: dict | None = None) -> None:
-        """Append one flush's batches (table -> RecordBatch, any subset); rotate when due."""
+        """Append one flush's batches (table -> RecordBatch, any subset); rotate when due. Requests must be
+        placed with ``wall_minus_mono_ns`` after ``ensure_open``. Raises (after abandoning the segment) when
+        the batches could not be appended; a failed rotation is counted and abandoned, not raised: the
+        batches are in the abandoned segment's streams."""
         if meta_updates:
-            # The recorder's "format" is its run file's; a segment's keys are the writer's own.
-            updates = {k: v for k, v in meta_updates.items() if k not in _OWN}
+            # The recorder's "format" is its run file's; a segment's keys (and a live clock offset) the writer's own.
+            own = _OWN + ("wall_minus_mono_ns",) if self.live else _OWN
+            updates = {k: v for k, v in meta_updates.items() if k not in own}
             moved = segment_dir(self.root, {**self.meta, **updates})
             if moved != self.dir:  # a new host or region name: its segments go to its own directory
-                self.close()
+                self.close()  # finished (or abandoned): ensure_open below starts the next one there
                 self.seq += 1
                 self.dir = moved
                 self.dir.mkdir(parents=True, exist_ok=True)
-                self.meta.update(updates)
-                self._start()
             self.meta.update(updates)
-        for table, batch in batches.items():
-            if batch.num_rows == 0:
-                continue
-            self._open[table][0].write_batch(batch)
-            self._counts[table] += batch.num_rows
-            if table == "requests":
-                t = batch.column(0)
-                lo, hi = pc.min(t).as_py(), pc.max(t).as_py()
-                if lo is not None:
-                    a, b = self._t_range
-                    self._t_range = [lo if a is None else min(a, lo), hi if b is None else max(b, hi)]
+        self.ensure_open()
+        try:
+            for table, batch in batches.items():
+                if batch.num_rows == 0:
+                    continue
+                self._open[table][0].write_batch(batch)
+                self._counts[table] += batch.num_rows
+                if table == "requests":
+                    t = batch.column(0)
+                    lo, hi = pc.min(t).as_py(), pc.max(t).as_py()
+                    if lo is not None:
+                        a, b = self._t_range
+                        self._t_range = [lo if a is None else min(a, lo), hi if b is None else max(b, hi)]
+        except Exception as e:
+            self._fail(e)
+            raise
         if time.monotonic() - self._opened_at >= self.rotate_s or self.open_bytes() >= self.rotate_bytes:
-            self.rotate()
+            try:
+                self.rotate()
+            except Exception as e:
+                self._fail(e)
 
     def rotate(self) -> None:
         self._finish()
@@ -163,11 +238,15 @@ class StoreWriter:
         self.retain()
 
     def close(self, meta_updates: dict | None = None) -> None:
+        """Finish the open segment; a failure is counted and the segment abandoned, as in ``write``."""
         if meta_updates:
             self.meta.update(meta_updates)
         if self._open:
-            self._finish()
-            self.retain()
+            try:
+                self._finish()
+                self.retain()
+            except Exception as e:
+                self._fail(e)
 
     # ---- retention -----------------------------------------------------------------------------
     def retain(self) -> list[str]:
