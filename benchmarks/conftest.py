@@ -8,6 +8,16 @@ import os
 # smoke runs measure nothing, and a compile would only hold both cores. A real --benchmark-only run can
 # set AURORA_COMPILE itself.
 os.environ.setdefault("AURORA_COMPILE", "off")
+# Triton kernels run under the interpreter on CPU-only machines. It must be set before any benchmark
+# file imports triton: bench_triton_preprocess sets it too, but another file may import triton first, and
+# then the kernels' @triton.jit helpers cannot be called from an interpreted kernel.
+try:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+except ImportError:  # pragma: no cover - torch is a hard dependency
+    pass
 
 import pytest
 
