@@ -405,8 +405,11 @@ def test_downscale_drains_then_a_killed_replica_is_replaced_under_load(fleet):
         time.sleep(3.0)
     assert load.hung == 0
     assert load.sent == load.ok + sum(load.errors.values()) and load.ok > 0, (load.sent, load.ok, load.errors)
-    # Typed: aurora's JSON body (Ray's proxy would send a plain-text 500 for a request its replica lost).
-    assert set(load.errors) <= {"503:overloaded", "500:internal_error"}, load.errors
+    # Typed: aurora's JSON body (Ray's proxy would send a plain-text 500 for a request its replica lost). A
+    # request whose body was being streamed to the killed replica can be retried by the proxy on the other
+    # one without its body: that replica's body deadline answers it with the typed 408 (seen once under a
+    # loaded full test run).
+    assert set(load.errors) <= {"503:overloaded", "500:internal_error", "408:body_timeout"}, load.errors
     _wait_running(2)
     replaced = set(glob.glob(os.path.join(args.metrics_sd_dir, "*.json"))) - before
     assert len(replaced) == 1, "Ray did not start a new replica"
