@@ -586,7 +586,13 @@ def _cpu(series, base: Range, win: Range, rose: bool, share, full_share, checked
         e = _delta_ev(series, base, win, "cpu", metric, thr, unit, primary)
         if e:
             ev.append(e)
-    ev += _cgroup_quota(series, base, win, cfg)
+    cg = _cgroup_quota(series, base, win, cfg)
+    ev += cg
+    if len(cg) == 2 and cg[1].passed:
+        # The quota was set or lowered and the process then hit it: its threads were stopped by the kernel,
+        # so every stretched stage's slowdown is waiting (the CPU per request may still rise a little:
+        # cold caches after each throttled period).
+        share = max(share, full_share)
     rb, rw = _mean_in(series, ("cpu", "runq"), base.a, base.b), _mean_in(series, ("cpu", "runq"), win.a, win.b)
     if rb is not None and rw is not None:
         ev.append(Evidence("cpu.runq", rb, rw, "tasks", f"> {cores} cores and window - baseline >= 1",
@@ -606,11 +612,11 @@ def _cgroup_quota(series, base: Range, win: Range, cfg: Settings = DEFAULTS) -> 
     """Throttling by the cgroup's CPU quota, and the quota itself in cores. A quota set or lowered while
     the process ran shows as a throttled fraction in the window only: the baseline, with no quota in force,
     was throttled for none of its time (0, not unknown)."""
-    key, qkey = ("cpu", "cgroup_throttled_frac"), ("cpu", "cgroup_quota_cores")
-    tw = _mean_in(series, key, win.a, win.b)
+    qkey = ("cpu", "cgroup_quota_cores")
+    tw = _throttled_mean(series, win)
     if tw is None:
         return []
-    tb = _mean_in(series, key, base.a, base.b)
+    tb = _throttled_mean(series, base)
     tb = 0.0 if tb is None and _mean_in(series, qkey, base.a, base.b) is None else tb
     if tb is None:
         return []
@@ -619,13 +625,31 @@ def _cgroup_quota(series, base: Range, win: Range, cfg: Settings = DEFAULTS) -> 
                     throttled)]
     qb, qw = _mean_in(series, qkey, base.a, base.b), _mean_in(series, qkey, win.a, win.b)
     if qw is not None:
-        changes = [e["detail"] for e in series.events
-                   if e["kind"] == "cgroup_quota_change" and base.a <= e["t"] < win.b]
+        changes = [e for e in series.events if e["kind"] in ("cgroup_quota_change", "cgroup_move")
+                   and base.a <= e["t"] < win.b]
+        # The window's start lags the change by up to an interval, so a quota set just before it is set
+        # "in the window" too: a change to the window's quota (or lower) during the baseline counts.
+        lowered = qb is None or qw < qb or any(e["kind"] == "cgroup_quota_change" and 0 <= e["value"] <= qw + 1e-9
+                                               for e in changes)
         out.append(Evidence(f"cgroup CPU quota ({qb if qb is not None else 'unlimited'} -> {qw:g} cores"
-                            + (f"; {'; '.join(changes)}" if changes else "") + ")", qb, qw, "cores",
-                            "lower in the window (or set only there) while the throttled fraction rose",
-                            throttled and (qb is None or qw < qb)))
+                            + (f"; {'; '.join(e['detail'] for e in changes)}" if changes else "") + ")", qb, qw,
+                            "cores", "lower in the window (or set only there) while the throttled fraction rose",
+                            throttled and lowered))
     return out
+
+
+def _throttled_mean(series, r: Range) -> float | None:
+    """The cgroup's throttled fraction over r. Recorded only while a quota is in force; a cgroup read
+    (cgroup_nr_throttled, every tick) without it was throttled for none of that tick, so it counts as 0:
+    a quota set near the end of the baseline does not make the whole baseline look throttled."""
+    s, reads = series.samples.get(("cpu", "cgroup_throttled_frac")), series.samples.get(("cpu", "cgroup_nr_throttled"))
+    if s is None:
+        return None
+    m = (s[0] >= r.a) & (s[0] < r.b)
+    if not np.any(m):
+        return None
+    n = int(np.count_nonzero((reads[0] >= r.a) & (reads[0] < r.b))) if reads is not None else 0
+    return float(np.sum(s[1][m])) / max(n, int(np.count_nonzero(m)))
 
 
 def _n_ok(series: Series, r: Range) -> int:
