@@ -38,6 +38,7 @@ except ImportError:
     ray = None
 
 pytestmark = [
+    pytest.mark.slow,
     pytest.mark.timeout(240),
     pytest.mark.skipif(ray is None, reason="needs ray[serve] (pip install 'aurora_core[ray]')"),
     pytest.mark.skipif(_v1_cpu_root() is None, reason="needs a writable cgroup v1 cpu hierarchy (root)"),

@@ -42,8 +42,9 @@ cpu          other processes' CPU (cpu_util_pct x cores - proc_cpu_pct, in cores
              CPU time per request flat and no deployment in the window it also claims the
              stage-specific part of the slowdown);
              steal >= +5 points; cgroup_throttled_frac >= +0.05 (primary; 0 in a baseline with no quota in
-             force, so a quota set while running counts), with the quota in cores (cgroup_quota_cores,
-             and the quota-change events) named beside it; runq above
+             force, so a quota set while running counts; cgroup reads without a quota count as 0), with
+             the quota in cores (cgroup_quota_cores, and the quota-change and cgroup-move events) named
+             beside it; a quota set or lowered and then hit claims the whole stage slowdown; runq above
              the core count and >= +1, psi_cpu_some_avg10 >= +10 (supporting: our own threads raise
              them too).
 hardware     per GPU: any throttle_frac_* (not low_util/sync_boost) >= +0.1, sm_clock_mhz <= 0.9x
@@ -626,7 +627,7 @@ def _cgroup_quota(series, base: Range, win: Range, cfg: Settings = DEFAULTS) -> 
     qb, qw = _mean_in(series, qkey, base.a, base.b), _mean_in(series, qkey, win.a, win.b)
     if qw is not None:
         changes = [e for e in series.events if e["kind"] in ("cgroup_quota_change", "cgroup_move")
-                   and base.a <= e["t"] < win.b]
+                   and min(base.a, win.a) <= e["t"] < win.b]  # the baseline may follow the window
         # The window's start lags the change by up to an interval, so a quota set just before it is set
         # "in the window" too: a change to the window's quota (or lower) during the baseline counts.
         lowered = qb is None or qw < qb or any(e["kind"] == "cgroup_quota_change" and 0 <= e["value"] <= qw + 1e-9

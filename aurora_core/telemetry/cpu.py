@@ -90,12 +90,12 @@ class CpuBackend:
             if hid == "0" and controllers == "":
                 for d in (os.path.join(root, rel), root):  # inside a container the path may be its root
                     if os.path.exists(os.path.join(d, "cpu.stat")) and _read(os.path.join(d, "cpu.max")) is not None:
-                        return d, 2
+                        return os.path.normpath(d), 2
             elif "cpu" in controllers.split(","):
                 for mount in (controllers, "cpu", "cpu,cpuacct"):
                     for d in (os.path.join(root, mount, rel), os.path.join(root, mount)):
                         if os.path.exists(os.path.join(d, "cpu.stat")):
-                            return d, 1
+                            return os.path.normpath(d), 1
         return None, 0
 
     def _cg_missing(self) -> None:
