@@ -614,10 +614,10 @@ def _cgroup_quota(series, base: Range, win: Range, cfg: Settings = DEFAULTS) -> 
     the process ran shows as a throttled fraction in the window only: the baseline, with no quota in force,
     was throttled for none of its time (0, not unknown)."""
     qkey = ("cpu", "cgroup_quota_cores")
-    tw = _throttled_mean(series, win)
+    tw = _throttled_reads(series, win)[0]
     if tw is None:
         return []
-    tb = _throttled_mean(series, base)
+    tb = _throttled_reads(series, base)[0]
     tb = 0.0 if tb is None and _mean_in(series, qkey, base.a, base.b) is None else tb
     if tb is None:
         return []
@@ -625,32 +625,34 @@ def _cgroup_quota(series, base: Range, win: Range, cfg: Settings = DEFAULTS) -> 
     out = [Evidence("cpu.cgroup_throttled_frac", tb, tw, "", f"window - baseline >= {cfg.cgroup_throttled_more}",
                     throttled)]
     qb, qw = _mean_in(series, qkey, base.a, base.b), _mean_in(series, qkey, win.a, win.b)
+    # The window's edges lag a change by up to an interval, so the baseline may hold a few reads under the
+    # window's quota: its quota is the one in force for most of it (unlimited when most reads had none).
+    if qb is not None and _throttled_reads(series, base)[1] < 0.5:
+        qb = None
     if qw is not None:
-        changes = [e for e in series.events if e["kind"] in ("cgroup_quota_change", "cgroup_move")
+        changes = [e["detail"] for e in series.events if e["kind"] in ("cgroup_quota_change", "cgroup_move")
                    and min(base.a, win.a) <= e["t"] < win.b]  # the baseline may follow the window
-        # The window's start lags the change by up to an interval, so a quota set just before it is set
-        # "in the window" too: a change to the window's quota (or lower) during the baseline counts.
-        lowered = qb is None or qw < qb or any(e["kind"] == "cgroup_quota_change" and 0 <= e["value"] <= qw + 1e-9
-                                               for e in changes)
         out.append(Evidence(f"cgroup CPU quota ({qb if qb is not None else 'unlimited'} -> {qw:g} cores"
-                            + (f"; {'; '.join(e['detail'] for e in changes)}" if changes else "") + ")", qb, qw,
-                            "cores", "lower in the window (or set only there) while the throttled fraction rose",
-                            throttled and lowered))
+                            + (f"; {'; '.join(changes)}" if changes else "") + ")", qb, qw, "cores",
+                            "lower in the window (or set only there) while the throttled fraction rose",
+                            throttled and (qb is None or qw < qb)))
     return out
 
 
-def _throttled_mean(series, r: Range) -> float | None:
-    """The cgroup's throttled fraction over r. Recorded only while a quota is in force; a cgroup read
-    (cgroup_nr_throttled, every tick) without it was throttled for none of that tick, so it counts as 0:
-    a quota set near the end of the baseline does not make the whole baseline look throttled."""
+def _throttled_reads(series, r: Range) -> tuple[float | None, float]:
+    """The cgroup's throttled fraction over r, and the share of r's cgroup reads under a quota. The
+    fraction is recorded only while a quota is in force; a cgroup read (cgroup_nr_throttled, every tick)
+    without it was throttled for none of that tick, so it counts as 0: a quota set near the end of the
+    baseline does not make the whole baseline look throttled."""
     s, reads = series.samples.get(("cpu", "cgroup_throttled_frac")), series.samples.get(("cpu", "cgroup_nr_throttled"))
     if s is None:
-        return None
+        return None, 0.0
     m = (s[0] >= r.a) & (s[0] < r.b)
-    if not np.any(m):
-        return None
-    n = int(np.count_nonzero((reads[0] >= r.a) & (reads[0] < r.b))) if reads is not None else 0
-    return float(np.sum(s[1][m])) / max(n, int(np.count_nonzero(m)))
+    k = int(np.count_nonzero(m))
+    if not k:
+        return None, 0.0
+    n = max(k, int(np.count_nonzero((reads[0] >= r.a) & (reads[0] < r.b))) if reads is not None else 0)
+    return float(np.sum(s[1][m])) / n, k / n
 
 
 def _n_ok(series: Series, r: Range) -> int:
