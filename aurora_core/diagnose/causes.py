@@ -614,10 +614,10 @@ def _cgroup_quota(series, base: Range, win: Range, cfg: Settings = DEFAULTS) -> 
     the process ran shows as a throttled fraction in the window only: the baseline, with no quota in force,
     was throttled for none of its time (0, not unknown)."""
     qkey = ("cpu", "cgroup_quota_cores")
-    tw = _throttled_reads(series, win)[0]
-    if tw is None:
+    tw, under_w = _throttled_reads(series, win)
+    if tw is None or not under_w:
         return []
-    tb = _throttled_reads(series, base)[0]
+    tb, under_b = _throttled_reads(series, base)
     tb = 0.0 if tb is None and _mean_in(series, qkey, base.a, base.b) is None else tb
     if tb is None:
         return []
@@ -627,7 +627,7 @@ def _cgroup_quota(series, base: Range, win: Range, cfg: Settings = DEFAULTS) -> 
     qb, qw = _mean_in(series, qkey, base.a, base.b), _mean_in(series, qkey, win.a, win.b)
     # The window's edges lag a change by up to an interval, so the baseline may hold a few reads under the
     # window's quota: its quota is the one in force for most of it (unlimited when most reads had none).
-    if qb is not None and _throttled_reads(series, base)[1] < 0.5:
+    if qb is not None and under_b < 0.5:
         qb = None
     if qw is not None:
         changes = [e["detail"] for e in series.events if e["kind"] in ("cgroup_quota_change", "cgroup_move")
@@ -649,10 +649,8 @@ def _throttled_reads(series, r: Range) -> tuple[float | None, float]:
         return None, 0.0
     m = (s[0] >= r.a) & (s[0] < r.b)
     k = int(np.count_nonzero(m))
-    if not k:
-        return None, 0.0
     n = max(k, int(np.count_nonzero((reads[0] >= r.a) & (reads[0] < r.b))) if reads is not None else 0)
-    return float(np.sum(s[1][m])) / n, k / n
+    return (float(np.sum(s[1][m])) / n, k / n) if n else (None, 0.0)
 
 
 def _n_ok(series: Series, r: Range) -> int:
