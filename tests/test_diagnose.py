@@ -377,6 +377,35 @@ def test_cgroup_quota_set_while_running_is_named_with_its_cores(tmp_path):
     assert "0.5 cores" in w["causes"][0]["summary"]
 
 
+@pytest.mark.parametrize("at, frac_from", [(STEP - 0.5, STEP - 0.5), (STEP - 0.05, STEP + 0.05)])
+def test_cgroup_quota_set_just_before_the_window_still_counts(tmp_path, at, frac_from):
+    """A process moved into a 0.1-core cgroup 0.5 s before its latency steps (the detected window starts
+    up to an interval after the change): the baseline's few throttled reads are diluted by its quota-less
+    cgroup reads (0, not averaged alone), and the quota set during the baseline counts as set. Both failed
+    before (the baseline read as throttled 70% of the time, and 0.1 -> 0.1 cores as no change). The second
+    case: the baseline ends with the quota's read but before the first throttled fraction (which needs two
+    reads), which used to drop the indicator."""
+
+    def samples(t0):
+        return _periodic(t0, "cpu", lambda t: {"cpu_util_pct": 30.0, "proc_cpu_pct": 50.0 if t < STEP else 60.0,
+                                               "cgroup_nr_throttled": 0.0,
+                                               **({"cgroup_quota_cores": 0.1} if t >= at else {}),
+                                               **({"cgroup_throttled_frac": 0.7} if t >= frac_from else {})})
+
+    def events(t0):
+        return [Event(t0 + int(at * 1e9), "cpu", "cgroup_move", 1.0, "process moved to cgroup /sys/fs/cgroup/cpu/slow"),
+                Event(t0 + int(at * 1e9), "cpu", "cgroup_quota_change", 0.1, "cgroup CPU quota unlimited -> 0.1 cores")]
+
+    run = simulate_run(tmp_path / "q", _arrivals(), meta={"label": "v1", "cpu": {"logical_cores": 2}},
+                       item_ms=_step(6.0, 12.0), samples=samples, events=events, seed=3)
+    w = _window_at(diagnose([run]), 7.5)
+    assert w["start_s"] > at and w["verdict"] == "cpu_contention", w["causes"]
+    ev = {e["name"].split(" (")[0]: e for e in w["causes"][0]["evidence"]}
+    assert ev["cpu.cgroup_throttled_frac"]["passed"] and ev["cpu.cgroup_throttled_frac"]["baseline"] < 0.2
+    assert ev["cgroup CPU quota"]["passed"] and "moved to cgroup" in w["causes"][0]["summary"]
+    assert w["causes"][0]["share"] > 0.8
+
+
 def _first_lines(res) -> dict[str, str]:
     lines = text_diagnose(res).splitlines()[:4]
     return dict(line.split(": ", 1) for line in lines)

@@ -148,6 +148,28 @@ def test_quota_set_while_running_is_seen(tmp_path, version):
     assert be.capabilities()["cgroup"]["quota_cores"] is None
 
 
+
+def test_process_moved_into_a_limited_cgroup_is_seen(tmp_path):
+    """The cgroup is found at start; a process moved into another one (an operator, a node agent) while it
+    runs is seen at the next slow tick: a move Event, then the new cgroup's quota and throttling."""
+    proc, sys_ = tmp_path / "proc", tmp_path / "sys"
+    write(proc, "self/cgroup", "3:cpu,cpuacct:/free\n")
+    write(sys_, "fs/cgroup/cpu,cpuacct/free/cpu.stat", "nr_periods 0\nnr_throttled 0\n")
+    write(sys_, "fs/cgroup/cpu,cpuacct/free/cpu.cfs_quota_us", "-1\n")
+    write(sys_, "fs/cgroup/cpu,cpuacct/slow/cpu.stat", "nr_periods 500\nnr_throttled 100\n")
+    write(sys_, "fs/cgroup/cpu,cpuacct/slow/cpu.cfs_quota_us", "10000\n")
+    be = CpuBackend(proc=str(proc), sys=str(sys_), slow_every=2)
+    be.tick(), be.tick()
+    write(proc, "self/cgroup", "3:cpu,cpuacct:/slow\n")
+    v = be.tick().values
+    assert v["cgroup_quota_cores"] == pytest.approx(0.1) and "cgroup_throttled_frac" not in v  # no delta yet
+    move, quota = be.drain_events()
+    assert (move.kind, quota.kind, quota.value) == ("cgroup_move", "cgroup_quota_change", pytest.approx(0.1))
+    assert move.detail.endswith("/slow (from " + str(sys_ / "fs/cgroup/cpu,cpuacct/free") + ")")
+    write(sys_, "fs/cgroup/cpu,cpuacct/slow/cpu.stat", "nr_periods 510\nnr_throttled 108\n")
+    assert be.tick().values["cgroup_throttled_frac"] == pytest.approx(0.8)  # the new cgroup's counters only
+    assert be.capabilities()["cgroup"]["dir"].endswith("/slow") and be.drain_events() == []
+
 def test_bare_host_records_missing_with_reasons(tmp_path):
     proc, sys_ = tmp_path / "proc", tmp_path / "sys"
     write(proc, "stat", stat([1] * 8, [1] * 8, [1] * 8))

@@ -42,8 +42,9 @@ cpu          other processes' CPU (cpu_util_pct x cores - proc_cpu_pct, in cores
              CPU time per request flat and no deployment in the window it also claims the
              stage-specific part of the slowdown);
              steal >= +5 points; cgroup_throttled_frac >= +0.05 (primary; 0 in a baseline with no quota in
-             force, so a quota set while running counts), with the quota in cores (cgroup_quota_cores,
-             and the quota-change events) named beside it; runq above
+             force, so a quota set while running counts; cgroup reads without a quota count as 0), with
+             the quota in cores (cgroup_quota_cores, and the quota-change and cgroup-move events) named
+             beside it; a quota set or lowered and then hit claims the whole stage slowdown; runq above
              the core count and >= +1, psi_cpu_some_avg10 >= +10 (supporting: our own threads raise
              them too).
 hardware     per GPU: any throttle_frac_* (not low_util/sync_boost) >= +0.1, sm_clock_mhz <= 0.9x
@@ -580,7 +581,13 @@ def _cpu(series, base: Range, win: Range, rose: bool, share, full_share, checked
         e = _delta_ev(series, base, win, "cpu", metric, thr, unit, primary)
         if e:
             ev.append(e)
-    ev += _cgroup_quota(series, base, win, cfg)
+    cg = _cgroup_quota(series, base, win, cfg)
+    ev += cg
+    if len(cg) == 2 and cg[1].passed:
+        # The quota was set or lowered and the process then hit it: its threads were stopped by the kernel,
+        # so every stretched stage's slowdown is waiting (the CPU per request may still rise a little:
+        # cold caches after each throttled period).
+        share = max(share, full_share)
     rb, rw = _mean_in(series, ("cpu", "runq"), base.a, base.b), _mean_in(series, ("cpu", "runq"), win.a, win.b)
     if rb is not None and rw is not None:
         ev.append(Evidence("cpu.runq", rb, rw, "tasks", f"> {cores} cores and window - baseline >= 1",
@@ -600,11 +607,11 @@ def _cgroup_quota(series, base: Range, win: Range, cfg: Settings = DEFAULTS) -> 
     """Throttling by the cgroup's CPU quota, and the quota itself in cores. A quota set or lowered while
     the process ran shows as a throttled fraction in the window only: the baseline, with no quota in force,
     was throttled for none of its time (0, not unknown)."""
-    key, qkey = ("cpu", "cgroup_throttled_frac"), ("cpu", "cgroup_quota_cores")
-    tw = _mean_in(series, key, win.a, win.b)
-    if tw is None:
+    qkey = ("cpu", "cgroup_quota_cores")
+    tw, under_w = _throttled_reads(series, win)
+    if tw is None or not under_w:
         return []
-    tb = _mean_in(series, key, base.a, base.b)
+    tb, under_b = _throttled_reads(series, base)
     tb = 0.0 if tb is None and _mean_in(series, qkey, base.a, base.b) is None else tb
     if tb is None:
         return []
@@ -612,14 +619,32 @@ def _cgroup_quota(series, base: Range, win: Range, cfg: Settings = DEFAULTS) -> 
     out = [Evidence("cpu.cgroup_throttled_frac", tb, tw, "", f"window - baseline >= {cfg.cgroup_throttled_more}",
                     throttled)]
     qb, qw = _mean_in(series, qkey, base.a, base.b), _mean_in(series, qkey, win.a, win.b)
+    # The window's edges lag a change by up to an interval, so the baseline may hold a few reads under the
+    # window's quota: its quota is the one in force for most of it (unlimited when most reads had none).
+    if qb is not None and under_b < 0.5:
+        qb = None
     if qw is not None:
-        changes = [e["detail"] for e in series.events
-                   if e["kind"] == "cgroup_quota_change" and base.a <= e["t"] < win.b]
+        changes = [e["detail"] for e in series.events if e["kind"] in ("cgroup_quota_change", "cgroup_move")
+                   and min(base.a, win.a) <= e["t"] < win.b]  # the baseline may follow the window
         out.append(Evidence(f"cgroup CPU quota ({qb if qb is not None else 'unlimited'} -> {qw:g} cores"
                             + (f"; {'; '.join(changes)}" if changes else "") + ")", qb, qw, "cores",
                             "lower in the window (or set only there) while the throttled fraction rose",
                             throttled and (qb is None or qw < qb)))
     return out
+
+
+def _throttled_reads(series, r: Range) -> tuple[float | None, float]:
+    """The cgroup's throttled fraction over r, and the share of r's cgroup reads under a quota. The
+    fraction is recorded only while a quota is in force; a cgroup read (cgroup_nr_throttled, every tick)
+    without it was throttled for none of that tick, so it counts as 0: a quota set near the end of the
+    baseline does not make the whole baseline look throttled."""
+    s, reads = series.samples.get(("cpu", "cgroup_throttled_frac")), series.samples.get(("cpu", "cgroup_nr_throttled"))
+    if s is None:
+        return None, 0.0
+    m = (s[0] >= r.a) & (s[0] < r.b)
+    k = int(np.count_nonzero(m))
+    n = max(k, int(np.count_nonzero((reads[0] >= r.a) & (reads[0] < r.b))) if reads is not None else 0)
+    return (float(np.sum(s[1][m])) / n, k / n) if n else (None, 0.0)
 
 
 def _n_ok(series: Series, r: Range) -> int:

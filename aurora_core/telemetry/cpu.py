@@ -8,11 +8,13 @@ getrusage. These are read every tick.
 Read every ``slow_every`` ticks (1 Hz at the default 10 Hz) because each costs a file the kernel formats
 (~40 µs each on a small VM) and changes slowly anyway: load (/proc/loadavg, a 5 s kernel update), pressure
 stall information (/proc/pressure/*, avg10 is a 10 s average updated every 2 s), memory and swap
-(/proc/meminfo), the cgroup's CPU quota (cpu.max, or v1 cpu.cfs_quota_us / cpu.cfs_period_us: Kubernetes
-resizes pods in place and systemd's CPUQuota= changes at run time, so it is re-read rather than fixed at
-start; a change is an Event "cgroup_quota_change" and ``cgroup_throttled_frac`` is recorded whenever a
-quota is in force), frequency and thermal throttle counts (one file per core: at 10 Hz on a 128-core host
-they alone would cost about 1% of a core). Reading everything every tick cost 1.3% of a core at 10 Hz
+(/proc/meminfo), the process's cgroup (/proc/self/cgroup: a process can be moved into another cgroup
+while it runs, e.g. by an operator or a node agent; a move is an Event "cgroup_move") and that cgroup's CPU
+quota (cpu.max, or v1 cpu.cfs_quota_us / cpu.cfs_period_us: Kubernetes resizes pods in place and systemd's
+CPUQuota= changes at run time, so it is re-read rather than fixed at start; a change is an Event
+"cgroup_quota_change" and ``cgroup_throttled_frac`` is recorded whenever a quota is in force), frequency
+and thermal throttle counts (one file per core: at 10 Hz on a 128-core host they alone would cost about 1%
+of a core). Reading everything every tick cost 1.3% of a core at 10 Hz
 on the 2-core development VM; this split keeps it well under the 1% target.
 
 What the host does not expose is absent from the sample and listed in ``missing`` with the reason,
@@ -65,6 +67,7 @@ class CpuBackend:
         self._n = 0
         self._events: list[Event] = []
         self._cg_dir, self._cg_version = self._find_cgroup()
+        self._cg_missing()
         self._cg_quota = self._quota()  # cores, or None: unlimited
         self._freq_files = sorted(glob.glob(os.path.join(sys, "devices/system/cpu/cpu[0-9]*/cpufreq/scaling_cur_freq")))
         self._therm_files = sorted(glob.glob(
@@ -87,15 +90,31 @@ class CpuBackend:
             if hid == "0" and controllers == "":
                 for d in (os.path.join(root, rel), root):  # inside a container the path may be its root
                     if os.path.exists(os.path.join(d, "cpu.stat")) and _read(os.path.join(d, "cpu.max")) is not None:
-                        return d, 2
+                        return os.path.normpath(d), 2
             elif "cpu" in controllers.split(","):
                 for mount in (controllers, "cpu", "cpu,cpuacct"):
                     for d in (os.path.join(root, mount, rel), os.path.join(root, mount)):
                         if os.path.exists(os.path.join(d, "cpu.stat")):
-                            return d, 1
-        self.missing["cgroup_nr_throttled"] = "no cgroup cpu.stat found for this process"
-        self.missing["cgroup_throttled_frac"] = "no cgroup cpu.stat found for this process"
+                            return os.path.normpath(d), 1
         return None, 0
+
+    def _cg_missing(self) -> None:
+        for m in ("cgroup_nr_throttled", "cgroup_throttled_frac"):  # _cgroup() re-marks a quota-less cgroup
+            if self._cg_dir is None:
+                self.missing[m] = "no cgroup cpu.stat found for this process"
+            else:
+                self.missing.pop(m, None)
+
+    def _move_tick(self) -> None:
+        """Re-resolve the process's cgroup (slow cadence); a move is an Event, and the throttling counters
+        restart from the new cgroup's (another cgroup's counts are no delta of the old one's)."""
+        d, version = self._find_cgroup()
+        if d == self._cg_dir:
+            return
+        self._events.append(Event(self.clock(), "cpu", "cgroup_move", float(version),
+                                  f"process moved to cgroup {d or 'none'} (from {self._cg_dir or 'none'})"))
+        self._cg_dir, self._cg_version, self._prev_cg = d, version, None
+        self._cg_missing()
 
     def _quota(self) -> float | None:
         """The cgroup's CPU quota in cores (quota / period), None when unlimited or unreadable."""
@@ -115,8 +134,6 @@ class CpuBackend:
 
     def _quota_tick(self, v: dict[str, float]) -> None:
         """Re-read the quota (slow cadence); a change is an Event."""
-        if self._cg_dir is None:
-            return
         q = self._quota()
         if q != self._cg_quota:
             fmt = lambda x: "unlimited" if x is None else f"{x:g} cores"  # noqa: E731
@@ -136,6 +153,8 @@ class CpuBackend:
         v: dict[str, float] = {}
         self._stat(v)
         if self._n % self.slow_every == 0:
+            if self._n:
+                self._move_tick()
             self._quota_tick(v)  # before the throttled fraction, which needs to know whether a quota is set
         self._cgroup(v)
         self._process_stats(v)
