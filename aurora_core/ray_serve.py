@@ -15,8 +15,8 @@ bodies and status codes are the server's own. aurora's batcher batches; there is
   (``graceful_shutdown_timeout_s``); then ``__del__`` turns /readyz to 503 and closes the pipeline,
   which still serves anything queued, then the sampler and the run file.
 - Recording: each replica records always-on into the store under ``ROOT/region=R/host=NODE-SLOT/``
-  (``replica_host``; SLOT is Ray's rank of the replica on its node, reused by the replica that replaces
-  it), with ``node``, ``slot`` and the unique ``replica`` id in the segments' meta.
+  (``replica_host``; SLOT is Ray's rank of the replica on its node, usually reused by the replica that
+  replaces it), with ``node``, ``slot`` and the unique ``replica`` id in the segments' meta.
 - Prometheus: each replica serves its own registry on its own port (``metrics_target``), listed for
   Prometheus' ``file_sd_configs`` in ``--metrics-sd-dir``. Why not Ray's metrics agent: aurora's
   metrics are prometheus_client objects (histogram buckets, gauges that read the pipeline on scrape);

@@ -173,6 +173,7 @@ def test_soak_20k_mixed_requests_rss_fds_threads_flat():
     assert stats["queue_depth"] == 0
     # Resources: descriptors and threads back to their warm-up level, RSS growth bounded.
     assert all(s[1] <= base_fds for s in samples), report
-    assert all(s[2] == base_threads and s[3] == base_os_threads for s in samples), report
+    # No growth (a leak); a thread that existed after warm-up may end (a CI dry run: 24 OS threads -> 23).
+    assert all(s[2] <= base_threads and s[3] <= base_os_threads for s in samples), report
     assert growth <= 48 * 2**20, report
     assert second_half <= 16 * 2**20, report
