@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import sys
 
-from aurora_core.cli import unwritable
+from aurora_core.cli import number, unwritable
 
 
 def add_arguments(parser) -> None:
@@ -20,6 +20,9 @@ def add_arguments(parser) -> None:
                      "(only with --fail-on-unmatched; otherwise 0 with a warning)")
     parser.add_argument("before", metavar="BEFORE", help="run directory, .sqlite run file or store root (baseline)")
     parser.add_argument("after", metavar="AFTER", help="run directory, .sqlite run file or store root (candidate)")
+    parser.add_argument("--min-delta-ms", type=number(ge=0), default=None, metavar="MS",
+                        help="smallest stage shift in ms (at the interval's lower bound) that counts as a regression "
+                             "(default 0.5: below it timer and scheduler granularity move stages run to run)")
     parser.add_argument("--threshold", type=float, default=0.10,
                         help="relative p50/p99 increase (>= 0) that counts as a regression (default 0.10)")
     parser.add_argument("--alpha", type=float, default=0.01,
@@ -49,7 +52,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from .compare import ENV_SETTINGS, compare
+    from .compare import ENV_SETTINGS, MIN_DELTA_MS, compare
     from .html import compare_page
     from .report import text_compare
     from .settings import DEFAULTS
@@ -70,6 +73,7 @@ def run(args) -> int:
         for side in (before, after):
             print_warnings("compare", getattr(side, "warnings", ()))
         res = compare(before, after, threshold=args.threshold, alpha=args.alpha, n_boot=args.boot,
+                      min_delta_ms=MIN_DELTA_MS if args.min_delta_ms is None else args.min_delta_ms,
                       load_tolerance=args.load_tolerance, settings=settings)
     except (FileNotFoundError, ValueError) as e:
         return fail(str(e))
