@@ -44,14 +44,25 @@ def _win_dict(w: Window) -> dict:
             "p_value": float(f"{w.p_value:.3g}"), "n": w.n}
 
 
-def _confinement(i: int, w: Window, verdict: str, all_series: list[Series], dets: list[Detection],
-                 verdicts: list[list[str]]) -> dict:
+def _confinement_views(series: list[Series], dets: list[Detection]) -> list[Series]:
+    """Per series, its requests (detection's columns) in the other series' windows shifted onto its clock:
+    all that ``_confinement`` reads of it. A store-backed series reads just those ranges."""
+    views = []
+    for j, o in enumerate(series):
+        ranges = [(w.start_s + (s.t0_wall_ns - o.t0_wall_ns) / 1e9, w.end_s + (s.t0_wall_ns - o.t0_wall_ns) / 1e9)
+                  for i, (s, d) in enumerate(zip(series, dets, strict=True)) if i != j for w in d.windows]
+        views.append(o.select(ranges, full=False) if ranges else None)
+    return views
+
+
+def _confinement(i: int, w: Window, verdict: str, all_series: list[Series], views: list[Series | None],
+                 dets: list[Detection], verdicts: list[list[str]]) -> dict:
     """Is the spike of series ``i`` in ``w`` also on the other hosts/regions at the same wall-clock time?
 
     ``affected``: hosts whose own detector found a spike overlapping >= 30% of this window (one rule for
     every host). ``same_cause``: those of them whose overlapping window got the same verdict. A spike is
     ``confined`` when some host with data at that time was unaffected; its cause is ``cause_confined``
-    when no other host shows it at that time."""
+    when no other host shows it at that time. views: ``_confinement_views``."""
     s = all_series[i]
     out = {"affected": [s.name], "same_cause": [s.name], "unaffected": [], "no_data": [], "detail": {}}
     for j, (o, d) in enumerate(zip(all_series, dets, strict=True)):
@@ -59,13 +70,12 @@ def _confinement(i: int, w: Window, verdict: str, all_series: list[Series], dets
             continue
         shift = (s.t0_wall_ns - o.t0_wall_ns) / 1e9
         a, b = w.start_s + shift, w.end_s + shift
-        m = (o.t >= a) & (o.t < b) & o.ok & (o.e2e_ns >= 0)
+        v = views[j]
+        m = (v.t >= a) & (v.t < b) & v.ok & (v.e2e_ns >= 0)
         if np.count_nonzero(m) < 20 or d.baseline is None:
             out["no_data"].append(o.name)
             continue
-        v = o.e2e_ns[m] / 1e6
-        bm = (o.t >= d.baseline.start_s) & (o.t < d.baseline.end_s) & o.ok & (o.e2e_ns >= 0)
-        base = o.e2e_ns[bm] / 1e6
+        lat = v.e2e_ns[m] / 1e6
         overlaps = [(max(0.0, min(b, x.end_s) - max(a, x.start_s)), k) for k, x in enumerate(d.windows)]
         overlap = sum(ov for ov, _ in overlaps)
         hit = overlap >= 0.3 * (b - a)
@@ -73,9 +83,10 @@ def _confinement(i: int, w: Window, verdict: str, all_series: list[Series], dets
         theirs = sorted({verdicts[j][k] for ov, k in overlaps if ov > 0})
         if hit and verdict != "inconclusive" and verdict in theirs:
             out["same_cause"].append(o.name)
+        # Its baseline's p50/p99 are detection's, over the same requests the old per-call mask selected.
         out["detail"][o.name] = {
-            "ratio_p50": round(float(np.percentile(v, 50) / np.percentile(base, 50)), 3),
-            "ratio_p99": round(float(np.percentile(v, 99) / np.percentile(base, 99)), 3),
+            "ratio_p50": round(float(np.percentile(lat, 50) / d.baseline.p50_ms), 3),
+            "ratio_p99": round(float(np.percentile(lat, 99) / d.baseline.p99_ms), 3),
             "overlap_with_its_windows": round(overlap / (b - a), 3), "its_verdicts": theirs}
     out["confined"] = bool(out["unaffected"])
     out["cause_confined"] = verdict != "inconclusive" and len(out["same_cause"]) == 1 and (
@@ -84,7 +95,8 @@ def _confinement(i: int, w: Window, verdict: str, all_series: list[Series], dets
 
 
 def diagnose(runs, interval_s: float | None = None, min_ratio: float | None = None,
-             baseline: str | None = None, settings: Settings | None = None, **selection) -> DiagnoseResult:
+             baseline: str | None = None, settings: Settings | None = None, progress=None,
+             **selection) -> DiagnoseResult:
     """Find spike windows in ``runs`` (run files, RunData, store roots or Stores) and rank their causes.
 
     baseline: the span taken as normal, "T0:T1" (seconds from a series' first request), "label:NAME" or
@@ -93,7 +105,9 @@ def diagnose(runs, interval_s: float | None = None, min_ratio: float | None = No
     not overlap that span, the automatic baseline (``spikes.resolve_baselines``; its baseline_reason says).
     settings: the thresholds (``settings.Settings``; defaults documented there); min_ratio, when given,
     overrides its ``min_ratio``.
-    selection: since, until, region, host, label (see ``fromstore.load_series``), for stores."""
+    progress: called as progress(done, total, name, n_requests) after each series (host) is diagnosed.
+    selection: since, until, region, host, label (see ``fromstore.load_series``), for stores. A store's
+    series are read one host at a time and hold no request arrays afterwards (``Series.select`` reads them)."""
     cfg = settings or DEFAULTS
     if min_ratio is not None:
         cfg = dataclasses.replace(cfg, min_ratio=min_ratio)
@@ -105,23 +119,43 @@ def diagnose(runs, interval_s: float | None = None, min_ratio: float | None = No
     if not runs:
         raise ValueError("diagnose: expected at least one run file or store")
     store_info = None
+    from . import fromstore
+
     if all(isinstance(r, RunData) for r in runs) and not any(v is not None for v in selection.values()):
         series = build_series(runs)
     else:
-        from .fromstore import load_series
-
-        series, store_info = load_series(runs, **selection)
+        series, store_info = fromstore.load_series(runs, **selection)
     spans = resolve_baselines(series, spec) if spec is not None else [None] * len(series)
-    dets = [detect(s, interval_s, min_ratio, cfg.alpha, baseline=b) for s, b in zip(series, spans, strict=True)]
-    analyses = [[analyze(s, det.baseline, w, cfg) for w in det.windows] for s, det in zip(series, dets, strict=True)]
+    stores = (store_info or {}).pop("stores", [])
+    grids = {id(st): fromstore.overview_grid(st) for st in stores}
+    rows: dict[int, list] = {id(st): [] for st in stores}
+    dets, analyses, counts = [], [], []
+    # One series at a time: a store-backed one is read (detection's columns), judged, analysed on just its
+    # baseline and windows, and let go, so a fleet's memory is its largest host, not the sum of its hosts.
+    for k, (s, b) in enumerate(zip(series, spans, strict=True)):
+        held = s.select(full=False)
+        det = detect(held, interval_s, min_ratio, cfg.alpha, baseline=b)
+        dets.append(det)
+        counts.append(int(held.t.size))
+        if s.source is not None and id(s.source.store) in rows:
+            rows[id(s.source.store)].append(fromstore.host_intervals(held, grids[id(s.source.store)]))
+        del held  # before the analysis reads its ranges with every column
+        full = _for_analysis(s, det)
+        analyses.append([analyze(full, det.baseline, w, cfg) for w in det.windows])
+        del full
+        if progress is not None:
+            progress(k + 1, len(series), s.name, counts[-1])
+    if store_info is not None:
+        store_info["overview"] = [fromstore.fleet_overview(st, rows=rows[id(st)]) for st in stores]
     verdicts = [[an.verdict for an in row] for row in analyses]
+    views = _confinement_views(series, dets) if len(series) > 1 else []
     out_series, summary = [], []
     for i, (s, det) in enumerate(zip(series, dets, strict=True)):
         windows = []
         for w, an in zip(det.windows, analyses[i], strict=True):
             entry = {**_win_dict(w), **an.as_dict()}
             if len(series) > 1:
-                entry["confinement"] = _confinement(i, w, an.verdict, series, dets, verdicts)
+                entry["confinement"] = _confinement(i, w, an.verdict, series, views, dets, verdicts)
             windows.append(entry)
             summary.append(_line(s.name, w, det.baseline, entry))
         if det.baseline is None:
@@ -132,7 +166,7 @@ def diagnose(runs, interval_s: float | None = None, min_ratio: float | None = No
         out_series.append({
             "name": s.name,
             "runs": [_run_info(r) for r in s.runs],
-            "n_requests": int(s.t.size),
+            "n_requests": counts[i],
             "interval_s": round(det.interval_s, 4),
             "segments": [[round(a, 3), round(b, 3)] for a, b in det.segments],
             "baseline": _win_dict(det.baseline) if det.baseline else None,
@@ -145,6 +179,14 @@ def diagnose(runs, interval_s: float | None = None, min_ratio: float | None = No
     if store_info is not None:
         data["store"] = store_info
     return DiagnoseResult(data, series, dets)
+
+
+def _for_analysis(s: Series, det: Detection) -> Series:
+    """``s`` with every column for the baseline and the windows (what ``analyze`` reads); a store-backed
+    series loads those ranges only."""
+    if not det.windows:
+        return s
+    return s.select([(det.baseline.start_s, det.baseline.end_s)] + [(w.start_s, w.end_s) for w in det.windows])
 
 
 def _run_info(r) -> dict:

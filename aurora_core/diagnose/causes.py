@@ -169,35 +169,44 @@ def active_s(series: Series, a: float, b: float) -> float:
 
 def range_stats(series: Series, a: float, b: float) -> Range:
     inr = (series.t >= a) & (series.t < b)
-    ok = inr & series.ok & (series.e2e_ns >= 0)
     n_arr = int(np.count_nonzero(inr))
     dur = max(active_s(series, a, b), 1e-9)
-    e2e = series.e2e_ns[ok]
+    # The range's requests only: a day-long series would otherwise be copied a dozen times below.
+    ok = series.ok[inr] & (series.e2e_ns[inr] >= 0)
+    e2e_all = series.e2e_ns[inr]
+    e2e = e2e_all[ok]
     slow = np.zeros_like(ok)
     if e2e.size:
         slow[ok] = e2e >= np.median(e2e)
-    stage = {s: np.where(v > 0, v, 0) for s, v in series.stage_ns.items()}
-    item = {s: stage[s] / (series.bucket if s == "compute" else 1) for s in SERVICE_STAGES}
+    bucket = series.bucket[inr]
+    wait = series.wait_ns[inr]
     comp: dict[str, float] = {}
-    if np.any(slow):
-        comp["e2e"] = float(series.e2e_ns[slow].mean())
-        comp["wait"] = float(series.wait_ns[slow].mean())
-        for s in SERVICE_STAGES:
-            comp[s] = float(stage[s][slow].mean())
-            comp[f"{s}_item"] = float(item[s][slow].mean())
-        comp["bucket"] = float(series.bucket[slow].mean())
-        for n, v in series.span_ns.items():
+    any_slow = bool(np.any(slow))
+    if any_slow:
+        comp["e2e"] = float(e2e_all[slow].mean())
+        comp["wait"] = float(wait[slow].mean())
+    stage_item, service = {}, np.zeros(n_arr)
+    for s in SERVICE_STAGES:  # one stage at a time: the peak is a few arrays of the range, not a dozen
+        v = np.maximum(series.stage_ns[s][inr], 0)
+        item = v / bucket if s == "compute" else v.astype(np.float64)
+        if any_slow:
+            comp[s] = float(v[slow].mean())
+            comp[f"{s}_item"] = float(item[slow].mean())
+        service += item
+        stage_item[s] = item[ok]
+    spans = {n: v[inr] for n, v in series.span_ns.items()}
+    if any_slow:
+        comp["bucket"] = float(bucket[slow].mean())
+        for n, v in spans.items():
             comp[f"span:{n}"] = float(v[slow].mean())
-    service = sum(item[s] for s in SERVICE_STAGES)
-    t_in = series.t[inr]
-    gaps = np.diff(t_in)
+    gaps = np.diff(series.t[inr])
     return Range(
         a=a, b=b, n_arrivals=n_arr, rate=n_arr / dur, comp=comp,
         item_service_ns=float(service[ok].mean()) if np.any(ok) else math.nan,
-        stage_item={s: item[s][ok] for s in SERVICE_STAGES},
-        spans={n: v[ok] for n, v in series.span_ns.items()},
+        stage_item=stage_item,
+        spans={n: v[ok] for n, v in spans.items()},
         busy=_busy(series, a, b, inr),
-        wait_ns=float(series.wait_ns[ok].mean()) if np.any(ok) else math.nan,
+        wait_ns=float(wait[ok].mean()) if np.any(ok) else math.nan,
         queue_depth=float(series.queue_depth[inr].mean()) if n_arr else math.nan,
         median_gap_s=float(np.median(gaps)) if gaps.size else math.inf,
     )

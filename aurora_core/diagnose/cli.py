@@ -54,6 +54,13 @@ def print_warnings(cmd: str, warnings) -> None:
         print(f"aurora {cmd}: warning: {w}", file=sys.stderr)
 
 
+def _progress(done: int, total: int, name: str, n: int) -> None:
+    """One line per host on a terminal: a fleet takes seconds to a minute."""
+    end = "\n" if done == total else ""
+    print(f"\raurora diagnose: {done}/{total} host(s) read and judged (last {name}: {n:,} requests)\033[K",
+          end=end, file=sys.stderr, flush=True)
+
+
 def run(args) -> int:
     from . import diagnose
     from .html import diagnose_page
@@ -66,7 +73,8 @@ def run(args) -> int:
     try:
         result = diagnose(args.runs, interval_s=args.interval, min_ratio=args.min_ratio, baseline=args.baseline,
                           settings=DEFAULTS.with_pairs(args.settings), since=args.since, until=args.until,
-                          region=args.region, host=args.host, label=args.label)
+                          region=args.region, host=args.host, label=args.label,
+                          progress=_progress if sys.stderr.isatty() else None)
     except (FileNotFoundError, ValueError) as e:
         print(f"aurora diagnose: error: {e}", file=sys.stderr)
         return 2

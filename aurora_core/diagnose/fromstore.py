@@ -15,10 +15,11 @@ import numpy as np
 
 from aurora_core.records import STAGES
 from aurora_core.store.reader import Segment, Store, _mono_range, _sql_str, engine_errors
-from aurora_core.store.schema import STAMPS
+from aurora_core.store.schema import LATENCY, STAMPS
 
 from .spikes import SERVICE_STAGES, Series
 
+_NARROW = ("t", "run_idx", "ok", "e2e_ns")
 _COLS = {"t": np.float64, "run_idx": np.int64, "ok": np.bool_, "e2e_ns": np.int64, "wait_ns": np.int64,
          **{f"stage_{s}": np.int64 for s in SERVICE_STAGES}, "bucket": np.int64, "queue_depth": np.int64,
          "batch": np.int64, "compute0": np.float64, "compute1": np.float64, "form0": np.float64,
@@ -30,22 +31,27 @@ def _partial(upto: str) -> str:
     return " + ".join(f"coalesce({f}, 0)" for f in STAMPS[:STAMPS.index(upto) + 1])
 
 
-def _select(t0: int) -> str:
+def _select(t0: int, full: bool = True, latency: bool = True) -> str:
     """The Series columns of one segment's rows, as DuckDB expressions over the stored offsets. A stage whose
     end stamp directly follows its start stamp (all service stages) is the end's offset when the start is
-    present; arrival to completion is the sum of the offsets (see ``store.schema``)."""
+    present; arrival to completion is the sum of the offsets (see ``store.schema``). Not ``full``: only
+    what detection reads (arrival, status, latency). ``latency``: the segment holds ``latency_ns``, the same
+    sum stored (``schema.LATENCY``), so detection's scan skips the 12 offset columns."""
+    total = (f"CASE WHEN {LATENCY} >= 0 THEN {LATENCY} ELSE -1 END" if latency else
+             f"CASE WHEN completion_ns IS NOT NULL AND ({_partial('completion_ns')}) >= 0 THEN {_partial('completion_ns')} ELSE -1 END")
+    head = f"CAST(t_ns - {t0} AS DOUBLE) / 1e9 AS t, t_ns, request_id, status = 'ok' AS ok, {total} AS total"
+    if not full:
+        return head
     for a, b in (STAGES[s] for s in SERVICE_STAGES):
         assert STAMPS.index(b) == STAMPS.index(a) + 1
     stage = {s: f"CASE WHEN {a} IS NOT NULL AND {b} >= 0 THEN {b} ELSE -1 END"
              for s, (a, b) in ((s, STAGES[s]) for s in SERVICE_STAGES)}
-    total = f"CASE WHEN completion_ns IS NOT NULL AND ({_partial('completion_ns')}) >= 0 THEN {_partial('completion_ns')} ELSE -1 END"
     service = " + ".join(f"greatest({e}, 0)" for e in stage.values())
     sec = lambda e: f"CAST(t_ns + {e} - {t0} AS DOUBLE) / 1e9"  # noqa: E731
     comp = "compute_start_ns IS NOT NULL AND compute_end_ns >= 0"
     form = (f"decode_start_ns IS NOT NULL AND preprocess_end_ns IS NOT NULL AND "
             f"({_partial('preprocess_end_ns')}) >= ({_partial('decode_start_ns')})")
-    return f"""CAST(t_ns - {t0} AS DOUBLE) / 1e9 AS t, t_ns, request_id, status = 'ok' AS ok, {total} AS total,
-        {', '.join(f"{e} AS stage_{s}" for s, e in stage.items())},
+    return f"""{head}, {', '.join(f"{e} AS stage_{s}" for s, e in stage.items())},
         CASE WHEN ({total}) >= 0 THEN greatest(({total}) - ({service}), 0) ELSE -1 END AS wait_ns,
         CAST(CASE WHEN bucket > 0 THEN bucket ELSE greatest(batch_size, 1) END AS BIGINT) AS bucket,
         CAST(queue_depth AS BIGINT) AS queue_depth, batch_id,
@@ -56,16 +62,17 @@ def _select(t0: int) -> str:
 
 
 def _fill(c: dict, at: slice, tbl, k: int, links) -> None:
-    """Copy one batch of ``_select`` rows into the Series columns at ``at``; link spans (widening e2e)."""
+    """Copy one batch of ``_select`` rows into the Series columns at ``at`` (those ``c`` holds); link spans
+    (widening e2e)."""
     def col(name):
         return tbl.column(name).to_numpy(zero_copy_only=False)
 
-    for name in ("t", "ok", "wait_ns", "bucket", "queue_depth", "compute0", "compute1", "form0", "form1",
-                 *(f"stage_{s}" for s in SERVICE_STAGES)):
+    for name in c.keys() & set(tbl.column_names):
         c[name][at] = col(name)
     c["run_idx"][at] = k
-    bid = col("batch_id")
-    c["batch"][at] = np.where(bid >= 0, k * 2**32 + bid, -1)
+    if "batch" in c:
+        bid = col("batch_id")
+        c["batch"][at] = np.where(bid >= 0, k * 2**32 + bid, -1)
     total = col("total")
     if links is None:
         c["e2e_ns"][at] = total  # no span: the user saw arrival to completion
@@ -79,110 +86,160 @@ def _fill(c: dict, at: slice, tbl, k: int, links) -> None:
     end = np.where(total >= 0, arrival + total, 0)
     end = np.where(hit, np.maximum(end, s1[j]), end)
     c["e2e_ns"][at] = np.where((total >= 0) & (end >= start), end - start, -1)
-    for q, v in enumerate(per):
-        c[f"span_{q}"][at] = np.where(hit, v[j], 0)
+    if "span_0" in c or not per:
+        for q, v in enumerate(per):
+            c[f"span_{q}"][at] = np.where(hit, v[j], 0)
 
 
-def series_from_store(store: Store) -> list[Series]:
+def series_from_store(store: Store, full: bool | None = True) -> list[Series]:
+    """One Series per (host, region) of the selection: with every column (``full``), only detection's
+    (False: ``Series.narrow``), or none (None: held by no array until ``Series.select`` loads what is needed,
+    so a fleet is analysed one host at a time)."""
     out = []
     for (host, region), idx in store.groups().items():
-        s = _group(store, f"{host}/{region}" if region else host, idx)
-        if s is not None:
-            out.append(s)
+        src = GroupSource(store, f"{host}/{region}" if region else host, idx)
+        if src.order:
+            out.append(src.light() if full is None else src.series(full=full))
     return out
 
 
-def _group(store: Store, name: str, idx: list[int]) -> Series | None:
-    con = store.con
-    segs = ", ".join(map(str, idx))
-    where = f"seg IN ({segs}) AND {store.time_where()}"
-    # Runs in the order build_series sorts them: by first arrival on the wall clock.
-    firsts = dict(con.execute(f"SELECT seg, min(t_ns) FROM requests WHERE {where} GROUP BY seg").fetchall())
-    order = sorted((i for i in idx if firsts.get(i) is not None), key=lambda i: (firsts[i], i))
-    if not order:
-        return None
-    t0 = min(firsts[i] for i in order)
-    ridx = {seg: k for k, seg in enumerate(order)}
-    segments: list[Segment] = [store.segments[i] for i in order]
-    con.register("ridx", _ridx_table(ridx, store))
-    where = f"seg IN ({', '.join(map(str, order))}) AND {store.time_where()}"
+class GroupSource:
+    """One (host, region) of a store: loads its requests as Series columns, all of them or only those
+    arriving in given ranges, with every column or only detection's. Telemetry, events and span links are
+    read once."""
 
-    span_where = " OR ".join(f"(s.seg = {i} AND s.start_ns >= {lo} AND s.start_ns < {hi})"
-                             for i in order for lo, hi in [_mono_range(store, store.segments[i])])
-    span_names = [r[0] for r in con.execute(f"SELECT DISTINCT name FROM spans s WHERE {span_where} ORDER BY name")
-                  .fetchall()]
-    sec = lambda e: f"CAST(({e}) - {t0} AS DOUBLE) / 1e9"  # noqa: E731
-    counts = dict(con.execute(f"SELECT seg, count(*) FROM requests WHERE {where} GROUP BY seg").fetchall())
-    n = sum(counts.values())
-    c = {k: np.empty(n, dt) for k, dt in _COLS.items()}
-    c.update({f"span_{k}": np.empty(n, np.int64) for k in range(len(span_names))})
-    linked = None
-    if span_names:
-        # Spans link to requests of the same process (run_id), whichever segment each landed in.
-        per_name = ", ".join(f"sum(CASE WHEN name = '{_sql_str(n)}' THEN end_ns - start_ns ELSE 0 END) AS span_{k}"
-                             for k, n in enumerate(span_names))
-        linked = con.sql(f"""
-            SELECT r.run_id, s.request_id, min(s.start_ns + r.wmm) AS s0, max(s.end_ns + r.wmm) AS s1, {per_name}
-            FROM spans s JOIN ridx r USING (seg) WHERE ({span_where}) AND s.request_id >= 0 GROUP BY ALL
-            ORDER BY r.run_id, s.request_id""").to_arrow_table()
-    pos = 0
-    bounds = []
-    cols = _select(t0)
-    # One batch at a time, each segment a plain scan in file order: the peak is the Series plus one batch.
-    for k, seg in enumerate(order):
-        links = _links_of(linked, str(store.segments[seg].meta.get("run_id")), len(span_names))
-        lo = pos
-        reader = con.sql(f"SELECT {cols} FROM {store.source(seg)} WHERE {store.time_where()}").to_arrow_reader(1 << 16)
-        for batch in reader:
-            m = batch.num_rows
-            _fill(c, slice(pos, pos + m), batch, k, links)
-            pos += m
-        del reader
-        t = c["t"][lo:pos]
-        bounds.append((float(t.min()), float(t.max())) if pos > lo else (math.nan, math.nan))
-    if pos != n:
-        raise RuntimeError(f"store: read {pos} requests of {name}, counted {n}")
-    # build_series' order: by arrival, ties in run then record order (a stable sort of the concatenation).
-    if n and np.any(np.diff(c["t"]) < 0):
-        perm = np.argsort(c["t"], kind="stable")
-        for key in c:
-            c[key] = c[key][perm]
-        del perm
+    def __init__(self, store: Store, name: str, idx: list[int]):
+        self.store, self.name = store, name
+        con = store.con
+        where = f"seg IN ({', '.join(map(str, idx))}) AND {store.time_where()}"
+        first, last, count = {}, {}, {}
+        for seg, a, b, n in con.execute(f"SELECT seg, min(t_ns), max(t_ns), count(*) FROM requests WHERE {where} "
+                                        "GROUP BY seg").fetchall():
+            first[seg], last[seg], count[seg] = a, b, n
+        # Runs in the order build_series sorts them: by first arrival on the wall clock.
+        self.order = sorted(first, key=lambda i: (first[i], i))
+        if not self.order:
+            return
+        self.t0 = t0 = min(first.values())
+        self.segments: list[Segment] = [store.segments[i] for i in self.order]
+        # Per run (first, last arrival) in the Series' seconds, as float(t_ns - t0) / 1e9 like ``_select``.
+        self.bounds = [((first[i] - t0) / 1e9, (last[i] - t0) / 1e9) for i in self.order]
+        for i, s in zip(self.order, self.segments, strict=True):
+            s.n_selected = count[i]
+        ridx = {seg: k for k, seg in enumerate(self.order)}
+        con.register("ridx", _ridx_table(ridx, store))
+        self.span_where = span_where = " OR ".join(
+            f"(s.seg = {i} AND s.start_ns >= {lo} AND s.start_ns < {hi})"
+            for i in self.order for lo, hi in [_mono_range(store, store.segments[i])])
+        self.span_names = [r[0] for r in con.execute(
+            f"SELECT DISTINCT name FROM spans s WHERE {span_where} ORDER BY name").fetchall()]
+        linked = None
+        if self.span_names:
+            # Spans link to requests of the same process (run_id), whichever segment each landed in.
+            per_name = ", ".join(f"sum(CASE WHEN name = '{_sql_str(n)}' THEN end_ns - start_ns ELSE 0 END) AS span_{k}"
+                                 for k, n in enumerate(self.span_names))
+            linked = con.sql(f"""
+                SELECT r.run_id, s.request_id, min(s.start_ns + r.wmm) AS s0, max(s.end_ns + r.wmm) AS s1, {per_name}
+                FROM spans s JOIN ridx r USING (seg) WHERE ({span_where}) AND s.request_id >= 0 GROUP BY ALL
+                ORDER BY r.run_id, s.request_id""").to_arrow_table()
+        self.links = [_links_of(linked, str(s.meta.get("run_id")), len(self.span_names)) for s in self.segments]
+        self._telemetry()
+        con.unregister("ridx")
 
-    samples = {}
-    rows = con.execute(f"""SELECT source, metric, list({sec('s.ts_ns + x.wmm')} ORDER BY {sec('s.ts_ns + x.wmm')}, x.ridx, s.ts_ns, s.value),
-                                  list(s.value ORDER BY {sec('s.ts_ns + x.wmm')}, x.ridx, s.ts_ns, s.value)
-                           FROM samples s JOIN ridx x USING (seg) WHERE {span_where.replace('start_ns', 'ts_ns')}
-                           GROUP BY source, metric""").fetchall()
-    for src, met, ts, vs in rows:
-        samples[(src, met)] = (np.array(ts, np.float64), np.array([math.nan if v is None else v for v in vs], np.float64))
-    events = [{"t": t, "source": src, "kind": k, "value": float(v), "detail": d} for t, src, k, v, d in con.execute(
-        f"""SELECT {sec('s.ts_ns + x.wmm')} AS t, source, kind, value, detail FROM events s JOIN ridx x USING (seg)
-            WHERE {span_where.replace('start_ns', 'ts_ns')} ORDER BY t, x.ridx, s.ts_ns""").fetchall()]
-    unl: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    if span_names:
-        rows = con.execute(f"""
-            SELECT s.name, {sec('s.start_ns + r.wmm')}, s.end_ns - s.start_ns FROM spans s JOIN ridx r USING (seg)
-            WHERE ({span_where}) AND (s.request_id < 0 OR NOT EXISTS (
-                SELECT 1 FROM requests q JOIN ridx x USING (seg)
-                WHERE x.run_id = r.run_id AND q.request_id = s.request_id))
-            ORDER BY r.ridx, s.start_ns""").fetchall()
-        for nm, a, d in rows:
-            unl.setdefault(nm, ([], []))
-            unl[nm][0].append(a)
-            unl[nm][1].append(d)
-        unl = {k: (np.array(a, np.float64), np.array(d, np.int64)) for k, (a, d) in unl.items()}
-    con.unregister("ridx")
-    for s, k in zip(segments, range(len(segments)), strict=True):
-        s.n_selected = int(np.count_nonzero(c["run_idx"] == k))
-    compute_s = np.column_stack([c.pop("compute0"), c.pop("compute1")])
-    form_s = np.column_stack([c.pop("form0"), c.pop("form1")])
-    return Series(
-        name=name, runs=segments, t0_wall_ns=int(t0), t=c["t"], run_idx=c["run_idx"], ok=c["ok"],
-        e2e_ns=c["e2e_ns"], wait_ns=c["wait_ns"], stage_ns={s: c[f"stage_{s}"] for s in SERVICE_STAGES},
-        bucket=c["bucket"], queue_depth=c["queue_depth"], batch=c["batch"], compute_s=compute_s, form_s=form_s,
-        span_ns={n: c[f"span_{k}"] for k, n in enumerate(span_names)}, unlinked_spans=unl, samples=samples, events=events,
-        run_bounds=bounds)
+    def _telemetry(self) -> None:
+        con, t0, span_where = self.store.con, self.t0, self.span_where
+        sec = lambda e: f"CAST(({e}) - {t0} AS DOUBLE) / 1e9"  # noqa: E731
+        self.samples = {}
+        rows = con.execute(f"""SELECT source, metric, list({sec('s.ts_ns + x.wmm')} ORDER BY {sec('s.ts_ns + x.wmm')}, x.ridx, s.ts_ns, s.value),
+                                      list(s.value ORDER BY {sec('s.ts_ns + x.wmm')}, x.ridx, s.ts_ns, s.value)
+                               FROM samples s JOIN ridx x USING (seg) WHERE {span_where.replace('start_ns', 'ts_ns')}
+                               GROUP BY source, metric""").fetchall()
+        for src, met, ts, vs in rows:
+            self.samples[(src, met)] = (np.array(ts, np.float64),
+                                        np.array([math.nan if v is None else v for v in vs], np.float64))
+        self.events = [{"t": t, "source": src, "kind": k, "value": float(v), "detail": d} for t, src, k, v, d in con.execute(
+            f"""SELECT {sec('s.ts_ns + x.wmm')} AS t, source, kind, value, detail FROM events s JOIN ridx x USING (seg)
+                WHERE {span_where.replace('start_ns', 'ts_ns')} ORDER BY t, x.ridx, s.ts_ns""").fetchall()]
+        unl: dict[str, tuple] = {}
+        if self.span_names:
+            rows = con.execute(f"""
+                SELECT s.name, {sec('s.start_ns + r.wmm')}, s.end_ns - s.start_ns FROM spans s JOIN ridx r USING (seg)
+                WHERE ({span_where}) AND (s.request_id < 0 OR NOT EXISTS (
+                    SELECT 1 FROM requests q JOIN ridx x USING (seg)
+                    WHERE x.run_id = r.run_id AND q.request_id = s.request_id))
+                ORDER BY r.ridx, s.start_ns""").fetchall()
+            for nm, a, d in rows:
+                unl.setdefault(nm, ([], []))
+                unl[nm][0].append(a)
+                unl[nm][1].append(d)
+        self.unlinked = {k: (np.array(a, np.float64), np.array(d, np.int64)) for k, (a, d) in unl.items()}
+
+    def _where(self, ranges) -> str:
+        """SQL: the selection, and arrival (in the Series' seconds, computed as ``_select`` does, so the edges
+        fall exactly where a mask on ``Series.t`` puts them) in one of ``ranges``; ns bounds a hair wider
+        let the scan skip row groups."""
+        w = self.store.time_where()
+        if ranges is None:
+            return w
+        t = f"CAST(t_ns - {self.t0} AS DOUBLE) / 1e9"
+        parts = [f"(t_ns >= {self.t0 + math.floor(a * 1e9) - 1000} AND t_ns < {self.t0 + math.ceil(b * 1e9) + 1000} "
+                 f"AND {t} >= {float(a)!r} AND {t} < {float(b)!r})" for a, b in ranges if b > a]
+        return f"{w} AND ({' OR '.join(parts) or 'false'})"
+
+    def load(self, ranges=None, full: bool = True) -> dict[str, np.ndarray]:
+        """The Series columns of the requests arriving in ``ranges`` ([(a, b)] in the Series' seconds; None: all),
+        in ``build_series``' order."""
+        con, where = self.store.con, self._where(ranges)
+        segs = ", ".join(map(str, self.order))
+        counts = dict(con.execute(f"SELECT seg, count(*) FROM requests WHERE seg IN ({segs}) AND {where} "
+                                  "GROUP BY seg").fetchall())
+        n = sum(counts.values())
+        kinds = _COLS if full else {k: _COLS[k] for k in _NARROW}
+        c = {k: np.empty(n, dt) for k, dt in kinds.items()}
+        if full:
+            c.update({f"span_{k}": np.empty(n, np.int64) for k in range(len(self.span_names))})
+        pos = 0
+        # One batch at a time, each segment a plain scan in file order: the peak is the columns plus one batch.
+        for k, seg in enumerate(self.order):
+            if counts.get(seg):
+                cols = _select(self.t0, full, self.store.segments[seg].has_latency)
+                reader = con.sql(f"SELECT {cols} FROM {self.store.source(seg)} WHERE {where}").to_arrow_reader(1 << 16)
+                for batch in reader:
+                    m = batch.num_rows
+                    _fill(c, slice(pos, pos + m), batch, k, self.links[k])
+                    pos += m
+                del reader
+        if pos != n:
+            raise RuntimeError(f"store: read {pos} requests of {self.name}, counted {n}")
+        # build_series' order: by arrival, ties in run then record order (a stable sort of the concatenation).
+        if n and np.any(np.diff(c["t"]) < 0):
+            perm = np.argsort(c["t"], kind="stable")
+            for key in c:
+                c[key] = c[key][perm]
+        return c
+
+    def light(self) -> Series:
+        """The Series with no request arrays (t and the rest None): runs, bounds and telemetry only."""
+        return Series(name=self.name, runs=self.segments, t0_wall_ns=int(self.t0), t=None, run_idx=None, ok=None,
+                      e2e_ns=None, wait_ns=None, stage_ns=None, bucket=None, queue_depth=None, batch=None,
+                      compute_s=None, form_s=None, span_ns=None, unlinked_spans=self.unlinked, samples=self.samples,
+                      events=self.events, run_bounds=list(self.bounds), source=self, narrow=True)
+
+    def series(self, ranges=None, full: bool = True) -> Series:
+        c = self.load(ranges, full)
+        blank = None if full else np.empty(0)
+        if full:
+            compute_s = np.column_stack([c.pop("compute0"), c.pop("compute1")])
+            form_s = np.column_stack([c.pop("form0"), c.pop("form1")])
+        return Series(
+            name=self.name, runs=self.segments, t0_wall_ns=int(self.t0), t=c["t"], run_idx=c["run_idx"], ok=c["ok"],
+            e2e_ns=c["e2e_ns"], wait_ns=c.get("wait_ns", blank),
+            stage_ns={s: c[f"stage_{s}"] for s in SERVICE_STAGES} if full else None,
+            bucket=c.get("bucket", blank), queue_depth=c.get("queue_depth", blank), batch=c.get("batch", blank),
+            compute_s=compute_s if full else None, form_s=form_s if full else None,
+            span_ns={n: c[f"span_{k}"] for k, n in enumerate(self.span_names)} if full else None,
+            unlinked_spans=self.unlinked, samples=self.samples, events=self.events, run_bounds=list(self.bounds),
+            source=None if full and ranges is None else self, narrow=not full)
 
 
 def _links_of(linked, run_id: str, n_spans: int):
@@ -237,31 +294,61 @@ def load_series(runs, *, since=None, until=None, region=None, host=None, label=N
     for st in stores:
         with engine_errors(st, "diagnose"):
             st.require("diagnose")
-            series += series_from_store(st)
-            info = info or {"selection": [], "requests": 0, "warnings": [], "overview": []}
+            series += series_from_store(st, full=None)
+            info = info or {"selection": [], "requests": 0, "warnings": [], "overview": [], "stores": []}
             info["selection"].append(st.describe_selection())
             info["requests"] += st.count()
             info["warnings"] += st.warnings
-            info["overview"].append(fleet_overview(st))
+            info["stores"].append(st)
     if sel["since"] is not None and sel["until"] is not None and sel["until"] <= sel["since"]:
         raise ValueError("diagnose: --until must be later than --since")
     return series, info
 
 
-def fleet_overview(store: Store, width_s: float | None = None) -> dict:
-    """The store-level answers, from the engine's per-interval aggregates (``Store.intervals``): per region
-    and host the request rate, its peak interval against its median one (did the load rise, by how much),
-    and the worst interval's p99 against the median interval's (where it spiked); and each deployment (a
-    label or config change between a host's segments) with its time."""
-    from aurora_core.store.reader import fmt_ns
-
-    span_s = 0.0
+def overview_grid(store: Store, width_s: float | None = None) -> tuple[int, float, float]:
+    """(first ns, interval s, span s) of the fleet overview's intervals: ~60 over the selection, >= 10 s."""
     segs = store.segments
     lo = max([x for x in (store.since, min((s.t_first_ns for s in segs), default=None)) if x is not None], default=0)
     hi = min([x for x in (store.until, max((s.t_last_ns for s in segs), default=None)) if x is not None], default=0)
     span_s = max((hi - lo) / 1e9, 1e-9)
-    width = width_s or max(10.0, span_s / 60)
-    iv = store.intervals(width)
+    return int(lo), float(width_s or max(10.0, span_s / 60)), span_s
+
+
+def host_intervals(s: Series, grid: tuple[int, float, float]) -> dict[str, np.ndarray]:
+    """One host's rows of ``Store.intervals`` on ``grid`` (``overview_grid``) from its held requests (a
+    ``Series`` with detection's columns): diagnose builds the overview from the arrays it reads anyway,
+    where a second scan of the store with per-interval quantiles took longer than the diagnosis (20 s for
+    100 M requests). Latency is what the user saw (``Series.e2e_ns``)."""
+    t0, width, _ = grid
+    k = np.floor((s.t0_wall_ns - t0 + s.t * 1e9) / (width * 1e9)).astype(np.int64)
+    keys, inv = np.unique(k, return_inverse=True)
+    req = np.bincount(inv, minlength=keys.size)
+    p50, p99 = np.full(keys.size, np.nan), np.full(keys.size, np.nan)
+    good = s.ok & (s.e2e_ns >= 0)
+    gi, gl = inv[good], s.e2e_ns[good] / 1e6
+    order = np.argsort(gi, kind="stable")
+    gi, gl = gi[order], gl[order]
+    cut = np.searchsorted(gi, np.arange(keys.size + 1))
+    for j in np.flatnonzero(cut[1:] > cut[:-1]):
+        p50[j], p99[j] = np.percentile(gl[cut[j]:cut[j + 1]], [50, 99])
+    host, region = s.runs[0].host, s.runs[0].region or "-"
+    return {"region": np.full(keys.size, region, dtype=object), "host": np.full(keys.size, host, dtype=object),
+            "start_ns": keys * int(width * 1e9) + t0, "requests": req, "p50_ms": p50, "p99_ms": p99}
+
+
+def fleet_overview(store: Store, width_s: float | None = None, rows: list[dict] | None = None) -> dict:
+    """The store-level answers from per-interval aggregates: per region and host the request rate, its peak
+    interval against its median one (did the load rise, by how much), and the worst interval's p99 against
+    the median interval's (where it spiked); and each deployment (a label or config change between a host's
+    segments) with its time. rows: ``host_intervals`` per host on ``overview_grid(store, width_s)``; None:
+    the engine computes them (``Store.intervals``)."""
+    from aurora_core.store.reader import fmt_ns
+
+    _, width, span_s = overview_grid(store, width_s)
+    if rows is None:
+        iv = store.intervals(width)
+    else:
+        iv = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]} if rows else {}
     out = {"interval_s": width, "regions": [], "hosts": [], "deployments": store.deployments()}
     if not iv:
         return out

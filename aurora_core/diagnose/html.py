@@ -165,7 +165,7 @@ def add_diagnosis(page: Page, result, cards: list[Card] | None = None) -> Page:
                    "view above and in the details below.", cls="sub")
         for i in shown:
             page.h(entries[i]["name"], 3)
-            page.plots(_host_plots(result.series[i], result.detections[i], entries[i], shifts[i]))
+            page.plots(_host_plots(result.series[i].select(), result.detections[i], entries[i], shifts[i]))
     page.h("Details for engineers")
     for e in entries:
         b = e["baseline"]

@@ -99,6 +99,19 @@ class Series:
     samples: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]  # (source, metric) -> (t s, value)
     events: list[dict]
     run_bounds: list[tuple[float, float]] = field(default_factory=list)  # per run (first, last arrival) s
+    #: Where the columns come from when not all are held (a store group, ``fromstore.GroupSource``); None:
+    #: this Series holds every column of every request.
+    source: object = field(default=None, repr=False)
+    #: Only what detection reads is held (t, run_idx, ok, e2e_ns); the other columns are None.
+    narrow: bool = False
+
+    def select(self, ranges=None, full: bool = True) -> Series:
+        """The requests arriving in ``ranges`` ([(a, b)] s; None: all), with every column (``full``) or detection's.
+        A Series that holds everything returns itself: every consumer masks by time anyway. A store-backed one
+        loads just those rows, so analysis of a day-long series reads its baseline and windows, not the day."""
+        if self.source is None:
+            return self
+        return self.source.series(ranges, full)
 
     @property
     def cores(self) -> int:
@@ -284,8 +297,7 @@ def intervals(series: Series, width: float) -> Intervals:
     bounds = np.searchsorted(gi, np.arange(n + 1))
     # Only the filled intervals: runs hours apart leave most of the timeline empty.
     for k in np.flatnonzero(bounds[1:] > bounds[:-1]):
-        v = gl[bounds[k]:bounds[k + 1]]
-        p50[k], p99[k] = np.percentile(v, 50), np.percentile(v, 99)
+        p50[k], p99[k] = np.percentile(gl[bounds[k]:bounds[k + 1]], [50, 99])
     return Intervals(edges, count, p50, p99)
 
 
@@ -336,19 +348,36 @@ class Detection:
 
 @dataclass
 class Lat:
-    """The successful requests of a range: latency (ms) and the detection interval each arrived in."""
+    """The successful requests of a range: latency (ms) and the detection interval each arrived in. The
+    baseline and each segment are judged many times (``_auto_baseline`` tries every anchor), so what the
+    tests read of one side is computed once."""
 
     ms: np.ndarray
     block: np.ndarray
+    _memo: dict = field(default_factory=dict, repr=False)
 
     @property
     def size(self) -> int:
         return int(self.ms.size)
 
+    def pct(self) -> tuple[float, float]:
+        """(p50, p99) in ms."""
+        if "pct" not in self._memo:
+            p50, p99 = np.percentile(self.ms, [50, 99])
+            self._memo["pct"] = float(p50), float(p99)
+        return self._memo["pct"]
+
+    def memo(self, key, make):
+        if key not in self._memo:
+            self._memo[key] = make()
+        return self._memo[key]
+
 
 def _pooled(series: Series, a: float, b: float, width: float) -> Lat:
-    m = (series.t >= a) & (series.t < b) & series.ok & (series.e2e_ns >= 0)
-    return Lat(series.e2e_ns[m] / 1e6, ((series.t[m] - series.t[0]) // width).astype(np.int64))
+    lo, hi = np.searchsorted(series.t, [a, b])  # t is sorted: the range is a slice
+    t, e2e = series.t[lo:hi], series.e2e_ns[lo:hi]
+    m = series.ok[lo:hi] & (e2e >= 0)
+    return Lat(e2e[m] / 1e6, ((t[m] - series.t[0]) // width).astype(np.int64))
 
 
 def _per_block(x: Lat, values: np.ndarray, stat) -> np.ndarray:
@@ -401,7 +430,8 @@ def _level(v: Lat) -> float:
     """Segment level: mean of log p50 and log p99, the two columns PELT cut on."""
     if v.size == 0:
         return math.inf
-    return 0.5 * (math.log(max(np.percentile(v.ms, 50), 1e-9)) + math.log(max(np.percentile(v.ms, 99), 1e-9)))
+    p50, p99 = v.pct()
+    return 0.5 * (math.log(max(p50, 1e-9)) + math.log(max(p99, 1e-9)))
 
 
 def _judge(v: Lat, base: Lat, min_ratio, alpha, a, b) -> Window | None:
@@ -413,15 +443,15 @@ def _judge(v: Lat, base: Lat, min_ratio, alpha, a, b) -> Window | None:
     batch or one queue burst are slow together, and the per-interval test counts such a group once."""
     if v.size < 3 or base.size < 3:
         return None
-    b50, b99 = float(np.percentile(base.ms, 50)), float(np.percentile(base.ms, 99))
-    p50, p99 = float(np.percentile(v.ms, 50)), float(np.percentile(v.ms, 99))
+    b50, b99 = base.pct()
+    p50, p99 = v.pct()
     r50, r99 = p50 / b50, p99 / b99
     ps = []
     if r50 >= min_ratio:
-        ps.append(max(greater_p(v.ms, base.ms),
-                      block_p(np.log(_per_block(v, v.ms, np.median)), np.log(_per_block(base, base.ms, np.median)))))
+        med = lambda x: x.memo("block_median", lambda: np.log(_per_block(x, x.ms, np.median)))  # noqa: E731
+        ps.append(max(greater_p(v.ms, base.ms), block_p(med(v), med(base))))
     if r99 >= min_ratio:
-        share = lambda x: _per_block(x, (x.ms > b99).astype(float), np.mean)  # noqa: E731
+        share = lambda x: x.memo(("share", b99), lambda: _per_block(x, (x.ms > b99).astype(float), np.mean))  # noqa: E731
         ps.append(max(tail_p(v.ms, base.ms, b99), block_p(share(v), share(base))))
     p = min(ps) if ps else 1.0
     return Window(a, b, p50, p99, r50, r99, p, int(v.size)) if p < alpha else None
@@ -485,7 +515,8 @@ def resolve_baselines(all_series: list[Series], spec: tuple[str, object]) -> lis
         if out[k] is not None:
             continue
         a, b = (wa - s.t0_wall_ns) / 1e9, math.nextafter((wb - s.t0_wall_ns) / 1e9, math.inf)
-        n = int(np.count_nonzero((s.t >= a) & (s.t < b) & s.ok & (s.e2e_ns >= 0)))
+        v = s.select([(a, b)], full=False)
+        n = int(np.count_nonzero((v.t >= a) & (v.t < b) & v.ok & (v.e2e_ns >= 0)))
         if n >= 3:
             out[k] = (a, b, f"given: {given} matches no run of {s.name}; the same wall-clock span as the "
                             f"matched run(s) on {hosts}")
@@ -570,7 +601,7 @@ def detect(series: Series, interval_s: float | None = None, min_ratio: float = M
     if base.size < 3:
         raise ValueError(f"diagnose: the baseline {ba:.1f}-{bb:.1f} s of {series.name} holds {base.size} "
                          "successful requests (at least 3 needed); pick a longer span")
-    b50, b99 = float(np.percentile(base.ms, 50)), float(np.percentile(base.ms, 99))
+    b50, b99 = base.pct()
     base_w = Window(ba, bb, b50, b99, 1.0, 1.0, 1.0, int(base.size))
     spikes = [(a, b) for a, b in cands if _judge(_pooled(series, a, b, width), base, min_ratio, alpha, a, b)]
     # Only spike segments merge: a calm segment after a spike is not folded into it.
@@ -590,6 +621,6 @@ def detect(series: Series, interval_s: float | None = None, min_ratio: float = M
 
 def _window(series, iv, width, base: Lat, min_ratio, alpha, a, b) -> Window | None:
     """Judge [a, b) trimmed to the intervals above the baseline; untrimmed when the trimmed one fails."""
-    ta, tb = _trim(iv, a, b, float(np.percentile(base.ms, 50)), float(np.percentile(base.ms, 99)), min_ratio)
+    ta, tb = _trim(iv, a, b, *base.pct(), min_ratio)
     return (_judge(_pooled(series, ta, tb, width), base, min_ratio, alpha, ta, tb)
             or _judge(_pooled(series, a, b, width), base, min_ratio, alpha, a, b))

@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 
 from aurora_core.records import STAGES
 
-from .schema import FORMAT_VERSION, META_KEY, STAMPS, TABLES, request_arrays
+from .schema import FORMAT_VERSION, LATENCY, META_KEY, STAMPS, TABLES, request_arrays
 
 _NAME = re.compile(r"^(?P<seg>[^.]+)\.(?P<table>requests|spans|samples|events)\.(?P<ext>parquet|arrows)$")
 #: A clock step or disagreement smaller than this is ordinary NTP slew, not worth a word.
@@ -123,6 +123,7 @@ class Segment:
     t_first_ns: int | None = None
     t_last_ns: int | None = None
     n_requests: int = 0
+    has_latency: bool = False                 # its requests hold ``latency_ns`` (see ``schema.LATENCY``)
 
     @property
     def path(self) -> Path:
@@ -268,6 +269,7 @@ def _segment(d: Path, name: str, tables: dict[str, dict[str, Path]], warnings: l
     else:
         seg.t_first_ns, seg.t_last_ns = seg.meta.get("t_first_ns"), seg.meta.get("t_last_ns")
         seg.n_requests = int((seg.meta.get("segment_counts") or {}).get("requests", 0))
+    seg.has_latency = LATENCY in (seg.tables["requests"].schema.names if seg.open else pq.read_schema(seg.path).names)
     return seg
 
 
@@ -436,6 +438,8 @@ class Store:
         # Offsets are chained (schema doc): a stage whose end stamp directly follows its start stamp is the end's
         # offset when the start is present, and arrival to completion is the sum of all offsets.
         total = " + ".join(f"coalesce({f}, 0)" for f in STAMPS)
+        if self.segments and all(s.has_latency for s in self.segments):
+            total = LATENCY  # the same sum, stored: a scan of 3 columns instead of 14
         stages = {k: STAGES[k] for k in ("decode", "preprocess", "compute", "queue")}
         assert all(STAMPS.index(b) == STAMPS.index(a) + 1 for a, b in stages.values())
         sums = ", ".join(f"sum(CASE WHEN {a} IS NOT NULL AND {b} >= 0 THEN {b} END) / 1e6 AS {k}_ms"
