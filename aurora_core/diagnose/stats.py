@@ -250,9 +250,9 @@ def _betainc(a: float, b: float, x: float, y: float, lx: float, ly: float) -> fl
     """Regularized incomplete beta I_x(a, b), y = 1 - x, lx = log x, ly = log y (given separately so that
     neither end loses digits). The continued fraction (Numerical Recipes' betacf, modified Lentz) on
     whichever side of the mean it converges fast, the other by symmetry; ~1e-14 relative."""
-    if x <= 0:
+    if lx == -math.inf:
         return 0.0
-    if y <= 0:
+    if ly == -math.inf:
         return 1.0
     front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * lx + b * ly)
     if x < (a + 1) / (a + b + 2):
