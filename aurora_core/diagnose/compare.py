@@ -55,7 +55,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy import stats
 
 from aurora_core.recorder import RunData, load_run
 from aurora_core.records import STAGES
@@ -69,6 +68,7 @@ from aurora_core.report import (
 )
 
 from .settings import DEFAULTS, Settings
+from .stats import mannwhitney_greater_p
 
 SERVICE = ("decode", "preprocess", "h2d", "compute_item", "d2h")
 LOAD_SENSITIVE = ("queue", "wait", "compute", "total")
@@ -211,7 +211,7 @@ def compare(before, after, threshold: float = 0.10, alpha: float = 0.01, n_boot:
             row[f"{name}_rel"] = round((va - vb) / vb, 4) if vb > 0 else None
         bs = b if b.size <= _MW_MAX else rng.choice(b, _MW_MAX, replace=False)
         as_ = a if a.size <= _MW_MAX else rng.choice(a, _MW_MAX, replace=False)
-        p = float(stats.mannwhitneyu(as_, bs, alternative="greater").pvalue)
+        p = mannwhitney_greater_p(as_, bs)
         row["mw_p_greater"] = float(f"{p:.3g}")
         # Significantly beyond the threshold: the whole interval above threshold x BEFORE (module doc).
         worse = [n for n in ("p50", "p99") if row[f"{n}_rel"] is not None

@@ -47,16 +47,15 @@ Detection (a small documented method around ruptures' PELT)
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from scipy import stats
 
 from aurora_core.recorder import RunData
 
 from .settings import DEFAULTS
+from .stats import fisher_greater_p, mannwhitney_greater_p, pelt_l2, ttest_greater_p
 
 SERVICE_STAGES = ("decode", "preprocess", "h2d", "compute", "d2h")
 MIN_RATIO = DEFAULTS.min_ratio
@@ -311,8 +310,6 @@ def _noise_scale(x: np.ndarray) -> float:
 
 def change_points(iv: Intervals) -> list[int]:
     """Interval indices (into the non-empty intervals) where segments start, first one 0."""
-    import ruptures as rpt
-
     good = ~np.isnan(iv.p99_ms)
     x = np.column_stack([np.log(iv.p50_ms[good]), np.log(iv.p99_ms[good])])
     n = x.shape[0]
@@ -320,7 +317,7 @@ def change_points(iv: Intervals) -> list[int]:
         return [0]
     x = x / np.array([_noise_scale(x[:, 0]), _noise_scale(x[:, 1])])
     pen = 3.0 * x.shape[1] * math.log(n)
-    ends = rpt.Pelt(model="l2", min_size=MIN_SEG, jump=1).fit(x).predict(pen=pen)
+    ends = pelt_l2(x, pen, MIN_SEG, jump=1)
     return [0] + [int(e) for e in ends[:-1]]
 
 
@@ -395,9 +392,7 @@ def block_p(v: np.ndarray, base: np.ndarray) -> float:
     cannot go below 1/C(n+3, 3)."""
     if v.size < 1 or base.size < 2 or v.size + base.size < 4:
         return 1.0
-    with warnings.catch_warnings():  # near-identical figures: scipy warns, and the NaN case is handled below
-        warnings.simplefilter("ignore", RuntimeWarning)
-        p = float(stats.ttest_ind(v, base, equal_var=True, alternative="greater").pvalue)
+    p = ttest_greater_p(v, base)
     if math.isnan(p):  # no spread on either side: the figures either all rose or did not
         return 0.0 if v.min() > base.max() else 1.0
     return p
@@ -412,7 +407,7 @@ def greater_p(a: np.ndarray, b: np.ndarray) -> float:
     if a.size < 3 or b.size < 3:
         return 1.0
     rng = np.random.default_rng(0)
-    return float(stats.mannwhitneyu(_subsample(a, rng), _subsample(b, rng), alternative="greater").pvalue)
+    return mannwhitney_greater_p(_subsample(a, rng), _subsample(b, rng))
 
 
 def tail_p(v: np.ndarray, base: np.ndarray, threshold: float) -> float:
@@ -423,7 +418,7 @@ def tail_p(v: np.ndarray, base: np.ndarray, threshold: float) -> float:
     if v.size == 0 or base.size == 0:
         return 1.0
     kv, kb = int(np.count_nonzero(v > threshold)), int(np.count_nonzero(base > threshold))
-    return float(stats.fisher_exact([[kv, v.size - kv], [kb, base.size - kb]], alternative="greater")[1])
+    return fisher_greater_p(kv, v.size, kb, base.size)
 
 
 def _level(v: Lat) -> float:
