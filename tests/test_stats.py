@@ -260,3 +260,20 @@ def test_diagnose_imports_neither_scipy_nor_ruptures():
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'scipy', 'ruptures'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_group_percentiles_and_medians_equal_numpy_per_group():
+    """Bit for bit what np.percentile / np.median give per group (ties, even and odd sizes, empty groups)."""
+    from aurora_core.diagnose.stats import group_medians, group_percentiles
+
+    rng = np.random.default_rng(7)
+    for trial in range(200):
+        sizes = rng.integers(0, 40, rng.integers(1, 30))
+        cut = np.r_[0, np.cumsum(sizes)]
+        vals = (rng.lognormal(0, 1, cut[-1]) if trial % 3 == 0 else
+                rng.integers(0, 4, cut[-1]).astype(float) if trial % 3 == 1 else rng.normal(0, 1e6, cut[-1]))
+        ref = np.array([[np.percentile(vals[a:b], q) if b > a else np.nan for a, b in zip(cut[:-1], cut[1:])]
+                        for q in (50, 99, 1)])
+        assert np.array_equal(group_percentiles(vals, cut, [50, 99, 1]), ref, equal_nan=True)
+        med = [np.median(vals[a:b]) for a, b in zip(cut[:-1], cut[1:]) if b > a]
+        assert np.array_equal(group_medians(vals, cut), np.array(med))

@@ -112,6 +112,65 @@ def test_series_from_the_store_equal_the_run_files(tmp_path):
     assert any(verdicts), b.data["summary"]
 
 
+def test_a_store_is_read_one_host_and_one_range_at_a_time(tmp_path):
+    """diagnose reads a store host by host: detection's columns for the whole range, every column only for
+    the ranges asked (``Series.select``), from the host's own files. Each view is the full Series cut to
+    those ranges, array for array; the diagnosis equals the run files' one, confinement included; the
+    progress callback sees every host once."""
+    runs = _incident_runs(tmp_path)
+    for r in runs:
+        convert(r, tmp_path / "store")
+    st = open_store(tmp_path / "store")
+    full = {s.name: s for s in series_from_store(st)}
+    light = {s.name: s for s in series_from_store(st, full=None)}
+    assert light.keys() == full.keys() and all(s.t is None and s.source is not None for s in light.values())
+    s, f = light["a/eu"], full["a/eu"]
+    narrow = s.select(full=False)
+    assert narrow.narrow and narrow.stage_ns is None and narrow.run_bounds == f.run_bounds
+    for col in ("t", "run_idx", "ok", "e2e_ns"):
+        assert np.array_equal(getattr(narrow, col), getattr(f, col)), col
+    t = f.t
+    ranges = [(float(t[10]), float(t[60])), (float(t[40]), float(t[90])), (float(t[-30]), float(t[-1]) + 1)]
+    cut = s.select(ranges)
+    keep = np.zeros(t.size, bool)
+    for a, b in ranges:
+        keep |= (t >= a) & (t < b)
+    assert cut.t.size == int(keep.sum()) and cut.t.size < t.size
+    for col in ("t", "run_idx", "ok", "e2e_ns", "wait_ns", "bucket", "queue_depth", "batch", "compute_s", "form_s"):
+        assert np.array_equal(getattr(cut, col), getattr(f, col)[keep], equal_nan=True), col
+    for d in ("stage_ns", "span_ns"):
+        assert all(np.array_equal(getattr(cut, d)[k], getattr(f, d)[k][keep]) for k in getattr(f, d)), d
+    seen = []
+    a = diagnose(runs)
+    b = diagnose([tmp_path / "store"], progress=lambda done, total, name, n: seen.append((done, total, name, n)))
+    assert [x["windows"] for x in a.data["series"]] == [x["windows"] for x in b.data["series"]]
+    assert any(w.get("confinement") for x in b.data["series"] for w in x["windows"])
+    assert sorted(x[2] for x in seen) == ["a/eu", "b/eu"] and [x[0] for x in seen] == [1, 2]
+    assert {x[2]: x[3] for x in seen} == {x["name"]: x["n_requests"] for x in b.data["series"]}
+
+
+def test_segments_without_the_latency_column_read_the_same(tmp_path):
+    """Segments written before ``latency_ns`` existed (the offsets only) give the same Series and diagnosis:
+    the reader sums the offsets where the column is missing, in a store that mixes both."""
+    runs = _incident_runs(tmp_path)
+    for r in runs:
+        convert(r, tmp_path / "store")
+    before = {s.name: s for s in series_from_store(open_store(tmp_path / "store"))}
+    ref = diagnose([tmp_path / "store"]).data
+    files = sorted((tmp_path / "store").rglob("*.requests.parquet"))
+    assert len(files) == 3 and all("latency_ns" in pq.read_schema(p).names for p in files)
+    for p in files[:2]:  # two old segments and one new: the view unions them by name
+        tbl = pq.read_table(p)
+        pq.write_table(tbl.drop_columns(["latency_ns"]).replace_schema_metadata(tbl.schema.metadata), p)
+    st = open_store(tmp_path / "store")
+    assert sorted(s.has_latency for s in st.segments) == [False, False, True]
+    after = {s.name: s for s in series_from_store(st)}
+    for k in before:
+        _same_series(before[k], after[k])
+    assert diagnose([tmp_path / "store"]).data["series"] == ref["series"]
+    assert st.intervals(1.0)["requests"].sum() == st.count()
+
+
 def test_recorder_writes_a_store_readable_while_open_and_after_close(tmp_path):
     rec = Recorder(store=tmp_path, meta={"host": "web-1", "region": "eu-west", "label": "v7",
                                          "deployment": {"workers": 4}, "load": {}})
@@ -392,6 +451,10 @@ def test_fleet_overview_from_the_engine(tmp_path):
     regions = {r["name"]: r for r in ov["regions"]}
     assert regions["us"]["requests"] == 2000 and regions["us"]["median_rate_per_s"] == pytest.approx(400, rel=0.01)
     assert any("deployment on a/eu" in line and "v1 -> v2" in line for line in overview_lines(ov))
+    # diagnose builds the same overview from the arrays it reads (one scan), not from a second engine pass
+    mine = diagnose([tmp_path], interval_s=1.0).data["store"]["overview"][0]
+    assert [(r["name"], r["requests"]) for r in mine["regions"]] == [(r["name"], r["requests"]) for r in ov["regions"]]
+    assert [(h["name"], h["requests"]) for h in mine["hosts"]] == [(h["name"], h["requests"]) for h in ov["hosts"]]
 
 
 def test_trace_and_replay_read_a_store_host(tmp_path):

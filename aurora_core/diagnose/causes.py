@@ -145,19 +145,21 @@ class Range:
     median_gap_s: float
 
 
-def _busy(series: Series, a: float, b: float, sel: np.ndarray) -> float:
+def _busy(series: Series, a: float, b: float, sel: slice) -> float:
     """Busy fraction of the compute thread and of the batch-forming thread (one interval per batch)."""
     best = 0.0
-    for iv in (series.compute_s, series.form_s):
-        m = sel & ~np.isnan(iv[:, 0]) & (series.batch >= 0)
+    for iv in (series.compute_s[sel], series.form_s[sel]):
+        m = ~np.isnan(iv[:, 0]) & (series.batch[sel] >= 0)
         if not np.any(m):
             continue
-        keys = series.batch[m]
+        keys = series.batch[sel][m]
         order = np.argsort(keys, kind="stable")
-        keys, x = keys[order], iv[m][order]
+        keys = keys[order]
         starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
-        x = np.column_stack([np.minimum.reduceat(x[:, 0], starts), np.maximum.reduceat(x[:, 1], starts)])
-        busy = np.clip(np.minimum(x[:, 1], b) - np.maximum(x[:, 0], a), 0, None).sum()
+        del keys  # one column at a time below: a day's baseline is millions of requests
+        first = np.minimum.reduceat(iv[:, 0][m][order], starts)
+        last = np.maximum.reduceat(iv[:, 1][m][order], starts)
+        busy = np.clip(np.minimum(last, b) - np.maximum(first, a), 0, None).sum()
         best = max(best, float(busy) / max(active_s(series, a, b), 1e-9))
     return min(best, 1.0)
 
@@ -168,10 +170,11 @@ def active_s(series: Series, a: float, b: float) -> float:
 
 
 def range_stats(series: Series, a: float, b: float) -> Range:
-    inr = (series.t >= a) & (series.t < b)
-    n_arr = int(np.count_nonzero(inr))
+    # Arrivals are sorted, so the range is a slice: views, where masks copied a day-long series a dozen times.
+    lo, hi = (int(x) for x in np.searchsorted(series.t, [a, b]))
+    inr = slice(lo, hi)
+    n_arr = hi - lo
     dur = max(active_s(series, a, b), 1e-9)
-    # The range's requests only: a day-long series would otherwise be copied a dozen times below.
     ok = series.ok[inr] & (series.e2e_ns[inr] >= 0)
     e2e_all = series.e2e_ns[inr]
     e2e = e2e_all[ok]
@@ -199,17 +202,16 @@ def range_stats(series: Series, a: float, b: float) -> Range:
         comp["bucket"] = float(bucket[slow].mean())
         for n, v in spans.items():
             comp[f"span:{n}"] = float(v[slow].mean())
+    item_service_ns = float(service[ok].mean()) if np.any(ok) else math.nan
+    del service
     gaps = np.diff(series.t[inr])
+    median_gap_s = float(np.median(gaps)) if gaps.size else math.inf
+    del gaps
     return Range(
-        a=a, b=b, n_arrivals=n_arr, rate=n_arr / dur, comp=comp,
-        item_service_ns=float(service[ok].mean()) if np.any(ok) else math.nan,
-        stage_item=stage_item,
-        spans={n: v[ok] for n, v in spans.items()},
-        busy=_busy(series, a, b, inr),
+        a=a, b=b, n_arrivals=n_arr, rate=n_arr / dur, comp=comp, item_service_ns=item_service_ns,
+        stage_item=stage_item, spans={n: v[ok] for n, v in spans.items()}, busy=_busy(series, a, b, inr),
         wait_ns=float(wait[ok].mean()) if np.any(ok) else math.nan,
-        queue_depth=float(series.queue_depth[inr].mean()) if n_arr else math.nan,
-        median_gap_s=float(np.median(gaps)) if gaps.size else math.inf,
-    )
+        queue_depth=float(series.queue_depth[inr].mean()) if n_arr else math.nan, median_gap_s=median_gap_s)
 
 
 def _mean_in(series: Series, key, a: float, b: float) -> float | None:

@@ -18,6 +18,7 @@ from aurora_core.store.reader import Segment, Store, _mono_range, _sql_str, engi
 from aurora_core.store.schema import LATENCY, STAMPS
 
 from .spikes import SERVICE_STAGES, Series
+from .stats import group_percentiles
 
 _NARROW = ("t", "run_idx", "ok", "e2e_ns")
 _COLS = {"t": np.float64, "run_idx": np.int64, "ok": np.bool_, "e2e_ns": np.int64, "wait_ns": np.int64,
@@ -111,10 +112,9 @@ class GroupSource:
     def __init__(self, store: Store, name: str, idx: list[int]):
         self.store, self.name = store, name
         con = store.con
-        where = f"seg IN ({', '.join(map(str, idx))}) AND {store.time_where()}"
         first, last, count = {}, {}, {}
-        for seg, a, b, n in con.execute(f"SELECT seg, min(t_ns), max(t_ns), count(*) FROM requests WHERE {where} "
-                                        "GROUP BY seg").fetchall():
+        for seg, a, b, n in con.execute(f"SELECT seg, min(t_ns), max(t_ns), count(*) FROM {store.sources(idx)} "
+                                        f"WHERE {store.time_where()} GROUP BY seg").fetchall():
             first[seg], last[seg], count[seg] = a, b, n
         # Runs in the order build_series sorts them: by first arrival on the wall clock.
         self.order = sorted(first, key=lambda i: (first[i], i))
@@ -126,13 +126,14 @@ class GroupSource:
         self.bounds = [((first[i] - t0) / 1e9, (last[i] - t0) / 1e9) for i in self.order]
         for i, s in zip(self.order, self.segments, strict=True):
             s.n_selected = count[i]
+        self.counts = count
         ridx = {seg: k for k, seg in enumerate(self.order)}
         con.register("ridx", _ridx_table(ridx, store))
         self.span_where = span_where = " OR ".join(
             f"(s.seg = {i} AND s.start_ns >= {lo} AND s.start_ns < {hi})"
             for i in self.order for lo, hi in [_mono_range(store, store.segments[i])])
         self.span_names = [r[0] for r in con.execute(
-            f"SELECT DISTINCT name FROM spans s WHERE {span_where} ORDER BY name").fetchall()]
+            f"SELECT DISTINCT name FROM {store.sources(self.order, 'spans')} s WHERE {span_where} ORDER BY name").fetchall()]
         linked = None
         if self.span_names:
             # Spans link to requests of the same process (run_id), whichever segment each landed in.
@@ -140,7 +141,7 @@ class GroupSource:
                                  for k, n in enumerate(self.span_names))
             linked = con.sql(f"""
                 SELECT r.run_id, s.request_id, min(s.start_ns + r.wmm) AS s0, max(s.end_ns + r.wmm) AS s1, {per_name}
-                FROM spans s JOIN ridx r USING (seg) WHERE ({span_where}) AND s.request_id >= 0 GROUP BY ALL
+                FROM {store.sources(self.order, 'spans')} s JOIN ridx r USING (seg) WHERE ({span_where}) AND s.request_id >= 0 GROUP BY ALL
                 ORDER BY r.run_id, s.request_id""").to_arrow_table()
         self.links = [_links_of(linked, str(s.meta.get("run_id")), len(self.span_names)) for s in self.segments]
         self._telemetry()
@@ -148,24 +149,25 @@ class GroupSource:
 
     def _telemetry(self) -> None:
         con, t0, span_where = self.store.con, self.t0, self.span_where
+        part = lambda table: self.store.sources(self.order, table)  # noqa: E731
         sec = lambda e: f"CAST(({e}) - {t0} AS DOUBLE) / 1e9"  # noqa: E731
         self.samples = {}
         rows = con.execute(f"""SELECT source, metric, list({sec('s.ts_ns + x.wmm')} ORDER BY {sec('s.ts_ns + x.wmm')}, x.ridx, s.ts_ns, s.value),
                                       list(s.value ORDER BY {sec('s.ts_ns + x.wmm')}, x.ridx, s.ts_ns, s.value)
-                               FROM samples s JOIN ridx x USING (seg) WHERE {span_where.replace('start_ns', 'ts_ns')}
+                               FROM {part('samples')} s JOIN ridx x USING (seg) WHERE {span_where.replace('start_ns', 'ts_ns')}
                                GROUP BY source, metric""").fetchall()
         for src, met, ts, vs in rows:
             self.samples[(src, met)] = (np.array(ts, np.float64),
                                         np.array([math.nan if v is None else v for v in vs], np.float64))
         self.events = [{"t": t, "source": src, "kind": k, "value": float(v), "detail": d} for t, src, k, v, d in con.execute(
-            f"""SELECT {sec('s.ts_ns + x.wmm')} AS t, source, kind, value, detail FROM events s JOIN ridx x USING (seg)
+            f"""SELECT {sec('s.ts_ns + x.wmm')} AS t, source, kind, value, detail FROM {part('events')} s JOIN ridx x USING (seg)
                 WHERE {span_where.replace('start_ns', 'ts_ns')} ORDER BY t, x.ridx, s.ts_ns""").fetchall()]
         unl: dict[str, tuple] = {}
         if self.span_names:
             rows = con.execute(f"""
-                SELECT s.name, {sec('s.start_ns + r.wmm')}, s.end_ns - s.start_ns FROM spans s JOIN ridx r USING (seg)
+                SELECT s.name, {sec('s.start_ns + r.wmm')}, s.end_ns - s.start_ns FROM {part('spans')} s JOIN ridx r USING (seg)
                 WHERE ({span_where}) AND (s.request_id < 0 OR NOT EXISTS (
-                    SELECT 1 FROM requests q JOIN ridx x USING (seg)
+                    SELECT 1 FROM {part('requests')} q JOIN ridx x USING (seg)
                     WHERE x.run_id = r.run_id AND q.request_id = s.request_id))
                 ORDER BY r.ridx, s.start_ns""").fetchall()
             for nm, a, d in rows:
@@ -182,17 +184,22 @@ class GroupSource:
         if ranges is None:
             return w
         t = f"CAST(t_ns - {self.t0} AS DOUBLE) / 1e9"
+        union: list[tuple[float, float]] = []  # the hosts of a region share a window: one range, not 16
+        for a, b in sorted((float(a), float(b)) for a, b in ranges if b > a):
+            if union and a <= union[-1][1]:
+                union[-1] = (union[-1][0], max(union[-1][1], b))
+            else:
+                union.append((a, b))
         parts = [f"(t_ns >= {self.t0 + math.floor(a * 1e9) - 1000} AND t_ns < {self.t0 + math.ceil(b * 1e9) + 1000} "
-                 f"AND {t} >= {float(a)!r} AND {t} < {float(b)!r})" for a, b in ranges if b > a]
+                 f"AND {t} >= {a!r} AND {t} < {b!r})" for a, b in union]
         return f"{w} AND ({' OR '.join(parts) or 'false'})"
 
     def load(self, ranges=None, full: bool = True) -> dict[str, np.ndarray]:
         """The Series columns of the requests arriving in ``ranges`` ([(a, b)] in the Series' seconds; None: all),
         in ``build_series``' order."""
         con, where = self.store.con, self._where(ranges)
-        segs = ", ".join(map(str, self.order))
-        counts = dict(con.execute(f"SELECT seg, count(*) FROM requests WHERE seg IN ({segs}) AND {where} "
-                                  "GROUP BY seg").fetchall())
+        counts = self.counts if ranges is None else dict(con.execute(
+            f"SELECT seg, count(*) FROM {self.store.sources(self.order)} WHERE {where} GROUP BY seg").fetchall())
         n = sum(counts.values())
         kinds = _COLS if full else {k: _COLS[k] for k in _NARROW}
         c = {k: np.empty(n, dt) for k, dt in kinds.items()}
@@ -323,14 +330,9 @@ def host_intervals(s: Series, grid: tuple[int, float, float]) -> dict[str, np.nd
     k = np.floor((s.t0_wall_ns - t0 + s.t * 1e9) / (width * 1e9)).astype(np.int64)
     keys, inv = np.unique(k, return_inverse=True)
     req = np.bincount(inv, minlength=keys.size)
-    p50, p99 = np.full(keys.size, np.nan), np.full(keys.size, np.nan)
     good = s.ok & (s.e2e_ns >= 0)
-    gi, gl = inv[good], s.e2e_ns[good] / 1e6
-    order = np.argsort(gi, kind="stable")
-    gi, gl = gi[order], gl[order]
-    cut = np.searchsorted(gi, np.arange(keys.size + 1))
-    for j in np.flatnonzero(cut[1:] > cut[:-1]):
-        p50[j], p99[j] = np.percentile(gl[cut[j]:cut[j + 1]], [50, 99])
+    gi, gl = inv[good], s.e2e_ns[good] / 1e6  # in arrival order, so already grouped by interval
+    p50, p99 = group_percentiles(gl, np.searchsorted(gi, np.arange(keys.size + 1)), [50, 99])
     host, region = s.runs[0].host, s.runs[0].region or "-"
     return {"region": np.full(keys.size, region, dtype=object), "host": np.full(keys.size, host, dtype=object),
             "start_ns": keys * int(width * 1e9) + t0, "requests": req, "p50_ms": p50, "p99_ms": p99}

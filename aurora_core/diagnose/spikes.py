@@ -55,7 +55,14 @@ import numpy as np
 from aurora_core.recorder import RunData
 
 from .settings import DEFAULTS
-from .stats import fisher_greater_p, mannwhitney_greater_p, pelt_l2, ttest_greater_p
+from .stats import (
+    fisher_greater_p,
+    group_medians,
+    group_percentiles,
+    mannwhitney_greater_p,
+    pelt_l2,
+    ttest_greater_p,
+)
 
 SERVICE_STAGES = ("decode", "preprocess", "h2d", "compute", "d2h")
 MIN_RATIO = DEFAULTS.min_ratio
@@ -77,7 +84,8 @@ RUN_KEYS = frozenset({
 
 @dataclass
 class Series:
-    """Requests and telemetry of one (host, region), in seconds from ``t0_wall_ns``."""
+    """Requests and telemetry of one (host, region), in seconds from ``t0_wall_ns``, in arrival order (``t``
+    ascending, which ``build_series`` and the store's ``GroupSource`` guarantee)."""
 
     name: str
     runs: list[RunData]
@@ -279,6 +287,8 @@ MAX_INTERVALS = 1_000_000
 
 
 def intervals(series: Series, width: float) -> Intervals:
+    if series.t.size > 1 and np.any(series.t[1:] < series.t[:-1]):  # detection slices by time (searchsorted)
+        raise ValueError(f"diagnose: the requests of {series.name} are not in arrival order")
     t0 = float(series.t[0]) if series.t.size else 0.0
     n = max(1, int(math.ceil((float(series.t[-1]) - t0) / width + 1e-9))) if series.t.size else 1
     if n > MAX_INTERVALS:  # each array below holds one entry per interval, filled or not
@@ -287,16 +297,10 @@ def intervals(series: Series, width: float) -> Intervals:
     edges = t0 + width * np.arange(n + 1)
     idx = np.clip(((series.t - t0) // width).astype(np.int64), 0, n - 1)
     count = np.bincount(idx, minlength=n)
-    p50 = np.full(n, np.nan)
-    p99 = np.full(n, np.nan)
     good = series.ok & (series.e2e_ns >= 0)
     lat = series.e2e_ns / 1e6
-    order = np.argsort(idx[good], kind="stable")
-    gi, gl = idx[good][order], lat[good][order]
-    bounds = np.searchsorted(gi, np.arange(n + 1))
-    # Only the filled intervals: runs hours apart leave most of the timeline empty.
-    for k in np.flatnonzero(bounds[1:] > bounds[:-1]):
-        p50[k], p99[k] = np.percentile(gl[bounds[k]:bounds[k + 1]], [50, 99])
+    gi, gl = idx[good], lat[good]  # in arrival order, so grouped by interval
+    p50, p99 = group_percentiles(gl, np.searchsorted(gi, np.arange(n + 1)), [50, 99])
     return Intervals(edges, count, p50, p99)
 
 
@@ -377,12 +381,19 @@ def _pooled(series: Series, a: float, b: float, width: float) -> Lat:
     return Lat(e2e[m] / 1e6, ((t[m] - series.t[0]) // width).astype(np.int64))
 
 
-def _per_block(x: Lat, values: np.ndarray, stat) -> np.ndarray:
-    """``stat`` of ``values`` (one per request of ``x``) in each interval holding >= 3 of its requests."""
-    order = np.argsort(x.block, kind="stable")
-    blk, vals = x.block[order], values[order]
+def _per_block(x: Lat, values: np.ndarray, stat: str) -> np.ndarray:
+    """The median, or the mean of 0/1 ``values`` (a share; its sum is exact), of ``values`` (one per request
+    of ``x``) in each interval holding >= 3 of its requests."""
+    if x.size == 0:
+        return np.empty(0)
+    blk, vals = x.block, values
+    if np.any(blk[1:] < blk[:-1]):  # _pooled's blocks follow arrival order; anything else is grouped first
+        order = np.argsort(blk, kind="stable")
+        blk, vals = blk[order], vals[order]
     cut = np.flatnonzero(np.r_[True, blk[1:] != blk[:-1], True])
-    return np.array([stat(vals[i:j]) for i, j in zip(cut[:-1], cut[1:], strict=True) if j - i >= 3])
+    size = np.diff(cut)
+    out = group_medians(vals, cut) if stat == "median" else np.add.reduceat(vals, cut[:-1]) / size
+    return out[size >= 3]
 
 
 def block_p(v: np.ndarray, base: np.ndarray) -> float:
@@ -443,10 +454,10 @@ def _judge(v: Lat, base: Lat, min_ratio, alpha, a, b) -> Window | None:
     r50, r99 = p50 / b50, p99 / b99
     ps = []
     if r50 >= min_ratio:
-        med = lambda x: x.memo("block_median", lambda: np.log(_per_block(x, x.ms, np.median)))  # noqa: E731
+        med = lambda x: x.memo("block_median", lambda: np.log(_per_block(x, x.ms, "median")))  # noqa: E731
         ps.append(max(greater_p(v.ms, base.ms), block_p(med(v), med(base))))
     if r99 >= min_ratio:
-        share = lambda x: x.memo(("share", b99), lambda: _per_block(x, (x.ms > b99).astype(float), np.mean))  # noqa: E731
+        share = lambda x: x.memo(("share", b99), lambda: _per_block(x, (x.ms > b99).astype(float), "mean"))  # noqa: E731
         ps.append(max(tail_p(v.ms, base.ms, b99), block_p(share(v), share(base))))
     p = min(ps) if ps else 1.0
     return Window(a, b, p50, p99, r50, r99, p, int(v.size)) if p < alpha else None

@@ -383,3 +383,49 @@ def _log_dbinom(x: int, n: int, K: int, N: int) -> float:
         return -_bd0(n, n * p) - n * q if q < 0.1 else n * math.log(p)
     lc = _stirlerr(n) - _stirlerr(x) - _stirlerr(n - x) - _bd0(x, n * p) - _bd0(n - x, n * q)
     return lc - 0.5 * (math.log(2 * math.pi) + math.log(x) + math.log1p(-x / n))
+
+
+# --------------------------------------------------------------------------------------------------
+# Percentiles and medians of many groups at once
+# --------------------------------------------------------------------------------------------------
+def _sorted_groups(values: np.ndarray, cut: np.ndarray) -> np.ndarray:
+    out = np.empty_like(values)
+    for i, j in zip(cut[:-1].tolist(), cut[1:].tolist(), strict=True):
+        if j > i:
+            out[i:j] = np.sort(values[i:j])
+    return out
+
+
+def group_percentiles(values: np.ndarray, cut: np.ndarray, qs) -> np.ndarray:
+    """``np.percentile(values[cut[k]:cut[k + 1]], q)`` (linear method) for every group k and q in ``qs``:
+    shape (len(qs), groups), NaN for an empty group. The same arithmetic as numpy's (virtual index
+    (n - 1) * q / 100, its two-sided lerp), so the figures are numpy's to the bit; numpy's per-call overhead
+    (~60 us) was most of diagnosing 48 hosts' 10-minute window, 300 intervals each."""
+    values = np.asarray(values, np.float64)
+    cut = np.asarray(cut, np.intp)
+    srt = _sorted_groups(values, cut)
+    m = np.diff(cut)
+    ne = m > 0
+    start, m = cut[:-1][ne], m[ne]
+    out = np.full((len(qs), cut.size - 1), np.nan)
+    for k, q in enumerate(qs):
+        v = (m - 1) * (np.float64(q) / 100)
+        prev = np.floor(v).astype(np.intp)
+        g = v - prev
+        a, b = srt[start + prev], srt[start + np.minimum(prev + 1, m - 1)]
+        d = b - a
+        out[k, ne] = np.where(g >= 0.5, b - d * (1 - g), a + d * g)
+    return out
+
+
+def group_medians(values: np.ndarray, cut: np.ndarray) -> np.ndarray:
+    """``np.median`` of every non-empty group (the mean of the two middle values of an even one, as numpy)."""
+    values = np.asarray(values, np.float64)
+    cut = np.asarray(cut, np.intp)
+    srt = _sorted_groups(values, cut)
+    m = np.diff(cut)
+    ne = m > 0
+    start, m = cut[:-1][ne], m[ne]
+    hi = srt[start + m // 2]
+    lo = srt[start + np.maximum(m // 2 - 1, 0)]
+    return np.where(m % 2 == 1, hi, (lo + hi) / 2)

@@ -347,8 +347,10 @@ class Store:
             return not ((since is not None and s.t_last_ns < since) or (until is not None and s.t_first_ns >= until))
 
         self.segments = [s for s in self.all_segments if keep(s)]
+        self._count: int | None = None
         self.con = duckdb.connect()
         self.con.execute("SET threads TO 2")
+        self.con.execute("SET allocator_flush_threshold = '16MB'")
         self._register()
 
     # ---- what the store holds (for messages) ----------------------------------------------------
@@ -419,6 +421,21 @@ class Store:
             return f"(SELECT * FROM {table} WHERE false)"
         return f"read_parquet('{_sql_str(s.files[table])}')"
 
+    def sources(self, idx, table: str = "requests") -> str:
+        """A FROM item for the table of segments ``idx`` alone, with ``seg``: only their files are opened,
+        where a query on the store-wide view reads every file's footer and row groups (a per-host query on
+        a 48-host store paid for all 48)."""
+        parts = []
+        for i in idx:
+            s = self.segments[i]
+            if table in s.tables:
+                parts.append(f"SELECT * EXCLUDE (row) FROM open_{table}_{i}")
+            elif table in s.files:
+                parts.append(f"SELECT *, {int(i)}::BIGINT AS seg FROM read_parquet('{_sql_str(s.files[table])}')")
+        if not parts:
+            return f"(SELECT * EXCLUDE (row) FROM {table} WHERE false)"
+        return "(" + " UNION ALL BY NAME ".join(parts) + ")"
+
     # ---- aggregation inside the engine ----------------------------------------------------------
     def intervals(self, width_s: float) -> dict[str, np.ndarray]:
         with engine_errors(self, "store.intervals"):
@@ -488,10 +505,14 @@ class Store:
         return " AND ".join(w)
 
     def count(self) -> int:
+        """Requests in the selection (counted once: the selection does not change)."""
         if not self.segments:
             return 0
-        with engine_errors(self, "store"):
-            return int(self.con.execute(f"SELECT count(*) FROM requests WHERE {self.time_where()}").fetchall()[0][0])
+        if self._count is None:
+            with engine_errors(self, "store"):
+                self._count = int(self.con.execute(f"SELECT count(*) FROM requests WHERE {self.time_where()}")
+                                  .fetchall()[0][0])
+        return self._count
 
     def groups(self) -> dict[tuple[str, str], list[int]]:
         """(host, region) -> indices of its selected segments."""
