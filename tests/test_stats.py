@@ -272,8 +272,8 @@ def test_group_percentiles_and_medians_equal_numpy_per_group():
         cut = np.r_[0, np.cumsum(sizes)]
         vals = (rng.lognormal(0, 1, cut[-1]) if trial % 3 == 0 else
                 rng.integers(0, 4, cut[-1]).astype(float) if trial % 3 == 1 else rng.normal(0, 1e6, cut[-1]))
-        ref = np.array([[np.percentile(vals[a:b], q) if b > a else np.nan for a, b in zip(cut[:-1], cut[1:])]
+        ref = np.array([[np.percentile(vals[a:b], q) if b > a else np.nan for a, b in zip(cut[:-1], cut[1:], strict=True)]
                         for q in (50, 99, 1)])
         assert np.array_equal(group_percentiles(vals, cut, [50, 99, 1]), ref, equal_nan=True)
-        med = [np.median(vals[a:b]) for a, b in zip(cut[:-1], cut[1:]) if b > a]
+        med = [np.median(vals[a:b]) for a, b in zip(cut[:-1], cut[1:], strict=True) if b > a]
         assert np.array_equal(group_medians(vals, cut), np.array(med))
