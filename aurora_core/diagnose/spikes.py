@@ -12,7 +12,7 @@ Per-request latency
     before the request entered the pipeline. ``wait`` is ``total`` minus the service stages (decode,
     preprocess, h2d, compute, d2h): the batcher queue plus every hand-off wait.
 
-Detection (a small documented method around ruptures' PELT)
+Detection (a small documented method around PELT; ``stats.pelt_l2`` gives ruptures' change points)
     1. Bin requests by arrival into intervals of width ``interval_s`` (auto: ~50 requests an interval,
        but at least 24 intervals, and 6 (two PELT segments) in each run of 60 requests or more, as long
        as each keeps >= 10 requests; at most 300; 0.1 s..60 s). Counts and rates are over active time:
