@@ -27,19 +27,15 @@ _COLS = {"t": np.float64, "run_idx": np.int64, "ok": np.bool_, "e2e_ns": np.int6
          "form1": np.float64}
 
 
-def _partial(upto: str) -> str:
-    """SQL: the stamp ``upto`` minus the arrival, from the chained offsets (valid where ``upto`` is present)."""
-    return " + ".join(f"coalesce({f}, 0)" for f in STAMPS[:STAMPS.index(upto) + 1])
-
-
 def _select(t0: int, full: bool = True, latency: bool = True) -> str:
-    """The Series columns of one segment's rows, as DuckDB expressions over the stored offsets. A stage whose
-    end stamp directly follows its start stamp (all service stages) is the end's offset when the start is
-    present; arrival to completion is the sum of the offsets (see ``store.schema``). Not ``full``: only
-    what detection reads (arrival, status, latency). ``latency``: the segment holds ``latency_ns``, the same
-    sum stored (``schema.LATENCY``), so detection's scan skips the 12 offset columns."""
+    """The Series columns of one segment's rows, as DuckDB expressions over ``_stamps``' columns (the stored
+    offsets and their running sums). A stage whose end stamp directly follows its start stamp (all service
+    stages) is the end's offset when the start is present; arrival to completion is the sum of the offsets
+    (see ``store.schema``). Not ``full``: only what detection reads (arrival, status, latency). ``latency``:
+    the segment holds ``latency_ns``, the same sum stored (``schema.LATENCY``), so detection's scan skips the
+    12 offset columns."""
     total = (f"CASE WHEN {LATENCY} >= 0 THEN {LATENCY} ELSE -1 END" if latency else
-             f"CASE WHEN completion_ns IS NOT NULL AND ({_partial('completion_ns')}) >= 0 THEN {_partial('completion_ns')} ELSE -1 END")
+             "CASE WHEN completion_ns IS NOT NULL AND c_completion_ns >= 0 THEN c_completion_ns ELSE -1 END")
     head = f"CAST(t_ns - {t0} AS DOUBLE) / 1e9 AS t, t_ns, request_id, status = 'ok' AS ok, {total} AS total"
     if not full:
         return head
@@ -47,19 +43,31 @@ def _select(t0: int, full: bool = True, latency: bool = True) -> str:
         assert STAMPS.index(b) == STAMPS.index(a) + 1
     stage = {s: f"CASE WHEN {a} IS NOT NULL AND {b} >= 0 THEN {b} ELSE -1 END"
              for s, (a, b) in ((s, STAGES[s]) for s in SERVICE_STAGES)}
-    service = " + ".join(f"greatest({e}, 0)" for e in stage.values())
-    sec = lambda e: f"CAST(t_ns + {e} - {t0} AS DOUBLE) / 1e9"  # noqa: E731
+    service = " + ".join(f"greatest(stage_{s}, 0)" for s in stage)  # DuckDB reuses a select list's aliases
+    sec = lambda c: f"CAST(t_ns + {c} - {t0} AS DOUBLE) / 1e9"  # noqa: E731
     comp = "compute_start_ns IS NOT NULL AND compute_end_ns >= 0"
-    form = (f"decode_start_ns IS NOT NULL AND preprocess_end_ns IS NOT NULL AND "
-            f"({_partial('preprocess_end_ns')}) >= ({_partial('decode_start_ns')})")
+    form = "decode_start_ns IS NOT NULL AND preprocess_end_ns IS NOT NULL AND c_preprocess_end_ns >= c_decode_start_ns"
     return f"""{head}, {', '.join(f"{e} AS stage_{s}" for s, e in stage.items())},
-        CASE WHEN ({total}) >= 0 THEN greatest(({total}) - ({service}), 0) ELSE -1 END AS wait_ns,
+        CASE WHEN total >= 0 THEN greatest(total - ({service}), 0) ELSE -1 END AS wait_ns,
         CAST(CASE WHEN bucket > 0 THEN bucket ELSE greatest(batch_size, 1) END AS BIGINT) AS bucket,
         CAST(queue_depth AS BIGINT) AS queue_depth, batch_id,
-        CASE WHEN {comp} THEN {sec(_partial('compute_start_ns'))} ELSE 'NaN'::DOUBLE END AS compute0,
-        CASE WHEN {comp} THEN {sec(_partial('compute_end_ns'))} ELSE 'NaN'::DOUBLE END AS compute1,
-        CASE WHEN {form} THEN {sec(_partial('decode_start_ns'))} ELSE 'NaN'::DOUBLE END AS form0,
-        CASE WHEN {form} THEN {sec(_partial('preprocess_end_ns'))} ELSE 'NaN'::DOUBLE END AS form1"""
+        CASE WHEN {comp} THEN {sec('c_compute_start_ns')} ELSE 'NaN'::DOUBLE END AS compute0,
+        CASE WHEN {comp} THEN {sec('c_compute_end_ns')} ELSE 'NaN'::DOUBLE END AS compute1,
+        CASE WHEN {form} THEN {sec('c_decode_start_ns')} ELSE 'NaN'::DOUBLE END AS form0,
+        CASE WHEN {form} THEN {sec('c_preprocess_end_ns')} ELSE 'NaN'::DOUBLE END AS form1"""
+
+
+def _stamps(source: str, needed: bool) -> str:
+    """A FROM item: ``source`` with ``c_<stamp>``, each stamp minus the arrival (the running sum of the chained
+    offsets; valid where the stamp is present), computed once per row instead of once per use (1.5x faster
+    reading every column). ``needed`` False: the source as it is."""
+    if not needed:
+        return source
+    cum, prev = [], None
+    for f in STAMPS:
+        cum.append(f"{prev + ' + ' if prev else ''}coalesce({f}, 0) AS c_{f}")
+        prev = f"c_{f}"
+    return f"(SELECT *, {', '.join(cum)} FROM {source})"
 
 
 def _fill(c: dict, at: slice, tbl, k: int, links) -> None:
@@ -209,8 +217,10 @@ class GroupSource:
         # One batch at a time, each segment a plain scan in file order: the peak is the columns plus one batch.
         for k, seg in enumerate(self.order):
             if counts.get(seg):
-                cols = _select(self.t0, full, self.store.segments[seg].has_latency)
-                reader = con.sql(f"SELECT {cols} FROM {self.store.source(seg)} WHERE {where}").to_arrow_reader(1 << 16)
+                latency = self.store.segments[seg].has_latency
+                cols = _select(self.t0, full, latency)
+                src = _stamps(self.store.source(seg), full or not latency)
+                reader = con.sql(f"SELECT {cols} FROM {src} WHERE {where}").to_arrow_reader(1 << 16)
                 for batch in reader:
                     m = batch.num_rows
                     _fill(c, slice(pos, pos + m), batch, k, self.links[k])
@@ -328,8 +338,10 @@ def host_intervals(s: Series, grid: tuple[int, float, float]) -> dict[str, np.nd
     100 M requests). Latency is what the user saw (``Series.e2e_ns``)."""
     t0, width, _ = grid
     k = np.floor((s.t0_wall_ns - t0 + s.t * 1e9) / (width * 1e9)).astype(np.int64)
-    keys, inv = np.unique(k, return_inverse=True)
-    req = np.bincount(inv, minlength=keys.size)
+    starts = np.flatnonzero(np.r_[True, k[1:] != k[:-1]]) if k.size else np.zeros(0, np.intp)
+    keys = k[starts]  # arrivals are sorted, so each interval is one run of k
+    req = np.diff(np.r_[starts, k.size])
+    inv = np.repeat(np.arange(keys.size), req)
     good = s.ok & (s.e2e_ns >= 0)
     gi, gl = inv[good], s.e2e_ns[good] / 1e6  # in arrival order, so already grouped by interval
     p50, p99 = group_percentiles(gl, np.searchsorted(gi, np.arange(keys.size + 1)), [50, 99])
