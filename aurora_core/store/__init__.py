@@ -13,16 +13,17 @@ __all__ = ["Store", "StoreError", "is_store", "open_store", "parse_time", "conve
 
 
 def convert(run_path, root) -> str:
-    """Write the run file ``run_path`` (SQLite, format 1) into the store ``root`` as one segment; returns
-    the segment's directory. The run's meta travels whole; its monotonic stamps keep their values."""
+    """Write the run file ``run_path`` (SQLite, format 1; or a loaded ``RunData``) into the store ``root`` as one
+    segment; returns the segment's directory. The run's meta travels whole; its monotonic stamps keep their
+    values."""
     import numpy as np
 
-    from aurora_core.recorder import load_run
+    from aurora_core.recorder import RunData, load_run
 
     from .schema import _INT_FIELDS, request_columns, rows_batch
     from .writer import StoreWriter
 
-    run = load_run(run_path)
+    run = run_path if isinstance(run_path, RunData) else load_run(run_path)
     meta = dict(run.meta)
     meta.setdefault("run_id", "converted")
     meta["converted_from"] = str(run.path)
