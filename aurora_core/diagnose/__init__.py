@@ -9,6 +9,8 @@ after)`` is the deployment gate (``compare``). ``report`` renders text and an HT
 from __future__ import annotations
 
 import dataclasses
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -129,22 +131,35 @@ def diagnose(runs, interval_s: float | None = None, min_ratio: float | None = No
     stores = (store_info or {}).pop("stores", [])
     grids = {id(st): fromstore.overview_grid(st) for st in stores}
     rows: dict[int, list] = {id(st): [] for st in stores}
-    dets, analyses, counts = [], [], []
-    # One series at a time: a store-backed one is read (detection's columns), judged, analysed on just its
-    # baseline and windows, and let go, so a fleet's memory is its largest host, not the sum of its hosts.
-    for k, (s, b) in enumerate(zip(series, spans, strict=True)):
+    grid_of = lambda s: grids.get(id(s.source.store)) if s.source is not None else None  # noqa: E731
+
+    def one(k: int):
+        s = series[k]
         held = s.select(full=False)
-        det = detect(held, interval_s, min_ratio, cfg.alpha, baseline=b)
-        dets.append(det)
-        counts.append(int(held.t.size))
-        if s.source is not None and id(s.source.store) in rows:
-            rows[id(s.source.store)].append(fromstore.host_intervals(held, grids[id(s.source.store)]))
+        det = detect(held, interval_s, min_ratio, cfg.alpha, baseline=spans[k])
+        grid = grid_of(s)
+        row = fromstore.host_intervals(held, grid) if grid is not None else None
+        count = int(held.t.size)
         del held  # before the analysis reads its ranges with every column
         full = _for_analysis(s, det)
-        analyses.append([analyze(full, det.baseline, w, cfg) for w in det.windows])
-        del full
-        if progress is not None:
-            progress(k + 1, len(series), s.name, counts[-1])
+        return det, [analyze(full, det.baseline, w, cfg) for w in det.windows], count, row
+
+    # One series at a time per worker: a store-backed one is read (detection's columns), judged, analysed on
+    # just its baseline and windows, and let go, so memory is the largest hosts', not the fleet's. Two
+    # workers over a fleet: one reads (DuckDB releases the GIL) while the other judges.
+    workers = int(os.environ.get("AURORA_DIAGNOSE_WORKERS", "2")) if len(series) > 1 and stores and (os.cpu_count() or 1) > 1 else 1
+    results = []
+    with ThreadPoolExecutor(workers) as ex:
+        for k, res in enumerate(ex.map(one, range(len(series)))):
+            results.append(res)
+            if progress is not None:
+                progress(k + 1, len(series), series[k].name, res[2])
+    dets = [r[0] for r in results]
+    analyses = [r[1] for r in results]
+    counts = [r[2] for r in results]
+    for s, r in zip(series, results, strict=True):
+        if r[3] is not None:
+            rows[id(s.source.store)].append(r[3])
     if store_info is not None:
         store_info["overview"] = [fromstore.fleet_overview(st, rows=rows[id(st)]) for st in stores]
     verdicts = [[an.verdict for an in row] for row in analyses]

@@ -205,7 +205,7 @@ class GroupSource:
     def load(self, ranges=None, full: bool = True) -> dict[str, np.ndarray]:
         """The Series columns of the requests arriving in ``ranges`` ([(a, b)] in the Series' seconds; None: all),
         in ``build_series``' order."""
-        con, where = self.store.con, self._where(ranges)
+        con, where = self.store.cursor(), self._where(ranges)
         counts = self.counts if ranges is None else dict(con.execute(
             f"SELECT seg, count(*) FROM {self.store.sources(self.order)} WHERE {where} GROUP BY seg").fetchall())
         n = sum(counts.values())

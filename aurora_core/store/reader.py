@@ -25,6 +25,7 @@ import datetime as _dt
 import json
 import math
 import re
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -348,6 +349,7 @@ class Store:
 
         self.segments = [s for s in self.all_segments if keep(s)]
         self._count: int | None = None
+        self._owner, self._local, self._open = threading.get_ident(), threading.local(), {}
         self.con = duckdb.connect()
         self.con.execute("SET threads TO 2")
         self.con.execute("SET allocator_flush_threshold = '16MB'")
@@ -383,6 +385,19 @@ class Store:
                              f"{', '.join(map(str, self.roots))}: {self.holds()}")
 
     # ---- DuckDB ---------------------------------------------------------------------------------
+    def cursor(self):
+        """This thread's DuckDB connection to the store: the main one on the thread that opened it, else a
+        cursor with the open segments' tables registered (registrations are per connection). Queries naming
+        files or ``sources()`` run on it; the store-wide views stay on the main connection."""
+        if threading.get_ident() == self._owner:
+            return self.con
+        cur = getattr(self._local, "con", None)
+        if cur is None:
+            cur = self._local.con = self.con.cursor()
+            for name, tbl in self._open.items():
+                cur.register(name, tbl)
+        return cur
+
     def _register(self) -> None:
         self.con.register("seginfo", pa.table({
             "seg": pa.array(range(len(self.segments)), pa.int64()),
@@ -397,6 +412,7 @@ class Store:
                     tbl = tbl.append_column("seg", pa.array(np.full(tbl.num_rows, i), pa.int64()))
                     tbl = tbl.append_column("row", pa.array(np.arange(tbl.num_rows), pa.int64()))
                     self.con.register(f"open_{table}_{i}", tbl)
+                    self._open[f"open_{table}_{i}"] = tbl
                     parts.append(f"SELECT * FROM open_{table}_{i}")
                 elif table in s.files:
                     files.append(str(s.files[table]))
