@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import warnings
+import zipfile
 
 import pytest
 import torch
@@ -85,6 +86,26 @@ def cache(tmp_path_factory):
 def entry_of(root):
     (name,) = [d for d in os.listdir(root) if not d.startswith(".")]
     return os.path.join(root, name)
+
+
+def package_source(entry) -> str:
+    """The C++ that AOTInductor generated for the package in a cache entry (kept inside the .pt2)."""
+    with zipfile.ZipFile(os.path.join(entry, "model.pt2")) as z:
+        return "".join(z.read(n).decode(errors="replace") for n in z.namelist() if n.endswith(".cpp"))
+
+
+def assert_frozen(entry):
+    """Inductor froze the graph: BatchNorm is folded into the convolutions (unfrozen, the generated kernels
+    still compute _native_batch_norm_legit_no_training, and the convolutions repack their weights)."""
+    src = package_source(entry)
+    assert "convolution" in src and "batch_norm" not in src
+
+
+def test_the_package_is_frozen_though_the_caller_has_grad_on(cache):
+    """The fixture built it with grad on (a test's default, as on a fresh side thread); Inductor freezes
+    only under no_grad, which aot.build sets itself."""
+    assert torch.is_grad_enabled()
+    assert_frozen(entry_of(cache))
 
 
 def test_compiled_matches_eager_for_a_module_with_python_control_flow(cache):
@@ -162,6 +183,7 @@ def test_a_corrupt_entry_is_rebuilt_with_a_warning_in_the_background(cache, tmp_
     assert serve(r, x).indices == eager(Branchy(), x)[1].tolist() and r.counters["eager_runs"] == 1
     assert r.wait_compiled(timeout=300) == "compiled" and r.compile_source == "built"
     assert "compiling Branchy: compiling with AOTInductor" in caplog.text  # progress in the log
+    assert_frozen(entry_of(root))  # built on the side thread, where grad is on
     out = serve(r, x)
     assert r.counters["compiled_runs"] == 1 and out.indices == eager(Branchy(), x)[1].tolist()
 
