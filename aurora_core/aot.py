@@ -5,14 +5,15 @@ packages: one with the batch fixed at the largest bucket (the batch a saturated 
 dynamic batch dimension (1 up to the largest bucket) for the smaller buckets. Freezing folds BatchNorm into
 the convolutions and packs their weights into oneDNN's layouts; with a dynamic batch it cannot pack them at
 compile time, and the convolutions reorder their weights on every call (mobilenet_v3_small at batch 16: ~5%
-slower than the fixed-batch package, resnet50 ~3%). The packages are stored under ``cache_dir()/<key>/`` beside
-``meta.json``, the key being a hash of: the model's classes, their source,
-its structure and weights, dtype, device, input shape and dtype, largest bucket, k, the torch version and
-the CPU's features. A second start with the same key loads the packages in about a second. An entry whose
-meta.json names another torch version or CPU, or a package of which fails to load, is rebuilt with a warning.
+slower than the fixed-batch package, resnet50 ~3%). The packages are stored under ``cache_dir()/<key>/``
+beside ``meta.json``, the key being a hash of: the model's classes, their source, its structure and weights,
+dtype, device, input shape and dtype, largest bucket, k, the torch version and the CPU's features. A second
+start with the same key loads the packages in about a second. An entry whose meta.json names another torch
+version or CPU, or a package of which fails to load, is rebuilt with a warning.
 
-A compile (both packages) costs 30-60 s of CPU on the 2-core dev box (mostly g++ on the generated wrapper); the runner
-runs it on a side thread and serves eager until it is ready (``Runner(compile="background")``).
+A compile (both packages) costs 30-60 s of CPU on the 2-core dev box (mostly g++ on the generated
+wrappers); the runner runs it on a side thread and serves eager until it is ready
+(``Runner(compile="background")``).
 """
 
 from __future__ import annotations
