@@ -233,8 +233,8 @@ class Runner:
         failure there is kept in ``preprocess_error`` (the caller decides whether it may preprocess on the
         CPU instead), ``preprocess_warm`` says whether it succeeded. Ignored on the CPU.
     dtype: fp32 (None), fp16, bf16 (on the CPU: ValueError without AVX512-BF16 / AMX), or "auto".
-    compile: CPU only: False, True (load or build the AOTInductor package now) or "background" (load it now,
-        or build it on a side thread while eager serves). cache_dir: its disk cache (aot.cache_dir()).
+    compile: CPU only: False, True (load or build the AOTInductor packages now) or "background" (load them
+        now, or build them on a side thread while eager serves). cache_dir: its disk cache (aot.cache_dir()).
         compile_state / compile_source / compile_error tell what happened; wait_compiled() waits.
     """
 
