@@ -12,10 +12,11 @@ as failed, its batch-mates are served. A sticky device error (illegal address, d
 the model, or logits with another batch size than the input's, raises ``ModelError``.
 
 On the CPU (``compile=True`` or ``"background"``) the runner serves the model compiled ahead of time:
-``aot.py`` exports the head (model + softmax + top-k) with a dynamic batch dimension and compiles it with
-AOTInductor, cached on disk. ``"background"`` compiles on a side thread and serves eager until the package
-is ready; every package is checked against eager on each bucket before it serves. ``dtype="auto"`` is fp32,
-or bf16 on a CPU with AVX512-BF16 / AMX where bf16 passes ``agreement.py``'s rule.
+``aot.py`` exports the head (model + softmax + top-k) with the batch fixed at the largest bucket and with a
+dynamic batch dimension, and compiles both with AOTInductor, cached on disk. ``"background"`` compiles on a
+side thread and serves eager until the packages are ready; every package is checked against eager on each
+bucket before it serves. ``dtype="auto"`` is fp32, or bf16 on a CPU with AVX512-BF16 / AMX where bf16
+passes ``agreement.py``'s rule.
 
 When the pipeline preprocesses on the device, ``preprocess_spec`` makes the warm-up also compile and
 autotune the Triton preprocessing kernel for that spec, so that the first batch does not pay for it.
@@ -232,8 +233,8 @@ class Runner:
         failure there is kept in ``preprocess_error`` (the caller decides whether it may preprocess on the
         CPU instead), ``preprocess_warm`` says whether it succeeded. Ignored on the CPU.
     dtype: fp32 (None), fp16, bf16 (on the CPU: ValueError without AVX512-BF16 / AMX), or "auto".
-    compile: CPU only: False, True (load or build the AOTInductor package now) or "background" (load it now,
-        or build it on a side thread while eager serves). cache_dir: its disk cache (aot.cache_dir()).
+    compile: CPU only: False, True (load or build the AOTInductor packages now) or "background" (load them
+        now, or build them on a side thread while eager serves). cache_dir: its disk cache (aot.cache_dir()).
         compile_state / compile_source / compile_error tell what happened; wait_compiled() waits.
     """
 
@@ -337,24 +338,24 @@ class Runner:
         g = torch.Generator().manual_seed(0)
         example = torch.randn((2, *self.input_shape), generator=g).to(self.input_dtype)
         try:
-            ep = aot.export(head, example, self.buckets[-1])
+            eps = aot.export(head, example, self.buckets[-1])
         except Exception as e:  # noqa: BLE001 - an optimisation; eager always works
             self._compile_failed(name, e)
             return
         self.compile_state = "compiling"
         if background:
             log.info("Runner: compiling %s on a side thread; serving it eager until then", name)
-            threading.Thread(target=self._build, args=(ep, meta, name, t0), name="aurora-compile",
+            threading.Thread(target=self._build, args=(eps, meta, name, t0), name="aurora-compile",
                              daemon=True).start()
         else:
-            self._build(ep, meta, name, t0)
+            self._build(eps, meta, name, t0)
 
-    def _build(self, ep, meta: dict, name: str, t0: float) -> None:
+    def _build(self, eps: dict, meta: dict, name: str, t0: float) -> None:
         def progress(stage):
             log.info("Runner: compiling %s: %s (%.0f s)", name, stage, time.monotonic() - t0)
 
         try:
-            fn = aot.build(ep, meta, self._cache_dir, progress)
+            fn = aot.build(eps, meta, self._cache_dir, progress)
         except Exception as e:  # noqa: BLE001 - an optimisation; eager always works
             self._compile_failed(name, e)
             return

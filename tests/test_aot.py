@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import warnings
+import zipfile
 
 import pytest
 import torch
@@ -87,6 +88,44 @@ def entry_of(root):
     return os.path.join(root, name)
 
 
+def package_source(entry, name) -> str:
+    """The C++ that AOTInductor generated for a package of a cache entry (kept inside the .pt2)."""
+    with zipfile.ZipFile(os.path.join(entry, f"{name}.pt2")) as z:
+        return "".join(z.read(n).decode(errors="replace") for n in z.namelist() if n.endswith(".cpp"))
+
+
+def assert_frozen(entry):
+    """Inductor froze the graphs: BatchNorm is folded into the convolutions (unfrozen, the generated kernels
+    still compute _native_batch_norm_legit_no_training, and the convolutions repack their weights)."""
+    for name in ("full", "dynamic"):
+        src = package_source(entry, name)
+        assert "convolution" in src and "batch_norm" not in src
+
+
+def test_the_largest_bucket_runs_the_fixed_batch_package_with_packed_weights(cache):
+    """With the batch fixed, freezing stores the convolutions' weights in oneDNN's layout (constants of
+    layout _mkldnn); with a dynamic batch the convolutions reorder plain weights on every call."""
+    full, dynamic = (package_source(entry_of(cache), n).count("layout__mkldnn") for n in ("full", "dynamic"))
+    assert full >= 3 + dynamic  # Branchy's three convolutions
+    r = Runner(Branchy(), buckets=BUCKETS, input_shape=SHAPE, top_k=3, compile=True, cache_dir=cache)
+    c, calls = r.compiled, []
+    assert isinstance(c, aot.Compiled) and c.max_batch == 4
+    for name in ("full", "dynamic"):
+        pkg = getattr(c, name)
+        setattr(c, name, lambda x, pkg=pkg, name=name: calls.append((name, len(x))) or pkg(x))
+    for n in (4, 1, 2, 3):  # 3 is padded to 4
+        x = batch(n, seed=n)
+        assert serve(r, x).indices == eager(Branchy(), x)[1].tolist()
+    assert calls == [("full", 4), ("dynamic", 1), ("dynamic", 2), ("full", 4)]
+
+
+def test_the_package_is_frozen_though_the_caller_has_grad_on(cache):
+    """The fixture built it with grad on (a test's default, as on a fresh side thread); Inductor freezes
+    only under no_grad, which aot.build sets itself."""
+    assert torch.is_grad_enabled()
+    assert_frozen(entry_of(cache))
+
+
 def test_compiled_matches_eager_for_a_module_with_python_control_flow(cache):
     with warnings.catch_warnings():
         warnings.simplefilter("error", DeprecationWarning)  # nothing deprecated on this path (no torch.jit)
@@ -152,7 +191,7 @@ def test_a_corrupt_entry_is_rebuilt_with_a_warning_in_the_background(cache, tmp_
     """Also: a background compile serves eager until the package is ready, then the package."""
     root = str(tmp_path / "c")
     shutil.copytree(cache, root)
-    with open(os.path.join(entry_of(root), "model.pt2"), "r+b") as f:
+    with open(os.path.join(entry_of(root), "dynamic.pt2"), "r+b") as f:
         f.truncate(4096)
     caplog.set_level(logging.INFO)
     r = Runner(Branchy(), buckets=BUCKETS, input_shape=SHAPE, top_k=3, compile="background", cache_dir=root)
@@ -162,6 +201,7 @@ def test_a_corrupt_entry_is_rebuilt_with_a_warning_in_the_background(cache, tmp_
     assert serve(r, x).indices == eager(Branchy(), x)[1].tolist() and r.counters["eager_runs"] == 1
     assert r.wait_compiled(timeout=300) == "compiled" and r.compile_source == "built"
     assert "compiling Branchy: compiling with AOTInductor" in caplog.text  # progress in the log
+    assert_frozen(entry_of(root))  # built on the side thread, where grad is on
     out = serve(r, x)
     assert r.counters["compiled_runs"] == 1 and out.indices == eager(Branchy(), x)[1].tolist()
 
