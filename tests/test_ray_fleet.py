@@ -18,12 +18,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-import torch
 
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
-from test_ray_serve import SlowNet, _free_port, _parse, _wait_running  # noqa: E402
+from test_ray_serve import _free_port, _parse, _wait_running, save_slow_net  # noqa: E402
 from test_telemetry_cpu import _v1_cpu_root  # noqa: E402
 
 from aurora_core.recorder import load_run  # noqa: E402
@@ -84,10 +83,10 @@ def _move(pid: int, cgroup_dir: str) -> None:
 
 
 def test_cpu_quota_on_one_replica_is_named_by_diagnose(tmp_path, monkeypatch):
-    torch.jit.trace(SlowNet().eval(), torch.zeros(1, 3, 32, 32)).save(str(tmp_path / "slow.pt"))
+    save_slow_net(tmp_path / "slow.pt2")
     store, port = str(tmp_path / "fleet"), _free_port()
     args = _parse([
-        "--ray", "--replicas", "2", "--model", str(tmp_path / "slow.pt"), "--device", "cpu",
+        "--ray", "--replicas", "2", "--model", str(tmp_path / "slow.pt2"), "--device", "cpu",
         "--resize", "32", "--crop", "32", "--max-batch-size", "1", "--bucket-sizes", "1",
         "--telemetry-period-s", "0.1",  # the CPU sampler's slow tick (cgroup, quota) every 1 s
         "--host", "127.0.0.1", "--port", str(port), "--record", store, "--replica-cpus", "0.5",

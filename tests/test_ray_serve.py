@@ -86,6 +86,12 @@ class SlowNet(nn.Module):
         return self.fc(self.pool(x).flatten(1)) + (h @ h @ h).mean() * 0
 
 
+def save_slow_net(path) -> str:
+    """SlowNet as a torch.export file, the format ``--model`` takes (TorchScript files are deprecated)."""
+    torch.export.save(torch.export.export(SlowNet().eval(), (torch.zeros(1, 3, 32, 32),)), str(path))
+    return str(path)
+
+
 @pytest.mark.skipif(ray is None, reason="needs ray[serve]")
 def test_deployment_options_are_valid_ray_serve_options():
     fixed = ray_serve.deployment_options(_parse(["--ray", "--replicas", "3", "--max-concurrent-requests", "64"]))
@@ -202,7 +208,7 @@ def _free_port() -> int:
 
 def _args(tmp, port: int, *extra: str) -> argparse.Namespace:
     return _parse([
-        "--ray", "--replicas", "2", "--model", str(tmp / "slow.pt"), "--device", "cpu",
+        "--ray", "--replicas", "2", "--model", str(tmp / "slow.pt2"), "--device", "cpu",
         "--resize", "32", "--crop", "32", "--max-batch-size", "1", "--bucket-sizes", "1",
         "--max-queue-size", "1", "--max-body-bytes", str(1 << 20), "--max-pixels", "2000000",
         "--telemetry-period-s", "0", "--host", "127.0.0.1", "--port", str(port),
@@ -227,7 +233,7 @@ def fleet(tmp_path_factory):
         pytest.skip("needs ray[serve] (pip install 'aurora_core[ray]')")
     monkeypatch_env = pytest.MonkeyPatch()
     tmp = tmp_path_factory.mktemp("ray")
-    torch.jit.trace(SlowNet().eval(), torch.zeros(1, 3, 32, 32)).save(str(tmp / "slow.pt"))
+    save_slow_net(tmp / "slow.pt2")
     args = _args(tmp, _free_port())
     # Loopback only: Ray's own services and the Serve proxy listen on 127.0.0.1.
     for k, v in ray_serve.PROXY_ENV.items():
