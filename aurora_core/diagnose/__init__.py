@@ -53,8 +53,9 @@ def _confinement_views(series: list[Series], dets: list[Detection]) -> list[Seri
     for j, o in enumerate(series):
         ranges = [(w.start_s + (s.t0_wall_ns - o.t0_wall_ns) / 1e9, w.end_s + (s.t0_wall_ns - o.t0_wall_ns) / 1e9)
                   for i, (s, d) in enumerate(zip(series, dets, strict=True)) if i != j for w in d.windows]
-        views.append(o.select(ranges, full=False) if ranges else None)
-    return views
+        views.append(ranges)
+    with ThreadPoolExecutor(2) as ex:  # each a short read of one host's files
+        return list(ex.map(lambda o, r: o.select(r, full=False) if r else None, series, views))
 
 
 def _confinement(i: int, w: Window, verdict: str, all_series: list[Series], views: list[Series | None],

@@ -104,12 +104,13 @@ def series_from_store(store: Store, full: bool | None = True) -> list[Series]:
     """One Series per (host, region) of the selection: with every column (``full``), only detection's
     (False: ``Series.narrow``), or none (None: held by no array until ``Series.select`` loads what is needed,
     so a fleet is analysed one host at a time)."""
-    out = []
-    for (host, region), idx in store.groups().items():
-        src = GroupSource(store, f"{host}/{region}" if region else host, idx)
-        if src.order:
-            out.append(src.light() if full is None else src.series(full=full))
-    return out
+    from concurrent.futures import ThreadPoolExecutor
+
+    groups = list(store.groups().items())
+    make = lambda g: GroupSource(store, f"{g[0][0]}/{g[0][1]}" if g[0][1] else g[0][0], g[1])  # noqa: E731
+    with ThreadPoolExecutor(2 if len(groups) > 1 else 1) as ex:  # DuckDB releases the GIL while it reads
+        sources = [src for src in ex.map(make, groups) if src.order]
+    return [src.light() if full is None else src.series(full=full) for src in sources]
 
 
 class GroupSource:
@@ -119,7 +120,7 @@ class GroupSource:
 
     def __init__(self, store: Store, name: str, idx: list[int]):
         self.store, self.name = store, name
-        con = store.con
+        con = store.cursor()  # a thread's own: series_from_store builds the hosts' sources on two threads
         first, last, count = {}, {}, {}
         for seg, a, b, n in con.execute(f"SELECT seg, min(t_ns), max(t_ns), count(*) FROM {store.sources(idx)} "
                                         f"WHERE {store.time_where()} GROUP BY seg").fetchall():
@@ -152,11 +153,11 @@ class GroupSource:
                 FROM {store.sources(self.order, 'spans')} s JOIN ridx r USING (seg) WHERE ({span_where}) AND s.request_id >= 0 GROUP BY ALL
                 ORDER BY r.run_id, s.request_id""").to_arrow_table()
         self.links = [_links_of(linked, str(s.meta.get("run_id")), len(self.span_names)) for s in self.segments]
-        self._telemetry()
+        self._telemetry(con)
         con.unregister("ridx")
 
-    def _telemetry(self) -> None:
-        con, t0, span_where = self.store.con, self.t0, self.span_where
+    def _telemetry(self, con) -> None:
+        t0, span_where = self.t0, self.span_where
         part = lambda table: self.store.sources(self.order, table)  # noqa: E731
         sec = lambda e: f"CAST(({e}) - {t0} AS DOUBLE) / 1e9"  # noqa: E731
         self.samples = {}
@@ -310,11 +311,13 @@ def load_series(runs, *, since=None, until=None, region=None, host=None, label=N
     info = None
     for st in stores:
         with engine_errors(st, "diagnose"):
-            st.require("diagnose")
-            series += series_from_store(st, full=None)
+            found = series_from_store(st, full=None) if st.segments else []
+            if not found:
+                st.require("diagnose")  # nothing selected: the error says what the store holds
+            series += found
             info = info or {"selection": [], "requests": 0, "warnings": [], "overview": [], "stores": []}
             info["selection"].append(st.describe_selection())
-            info["requests"] += st.count()
+            info["requests"] += sum(r.n_selected for s in found for r in s.runs)
             info["warnings"] += st.warnings
             info["stores"].append(st)
     if sel["since"] is not None and sel["until"] is not None and sel["until"] <= sel["since"]:

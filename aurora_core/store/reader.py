@@ -176,11 +176,13 @@ def _read_stream(path: Path, table: str, warnings: list[str]) -> tuple[dict, pa.
     return meta, pa.Table.from_batches(batches, schema=reader.schema)
 
 
-def _read_meta(path: Path) -> dict:
-    md = pq.read_schema(path).metadata or {}
+def _read_meta(path: Path) -> tuple[dict, list[str]]:
+    """(segment meta, column names) from a Parquet file's footer."""
+    schema = pq.read_schema(path)
+    md = schema.metadata or {}
     if META_KEY not in md:
         raise ValueError("a Parquet file without aurora segment metadata")
-    return json.loads(md[META_KEY])
+    return json.loads(md[META_KEY]), schema.names
 
 
 def scan(roots) -> tuple[list[Segment], list[str]]:
@@ -235,7 +237,8 @@ def _segment(d: Path, name: str, tables: dict[str, dict[str, Path]], warnings: l
                 return None  # stopped before its first write: nothing to read, nothing lost
             seg.meta = meta
         else:
-            seg.meta = _read_meta(seg.path)
+            seg.meta, names = _read_meta(seg.path)
+            seg.has_latency = LATENCY in names
     except (ValueError, OSError, pa.ArrowException) as e:
         warnings.append(f"store: ignoring {seg.path}: not a readable aurora segment ({e})")
         return None
@@ -270,7 +273,8 @@ def _segment(d: Path, name: str, tables: dict[str, dict[str, Path]], warnings: l
     else:
         seg.t_first_ns, seg.t_last_ns = seg.meta.get("t_first_ns"), seg.meta.get("t_last_ns")
         seg.n_requests = int((seg.meta.get("segment_counts") or {}).get("requests", 0))
-    seg.has_latency = LATENCY in (seg.tables["requests"].schema.names if seg.open else pq.read_schema(seg.path).names)
+    if seg.open:
+        seg.has_latency = LATENCY in seg.tables["requests"].schema.names
     return seg
 
 
