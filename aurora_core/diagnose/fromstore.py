@@ -108,8 +108,12 @@ def series_from_store(store: Store, full: bool | None = True) -> list[Series]:
 
     groups = list(store.groups().items())
     make = lambda g: GroupSource(store, f"{g[0][0]}/{g[0][1]}" if g[0][1] else g[0][0], g[1])  # noqa: E731
-    with ThreadPoolExecutor(2 if len(groups) > 1 else 1) as ex:  # DuckDB releases the GIL while it reads
-        sources = [src for src in ex.map(make, groups) if src.order]
+    if len(groups) > 1:
+        with ThreadPoolExecutor(2) as ex:  # DuckDB releases the GIL while it reads
+            sources = list(ex.map(make, groups))
+    else:
+        sources = [make(g) for g in groups]  # on this thread: its main connection, no second one
+    sources = [src for src in sources if src.order]
     return [src.light() if full is None else src.series(full=full) for src in sources]
 
 
