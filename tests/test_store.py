@@ -625,6 +625,8 @@ def test_engine_errors_name_the_file(tmp_path):
     f.unlink()  # retention, between the scan and the query
     with pytest.raises(StoreError, match=re.escape(str(f))):
         st.count()
+    with pytest.raises(StoreError, match=re.escape(str(f))):
+        diagnose([st])
 
 
 def test_an_open_segment_without_requests_keeps_its_events(tmp_path):

@@ -54,8 +54,24 @@ def _confinement_views(series: list[Series], dets: list[Detection]) -> list[Seri
         ranges = [(w.start_s + (s.t0_wall_ns - o.t0_wall_ns) / 1e9, w.end_s + (s.t0_wall_ns - o.t0_wall_ns) / 1e9)
                   for i, (s, d) in enumerate(zip(series, dets, strict=True)) if i != j for w in d.windows]
         views.append(ranges)
+    def view(o: Series, r):
+        with _engine_errors(o):
+            return o.select(r, full=False) if r else None
+
     with ThreadPoolExecutor(2) as ex:  # each a short read of one host's files
-        return list(ex.map(lambda o, r: o.select(r, full=False) if r else None, series, views))
+        return list(ex.map(view, series, views))
+
+
+def _engine_errors(s: Series):
+    """A query-time engine failure on a store-backed series (a file that retention removed since the scan, a
+    damaged page) as the store's StoreError naming the file; a no-op for run files."""
+    import contextlib
+
+    if s.source is None:
+        return contextlib.nullcontext()
+    from aurora_core.store.reader import engine_errors
+
+    return engine_errors(s.source.store, "diagnose")
 
 
 def _confinement(i: int, w: Window, verdict: str, all_series: list[Series], views: list[Series | None],
@@ -135,6 +151,10 @@ def diagnose(runs, interval_s: float | None = None, min_ratio: float | None = No
     grid_of = lambda s: grids.get(id(s.source.store)) if s.source is not None else None  # noqa: E731
 
     def one(k: int):
+        with _engine_errors(series[k]):
+            return _one(k)
+
+    def _one(k: int):
         s = series[k]
         held = s.select(full=False)
         det = detect(held, interval_s, min_ratio, cfg.alpha, baseline=spans[k])
