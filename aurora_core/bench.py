@@ -41,6 +41,9 @@ from aurora_core.report import (
 )
 
 PROGRESS_EVERY_S = 5.0  # plain progress lines when stderr is not a terminal
+#: In a saturating scenario (offline, closed loop) the stage busy at least this share of the wall time drains
+#: the queue; a stage below it waits for the other.
+SATURATED_BUSY = 0.9
 SCENARIOS = ("server", "single_stream", "offline", "closed_loop", "step", "replay")
 DEFAULT_SLO_MS = {"cpu": 250.0, "cuda": 15.0}  # CPU: issue 3's bound; CUDA: MLPerf Server, ResNet-50
 
@@ -468,7 +471,16 @@ def bottleneck(summary: dict, result: lg.RunResult, tele: dict, capacity: float 
     if summary["scenario"] not in ("offline", "closed_loop") and queue >= max(pre, comp):
         return (f"queueing/load-bound: {queue / total:.0%} of mean latency is queue wait ({queue:.1f} ms) at "
                 f"{summary['issued_rate']:.1f}/s{cap}{busy}{cpu}", ev)
-    if pre > comp:
+    # A saturated pipeline is limited by whichever stage is always busy. Per-request means would say
+    # "compute" whenever batches are large (each request waits for its whole batch's compute), even while
+    # the compute thread idles for want of decoded images (issue 17: compute busy 55%, decode 99%).
+    cb, pb = ev.get("compute_busy"), ev.get("preprocess_busy")
+    saturating = summary["scenario"] in ("offline", "closed_loop")
+    if saturating and cb is not None and pb is not None and cb < SATURATED_BUSY <= pb:
+        return (f"preprocessing-bound: decode+preprocess busy {pb:.0%} of wall time while compute idles "
+                f"{1 - cb:.0%} of it waiting for batches (per request: decode+preprocess {pre:.1f} ms, compute "
+                f"{comp:.1f} ms of {total:.1f} ms){cpu}", ev)
+    if pre > comp and not (saturating and cb is not None and pb is not None and pb < SATURATED_BUSY <= cb):
         return (f"preprocessing-bound: decode+preprocess {pre:.1f} ms of {total:.1f} ms mean latency vs compute "
                 f"{comp:.1f} ms{busy}{cpu}", ev)
     return (f"compute-bound: compute {comp:.1f} ms of {total:.1f} ms mean latency vs decode+preprocess "

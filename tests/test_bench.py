@@ -146,6 +146,33 @@ def test_bottleneck_saturating_scenarios_name_the_draining_stage():
     assert line.startswith("compute-bound"), line
 
 
+def test_bottleneck_saturated_decode_feeding_large_batches_is_preprocessing_bound():
+    """Offline run with batches of 16: each request waits for its whole batch's compute (per-request compute
+    mean 30 ms > decode 3.75 ms), yet the compute thread idles half the time and decoding never stops: the
+    decode side limits throughput (issue 17's compiled model: compute busy 55%, decode+preprocess 99%)."""
+    t0, recs = 10**9, []
+    t = t0
+    for _ in range(40):  # decoding back to back; one 30 ms compute per 16 images (60 ms of decode)
+        first = t
+        batch = []
+        for _ in range(16):
+            r = RequestRecord(arrival_ns=t0, enqueue_ns=t0, batch_closed_ns=first, decode_start_ns=t)
+            t += 3_750_000
+            r.decode_end_ns = r.preprocess_start_ns = r.preprocess_end_ns = t
+            batch.append(r)
+        for r in batch:
+            r.compute_start_ns = t
+            r.compute_end_ns = r.d2h_end_ns = r.completion_ns = t + 30_000_000
+        recs += batch
+    sched = np.full(len(recs), t0, np.int64)
+    done = np.array([r.completion_ns for r in recs], np.int64)
+    res = lg.RunResult(lg.Scenario.offline(len(recs)), t0, int(done.max()), sched, sched, done, ["ok"] * len(recs),
+                       recs)
+    line, ev = bench.bottleneck(lg.summarize(res), res, _tele(), capacity=None)
+    assert ev["compute_busy"] < 0.6 and ev["preprocess_busy"] > 0.95
+    assert line.startswith("preprocessing-bound") and "compute idles" in line, line
+
+
 @pytest.mark.parametrize("stages,tele,errors,label", [
     ({"queue": 1, "decode": 2, "preprocess": 1, "compute": 9}, {}, 0, "compute-bound"),
     ({"queue": 1, "decode": 8, "preprocess": 3, "compute": 4}, {}, 0, "preprocessing-bound"),
