@@ -111,6 +111,9 @@ class Series:
     source: object = field(default=None, repr=False)
     #: Only what detection reads is held (t, run_idx, ok, e2e_ns); the other columns are None.
     narrow: bool = False
+    #: What detection derives from the arrays (latency in ms, interval index, ranges' Lat), per width: the
+    #: same ranges are pooled and judged many times over while the baseline is sought.
+    memo: dict = field(default_factory=dict, repr=False, compare=False)
 
     def select(self, ranges=None, full: bool = True) -> Series:
         """The requests arriving in ``ranges`` ([(a, b)] s; None: all), with every column (``full``) or detection's.
@@ -295,10 +298,9 @@ def intervals(series: Series, width: float) -> Intervals:
         raise ValueError(f"diagnose: an interval of {width:g} s cuts the {float(series.t[-1]) - t0:.0f} s timeline "
                          f"into {n:,} intervals (at most {MAX_INTERVALS:,}); pass a wider --interval")
     edges = t0 + width * np.arange(n + 1)
-    idx = np.clip(((series.t - t0) // width).astype(np.int64), 0, n - 1)
+    lat, block, good = _per_request(series, width)
+    idx = np.clip(block, 0, n - 1)
     count = np.bincount(idx, minlength=n)
-    good = series.ok & (series.e2e_ns >= 0)
-    lat = series.e2e_ns / 1e6
     gi, gl = idx[good], lat[good]  # in arrival order, so grouped by interval
     p50, p99 = group_percentiles(gl, np.searchsorted(gi, np.arange(n + 1)), [50, 99])
     return Intervals(edges, count, p50, p99)
@@ -374,11 +376,22 @@ class Lat:
         return self._memo[key]
 
 
+def _per_request(series: Series, width: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(latency ms, interval index from the first arrival, has a latency and succeeded), per request."""
+    key = ("per_request", width)
+    if key not in series.memo:
+        series.memo[key] = (series.e2e_ns / 1e6, ((series.t - series.t[0]) // width).astype(np.int64),
+                            series.ok & (series.e2e_ns >= 0))
+    return series.memo[key]
+
+
 def _pooled(series: Series, a: float, b: float, width: float) -> Lat:
-    lo, hi = np.searchsorted(series.t, [a, b])  # t is sorted: the range is a slice
-    t, e2e = series.t[lo:hi], series.e2e_ns[lo:hi]
-    m = series.ok[lo:hi] & (e2e >= 0)
-    return Lat(e2e[m] / 1e6, ((t[m] - series.t[0]) // width).astype(np.int64))
+    key = ("pooled", a, b, width)
+    if key not in series.memo:
+        lo, hi = np.searchsorted(series.t, [a, b])  # t is sorted: the range is a slice
+        ms, block, good = (x[lo:hi] for x in _per_request(series, width))
+        series.memo[key] = Lat(ms[good], block[good])
+    return series.memo[key]
 
 
 def _per_block(x: Lat, values: np.ndarray, stat: str) -> np.ndarray:
@@ -583,6 +596,13 @@ def detect(series: Series, interval_s: float | None = None, min_ratio: float = M
            alpha: float = ALPHA, baseline: tuple[float | None, float | None, str] | None = None) -> Detection:
     """Spike windows of one series. baseline: a ``resolve_baselines`` entry, or None for the automatic one
     (so is an entry without a span: its ``why`` then leads the automatic reason)."""
+    try:
+        return _detect(series, interval_s, min_ratio, alpha, baseline)
+    finally:
+        series.memo.clear()  # per-request arrays: a series kept for plots need not carry them
+
+
+def _detect(series: Series, interval_s, min_ratio, alpha, baseline) -> Detection:
     width = interval_s or auto_interval(series)
     iv = intervals(series, width)
     good = np.flatnonzero(~np.isnan(iv.p99_ms))
