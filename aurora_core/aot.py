@@ -149,9 +149,84 @@ def _packages(max_batch: int) -> tuple[str, ...]:
 
 
 def _load(entry: str, max_batch: int) -> Compiled:
-    pkgs = {name: torch._inductor.aoti_load_package(os.path.join(entry, f"{name}.pt2"))
-            for name in _packages(max_batch)}
+    pkgs = {name: _load_package(os.path.join(entry, f"{name}.pt2")) for name in _packages(max_batch)}
     return Compiled(pkgs["full"], pkgs.get("dynamic"), max_batch)
+
+
+class GilFree:
+    """A CPU package's model run through its C entry point (``AOTInductorModelContainerRun``) by ctypes, which
+    releases the GIL for the call. torch binds the package loader's ``boxed_run`` without releasing it, so a
+    serving process stalled while a batch ran (~30 ms for 16 images): its decode threads could not take their
+    next image nor the HTTP thread read a request, and the 2-core machine idled 15% at saturation
+    (benchmarks/RESULTS.md, issue 20). The same model container the loader makes, from the package's .so."""
+
+    def __init__(self, so_path: str):
+        import ctypes
+
+        from torch.utils import _pytree as pytree
+
+        self._lib, self._handle = ctypes.CDLL(so_path), ctypes.c_void_p()
+        lib = self._lib
+        if lib.AOTInductorModelContainerCreateWithDevice(ctypes.byref(self._handle), ctypes.c_size_t(1), b"cpu",
+                                                          None) != 0:
+            raise RuntimeError(f"{so_path}: the model container was not created")
+        n = ctypes.c_size_t()
+        in_spec, out_spec = ctypes.c_char_p(), ctypes.c_char_p()
+        if (lib.AOTInductorModelContainerGetNumOutputs(self._handle, ctypes.byref(n)) != 0 or
+                lib.AOTInductorModelContainerGetCallSpec(self._handle, ctypes.byref(in_spec), ctypes.byref(out_spec))):
+            raise RuntimeError(f"{so_path}: no call spec")
+        self._n_out, self._out_spec = n.value, pytree.treespec_loads(out_spec.value.decode())
+        self._unflatten = pytree.tree_unflatten
+        ptrs = ctypes.POINTER(ctypes.c_void_p)
+        self._run = lib.AOTInductorModelContainerRun
+        self._run.argtypes = [ctypes.c_void_p, ptrs, ctypes.c_size_t, ptrs, ctypes.c_size_t, ctypes.c_void_p,
+                              ctypes.c_void_p]
+        get, new = ctypes.pythonapi.PyCapsule_GetPointer, ctypes.pythonapi.PyCapsule_New
+        get.restype, get.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+        new.restype, new.argtypes = ctypes.py_object, [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
+        self._get, self._new, self._ctypes = get, new, ctypes
+
+    def __call__(self, x: torch.Tensor):
+        ct, aoti = self._ctypes, torch._C._aoti
+        ins = aoti.unsafe_alloc_void_ptrs_from_tensors([x])  # new handles, which the run steals
+        in_arr = (ct.c_void_p * 1)(self._get(ins[0], None))
+        out_arr = (ct.c_void_p * self._n_out)()
+        rc = self._run(self._handle, in_arr, 1, out_arr, self._n_out, None, None)  # ctypes drops the GIL
+        if rc != 0:
+            raise RuntimeError(f"aot: the compiled model failed (AOTInductorModelContainerRun returned {rc})")
+        outs = aoti.alloc_tensors_by_stealing_from_void_ptrs([self._new(out_arr[i], None, None)
+                                                             for i in range(self._n_out)])
+        return self._unflatten(outs, self._out_spec)
+
+    def __del__(self):
+        with contextlib.suppress(Exception):
+            self._lib.AOTInductorModelContainerDelete(self._handle)
+
+
+def _load_package(path: str):
+    """``GilFree`` on the package's model where it is one .so holding its weights, without custom ops (their
+    proxy executor is the loader's); else, or when that fails, torch's loader. Either way the runner checks
+    the result against eager on every bucket before it serves."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+            sos = [n for n in names if n.endswith(".so")]
+            extern = [n for n in names if n.endswith(".json") and not n.endswith("_metadata.json")]
+            weights = [n for n in names if "/data/weights/" in n or "/data/constants/" in n]
+            if len(sos) == 1 and not extern and not weights:
+                so = os.path.join(path + ".so.d", os.path.basename(sos[0]))
+                if not os.path.exists(so):
+                    os.makedirs(os.path.dirname(so), exist_ok=True)
+                    tmp = f"{so}.{os.getpid()}.{threading.get_ident()}.tmp"
+                    with z.open(sos[0]) as src, open(tmp, "wb") as dst:
+                        shutil.copyfileobj(src, dst)
+                    os.replace(tmp, so)
+                return GilFree(so)
+    except (OSError, RuntimeError, ValueError, zipfile.BadZipFile, AttributeError) as e:
+        log.info("aot: %s runs through torch's loader, with the GIL held (%s)", path, e)
+    return torch._inductor.aoti_load_package(path)
 
 
 def load_cached(meta: dict, root: str | None = None) -> Compiled | None:
