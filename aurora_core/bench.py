@@ -475,12 +475,14 @@ def bottleneck(summary: dict, result: lg.RunResult, tele: dict, capacity: float 
     # "compute" whenever batches are large (each request waits for its whole batch's compute), even while
     # the compute thread idles for want of decoded images (issue 17: compute busy 55%, decode 99%).
     cb, pb = ev.get("compute_busy"), ev.get("preprocess_busy")
-    saturating = summary["scenario"] in ("offline", "closed_loop")
-    if saturating and cb is not None and pb is not None and cb < SATURATED_BUSY <= pb:
+    drains = None  # the always-busy stage of a saturated run, when only one is
+    if summary["scenario"] in ("offline", "closed_loop") and cb is not None and pb is not None:
+        drains = "preprocess" if cb < SATURATED_BUSY <= pb else "compute" if pb < SATURATED_BUSY <= cb else None
+    if drains == "preprocess":
         return (f"preprocessing-bound: decode+preprocess busy {pb:.0%} of wall time while compute idles "
                 f"{1 - cb:.0%} of it waiting for batches (per request: decode+preprocess {pre:.1f} ms, compute "
                 f"{comp:.1f} ms of {total:.1f} ms){cpu}", ev)
-    if pre > comp and not (saturating and cb is not None and pb is not None and pb < SATURATED_BUSY <= cb):
+    if pre > comp and drains != "compute":
         return (f"preprocessing-bound: decode+preprocess {pre:.1f} ms of {total:.1f} ms mean latency vs compute "
                 f"{comp:.1f} ms{busy}{cpu}", ev)
     return (f"compute-bound: compute {comp:.1f} ms of {total:.1f} ms mean latency vs decode+preprocess "

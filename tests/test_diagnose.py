@@ -83,7 +83,8 @@ def test_unexplained_service_shift_is_inconclusive(tmp_path):
     assert "INCONCLUSIVE" in text_diagnose(res)
 
 
-def test_label_change_makes_it_a_regression(tmp_path):
+def _deployment(tmp_path):
+    """Host h runs v1, then v2 with compute x2, 0.1 s after v1's last request: (RunData v1, RunData v2)."""
     a = simulate_run(tmp_path / "a", _arrivals(1)[_arrivals(1) < STEP], meta={"label": "v1", "host": "h"},
                      item_ms=lambda t: 6.0, seed=1)
     b = simulate_run(tmp_path / "b", _arrivals(2)[_arrivals(2) < STEP], meta={"label": "v2", "host": "h"},
@@ -92,6 +93,11 @@ def test_label_change_makes_it_a_regression(tmp_path):
     # Simulated runs are written in milliseconds; place B right after A on the wall clock, as deployed.
     end_a = ra.wall_minus_mono_ns + int(ra.requests["arrival_ns"].max())
     rb.meta["wall_minus_mono_ns"] = end_a + 100_000_000 - int(rb.requests["arrival_ns"].min())
+    return ra, rb
+
+
+def test_label_change_makes_it_a_regression(tmp_path):
+    ra, rb = _deployment(tmp_path)
     res = diagnose([ra, rb])
     assert len(res.data["series"]) == 1  # one host: the runs are laid end to end
     t_b = float(np.mean(res.series[0].run_bounds[1]))
@@ -413,15 +419,7 @@ def _first_lines(res) -> dict[str, str]:
 
 def test_report_opens_with_the_four_answers(tmp_path):
     """deployment / load / confinement / dependency, each with its number or "no", before any detail."""
-    # a deployment: v1 then v2 (compute x2) on one host
-    a = simulate_run(tmp_path / "a", _arrivals(1)[_arrivals(1) < STEP], meta={"label": "v1", "host": "h"},
-                     item_ms=lambda t: 6.0, seed=1)
-    b = simulate_run(tmp_path / "b", _arrivals(2)[_arrivals(2) < STEP], meta={"label": "v2", "host": "h"},
-                     item_ms=lambda t: 12.0, seed=2)
-    ra, rb = load_run(a), load_run(b)
-    rb.meta["wall_minus_mono_ns"] = (ra.wall_minus_mono_ns + int(ra.requests["arrival_ns"].max()) + 100_000_000
-                                     - int(rb.requests["arrival_ns"].min()))
-    q = _first_lines(diagnose([ra, rb]))
+    q = _first_lines(diagnose(list(_deployment(tmp_path))))
     assert list(q) == ["deployment lines up", "load rose", "confined to some hosts/regions", "dependency grew"]
     assert q["deployment lines up"].startswith("yes: label v1 -> v2 [h ")
     assert q["load rose"].startswith("no") and q["confined to some hosts/regions"] == "no (one host/region in the data)"

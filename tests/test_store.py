@@ -51,6 +51,17 @@ def _records(n: int, t0: int | None = None, gap_ns: int = 1_000_000):
                             status="ok" if i % 50 else "deadline_exceeded")
 
 
+def _record_flushing(root, meta: dict, n: int, every: int, rotate_bytes: int) -> Recorder:
+    """``n`` records into a store at ``root``, flushed every ``every`` records (so small segments rotate); closed."""
+    rec = Recorder(store=root, meta=meta, rotate_bytes=rotate_bytes, flush_interval_s=0.01)
+    for r in _records(n):
+        rec(r)
+        if r.request_id % every == 0:
+            rec.flush()
+    rec.close()
+    return rec
+
+
 def _incident_runs(tmp_path) -> list[Path]:
     """Three run files: host a before and after a slowdown with a label change (20 s apart), host b calm;
     with samples, an event, and spans linked to requests and unlinked ones."""
@@ -235,12 +246,7 @@ def test_rotation_and_retention(tmp_path):
 
 
 def test_rotation_by_size_and_age(tmp_path):
-    rec = Recorder(store=tmp_path, meta={"host": "h"}, rotate_bytes=20_000, flush_interval_s=0.01)
-    for r in _records(20_000):
-        rec(r)
-        if r.request_id % 2000 == 0:
-            rec.flush()
-    rec.close()
+    rec = _record_flushing(tmp_path, {"host": "h"}, 20_000, every=2000, rotate_bytes=20_000)
     assert rec._store.segments_written >= 3
     d = tmp_path / "region=_" / "host=h"
     old = sorted(d.iterdir())[:4]
@@ -460,12 +466,7 @@ def test_fleet_overview_from_the_engine(tmp_path):
 def test_trace_and_replay_read_a_store_host(tmp_path):
     from aurora_core.loadgen import replay_schedule
 
-    rec = Recorder(store=tmp_path, meta={"host": "h", "region": "eu"}, rotate_bytes=30_000, flush_interval_s=0.01)
-    for r in _records(3000):
-        rec(r)
-        if r.request_id % 500 == 0:
-            rec.flush()
-    rec.close()
+    rec = _record_flushing(tmp_path, {"host": "h", "region": "eu"}, 3000, every=500, rotate_bytes=30_000)
     assert rec._store.segments_written >= 2
     host = tmp_path / "region=eu" / "host=h"
     run = load_run(host)

@@ -8,6 +8,7 @@ after)`` is the deployment gate (``compare``). ``report`` renders text and an HT
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -65,8 +66,6 @@ def _confinement_views(series: list[Series], dets: list[Detection]) -> list[Seri
 def _engine_errors(s: Series):
     """A query-time engine failure on a store-backed series (a file that retention removed since the scan, a
     damaged page) as the store's StoreError naming the file; a no-op for run files."""
-    import contextlib
-
     if s.source is None:
         return contextlib.nullcontext()
     from aurora_core.store.reader import engine_errors
@@ -151,19 +150,16 @@ def diagnose(runs, interval_s: float | None = None, min_ratio: float | None = No
     grid_of = lambda s: grids.get(id(s.source.store)) if s.source is not None else None  # noqa: E731
 
     def one(k: int):
-        with _engine_errors(series[k]):
-            return _one(k)
-
-    def _one(k: int):
         s = series[k]
-        held = s.select(full=False)
-        det = detect(held, interval_s, min_ratio, cfg.alpha, baseline=spans[k])
-        grid = grid_of(s)
-        row = fromstore.host_intervals(held, grid) if grid is not None else None
-        count = int(held.t.size)
-        del held  # before the analysis reads its ranges with every column
-        full = _for_analysis(s, det)
-        return det, [analyze(full, det.baseline, w, cfg) for w in det.windows], count, row
+        with _engine_errors(s):
+            held = s.select(full=False)
+            det = detect(held, interval_s, min_ratio, cfg.alpha, baseline=spans[k])
+            grid = grid_of(s)
+            row = fromstore.host_intervals(held, grid) if grid is not None else None
+            count = int(held.t.size)
+            del held  # before the analysis reads its ranges with every column
+            full = _for_analysis(s, det)
+            return det, [analyze(full, det.baseline, w, cfg) for w in det.windows], count, row
 
     # One series at a time per worker: a store-backed one is read (detection's columns), judged, analysed on
     # just its baseline and windows, and let go, so memory is the largest hosts', not the fleet's. Two

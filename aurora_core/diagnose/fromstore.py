@@ -3,8 +3,9 @@
 The result is the same Series ``build_series`` makes from the same runs read as RunData (one run per
 segment; ``tests/test_store.py`` checks them array for array), without a Python tuple or a RunData copy
 of the requests: the engine scans only the selected segments and time range, links spans to their
-requests, and hands back exactly the Series columns, streamed into numpy. Memory is the Series itself
-(~130 bytes a request) plus one batch.
+requests, and hands back exactly the Series columns, streamed into numpy, one host (``GroupSource``) at a
+time. ``diagnose`` holds only detection's columns of a host (arrival, status, latency: ~25 bytes a request)
+and reads every column (~130 bytes) only for the ranges its analysis needs (``Series.select``).
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ def _fill(c: dict, at: slice, tbl, k: int, links) -> None:
     end = np.where(total >= 0, arrival + total, 0)
     end = np.where(hit, np.maximum(end, s1[j]), end)
     c["e2e_ns"][at] = np.where((total >= 0) & (end >= start), end - start, -1)
-    if "span_0" in c or not per:
+    if "span_0" in c:  # every column (detection reads only the widened e2e)
         for q, v in enumerate(per):
             c[f"span_{q}"][at] = np.where(hit, v[j], 0)
 
@@ -249,15 +250,14 @@ class GroupSource:
 
     def series(self, ranges=None, full: bool = True) -> Series:
         c = self.load(ranges, full)
-        blank = None if full else np.empty(0)
         if full:
             compute_s = np.column_stack([c.pop("compute0"), c.pop("compute1")])
             form_s = np.column_stack([c.pop("form0"), c.pop("form1")])
         return Series(
             name=self.name, runs=self.segments, t0_wall_ns=int(self.t0), t=c["t"], run_idx=c["run_idx"], ok=c["ok"],
-            e2e_ns=c["e2e_ns"], wait_ns=c.get("wait_ns", blank),
+            e2e_ns=c["e2e_ns"], wait_ns=c.get("wait_ns"),
             stage_ns={s: c[f"stage_{s}"] for s in SERVICE_STAGES} if full else None,
-            bucket=c.get("bucket", blank), queue_depth=c.get("queue_depth", blank), batch=c.get("batch", blank),
+            bucket=c.get("bucket"), queue_depth=c.get("queue_depth"), batch=c.get("batch"),
             compute_s=compute_s if full else None, form_s=form_s if full else None,
             span_ns={n: c[f"span_{k}"] for k, n in enumerate(self.span_names)} if full else None,
             unlinked_spans=self.unlinked, samples=self.samples, events=self.events, run_bounds=list(self.bounds),

@@ -399,13 +399,10 @@ def _per_block(x: Lat, values: np.ndarray, stat: str) -> np.ndarray:
     of ``x``) in each interval holding >= 3 of its requests."""
     if x.size == 0:
         return np.empty(0)
-    blk, vals = x.block, values
-    if np.any(blk[1:] < blk[:-1]):  # _pooled's blocks follow arrival order; anything else is grouped first
-        order = np.argsort(blk, kind="stable")
-        blk, vals = blk[order], vals[order]
+    blk = x.block  # in arrival order (``_pooled`` slices the sorted series), so each interval is one run
     cut = np.flatnonzero(np.r_[True, blk[1:] != blk[:-1], True])
     size = np.diff(cut)
-    out = group_medians(vals, cut) if stat == "median" else np.add.reduceat(vals, cut[:-1]) / size
+    out = group_medians(values, cut) if stat == "median" else np.add.reduceat(values, cut[:-1]) / size
     return out[size >= 3]
 
 

@@ -356,7 +356,6 @@ class Store:
         self._owner, self._local, self._open = threading.get_ident(), threading.local(), {}
         self.con = duckdb.connect()
         self.con.execute("SET threads TO 2")
-        self.con.execute("SET allocator_flush_threshold = '16MB'")
         self._register()
 
     # ---- what the store holds (for messages) ----------------------------------------------------
